@@ -1,0 +1,94 @@
+"""aeventor: an asyncio event engine.
+
+A program declares events and steps; an event (or a boolean expression of events) triggers
+the steps associated with it; a step's outcome triggers further events. Runs are kept in a
+SQL database so they can be monitored, recovered and rerun.
+
+Names are imported lazily on first use: a step subprocess that imports the user's script
+(which imports aeventor) then pays for SQLAlchemy only if the script uses the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._context import StepContext, current_step
+    from ._eventor import Event, Eventor, RunHandle, Step
+    from ._expr import and_, or_
+    from ._program import ProgramDef, RunStatus, StepStatus
+    from ._records import RunResult, StepRun
+    from .exceptions import (
+        AeventorError,
+        ConfigurationError,
+        DatabaseError,
+        ExecutorError,
+        ProgramDefinitionError,
+        SerializationError,
+        StoreConfigError,
+        UnguardedMainError,
+    )
+
+__version__ = "0.1.0.dev0"
+
+_WHERE = {
+    "AeventorError": "exceptions",
+    "ConfigurationError": "exceptions",
+    "DatabaseError": "exceptions",
+    "Event": "_eventor",
+    "Eventor": "_eventor",
+    "ExecutorError": "exceptions",
+    "ProgramDefinitionError": "exceptions",
+    "ProgramDef": "_program",
+    "RunHandle": "_eventor",
+    "RunResult": "_records",
+    "RunStatus": "_program",
+    "SerializationError": "exceptions",
+    "Step": "_eventor",
+    "StepContext": "_context",
+    "StepRun": "_records",
+    "StepStatus": "_program",
+    "StoreConfigError": "exceptions",
+    "UnguardedMainError": "exceptions",
+    "and_": "_expr",
+    "current_step": "_context",
+    "or_": "_expr",
+}
+
+__all__ = (
+    "AeventorError",
+    "ConfigurationError",
+    "DatabaseError",
+    "Event",
+    "Eventor",
+    "ExecutorError",
+    "ProgramDef",
+    "ProgramDefinitionError",
+    "RunHandle",
+    "RunResult",
+    "RunStatus",
+    "SerializationError",
+    "Step",
+    "StepContext",
+    "StepRun",
+    "StepStatus",
+    "StoreConfigError",
+    "UnguardedMainError",
+    "and_",
+    "current_step",
+    "or_",
+)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aeventor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,78 @@
+"""The context a running step sees: who it is, and (in-loop) how to fire events."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from .exceptions import AeventorError
+
+__all__ = ("StepContext", "current_step")
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """Identity of the step run being executed, and its environment.
+
+    Subprocess steps see the same values as ``EVENTOR_*`` environment variables; in-loop
+    steps share the engine's process, so they read them here (``os.environ`` is never
+    written, which keeps concurrent steps apart).
+
+    .. versionadded:: 0.1
+    """
+
+    run_id: str
+    program: str
+    step: str
+    sequence: str
+    recovery: int
+    attempt: int
+    env: Mapping[str, str]
+    _trigger: Callable[[str, str], Awaitable[None]]
+
+    async def trigger(self, event: object, sequence: str | int | None = None) -> None:
+        """Fire ``event`` in this run, for ``sequence`` (default: this step's sequence).
+
+        Firing the same event for the same sequence twice does nothing the second time.
+        """
+        name = getattr(event, "name", event)
+        if not isinstance(name, str):
+            raise AeventorError(f"trigger() takes an event or an event name, not {event!r}")
+        await self._trigger(name, self.sequence if sequence is None else str(sequence))
+
+
+_current: contextvars.ContextVar[StepContext] = contextvars.ContextVar("aeventor_step")
+
+
+def current_step() -> StepContext:
+    """The :class:`StepContext` of the in-loop step running in this task.
+
+    Raises:
+        AeventorError: when called outside an in-loop step.
+
+    .. versionadded:: 0.1
+    """
+    try:
+        return _current.get()
+    except LookupError:
+        raise AeventorError(
+            "current_step() is only available inside an in-loop (async def) step; "
+            "subprocess steps read the EVENTOR_* environment variables instead"
+        ) from None
+
+
+def step_env(
+    *, run_id: str, program: str, step: str, sequence: str, recovery: int, attempt: int,
+    logger_name: str,
+) -> dict[str, str]:
+    """The ``EVENTOR_*`` variables of one step run."""
+    return {
+        "EVENTOR_RUN_ID": run_id,
+        "EVENTOR_PROGRAM": program,
+        "EVENTOR_STEP_NAME": step,
+        "EVENTOR_STEP_SEQUENCE": sequence,
+        "EVENTOR_STEP_RECOVERY": str(recovery),
+        "EVENTOR_STEP_ATTEMPT": str(attempt),
+        "EVENTOR_LOGGER_NAME": logger_name,
+    }

@@ -1,0 +1,649 @@
+"""The public program API: :class:`Eventor`, its events and steps, and :class:`RunHandle`."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy.engine import URL
+
+from . import _expr
+from ._logs import RunLog, run_log_dir
+from ._program import (
+    EXECUTORS,
+    TRIGGER_STATUSES,
+    EventDef,
+    ProgramDef,
+    RunStatus,
+    StepDef,
+    StepStatus,
+    callable_target,
+    check_json,
+)
+from ._records import RunResult
+from ._guard import check_not_importing
+from .backends import open_store
+from .backends._local import LocalExecutor
+from .backends.base import Database
+from .dispatch._state import Graph
+from .dispatch.worker import RunDispatcher
+from .exceptions import AeventorError, ConfigurationError, ProgramDefinitionError
+
+__all__ = ("Event", "Eventor", "RunHandle", "Step")
+
+log = structlog.get_logger("aeventor")
+
+_NAME_MAX = 200
+_STEP_CONFIG_KEYS = {"executor", "sequence_arg_name", "task_construct"}
+# The original eventor's names for how a step runs.
+_TASK_CONSTRUCT = {"process": "process", "invoke": "inloop", "inloop": "inloop"}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An event of a program (returned by :meth:`Eventor.add_event`).
+
+    .. versionadded:: 0.1
+    """
+
+    name: str
+    expr: _expr.Expr | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A step of a program (returned by :meth:`Eventor.add_step`).
+
+    .. versionadded:: 0.1
+    """
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _program_name() -> str:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return Path(path).stem if path else "aeventor"
+
+
+def _level(value: int | str | None) -> int:
+    if value is None:
+        return logging.INFO
+    if isinstance(value, int):
+        return value
+    level = logging.getLevelName(value.upper())
+    if not isinstance(level, int):
+        raise ConfigurationError(
+            f"logging_level={value!r} is not a level; use logging.DEBUG/INFO/WARNING/ERROR "
+            "or their names"
+        )
+    return level
+
+
+class Eventor:
+    """A program of events and steps, and the runs of it.
+
+    Args:
+        name: the program's name (default: the running script's file name).
+        store: where runs are kept: a SQLAlchemy URL (``postgresql+asyncpg://...``,
+            ``mysql+aiomysql://...``, ``sqlite+aiosqlite:///path``), a sqlite file path,
+            ``":memory:"``, or the name of a store in the config file. Default: the sqlite
+            file ``<program>.run.db`` in the working directory.
+        logging_level: level of the program log (``logging.INFO`` by default).
+        log_dir: where run logs go (default ``./aeventor_logs``).
+        deterministic_logs: write logs without timestamps and pids, so runs can be diffed.
+        stop_on_exception: a step failure that fires no failure trigger stops the run.
+        max_concurrency: most step runs executing at once (default: no limit).
+        poll_interval: seconds between polls for work made by other processes; the store's
+            default when None (sqlite in standalone mode needs none).
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        store: str | URL | Path | None = None,
+        logging_level: int | str | None = None,
+        log_dir: str | Path | None = None,
+        deterministic_logs: bool = False,
+        stop_on_exception: bool = True,
+        max_concurrency: int | None = None,
+        poll_interval: float | None = None,
+    ) -> None:
+        self.name = name if name is not None else _program_name()
+        _check_name(self.name, "program")
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ConfigurationError(
+                f"max_concurrency={max_concurrency!r}: must be at least 1, or None for no limit"
+            )
+        self.store = store
+        self.level = _level(logging_level)
+        self.log_dir = Path(log_dir) if log_dir is not None else Path.cwd() / "aeventor_logs"
+        self.deterministic_logs = deterministic_logs
+        self.stop_on_exception = stop_on_exception
+        self.max_concurrency = max_concurrency
+        self.poll_interval = poll_interval
+        self._events: dict[str, EventDef] = {}
+        self._steps: dict[str, StepDef] = {}
+        self._funcs: dict[str, Callable[..., Any]] = {}
+        self._assocs: dict[str, list[tuple[str, str]]] = {}
+        self._triggers: list[tuple[str, str]] = []
+        self._db: Database | None = None
+        self._owns_db = False
+        self._live = 0
+
+    def __repr__(self) -> str:
+        return f"<Eventor {self.name!r} events={len(self._events)} steps={len(self._steps)}>"
+
+    # -- definition ---------------------------------------------------------------------
+
+    def add_event(self, name: str, expr: Any = None) -> Event:
+        """Define an event; with ``expr``, a derived event.
+
+        A derived event fires for a sequence when its expression over other events holds
+        for that sequence: a tuple means AND, :func:`aeventor.or_` means OR, and they nest.
+
+        Raises:
+            ProgramDefinitionError: a duplicate or bad name, or a malformed expression.
+        """
+        self._check_new_name(name, "event")
+        normalized = None if expr is None else _expr.normalize(expr)
+        self._events[name] = EventDef(name, normalized)
+        return Event(name, normalized)
+
+    def add_step(
+        self,
+        name: str,
+        func: Callable[..., Any] | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        triggers: Mapping[StepStatus | str, Any] | None = None,
+        host: str | None = None,
+        *,
+        command: Sequence[str] | None = None,
+        executor: str | None = None,
+        sequence_arg_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> Step:
+        """Define a step.
+
+        Args:
+            func: what the step runs; None makes a no-op that succeeds. A plain function
+                runs in a subprocess that imports it by path (so it must be defined at
+                module level); an ``async def`` runs in the engine's loop by default.
+            args, kwargs: JSON-serialisable arguments.
+            triggers: ``{StepStatus.success: (event, ...), ...}`` for the statuses ready,
+                active, success, failure and complete (= success or failure).
+            host: the host the step is assigned to (recorded; used in distributed mode).
+            command: an argv to run instead of a function (exit code 0 is success).
+            executor: ``"process"``, ``"inloop"`` or ``"command"`` to override the default.
+            sequence_arg_name: pass the sequence to ``func`` as this keyword argument.
+            config: the original eventor's per-step config keys ``task_construct``
+                (``"process"`` or ``"invoke"``), ``executor`` and ``sequence_arg_name``.
+
+        Raises:
+            ProgramDefinitionError: a duplicate name, a bad trigger, a callable that cannot
+                be imported by path, or conflicting arguments.
+            SerializationError: an argument that JSON cannot carry.
+        """
+        self._check_new_name(name, "step")
+        config = dict(config or {})
+        unknown = set(config) - _STEP_CONFIG_KEYS
+        if unknown:
+            raise ProgramDefinitionError(
+                f"step {name!r}: unknown config key(s) {sorted(unknown)}; "
+                f"known keys are {sorted(_STEP_CONFIG_KEYS)}"
+            )
+        if "task_construct" in config:
+            construct = config["task_construct"]
+            if construct not in _TASK_CONSTRUCT:
+                raise ProgramDefinitionError(
+                    f"step {name!r}: config task_construct={construct!r} is not supported; "
+                    "use 'process' or 'invoke' (in the engine's loop)"
+                )
+            executor = executor or _TASK_CONSTRUCT[construct]
+        executor = executor or config.get("executor")
+        sequence_arg_name = sequence_arg_name or config.get("sequence_arg_name")
+        kwargs = dict(kwargs or {})
+        args = tuple(args)
+        check_json(list(args), what=f"step {name!r}: args")
+        check_json(kwargs, what=f"step {name!r}: kwargs")
+        if any(not isinstance(k, str) for k in kwargs):
+            raise ProgramDefinitionError(f"step {name!r}: kwargs keys must be strings")
+        if host is not None:
+            _check_name(host, f"step {name!r}: host")
+        step_triggers = self._normalize_triggers(name, triggers)
+
+        target = main_path = None
+        argv: tuple[str, ...] | None = None
+        local_only = False
+        if command is not None:
+            if func is not None:
+                raise ProgramDefinitionError(
+                    f"step {name!r}: give either func or command, not both"
+                )
+            if isinstance(command, str) or not command or not all(
+                isinstance(a, str) for a in command
+            ):
+                raise ProgramDefinitionError(
+                    f"step {name!r}: command must be a non-empty list of strings (an argv, "
+                    f"e.g. ['ls', '-l']); got {command!r}. For a shell line use "
+                    "['sh', '-c', 'line']"
+                )
+            if args or kwargs:
+                raise ProgramDefinitionError(
+                    f"step {name!r}: a command step takes no args/kwargs; put them in the argv"
+                )
+            if executor not in (None, "command"):
+                raise ProgramDefinitionError(
+                    f"step {name!r}: a command step runs as executor 'command', not {executor!r}"
+                )
+            executor, argv = "command", tuple(command)
+        elif func is not None:
+            if not callable(func):
+                raise ProgramDefinitionError(
+                    f"step {name!r}: func must be a callable, got {func!r}"
+                )
+            is_async = inspect.iscoroutinefunction(inspect.unwrap(func))
+            executor = executor or ("inloop" if is_async else "process")
+            if executor not in EXECUTORS - {"command"}:
+                raise ProgramDefinitionError(
+                    f"step {name!r}: executor={executor!r} is not one of 'process', 'inloop' "
+                    "(or pass command=[...] for a command step)"
+                )
+            if executor == "inloop" and not is_async:
+                raise ProgramDefinitionError(
+                    f"step {name!r}: executor 'inloop' needs an async def function; "
+                    f"{func.__qualname__} is a plain function (let it run as a 'process' step)"
+                )
+            target, main_path, importable = callable_target(func, step=name)
+            if not importable:
+                if executor == "process":
+                    raise ProgramDefinitionError(
+                        f"step {name!r}: func {target} cannot be imported by path, so a step "
+                        "subprocess cannot find it (a lambda, a nested function, or a script "
+                        "without a file). Define it with def at module level of an importable "
+                        "module or script"
+                    )
+                local_only = True
+            self._funcs[name] = func
+        else:
+            if args or kwargs:
+                raise ProgramDefinitionError(
+                    f"step {name!r}: args/kwargs given but no func to pass them to"
+                )
+            executor = executor or "process"
+
+        self._steps[name] = StepDef(
+            name=name,
+            executor=executor,
+            target=target,
+            main_path=main_path,
+            argv=argv,
+            args=args,
+            kwargs=kwargs,
+            triggers=step_triggers,
+            host=host,
+            sequence_arg_name=sequence_arg_name,
+            local_only=local_only,
+        )
+        return Step(name)
+
+    def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:
+        """Make ``event`` fan out to steps and/or other events.
+
+        Raises:
+            ProgramDefinitionError: an unknown event or target, or a delay (durable delays
+                are not implemented yet).
+        """
+        if delay:
+            raise ProgramDefinitionError(
+                f"add_assoc({_name_of(event)!r}, ..., delay={delay!r}): durable delays are "
+                "not implemented yet; fire the event from a step after waiting instead"
+            )
+        event_name = self._event_name(event, "add_assoc")
+        if not targets:
+            raise ProgramDefinitionError(
+                f"add_assoc({event_name!r}): name at least one step or event to associate"
+            )
+        resolved = self._assocs.setdefault(event_name, [])
+        for target in targets:
+            kind, name = self._target(target, event_name)
+            if (kind, name) not in resolved:
+                resolved.append((kind, name))
+
+    def trigger_event(self, event: Event | str, sequence: str | int = 0) -> None:
+        """Fire ``event`` for ``sequence`` when the next run starts (idempotent).
+
+        To fire an event into a live run, use :meth:`RunHandle.trigger_event` or
+        ``aeventor.current_step().trigger(...)`` from an in-loop step.
+        """
+        if self._live:
+            raise AeventorError(
+                f"trigger_event({_name_of(event)!r}) while a run is live: it would only apply "
+                "to the next run. Use `await handle.trigger_event(...)` on the handle of the "
+                "live run, or `await aeventor.current_step().trigger(...)` inside a step"
+            )
+        name = self._event_name(event, "trigger_event")
+        _check_name(str(sequence), "sequence")
+        self._triggers.append((name, str(sequence)))
+
+    # -- program as data ----------------------------------------------------------------
+
+    @property
+    def program(self) -> ProgramDef:
+        """The program's definition as data (validated)."""
+        definition = ProgramDef(
+            name=self.name,
+            events=dict(self._events),
+            steps=dict(self._steps),
+            assocs={k: tuple(v) for k, v in self._assocs.items()},
+            stop_on_exception=self.stop_on_exception,
+        )
+        definition.validate()
+        return definition
+
+    # -- running ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Eventor:
+        check_not_importing()
+        await self._open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _open(self) -> Database:
+        if self._db is None:
+            db = open_store(self.store, program=self.name, poll_interval=self.poll_interval)
+            await db.open()
+            self._db = db
+        return self._db
+
+    async def close(self) -> None:
+        """Close the store (runs in progress must have ended)."""
+        db, self._db = self._db, None
+        if db is not None:
+            await db.aclose()
+
+    async def run(self) -> RunResult:
+        """Run the program until nothing is pending and return the result.
+
+        The result is truthy on success and falsy when a step failure that fired no failure
+        trigger stopped the run. Cancelling the awaiting task terminates running steps and
+        records the run as cancelled.
+        """
+        check_not_importing()
+        return await self._run(_RunState(uuid.uuid4().hex))
+
+    def start(self) -> RunHandle:
+        """Start a run in the background of the running loop; return its handle at once."""
+        check_not_importing()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise AeventorError(
+                "Eventor.start() needs a running event loop; call it from async code, or "
+                "use Eventor.run_sync() in a plain script"
+            ) from None
+        state = _RunState(uuid.uuid4().hex)
+        task = asyncio.create_task(self._run(state), name=f"aeventor run {state.run_id}")
+        return RunHandle(self, state, task)
+
+    def run_sync(self) -> RunResult:
+        """Run the program from plain (non-async) code: ``asyncio.run(ev.run())``, then close."""
+        check_not_importing()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise AeventorError(
+                "Eventor.run_sync() was called inside a running event loop; use "
+                "`await ev.run()` or `ev.start()` there"
+            )
+
+        async def _main() -> RunResult:
+            try:
+                return await self.run()
+            finally:
+                await self.close()
+
+        return asyncio.run(_main())
+
+    async def _run(self, state: _RunState) -> RunResult:
+        program = self.program
+        graph = Graph(program)
+        owns = self._db is None
+        db = await self._open()
+        self._live += 1
+        executor = LocalExecutor()
+        run_dir = run_log_dir(self.log_dir, program.name, state.run_id)
+        run_log = RunLog(
+            run_dir / "program.log", level=self.level, deterministic=self.deterministic_logs
+        )
+        try:
+            program_id = await db.register_program(program)
+            run_log.info(f"run {state.run_id} of program {program.name} started")
+            for event, sequence in self._triggers:
+                run_log.info(f"event {event}[{sequence}] triggered")
+            _, advance = await db.create_run(
+                graph, program_id=program_id, triggers=list(self._triggers), run_id=state.run_id
+            )
+            dispatcher = RunDispatcher(
+                db=db,
+                graph=graph,
+                run_id=state.run_id,
+                executor=executor,
+                funcs=self._funcs,
+                run_dir=run_dir,
+                run_log=run_log,
+                deterministic_logs=self.deterministic_logs,
+                logger_name=f"{program.name}.step",
+                max_concurrency=self.max_concurrency,
+                on_status=state.set_status,
+            )
+            state.dispatcher = dispatcher
+            dispatcher.apply(advance)
+            try:
+                status = await dispatcher.run()
+            except BaseException as exc:
+                reason = (
+                    "cancelled"
+                    if isinstance(exc, asyncio.CancelledError)
+                    else f"engine error: {exc!r}"
+                )
+                await asyncio.shield(self._finish_cancelled(db, state, run_log, reason))
+                raise
+            run_log.info(f"run {state.run_id} ended: {status.value}")
+            await run_log.flush()
+            result = await db.load_result(state.run_id)
+            state.final = result
+            return result
+        finally:
+            state.dispatcher = None
+            self._live -= 1
+            await executor.aclose()
+            if owns:
+                await self.close()
+
+    async def _finish_cancelled(
+        self, db: Database, state: _RunState, run_log: RunLog, reason: str
+    ) -> None:
+        await db.cancel_run(state.run_id, reason=reason)
+        state.set_status(RunStatus.cancelled)
+        run_log.info(f"run {state.run_id} ended: cancelled ({reason})")
+        await run_log.flush()
+        state.final = await db.load_result(state.run_id)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _check_new_name(self, name: str, kind: str) -> None:
+        _check_name(name, kind)
+        if name in self._events or name in self._steps:
+            other = "event" if name in self._events else "step"
+            raise ProgramDefinitionError(
+                f"{kind} {name!r}: the name is already used by an {other}; event and step "
+                "names must be unique within a program"
+            )
+
+    def _event_name(self, event: Event | str, where: str) -> str:
+        name = _name_of(event)
+        if name not in self._events:
+            raise ProgramDefinitionError(
+                f"{where}: undefined event {name!r}; define it with ev.add_event({name!r})"
+            )
+        return name
+
+    def _target(self, target: Step | Event | str, event: str) -> tuple[str, str]:
+        if isinstance(target, Step):
+            kind, name = "step", target.name
+        elif isinstance(target, Event):
+            kind, name = "event", target.name
+        elif isinstance(target, str):
+            name = target
+            kind = "step" if target in self._steps else "event"
+        else:
+            raise ProgramDefinitionError(
+                f"add_assoc({event!r}, ...): {target!r} is not a step or an event"
+            )
+        table: Mapping[str, object] = self._steps if kind == "step" else self._events
+        if name not in table:
+            raise ProgramDefinitionError(
+                f"add_assoc({event!r}, ...): undefined step or event {name!r}; define it "
+                f"with ev.add_step({name!r}, ...) or ev.add_event({name!r}) first"
+            )
+        return kind, name
+
+    def _normalize_triggers(
+        self, step: str, triggers: Mapping[StepStatus | str, Any] | None
+    ) -> dict[StepStatus, tuple[str, ...]]:
+        result: dict[StepStatus, tuple[str, ...]] = {}
+        for key, events in (triggers or {}).items():
+            try:
+                status = StepStatus(key)
+            except ValueError:
+                status = None
+            if status not in TRIGGER_STATUSES:
+                raise ProgramDefinitionError(
+                    f"step {step!r}: triggers key {key!r} is not a trigger status; use "
+                    "StepStatus.ready, active, success, failure or complete"
+                )
+            assert status is not None
+            items: Iterable[Any] = (
+                (events,) if isinstance(events, Event | str) else events
+            )
+            names = []
+            for item in items:
+                name = _name_of(item)
+                if name not in self._events:
+                    raise ProgramDefinitionError(
+                        f"step {step!r}: triggers[{status.value}] names undefined event "
+                        f"{name!r}; define it with ev.add_event({name!r}) first"
+                    )
+                names.append(name)
+            result[status] = tuple(dict.fromkeys(names))
+        return result
+
+
+def _name_of(value: Any) -> str:
+    name = getattr(value, "name", value)
+    if not isinstance(name, str):
+        raise ProgramDefinitionError(f"expected an event, a step or a name, got {value!r}")
+    return name
+
+
+def _check_name(name: Any, kind: str) -> None:
+    if not isinstance(name, str) or not name or len(name) > _NAME_MAX or name != name.strip():
+        raise ProgramDefinitionError(
+            f"{kind} name {name!r} is not valid: use a non-empty string of at most "
+            f"{_NAME_MAX} characters without surrounding spaces"
+        )
+
+
+class _RunState:
+    """What a run shares with its handle."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.status = RunStatus.running
+        self.final: RunResult | None = None
+        self.dispatcher: RunDispatcher | None = None
+
+    def set_status(self, status: RunStatus) -> None:
+        self.status = status
+
+
+class RunHandle:
+    """A run started with :meth:`Eventor.start`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, eventor: Eventor, state: _RunState, task: asyncio.Task[RunResult]) -> None:
+        self._eventor = eventor
+        self._state = state
+        self._task = task
+        task.add_done_callback(self._observe)
+
+    def __repr__(self) -> str:
+        return f"<RunHandle {self.run_id} {self.status.value}>"
+
+    @property
+    def run_id(self) -> str:
+        return self._state.run_id
+
+    @property
+    def status(self) -> RunStatus:
+        """The run's status as this process last saw it (live while it runs)."""
+        return self._state.status
+
+    def done(self) -> bool:
+        return self._task.done()
+
+    async def wait(self) -> RunResult:
+        """Wait for the run to end and return its result (also after :meth:`cancel`).
+
+        Raises:
+            AeventorError: the engine failed; the cause is chained.
+        """
+        try:
+            return await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if self._task.cancelled() and self._state.final is not None:
+                return self._state.final
+            raise
+
+    def cancel(self) -> None:
+        """Stop the run: terminate its running steps and record it as cancelled."""
+        self._task.cancel()
+
+    async def trigger_event(self, event: Event | str, sequence: str | int = 0) -> None:
+        """Fire ``event`` for ``sequence`` in the live run."""
+        dispatcher = self._state.dispatcher
+        if dispatcher is None:
+            raise AeventorError(f"run {self.run_id} is not live; cannot trigger {event!r}")
+        name = _name_of(event)
+        if name not in dispatcher.graph.program.events:
+            raise ProgramDefinitionError(f"trigger_event: undefined event {name!r}")
+        await dispatcher.trigger(name, str(sequence))
+
+    def _observe(self, task: asyncio.Task[RunResult]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("run failed", run_id=self.run_id, exc_info=task.exception())

@@ -1,0 +1,282 @@
+"""A program's definition as data: events, steps, associations and triggers.
+
+The definition is what the engine stores, hashes into a version and compares; the live
+callables it names are resolved again by import path wherever a step runs. Nothing here does
+I/O (importing a module to check a callable's path aside, which the user's script has already
+done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from . import _expr
+from .exceptions import ProgramDefinitionError, SerializationError
+
+__all__ = (
+    "TRIGGER_STATUSES",
+    "EventDef",
+    "ProgramDef",
+    "RunStatus",
+    "StepDef",
+    "StepStatus",
+    "callable_target",
+    "check_json",
+)
+
+
+class StepStatus(StrEnum):
+    """Status of a step run; the first five may key a step's ``triggers``.
+
+    ``complete`` is never stored: it stands for success or failure in ``triggers``.
+
+    .. versionadded:: 0.1
+    """
+
+    ready = "ready"
+    active = "active"
+    success = "success"
+    failure = "failure"
+    complete = "complete"
+    #: Not started: the run stopped (a failure with no failure trigger) before it could.
+    skipped = "skipped"
+    #: Terminated or never started because the run was cancelled.
+    cancelled = "cancelled"
+
+
+#: The statuses a step's ``triggers`` may name.
+TRIGGER_STATUSES = frozenset(
+    {
+        StepStatus.ready,
+        StepStatus.active,
+        StepStatus.success,
+        StepStatus.failure,
+        StepStatus.complete,
+    }
+)
+
+
+class RunStatus(StrEnum):
+    """Status of a run.
+
+    .. versionadded:: 0.1
+    """
+
+    running = "running"
+    success = "success"
+    failure = "failure"
+    cancelled = "cancelled"
+
+
+#: How a step runs: ``process`` (a subprocess importing the function by path), ``inloop``
+#: (an ``async def`` awaited in the engine's own loop) or ``command`` (an argv, no Python).
+EXECUTORS = frozenset({"process", "inloop", "command"})
+
+
+@dataclass(frozen=True, slots=True)
+class EventDef:
+    name: str
+    expr: _expr.Expr | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepDef:
+    """One step. ``target`` is ``module:qualname`` for functions, None for no-ops."""
+
+    name: str
+    executor: str
+    target: str | None = None
+    main_path: str | None = None
+    argv: tuple[str, ...] | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    triggers: Mapping[StepStatus, tuple[str, ...]] = field(default_factory=dict)
+    host: str | None = None
+    sequence_arg_name: str | None = None
+    #: True for in-loop callables that cannot be imported by path (closures): such a step
+    #: runs only in the process that defined it.
+    local_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramDef:
+    """A whole program as data. ``assocs`` maps an event to the steps and events it fans out to.
+
+    Each assoc target is ``("step", name)`` or ``("event", name)``.
+    """
+
+    name: str
+    events: Mapping[str, EventDef]
+    steps: Mapping[str, StepDef]
+    assocs: Mapping[str, tuple[tuple[str, str], ...]]
+    stop_on_exception: bool = True
+
+    def validate(self) -> None:
+        """Check every reference; raise :class:`ProgramDefinitionError` naming the first bad one."""
+        for event in self.events.values():
+            if event.expr is None:
+                continue
+            for ref in _expr.names(event.expr):
+                if ref == event.name:
+                    raise ProgramDefinitionError(
+                        f"event {event.name!r}: its expression refers to itself; "
+                        "an expression may only use other events"
+                    )
+                if ref not in self.events:
+                    raise ProgramDefinitionError(
+                        f"event {event.name!r}: its expression {_expr.render(event.expr)} "
+                        f"uses undefined event {ref!r}; define it first with "
+                        f"ev.add_event({ref!r})"
+                    )
+        for event_name, targets in self.assocs.items():
+            if event_name not in self.events:
+                raise ProgramDefinitionError(
+                    f"add_assoc: undefined event {event_name!r}; define it with "
+                    f"ev.add_event({event_name!r})"
+                )
+            for kind, target in targets:
+                table: Mapping[str, object] = self.steps if kind == "step" else self.events
+                if target not in table:
+                    raise ProgramDefinitionError(
+                        f"add_assoc({event_name!r}, ...): undefined {kind} {target!r}; "
+                        f"define it with ev.add_{kind}({target!r}, ...)"
+                    )
+        for step in self.steps.values():
+            for status, fired in step.triggers.items():
+                for event_name in fired:
+                    if event_name not in self.events:
+                        raise ProgramDefinitionError(
+                            f"step {step.name!r}: triggers[{status.value}] names undefined "
+                            f"event {event_name!r}; define it with ev.add_event({event_name!r})"
+                        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready, canonical form (sorted), from which :meth:`version` is hashed."""
+        return {
+            "name": self.name,
+            "stop_on_exception": self.stop_on_exception,
+            "events": [
+                {"name": e.name, "expr": None if e.expr is None else _expr.to_json(e.expr)}
+                for e in sorted(self.events.values(), key=lambda e: e.name)
+            ],
+            "steps": [
+                {
+                    "name": s.name,
+                    "executor": s.executor,
+                    "target": s.target,
+                    "main_path": s.main_path,
+                    "argv": None if s.argv is None else list(s.argv),
+                    "args": list(s.args),
+                    "kwargs": dict(s.kwargs),
+                    "triggers": {k.value: list(v) for k, v in sorted(s.triggers.items())},
+                    "host": s.host,
+                    "sequence_arg_name": s.sequence_arg_name,
+                    "local_only": s.local_only,
+                }
+                for s in sorted(self.steps.values(), key=lambda s: s.name)
+            ],
+            "assocs": {k: [list(t) for t in v] for k, v in sorted(self.assocs.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ProgramDef:
+        """Inverse of :meth:`to_json`."""
+        events = {
+            e["name"]: EventDef(
+                e["name"], None if e["expr"] is None else _expr.from_json(e["expr"])
+            )
+            for e in data["events"]
+        }
+        steps = {
+            s["name"]: StepDef(
+                name=s["name"],
+                executor=s["executor"],
+                target=s["target"],
+                main_path=s["main_path"],
+                argv=None if s["argv"] is None else tuple(s["argv"]),
+                args=tuple(s["args"]),
+                kwargs=dict(s["kwargs"]),
+                triggers={StepStatus(k): tuple(v) for k, v in s["triggers"].items()},
+                host=s["host"],
+                sequence_arg_name=s["sequence_arg_name"],
+                local_only=s["local_only"],
+            )
+            for s in data["steps"]
+        }
+        assocs = {k: tuple((t[0], t[1]) for t in v) for k, v in data["assocs"].items()}
+        return cls(
+            name=data["name"],
+            events=events,
+            steps=steps,
+            assocs=assocs,
+            stop_on_exception=data["stop_on_exception"],
+        )
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def version(self) -> str:
+        """A content hash: two equal definitions share it, any change alters it."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:32]
+
+
+def check_json(value: Any, *, what: str) -> Any:
+    """Return ``value`` if it survives a JSON round trip unchanged in kind, else raise.
+
+    Raises:
+        SerializationError: naming ``what`` and the offending type.
+    """
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(
+            f"{what} cannot be carried as JSON ({exc}); pass only str, int, float, bool, "
+            "None, lists and dicts with string keys (convert other objects yourself, e.g. "
+            "a Path to str)"
+        ) from exc
+    return value
+
+
+def callable_target(func: Callable[..., Any], *, step: str) -> tuple[str, str | None, bool]:
+    """Where a subprocess finds ``func``: ``(module:qualname, main script path, importable)``.
+
+    A function of the user's ``__main__`` script is found by the script's path (loaded under
+    another module name, as multiprocessing's spawn does), or by module name when the script
+    was started with ``python -m``.
+    """
+    qualname = getattr(func, "__qualname__", None)
+    module = getattr(func, "__module__", None)
+    if not isinstance(qualname, str) or not isinstance(module, str):
+        raise ProgramDefinitionError(
+            f"step {step!r}: func {func!r} has no module and qualified name; "
+            "pass a function defined with def at module level"
+        )
+    if "<lambda>" in qualname or "<locals>" in qualname:
+        return f"{module}:{qualname}", None, False
+    if module == "__main__":
+        main = sys.modules["__main__"]
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name and spec.name != "__main__":
+            return f"{spec.name}:{qualname}", None, True
+        path = getattr(main, "__file__", None)
+        if path is None:
+            return f"__main__:{qualname}", None, False
+        return f"__main__:{qualname}", str(path), True
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return f"{module}:{qualname}", None, False
+    if inspect.unwrap(obj) is not inspect.unwrap(func):
+        return f"{module}:{qualname}", None, False
+    return f"{module}:{qualname}", None, True

@@ -1,0 +1,83 @@
+"""What a run leaves behind, as read back from the store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ._program import RunStatus, StepStatus
+
+__all__ = ("RunResult", "StepRun")
+
+
+@dataclass(frozen=True, slots=True)
+class StepRun:
+    """One run of one step for one sequence.
+
+    Attributes:
+        result: the step's return value (decoded from JSON), None for no-ops and failures;
+            a command step returns its exit code.
+        error: for a failure, the exception type, message and traceback as text.
+
+    .. versionadded:: 0.1
+    """
+
+    id: int
+    run_id: str
+    step: str
+    sequence: str
+    recovery: int
+    attempt: int
+    status: StepStatus
+    host: str | None
+    worker: str | None
+    pid: int | None
+    result: Any
+    error: str | None
+    created: datetime
+    started: datetime | None
+    ended: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """The outcome of a run: truthy on success.
+
+    A run is falsy when a step failure that fired no failure trigger stopped it, or when it
+    was cancelled.
+
+    .. versionadded:: 0.1
+    """
+
+    run_id: str
+    program: str
+    status: RunStatus
+    reason: str | None
+    created: datetime
+    ended: datetime | None
+    steps: Sequence[StepRun]
+
+    def __bool__(self) -> bool:
+        return self.status is RunStatus.success
+
+    @property
+    def ok(self) -> bool:
+        return bool(self)
+
+    def __iter__(self) -> Iterator[StepRun]:
+        return iter(self.steps)
+
+    def step(self, name: str, sequence: str | int = 0) -> StepRun:
+        """The latest attempt of step ``name`` for ``sequence``.
+
+        Raises:
+            KeyError: no such step run; the message lists the step runs that exist.
+        """
+        wanted = str(sequence)
+        found = [s for s in self.steps if s.step == name and s.sequence == wanted]
+        if not found:
+            have = ", ".join(sorted({f"{s.step}[{s.sequence}]" for s in self.steps}))
+            raise KeyError(f"no step run {name}[{wanted}] in run {self.run_id}; have: {have}")
+        return max(found, key=lambda s: (s.recovery, s.attempt))

@@ -1,0 +1,146 @@
+"""The process that runs one step: ``python -m aeventor._runner`` with a JSON spec on stdin.
+
+It imports the step's callable by path, calls it with the JSON arguments, and writes
+``{"ok": true, "value": ...}`` or ``{"ok": false, "error": "..."}`` to the result file the
+spec names. Its stdout and stderr are the step's log file; the root logger writes there too.
+
+A function defined in the user's ``__main__`` script is found by loading that script by path
+under another module name (as multiprocessing's spawn does), so code under
+``if __name__ == "__main__":`` does not run again. A script that runs the program at module
+level without that guard is stopped at the ``run()`` call:
+if the function was defined above the call, the step still works (see ``_guard``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import sys
+import traceback
+from typing import Any
+
+from ._guard import MainImportStopped, importing_main
+from .exceptions import UnguardedMainError
+
+__all__ = ("main",)
+
+MAIN_MODULE = "__aeventor_main__"
+
+
+def _setup_logging(deterministic: bool) -> None:
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if deterministic
+        else "%(asctime)s %(levelname)s %(name)s [pid=%(process)d]: %(message)s"
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _load_main(path: str, qualname: str, step: str) -> Any:
+    spec = importlib.util.spec_from_file_location(MAIN_MODULE, path)
+    if spec is None or spec.loader is None:
+        raise UnguardedMainError(f"step {step!r}: cannot load script {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[MAIN_MODULE] = module
+    token = importing_main.set(path)
+    stopped = False
+    try:
+        spec.loader.exec_module(module)
+    except MainImportStopped:
+        stopped = True
+    finally:
+        importing_main.reset(token)
+    try:
+        return _resolve(module, qualname)
+    except AttributeError:
+        if stopped:
+            raise UnguardedMainError(
+                f"step {step!r}: script {path!r} starts the run at import time (module-level "
+                f"code calls run(), start() or run_sync()) before it defines {qualname!r}. "
+                'Put that code under `if __name__ == "__main__":` at the end of the script.'
+            ) from None
+        raise
+    finally:
+        if stopped:
+            logging.getLogger("aeventor").warning(
+                "script %s starts the run at import time; put that code under "
+                'if __name__ == "__main__": so steps do not execute it',
+                path,
+            )
+
+
+def _resolve(obj: Any, qualname: str) -> Any:
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _load(target: str, main_path: str | None, step: str) -> Any:
+    module_name, _, qualname = target.partition(":")
+    if main_path is not None:
+        script_dir = os.path.dirname(os.path.abspath(main_path))
+        if script_dir not in sys.path:
+            sys.path.insert(0, script_dir)
+        return _load_main(main_path, qualname, step)
+    return _resolve(importlib.import_module(module_name), qualname)
+
+
+def _execute(spec: dict[str, Any]) -> dict[str, Any]:
+    step = spec["step"]
+    try:
+        func = _load(spec["target"], spec.get("main_path"), step)
+        kwargs = dict(spec["kwargs"])
+        if spec.get("sequence_arg_name"):
+            kwargs[spec["sequence_arg_name"]] = os.environ["EVENTOR_STEP_SEQUENCE"]
+        value = func(*spec["args"], **kwargs)
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value))
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return {"ok": False, "error": "".join(traceback.format_exception(exc)).rstrip()}
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return {
+            "ok": False,
+            "error": (
+                f"SerializationError: step {step!r} returned {type(value).__name__} "
+                f"({exc}); return only JSON values (str, int, float, bool, None, lists, "
+                "dicts with string keys)"
+            ),
+        }
+    return {"ok": True, "value": value}
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def main() -> int:
+    spec = json.loads(sys.stdin.read())
+    for entry in reversed(spec.get("sys_path", [])):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    _setup_logging(bool(spec.get("deterministic_logs")))
+    outcome = _execute(spec)
+    if not outcome["ok"]:
+        print(outcome["error"], file=sys.stderr)  # noqa: T201 - the step's log is stderr
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(spec["result_path"], "w", encoding="utf-8") as fh:
+        json.dump(outcome, fh)
+    return 0 if outcome["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The tables that hold every program and run; one database holds many of each.
+
+Keys make duplicates impossible rather than merely avoided: a trigger is unique per
+(run, event, sequence, recovery), a step run per (run, step, sequence, recovery, attempt).
+All timestamps are timezone-aware UTC (microseconds on MySQL too).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ("metadata", "program", "run", "step_run", "trigger", "utcnow")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python on every backend (sqlite and MySQL store naive UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):  # type: ignore[no-untyped-def]
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value, dialect):  # type: ignore[no-untyped-def]
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        if dialect.name != "postgresql":
+            value = value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):  # type: ignore[no-untyped-def]
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# Autoincrementing 64-bit ids; sqlite only autoincrements INTEGER PRIMARY KEY.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+NAME = 200
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+program = Table(
+    "aeventor_program",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("name", String(NAME), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("definition", Text, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    UniqueConstraint("name", "version"),
+)
+
+run = Table(
+    "aeventor_run",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("program_id", _BigId, ForeignKey("aeventor_program.id"), nullable=False),
+    Column("program_name", String(NAME), nullable=False),
+    Column("status", String(16), nullable=False),
+    # An unhandled step failure stopped the run: nothing new starts, running steps finish.
+    Column("stopped", Boolean, nullable=False, default=False),
+    Column("recovery", Integer, nullable=False, default=0),
+    Column("reason", Text, nullable=True),
+    Column("created", UTCDateTime, nullable=False),
+    Column("ended", UTCDateTime, nullable=True),
+    Index(None, "program_name", "created"),
+    Index(None, "status"),
+)
+
+trigger = Table(
+    "aeventor_trigger",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("run_id", String(36), ForeignKey("aeventor_run.id"), nullable=False),
+    Column("event", String(NAME), nullable=False),
+    Column("sequence", String(NAME), nullable=False),
+    Column("recovery", Integer, nullable=False, default=0),
+    Column("created", UTCDateTime, nullable=False),
+    # The unique key doubles as the index of the hot lookup: which of these events fired
+    # for this run and sequence.
+    UniqueConstraint("run_id", "sequence", "recovery", "event"),
+)
+
+step_run = Table(
+    "aeventor_step_run",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("run_id", String(36), ForeignKey("aeventor_run.id"), nullable=False),
+    Column("step", String(NAME), nullable=False),
+    Column("sequence", String(NAME), nullable=False),
+    Column("recovery", Integer, nullable=False, default=0),
+    Column("attempt", Integer, nullable=False, default=1),
+    Column("status", String(16), nullable=False),
+    # The host the step is assigned to (None: wherever its run is driven from).
+    Column("host", String(NAME), nullable=True),
+    # Who claimed it (a worker id), its process, and until when its lease holds.
+    Column("worker", String(NAME), nullable=True),
+    Column("pid", Integer, nullable=True),
+    Column("lease_until", UTCDateTime, nullable=True),
+    Column("result", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created", UTCDateTime, nullable=False),
+    Column("started", UTCDateTime, nullable=True),
+    Column("ended", UTCDateTime, nullable=True),
+    UniqueConstraint("run_id", "step", "sequence", "recovery", "attempt"),
+    # Claiming: the ready rows of a run (standalone) or of a host (agents).
+    Index(None, "run_id", "status"),
+    Index(None, "status", "host", "id"),
+)

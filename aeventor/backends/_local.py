@@ -1,0 +1,229 @@
+"""Run steps on this host: subprocesses (functions and commands) and in-loop coroutines.
+
+Every subprocess starts in a session of its own, so a cancel or a timeout kills its whole
+process group, grandchildren included. Its stdout and stderr go straight to the step's log
+file (no pipe that could fill up); its result comes back through a small JSON file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._context import StepContext, _current
+from .._program import StepDef
+from ..exceptions import ExecutorError
+from .base import Claim
+
+__all__ = ("ExecResult", "LocalExecutor", "StepLaunch")
+
+#: Seconds a terminated step gets to exit before it is killed.
+TERMINATE_GRACE = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    ok: bool
+    value: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepLaunch:
+    """Everything needed to run one claimed step run."""
+
+    claim: Claim
+    step: StepDef
+    program: str
+    env: Mapping[str, str]
+    log_path: Path
+    deterministic_logs: bool
+    on_started: Callable[[int], Awaitable[None]]
+    #: The live callable, for in-loop steps.
+    func: Callable[..., Any] | None = None
+    context: StepContext | None = field(default=None)
+
+
+class LocalExecutor:
+    """Runs steps on this host.
+
+    Args:
+        python: the interpreter for function steps (default: this one).
+        sys_path: import path handed to function steps (default: this process's).
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, *, python: str | None = None, sys_path: list[str] | None = None) -> None:
+        self.python = python or sys.executable
+        self.sys_path = list(sys.path if sys_path is None else sys_path)
+        self._tmpdir: str | None = None
+
+    async def aclose(self) -> None:
+        tmpdir, self._tmpdir = self._tmpdir, None
+        if tmpdir is not None:
+            await asyncio.to_thread(shutil.rmtree, tmpdir, True)
+
+    async def run(self, launch: StepLaunch) -> ExecResult:
+        """Run the step to its end; cancellation terminates it and propagates."""
+        executor = launch.step.executor
+        if launch.step.target is None and launch.step.argv is None:
+            return ExecResult(ok=True)
+        if executor == "inloop":
+            return await self._run_inloop(launch)
+        if executor == "command":
+            assert launch.step.argv is not None
+            return await self._run_command(launch, list(launch.step.argv))
+        return await self._run_function(launch)
+
+    # -- in-loop ------------------------------------------------------------------------
+
+    async def _run_inloop(self, launch: StepLaunch) -> ExecResult:
+        func, context = launch.func, launch.context
+        if func is None or context is None:
+            raise ExecutorError(
+                f"step {launch.step.name!r} is an in-loop step and runs only in the process "
+                "that defined it"
+            )
+        kwargs = dict(launch.step.kwargs)
+        if launch.step.sequence_arg_name:
+            kwargs[launch.step.sequence_arg_name] = context.sequence
+        token = _current.set(context)
+        try:
+            value = await func(*launch.step.args, **kwargs)
+        except Exception as exc:
+            return ExecResult(ok=False, error="".join(traceback.format_exception(exc)).rstrip())
+        finally:
+            _current.reset(token)
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return ExecResult(
+                ok=False,
+                error=(
+                    f"SerializationError: step {launch.step.name!r} returned "
+                    f"{type(value).__name__} ({exc}); return only JSON values"
+                ),
+            )
+        return ExecResult(ok=True, value=value)
+
+    # -- subprocesses -------------------------------------------------------------------
+
+    async def _run_command(self, launch: StepLaunch, argv: list[str]) -> ExecResult:
+        returncode = await self._spawn(launch, argv, stdin_data=None)
+        if returncode == 0:
+            return ExecResult(ok=True, value=0)
+        return ExecResult(
+            ok=False, value=returncode, error=f"command {argv[0]!r} exited with {returncode}"
+        )
+
+    async def _run_function(self, launch: StepLaunch) -> ExecResult:
+        tmpdir = await self._ensure_tmpdir()
+        result_path = os.path.join(tmpdir, f"{launch.claim.id}-{launch.claim.attempt}.json")
+        step = launch.step
+        spec = {
+            "step": step.name,
+            "target": step.target,
+            "main_path": step.main_path,
+            "args": list(step.args),
+            "kwargs": dict(step.kwargs),
+            "sequence_arg_name": step.sequence_arg_name,
+            "sys_path": self.sys_path,
+            "deterministic_logs": launch.deterministic_logs,
+            "result_path": result_path,
+        }
+        argv = [self.python, "-m", "aeventor._runner"]
+        returncode = await self._spawn(launch, argv, stdin_data=json.dumps(spec).encode())
+        outcome = await asyncio.to_thread(_read_result, result_path)
+        if outcome is None:
+            return ExecResult(
+                ok=False,
+                error=(
+                    f"step {step.name!r}: its process exited with {returncode} before "
+                    f"reporting a result (killed, or crashed); see {launch.log_path}"
+                ),
+            )
+        if outcome.get("ok"):
+            return ExecResult(ok=True, value=outcome.get("value"))
+        return ExecResult(ok=False, error=str(outcome.get("error")))
+
+    async def _ensure_tmpdir(self) -> str:
+        if self._tmpdir is None:
+            self._tmpdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="aeventor-")
+        return self._tmpdir
+
+    async def _spawn(self, launch: StepLaunch, argv: list[str], *, stdin_data: bytes | None) -> int:
+        env = {**os.environ, **launch.env}
+        log_file = await asyncio.to_thread(_open_log, launch.log_path)
+        try:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.PIPE if stdin_data is not None else asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise ExecutorError(
+                    f"step {launch.step.name!r}: cannot start {argv[0]!r}: {exc}"
+                ) from exc
+        finally:
+            await asyncio.to_thread(log_file.close)
+        try:
+            await launch.on_started(proc.pid)
+            if stdin_data is not None:
+                assert proc.stdin is not None
+                proc.stdin.write(stdin_data)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    await proc.stdin.drain()
+                proc.stdin.close()
+            return await proc.wait()
+        except BaseException:
+            await _terminate(proc)
+            raise
+
+
+def _open_log(path: Path) -> Any:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "ab")  # noqa: SIM115 - handed to the child, closed by the caller
+
+
+def _read_result(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data: dict[str, Any] = json.load(fh)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    os.unlink(path)
+    return data
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the process group, wait a grace period, then SIGKILL it."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        async with asyncio.timeout(TERMINATE_GRACE):
+            await proc.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    # Grandchildren may outlive the leader; the group id is still theirs.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,81 @@
+"""sqlite through aiosqlite: the embedded store of standalone mode.
+
+One connection per store, shared by every coroutine of this process behind an asyncio lock:
+sqlite has one writer at a time anyway, and a single connection is the only way an in-memory
+database is seen by more than one coroutine. Write transactions begin IMMEDIATE, so two
+processes sharing a file serialise on the write lock instead of deadlocking on an upgrade
+from a read lock; WAL and a busy timeout let them wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from .base import Database
+
+__all__ = ("SqliteDatabase", "backend_class")
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+class SqliteDatabase(Database):
+    """A sqlite file, or ``:memory:`` (private to this store object)."""
+
+    def __init__(self, *, url: URL, poll_interval: float | None = None) -> None:
+        super().__init__(url=url, poll_interval=poll_interval)
+        self._lock = asyncio.Lock()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.url.database in (None, "", ":memory:")
+
+    def _create_engine(self) -> AsyncEngine:
+        engine = create_async_engine(self.url, poolclass=StaticPool)
+        in_memory = self.in_memory
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Take BEGIN out of the driver's hands (it would begin DEFERRED, lazily).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        async with self._lock, super().transaction() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncConnection]:
+        async with self._lock, super().reading() as conn:
+            yield conn
+
+    async def _ensure_schema(self) -> None:
+        async with self._lock:
+            await super()._ensure_schema()
+
+    def _insert_ignore(self, table: Any) -> Any:
+        return sqlite_insert(table).on_conflict_do_nothing()
+
+
+backend_class = SqliteDatabase

@@ -1,0 +1,621 @@
+"""The store: every state change of every run, as short SQL transactions.
+
+:class:`Database` holds the engine's SQL (SQLAlchemy Core, no dialect-specific text); the
+backend modules subclass it only where the servers differ: how a write transaction begins,
+how a duplicate insert is ignored, how other processes are woken.
+
+Each state change is one transaction that locks the run row first (``SELECT ... FOR UPDATE``;
+sqlite serialises writers with ``BEGIN IMMEDIATE`` instead), reads the few facts the state
+machine needs, and writes its answer: completing a step, firing its triggers, evaluating the
+expressions they satisfy and making steps ready commit together, so any process holding the
+database can advance any run.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .. import _schema as t
+from .._program import ProgramDef, RunStatus, StepStatus
+from .._records import RunResult, StepRun
+from ..dispatch._state import PENDING, Graph, final_run_status
+from ..exceptions import ConnectionLost, DatabaseError, NoResult, UniqueViolation
+
+__all__ = ("Advance", "Claim", "Database", "Notifier")
+
+log = structlog.get_logger("aeventor.store")
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A step run this process took: it is active and leased to us."""
+
+    id: int
+    run_id: str
+    step: str
+    sequence: str
+    recovery: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """What a transaction changed, for the caller's wake-ups.
+
+    Attributes:
+        ready: how many step runs it made ready.
+        run_status: the run's status after it (running until the run ends).
+    """
+
+    ready: int
+    run_status: RunStatus
+
+
+class Notifier:
+    """Wake-ups from other processes (LISTEN/NOTIFY): every subscriber's event is set.
+
+    Changes made by this process wake its dispatchers directly (each transaction returns
+    what it changed), so only the listener calls :meth:`notify`.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Event] = set()
+
+    @contextmanager
+    def subscribe(self) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._waiters.add(event)
+        try:
+            yield event
+        finally:
+            self._waiters.discard(event)
+
+    def notify(self) -> None:
+        for event in self._waiters:
+            event.set()
+
+
+class Database(abc.ABC):
+    """A store reached through SQLAlchemy's async engine.
+
+    Args:
+        url: the SQLAlchemy URL (driver included); its password is never logged.
+        poll_interval: seconds between polls for work made by other processes, or None
+            when wake-ups always arrive (sqlite in one process, Postgres LISTEN).
+
+    .. versionadded:: 0.1
+    """
+
+    #: Whether other processes' changes wake us without polling.
+    pushes_wakeups = False
+
+    def __init__(self, *, url: URL, poll_interval: float | None = None) -> None:
+        self.url = url
+        self.poll_interval = poll_interval
+        self.notifier = Notifier()
+        self._engine: AsyncEngine | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.url.render_as_string(hide_password=True)}>"
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _create_engine(self) -> AsyncEngine: ...
+
+    async def open(self) -> None:
+        """Connect and make sure the schema exists and is current."""
+        if self._engine is not None:
+            return
+        self._engine = self._create_engine()
+        try:
+            with self.wrap_exceptions():
+                await self._ensure_schema()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _ensure_schema(self) -> None:
+        from ..migrations import upgrade_to_head
+
+        await upgrade_to_head(self.engine)
+
+    async def aclose(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+
+    async def __aenter__(self) -> Database:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise DatabaseError(
+                f"{self!r} is not open; use `async with` or await its open() first"
+            )
+        return self._engine
+
+    # -- dialect hooks ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction; driver errors come out as aeventor errors."""
+        with self.wrap_exceptions():
+            async with self.engine.begin() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only connection."""
+        with self.wrap_exceptions():
+            async with self.engine.connect() as conn:
+                yield conn
+
+    @abc.abstractmethod
+    def _insert_ignore(self, table: sa.Table) -> Any:
+        """An INSERT that silently skips rows whose unique key exists."""
+
+    async def _notify_work(self, conn: AsyncConnection, run_id: str) -> None:
+        """Tell other processes, at commit, that ``run_id`` may have work (no-op by default)."""
+
+    async def listen(self, on_notify: Callable[[], None]) -> None:
+        """Run until cancelled, calling ``on_notify`` when another process made work.
+
+        Backends without push wake-ups return at once; callers then poll.
+        """
+
+    @contextmanager
+    def wrap_exceptions(self) -> Iterator[None]:
+        """Translate SQLAlchemy and driver errors into aeventor errors, chained."""
+        try:
+            yield
+        except IntegrityError as exc:
+            raise UniqueViolation(
+                f"duplicate row: {exc.orig}", constraint=self._constraint_name(exc)
+            ) from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated or self._is_disconnect(exc):
+                raise ConnectionLost(f"lost the connection to {self!r}: {exc.orig}") from exc
+            raise DatabaseError(f"{self!r}: {exc.orig}") from exc
+        except OSError as exc:
+            raise ConnectionLost(f"cannot reach {self!r}: {exc}") from exc
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"{self!r}: {exc}") from exc
+
+    def _is_disconnect(self, exc: DBAPIError) -> bool:
+        return False
+
+    def _constraint_name(self, exc: IntegrityError) -> str | None:
+        return getattr(exc.orig, "constraint_name", None)
+
+    # -- programs and runs --------------------------------------------------------------
+
+    async def register_program(self, program: ProgramDef) -> int:
+        """Store a program definition (once per version) and return its id."""
+        version = program.version
+        async with self.transaction() as conn:
+            await conn.execute(
+                self._insert_ignore(t.program).values(
+                    name=program.name,
+                    version=version,
+                    definition=program.canonical_json(),
+                    created=t.utcnow(),
+                )
+            )
+            row = (
+                await conn.execute(
+                    sa.select(t.program.c.id).where(
+                        t.program.c.name == program.name, t.program.c.version == version
+                    )
+                )
+            ).one()
+        return int(row.id)
+
+    async def load_program(self, program_id: int) -> ProgramDef:
+        async with self.reading() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(t.program.c.definition).where(t.program.c.id == program_id)
+                )
+            ).one_or_none()
+        if row is None:
+            raise NoResult(f"no program with id {program_id} in {self!r}")
+        return ProgramDef.from_json(json.loads(row.definition))
+
+    async def create_run(
+        self,
+        graph: Graph,
+        *,
+        program_id: int,
+        triggers: Sequence[tuple[str, str]],
+        run_id: str | None = None,
+    ) -> tuple[str, Advance]:
+        """Create a run and fire its initial ``(event, sequence)`` triggers, in one transaction."""
+        run_id = run_id or uuid.uuid4().hex
+        async with self.transaction() as conn:
+            await conn.execute(
+                t.run.insert().values(
+                    id=run_id,
+                    program_id=program_id,
+                    program_name=graph.program.name,
+                    status=RunStatus.running.value,
+                    stopped=False,
+                    recovery=0,
+                    created=t.utcnow(),
+                )
+            )
+            ready = 0
+            for sequence, events in _group_by_sequence(triggers).items():
+                ready += await self._fire(conn, graph, run_id, sequence, 0, events, False)
+            status = await self._settle(conn, run_id, stopped=False)
+            if ready:
+                await self._notify_work(conn, run_id)
+        return run_id, Advance(ready, status)
+
+    async def trigger(
+        self, graph: Graph, *, run_id: str, event: str, sequence: str
+    ) -> Advance:
+        """Fire ``event`` for ``sequence`` in a live run (idempotent)."""
+        async with self.transaction() as conn:
+            run = await self._lock_run(conn, run_id)
+            if run.status != RunStatus.running.value:
+                return Advance(0, RunStatus(run.status))
+            ready = await self._fire(
+                conn, graph, run_id, sequence, run.recovery, [event], run.stopped
+            )
+            if ready:
+                await self._notify_work(conn, run_id)
+        return Advance(ready, RunStatus.running)
+
+    async def _lock_run(self, conn: AsyncConnection, run_id: str) -> sa.Row[Any]:
+        row = (
+            await conn.execute(
+                sa.select(t.run.c.status, t.run.c.stopped, t.run.c.recovery)
+                .where(t.run.c.id == run_id)
+                .with_for_update()
+            )
+        ).one_or_none()
+        if row is None:
+            raise NoResult(f"no run {run_id!r} in {self!r}")
+        return row
+
+    async def _fire(
+        self,
+        conn: AsyncConnection,
+        graph: Graph,
+        run_id: str,
+        sequence: str,
+        recovery: int,
+        events: Iterable[str],
+        stopped: bool,
+    ) -> int:
+        """Fire events for one sequence; return how many step runs became ready."""
+        events = list(events)
+        if not events:
+            return 0
+        needed = graph.facts_needed(events)
+        fired = {
+            r.event
+            for r in await conn.execute(
+                sa.select(t.trigger.c.event).where(
+                    t.trigger.c.run_id == run_id,
+                    t.trigger.c.sequence == sequence,
+                    t.trigger.c.recovery == recovery,
+                    t.trigger.c.event.in_(sorted(needed)),
+                )
+            )
+        }
+        plan = graph.fire(fired, events)
+        now = t.utcnow()
+        if plan.events:
+            await conn.execute(
+                self._insert_ignore(t.trigger),
+                [
+                    {
+                        "run_id": run_id,
+                        "event": e,
+                        "sequence": sequence,
+                        "recovery": recovery,
+                        "created": now,
+                    }
+                    for e in plan.events
+                ],
+            )
+        if not plan.steps:
+            return 0
+        # A stopped run records the steps its events asked for, as skipped: nothing that
+        # happened is lost, nothing new starts.
+        status = StepStatus.skipped if stopped else StepStatus.ready
+        await conn.execute(
+            self._insert_ignore(t.step_run),
+            [
+                {
+                    "run_id": run_id,
+                    "step": s,
+                    "sequence": sequence,
+                    "recovery": recovery,
+                    "attempt": 1,
+                    "status": status.value,
+                    "host": graph.program.steps[s].host,
+                    "created": now,
+                    "ended": now if stopped else None,
+                }
+                for s in plan.steps
+            ],
+        )
+        return 0 if stopped else len(plan.steps)
+
+    async def _settle(self, conn: AsyncConnection, run_id: str, *, stopped: bool) -> RunStatus:
+        """End the run if nothing is ready or active any more; return its status."""
+        pending = (
+            await conn.execute(
+                sa.select(sa.func.count())
+                .select_from(t.step_run)
+                .where(
+                    t.step_run.c.run_id == run_id,
+                    t.step_run.c.status.in_([s.value for s in PENDING]),
+                )
+            )
+        ).scalar_one()
+        status = final_run_status(pending=pending, stopped=stopped, cancelled=False)
+        if status is not RunStatus.running:
+            await conn.execute(
+                t.run.update()
+                .where(t.run.c.id == run_id, t.run.c.status == RunStatus.running.value)
+                .values(status=status.value, ended=t.utcnow())
+            )
+            await self._notify_work(conn, run_id)
+        return status
+
+    # -- claiming and completing --------------------------------------------------------
+
+    async def claim(
+        self,
+        *,
+        worker: str,
+        limit: int,
+        run_id: str | None = None,
+        hosts: Sequence[str] | None = None,
+        lease: timedelta = timedelta(seconds=60),
+    ) -> list[Claim]:
+        """Atomically take up to ``limit`` ready step runs (of one run, or of some hosts).
+
+        Two claimers never take the same step run: rows are locked with ``SKIP LOCKED``
+        where the server has it, and the update is conditional on the row still being ready.
+        The claimed rows' ``active`` triggers are fired by :meth:`started`, in a transaction
+        of its own, so that a claim never waits on a run lock while holding row locks.
+        """
+        if limit <= 0:
+            return []
+        query = sa.select(
+            t.step_run.c.id,
+            t.step_run.c.run_id,
+            t.step_run.c.step,
+            t.step_run.c.sequence,
+            t.step_run.c.recovery,
+            t.step_run.c.attempt,
+        ).where(t.step_run.c.status == StepStatus.ready.value)
+        if run_id is not None:
+            query = query.where(t.step_run.c.run_id == run_id)
+        if hosts is not None:
+            query = query.where(t.step_run.c.host.in_(list(hosts)))
+        query = query.order_by(t.step_run.c.id).limit(limit)
+        query = query.with_for_update(skip_locked=True)
+        async with self.transaction() as conn:
+            rows = (await conn.execute(query)).all()
+            if not rows:
+                return []
+            now = t.utcnow()
+            claimed: list[Claim] = []
+            for row in rows:
+                result = await conn.execute(
+                    t.step_run.update()
+                    .where(
+                        t.step_run.c.id == row.id,
+                        t.step_run.c.status == StepStatus.ready.value,
+                    )
+                    .values(
+                        status=StepStatus.active.value,
+                        worker=worker,
+                        started=now,
+                        lease_until=now + lease,
+                    )
+                )
+                if result.rowcount == 1:
+                    claimed.append(
+                        Claim(
+                            row.id, row.run_id, row.step, row.sequence, row.recovery, row.attempt
+                        )
+                    )
+        return claimed
+
+    async def started(self, graph: Graph, claim: Claim, *, pid: int | None = None) -> None:
+        """Record a claimed step's process and fire its ``active`` triggers."""
+        events = graph.trigger_events(claim.step, StepStatus.active)
+        if not events and pid is None:
+            return
+        async with self.transaction() as conn:
+            if pid is not None:
+                await conn.execute(
+                    t.step_run.update().where(t.step_run.c.id == claim.id).values(pid=pid)
+                )
+            if events:
+                run = await self._lock_run(conn, claim.run_id)
+                if run.status == RunStatus.running.value:
+                    ready = await self._fire(
+                        conn, graph, claim.run_id, claim.sequence, claim.recovery, events,
+                        run.stopped,
+                    )
+                    if ready:
+                        await self._notify_work(conn, claim.run_id)
+
+    async def complete(
+        self,
+        graph: Graph,
+        claim: Claim,
+        *,
+        status: StepStatus,
+        result: Any = None,
+        error: str | None = None,
+    ) -> Advance:
+        """Record a step's end and everything it causes, in one transaction.
+
+        Returns the number of step runs made ready and the run's status afterwards. A step
+        run that is no longer active (its run was cancelled meanwhile) is left as it is.
+        """
+        outcome = graph.step_outcome(claim.step, status)
+        async with self.transaction() as conn:
+            run = await self._lock_run(conn, claim.run_id)
+            updated = await conn.execute(
+                t.step_run.update()
+                .where(
+                    t.step_run.c.id == claim.id,
+                    t.step_run.c.status == StepStatus.active.value,
+                )
+                .values(
+                    status=status.value,
+                    result=None if result is None else json.dumps(result),
+                    error=error,
+                    ended=t.utcnow(),
+                    lease_until=None,
+                )
+            )
+            if updated.rowcount != 1 or run.status != RunStatus.running.value:
+                return Advance(0, RunStatus(run.status))
+            stopped = bool(run.stopped)
+            if outcome.stop_run and not stopped:
+                stopped = True
+                reason = f"step {claim.step}[{claim.sequence}] failed and fires no failure trigger"
+                await conn.execute(
+                    t.run.update().where(t.run.c.id == claim.run_id).values(
+                        stopped=True, reason=reason
+                    )
+                )
+                await conn.execute(
+                    t.step_run.update()
+                    .where(
+                        t.step_run.c.run_id == claim.run_id,
+                        t.step_run.c.status == StepStatus.ready.value,
+                    )
+                    .values(status=StepStatus.skipped.value, ended=t.utcnow())
+                )
+            ready = await self._fire(
+                conn, graph, claim.run_id, claim.sequence, claim.recovery, outcome.events, stopped
+            )
+            run_status = await self._settle(conn, claim.run_id, stopped=stopped)
+            if ready:
+                await self._notify_work(conn, claim.run_id)
+        return Advance(ready, run_status)
+
+    async def cancel_run(self, run_id: str, *, reason: str) -> None:
+        """Mark a run cancelled with its ready and active step runs (the caller kills those)."""
+        async with self.transaction() as conn:
+            run = await self._lock_run(conn, run_id)
+            now = t.utcnow()
+            await conn.execute(
+                t.step_run.update()
+                .where(
+                    t.step_run.c.run_id == run_id,
+                    t.step_run.c.status.in_([s.value for s in PENDING]),
+                )
+                .values(status=StepStatus.cancelled.value, ended=now, lease_until=None)
+            )
+            if run.status == RunStatus.running.value:
+                await conn.execute(
+                    t.run.update()
+                    .where(t.run.c.id == run_id)
+                    .values(status=RunStatus.cancelled.value, ended=now, reason=reason)
+                )
+            await self._notify_work(conn, run_id)
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def run_status(self, run_id: str) -> RunStatus:
+        async with self.reading() as conn:
+            status = (
+                await conn.execute(sa.select(t.run.c.status).where(t.run.c.id == run_id))
+            ).scalar_one_or_none()
+        if status is None:
+            raise NoResult(f"no run {run_id!r} in {self!r}")
+        return RunStatus(status)
+
+    async def load_result(self, run_id: str) -> RunResult:
+        """The run and every step run it made, in creation order."""
+        async with self.reading() as conn:
+            run = (
+                await conn.execute(sa.select(t.run).where(t.run.c.id == run_id))
+            ).one_or_none()
+            if run is None:
+                raise NoResult(f"no run {run_id!r} in {self!r}")
+            rows = (
+                await conn.execute(
+                    sa.select(t.step_run)
+                    .where(t.step_run.c.run_id == run_id)
+                    .order_by(t.step_run.c.id)
+                )
+            ).all()
+        steps = [
+            StepRun(
+                id=r.id,
+                run_id=r.run_id,
+                step=r.step,
+                sequence=r.sequence,
+                recovery=r.recovery,
+                attempt=r.attempt,
+                status=StepStatus(r.status),
+                host=r.host,
+                worker=r.worker,
+                pid=r.pid,
+                result=None if r.result is None else json.loads(r.result),
+                error=r.error,
+                created=r.created,
+                started=r.started,
+                ended=r.ended,
+            )
+            for r in rows
+        ]
+        return RunResult(
+            run_id=run.id,
+            program=run.program_name,
+            status=RunStatus(run.status),
+            reason=run.reason,
+            created=run.created,
+            ended=run.ended,
+            steps=steps,
+        )
+
+    async def fired_events(self, run_id: str) -> list[tuple[str, str]]:
+        """Every ``(event, sequence)`` fired in a run, in firing order."""
+        async with self.reading() as conn:
+            rows = await conn.execute(
+                sa.select(t.trigger.c.event, t.trigger.c.sequence)
+                .where(t.trigger.c.run_id == run_id)
+                .order_by(t.trigger.c.id)
+            )
+            return [(r.event, r.sequence) for r in rows]
+
+
+def _group_by_sequence(triggers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for event, sequence in triggers:
+        grouped.setdefault(sequence, []).append(event)
+    return grouped

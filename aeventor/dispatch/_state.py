@@ -1,0 +1,190 @@
+"""The engine's pure state machine: no I/O, no event loop, no clock.
+
+The async layer reads a few facts from the database (which events already fired for a
+sequence), asks this module what follows, and writes the answer in the same transaction. Every
+decision about events, expressions, triggers and the end of a run is taken here, so it can be
+unit-tested exhaustively and reused by any process that advances a run.
+
+Work is proportional to what a change affects: :meth:`Graph.fire` walks only the events
+reachable from the ones being fired, and :meth:`Graph.facts_needed` tells the caller which
+fired-event facts that walk can consult, so the caller reads only those rows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Set
+from dataclasses import dataclass
+
+from .. import _expr
+from .._program import ProgramDef, RunStatus, StepStatus
+
+__all__ = ("FirePlan", "Graph", "StepOutcome", "final_run_status", "check_transition")
+
+
+@dataclass(frozen=True, slots=True)
+class FirePlan:
+    """What firing some events causes, for one sequence.
+
+    Attributes:
+        events: the events that newly fire, in firing order (already-fired ones excluded).
+        steps: the steps to make ready, in order, each once.
+    """
+
+    events: tuple[str, ...]
+    steps: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """What a step's new status causes.
+
+    Attributes:
+        events: the events its triggers fire for that status.
+        stop_run: True when this is a failure that fires no failure (or complete) trigger
+            and the program stops on exceptions: nothing new may start in the run.
+    """
+
+    events: tuple[str, ...]
+    stop_run: bool
+
+
+# Which status may follow which. ``ready`` rows are created, never entered.
+_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
+    StepStatus.ready: frozenset({StepStatus.active, StepStatus.skipped, StepStatus.cancelled}),
+    StepStatus.active: frozenset({StepStatus.success, StepStatus.failure, StepStatus.cancelled}),
+    StepStatus.success: frozenset(),
+    StepStatus.failure: frozenset(),
+    StepStatus.skipped: frozenset(),
+    StepStatus.cancelled: frozenset(),
+}
+
+#: Step-run statuses that keep a run alive.
+PENDING = (StepStatus.ready, StepStatus.active)
+
+
+def check_transition(current: StepStatus, new: StepStatus) -> bool:
+    """Whether a step run may move from ``current`` to ``new``."""
+    return new in _TRANSITIONS.get(current, frozenset())
+
+
+def final_run_status(*, pending: int, stopped: bool, cancelled: bool) -> RunStatus:
+    """The status of a run given how many step runs are still ready or active.
+
+    There are three cases: a cancelled run is cancelled as soon as it is asked (its step runs
+    are terminated by the caller); a run with pending step runs is still running; otherwise it
+    ended, in failure if an unhandled step failure stopped it and in success if not.
+    """
+    if cancelled:
+        return RunStatus.cancelled
+    if pending:
+        return RunStatus.running
+    return RunStatus.failure if stopped else RunStatus.success
+
+
+class Graph:
+    """Indexes of a program for the state machine; immutable once built."""
+
+    def __init__(self, program: ProgramDef) -> None:
+        self.program = program
+        self._fanout: dict[str, tuple[tuple[str, str], ...]] = dict(program.assocs)
+        dependents: dict[str, list[str]] = {}
+        self._exprs: dict[str, _expr.Expr] = {}
+        for event in program.events.values():
+            if event.expr is None:
+                continue
+            self._exprs[event.name] = event.expr
+            for ref in dict.fromkeys(_expr.names(event.expr)):
+                dependents.setdefault(ref, []).append(event.name)
+        self._dependents = {k: tuple(v) for k, v in dependents.items()}
+        self._facts_cache: dict[str, frozenset[str]] = {}
+
+    # -- triggers -----------------------------------------------------------------------
+
+    def trigger_events(self, step: str, status: StepStatus) -> tuple[str, ...]:
+        """The events a step's triggers fire when it enters ``status``.
+
+        Success and failure also fire the ``complete`` triggers.
+        """
+        triggers = self.program.steps[step].triggers
+        events = list(triggers.get(status, ()))
+        if status in (StepStatus.success, StepStatus.failure):
+            events.extend(triggers.get(StepStatus.complete, ()))
+        return tuple(dict.fromkeys(events))
+
+    def step_outcome(self, step: str, status: StepStatus) -> StepOutcome:
+        """What a step entering ``status`` fires, and whether it stops the run."""
+        events = self.trigger_events(step, status)
+        stop = (
+            status is StepStatus.failure
+            and self.program.stop_on_exception
+            and not self._handles_failure(step)
+        )
+        return StepOutcome(events, stop)
+
+    def _handles_failure(self, step: str) -> bool:
+        triggers = self.program.steps[step].triggers
+        return bool(triggers.get(StepStatus.failure) or triggers.get(StepStatus.complete))
+
+    # -- firing -------------------------------------------------------------------------
+
+    def fire(self, fired: Set[str], new: Iterable[str]) -> FirePlan:
+        """Fire ``new`` events for one sequence in which ``fired`` already fired.
+
+        Follows associations (to steps and to events), the ready triggers of the steps made
+        ready, and derived events whose expressions come to hold; each event fires once.
+        ``fired`` must contain at least :meth:`facts_needed` of ``new``.
+        """
+        seen = set(fired)
+        events: list[str] = []
+        steps: dict[str, None] = {}
+        queue = deque(new)
+        while queue:
+            event = queue.popleft()
+            if event in seen:
+                continue
+            seen.add(event)
+            events.append(event)
+            for kind, target in self._fanout.get(event, ()):
+                if kind == "event":
+                    queue.append(target)
+                elif target not in steps:
+                    steps[target] = None
+                    queue.extend(self.trigger_events(target, StepStatus.ready))
+            for derived in self._dependents.get(event, ()):
+                if derived not in seen and _expr.holds(self._exprs[derived], seen):
+                    queue.append(derived)
+        return FirePlan(tuple(events), tuple(steps))
+
+    def facts_needed(self, events: Iterable[str]) -> frozenset[str]:
+        """The events whose fired-state :meth:`fire` may consult when firing ``events``."""
+        needed: set[str] = set()
+        for event in events:
+            needed |= self._facts_for(event)
+        return frozenset(needed)
+
+    def _facts_for(self, start: str) -> frozenset[str]:
+        cached = self._facts_cache.get(start)
+        if cached is not None:
+            return cached
+        reachable: set[str] = set()
+        queue = deque([start])
+        while queue:
+            event = queue.popleft()
+            if event in reachable:
+                continue
+            reachable.add(event)
+            for kind, target in self._fanout.get(event, ()):
+                if kind == "event":
+                    queue.append(target)
+                else:
+                    queue.extend(self.trigger_events(target, StepStatus.ready))
+            queue.extend(self._dependents.get(event, ()))
+        facts = set(reachable)
+        for event in reachable:
+            expr = self._exprs.get(event)
+            if expr is not None:
+                facts.update(_expr.names(expr))
+        result = frozenset(facts)
+        self._facts_cache[start] = result
+        return result

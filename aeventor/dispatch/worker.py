@@ -1,0 +1,215 @@
+"""The loop that drives a run: claim ready step runs, execute them, record their outcome.
+
+One :class:`asyncio.TaskGroup` owns every step task; cancelling the loop cancels them, which
+terminates their processes, and the group waits until they are gone. The loop never sleeps on
+a fixed interval: it wakes when a step of its own ends (each transaction says how many step
+runs it made ready), when another process NOTIFYs, or when the store's poll interval passes
+for stores that cannot push wake-ups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .._context import StepContext, step_env
+from .._logs import RunLog, step_log_path
+from .._program import RunStatus, StepStatus
+from ..backends._local import ExecResult, LocalExecutor, StepLaunch
+from ..backends.base import Advance, Claim, Database
+from ..exceptions import ExecutorError
+from ._state import Graph
+
+__all__ = ("RunDispatcher",)
+
+log = structlog.get_logger("aeventor.dispatch")
+
+
+def worker_id() -> str:
+    """Who claims: host name and pid (unique among live processes of a cluster)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class RunDispatcher:
+    """Drives one run in this process until it ends.
+
+    Args:
+        max_concurrency: most step runs executing at once (None: no limit).
+        on_status: called whenever the run's status is known to change.
+    """
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        graph: Graph,
+        run_id: str,
+        executor: LocalExecutor,
+        funcs: Mapping[str, Callable[..., Any]],
+        run_dir: Path,
+        run_log: RunLog,
+        deterministic_logs: bool,
+        logger_name: str,
+        max_concurrency: int | None = None,
+        on_status: Callable[[RunStatus], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.graph = graph
+        self.run_id = run_id
+        self.executor = executor
+        self.funcs = funcs
+        self.run_dir = run_dir
+        self.run_log = run_log
+        self.deterministic_logs = deterministic_logs
+        self.logger_name = logger_name
+        self.max_concurrency = max_concurrency
+        self.on_status = on_status
+        self.worker = worker_id()
+        self.status = RunStatus.running
+        self._running: set[int] = set()
+        self._maybe_work = True
+        self._wake = asyncio.Event()
+
+    def apply(self, advance: Advance) -> None:
+        """Take in what a transaction changed."""
+        if advance.ready:
+            self._maybe_work = True
+        if advance.run_status is not self.status:
+            self.status = advance.run_status
+            if self.on_status is not None:
+                self.on_status(self.status)
+        self._wake.set()
+
+    async def trigger(self, event: str, sequence: str) -> None:
+        """Fire an event into the live run (from a handle or an in-loop step)."""
+        self.run_log.info(f"event {event}[{sequence}] triggered")
+        self.apply(
+            await self.db.trigger(self.graph, run_id=self.run_id, event=event, sequence=sequence)
+        )
+
+    async def run(self) -> RunStatus:
+        """Drive the run to its end and return its final status."""
+        with self.db.notifier.subscribe() as remote:
+            async with asyncio.TaskGroup() as tg:
+                while self.status is RunStatus.running:
+                    await self._claim_into(tg)
+                    if self.status is not RunStatus.running:
+                        break
+                    await self._wait(remote)
+        await self.run_log.flush()
+        return self.status
+
+    async def _claim_into(self, tg: asyncio.TaskGroup) -> None:
+        if not self._maybe_work:
+            return
+        free = (
+            64 if self.max_concurrency is None else self.max_concurrency - len(self._running)
+        )
+        if free <= 0:
+            return
+        self._maybe_work = False
+        claims = await self.db.claim(worker=self.worker, limit=free, run_id=self.run_id)
+        if len(claims) == free:
+            self._maybe_work = True
+        for claim in claims:
+            self._running.add(claim.id)
+            tg.create_task(self._execute(claim), name=f"aeventor step {claim.step}")
+        if not claims and not self._running:
+            # Nothing runs and nothing is ready: the run ended in a transaction we did not
+            # see (cancelled, or advanced by another process). Read it back.
+            self.apply(Advance(0, await self.db.run_status(self.run_id)))
+
+    async def _wait(self, remote: asyncio.Event) -> None:
+        if self._maybe_work and (
+            self.max_concurrency is None or len(self._running) < self.max_concurrency
+        ):
+            return
+        waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(remote.wait())}
+        try:
+            await asyncio.wait(
+                waiters, timeout=self.db.poll_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        if remote.is_set() or not self._wake.is_set():
+            # Woken by another process, or the poll interval passed: look for work.
+            self._maybe_work = True
+        remote.clear()
+        self._wake.clear()
+
+    async def _execute(self, claim: Claim) -> None:
+        step = self.graph.program.steps[claim.step]
+        label = f"{claim.step}[{claim.sequence}]"
+        try:
+            env = step_env(
+                run_id=self.run_id,
+                program=self.graph.program.name,
+                step=claim.step,
+                sequence=claim.sequence,
+                recovery=claim.recovery,
+                attempt=claim.attempt,
+                logger_name=self.logger_name,
+            )
+
+            async def on_started(pid: int) -> None:
+                self.run_log.info(
+                    f"step {label} started" + ("" if self.deterministic_logs else f" pid={pid}")
+                )
+                await self.db.started(self.graph, claim, pid=pid)
+
+            context = None
+            if step.executor == "inloop":
+                context = StepContext(
+                    run_id=self.run_id,
+                    program=self.graph.program.name,
+                    step=claim.step,
+                    sequence=claim.sequence,
+                    recovery=claim.recovery,
+                    attempt=claim.attempt,
+                    env=env,
+                    _trigger=self.trigger,
+                )
+            spawns = step.executor in ("process", "command") and (
+                step.target is not None or step.argv is not None
+            )
+            if not spawns:
+                self.run_log.info(f"step {label} started")
+                await self.db.started(self.graph, claim)
+            launch = StepLaunch(
+                claim=claim,
+                step=step,
+                program=self.graph.program.name,
+                env=env,
+                log_path=step_log_path(self.run_dir, claim.step, claim.sequence, claim.attempt),
+                deterministic_logs=self.deterministic_logs,
+                on_started=on_started,
+                func=self.funcs.get(claim.step),
+                context=context,
+            )
+            try:
+                result = await self.executor.run(launch)
+            except ExecutorError as exc:
+                result = ExecResult(ok=False, error="".join(traceback.format_exception(exc)))
+            status = StepStatus.success if result.ok else StepStatus.failure
+            advance = await self.db.complete(
+                self.graph, claim, status=status, result=result.value, error=result.error
+            )
+            if result.ok:
+                self.run_log.info(f"step {label} success")
+            else:
+                first = (result.error or "").strip().splitlines()[-1:] or [""]
+                self.run_log.error(f"step {label} failure: {first[0]}")
+            self.apply(advance)
+            await self.run_log.flush()
+        finally:
+            self._running.discard(claim.id)
+            self._wake.set()

@@ -1,0 +1,1 @@
+"""Benchmarks, run as modules (``python -m benchmarks.<name>``); excluded from the test run."""
