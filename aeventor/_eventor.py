@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import sys
@@ -473,7 +474,7 @@ class Eventor:
                 raise
             run_log.info(f"run {state.run_id} ended: {status.value}")
             await run_log.flush()
-            result = await db.load_result(state.run_id)
+            result = dataclasses.replace(await db.load_result(state.run_id), log_dir=run_dir)
             state.final = result
             return result
         finally:
@@ -490,7 +491,9 @@ class Eventor:
         state.set_status(RunStatus.cancelled)
         run_log.info(f"run {state.run_id} ended: cancelled ({reason})")
         await run_log.flush()
-        state.final = await db.load_result(state.run_id)
+        state.final = dataclasses.replace(
+            await db.load_result(state.run_id), log_dir=run_log.path.parent
+        )
 
     # -- helpers ------------------------------------------------------------------------
 

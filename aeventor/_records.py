@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from ._program import RunStatus, StepStatus
@@ -58,6 +59,9 @@ class RunResult:
     created: datetime
     ended: datetime | None
     steps: Sequence[StepRun]
+    #: The run's log directory (program.log and one log per step run), when this process
+    #: wrote it.
+    log_dir: Path | None = None
 
     def __bool__(self) -> bool:
         return self.status is RunStatus.success
@@ -81,3 +85,11 @@ class RunResult:
             have = ", ".join(sorted({f"{s.step}[{s.sequence}]" for s in self.steps}))
             raise KeyError(f"no step run {name}[{wanted}] in run {self.run_id}; have: {have}")
         return max(found, key=lambda s: (s.recovery, s.attempt))
+
+    def log_path(self, step_run: StepRun) -> Path | None:
+        """The log file of a step run (its stdout, stderr and log records)."""
+        if self.log_dir is None:
+            return None
+        from ._logs import step_log_path
+
+        return step_log_path(self.log_dir, step_run.step, step_run.sequence, step_run.attempt)

@@ -49,6 +49,9 @@ async def main():
     for step_run in sorted(result.steps, key=lambda s: (s.started, s.step)):
         print(f"  {step_run.step:<4} sequence={step_run.sequence} host={step_run.host} "
               f"{step_run.status.value:<8} returned {step_run.result!r}")
+        with open(result.log_path(step_run)) as log:
+            for line in log:
+                print(f"      | {line.rstrip()}")
     return 0 if result else 1
 
 
