@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import sqlalchemy as sa
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -138,7 +139,16 @@ step_run = Table(
     Column("started", UTCDateTime, nullable=True),
     Column("ended", UTCDateTime, nullable=True),
     UniqueConstraint("run_id", "step", "sequence", "recovery", "attempt"),
-    # Claiming: the ready rows of a run (standalone) or of a host (agents).
+    # Claiming the ready rows of a run (standalone) and counting a run's pending rows.
     Index(None, "run_id", "status"),
-    Index(None, "status", "host", "id"),
+    # Claiming the ready rows of a host (agents). Partial where the server has partial
+    # indexes, so a million finished rows cost nothing; MySQL indexes every row.
+    Index(
+        "ix_aeventor_step_run_ready",
+        "host",
+        "id",
+        postgresql_where=sa.text("status = 'ready'"),
+        sqlite_where=sa.text("status = 'ready'"),
+    ),
+    Index(None, "status", "host"),
 )

@@ -23,8 +23,8 @@ def prog(progname):
 
 
 async def main():
-    store = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distribution_notes.run.db")
-    async with evr.Eventor(store=store, logging_level=logging.DEBUG) as ev:
+    # The default store: the sqlite file distribution_notes.run.db in the working directory.
+    async with evr.Eventor(logging_level=logging.DEBUG) as ev:
         ev1s = ev.add_event("run_step1")
         ev2s = ev.add_event("run_step2")
         ev3s = ev.add_event("run_step3")

@@ -45,3 +45,12 @@ def make_eventor(store_url: str, tmp_path: Path) -> Callable[..., evr.Eventor]:
         return evr.Eventor(name=name, **kwargs)  # type: ignore[arg-type]
 
     return make
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from . import backends
+
+    if backends._pg_template.cache_info().currsize:
+        backends.pg_admin(
+            f'DROP DATABASE IF EXISTS "{backends._pg_template()}" WITH (FORCE)'
+        )

@@ -17,7 +17,7 @@ import abc
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -66,27 +66,39 @@ class Advance:
 
 
 class Notifier:
-    """Wake-ups from other processes (LISTEN/NOTIFY): every subscriber's event is set.
+    """Wake-ups from other processes (LISTEN/NOTIFY), keyed by run id.
 
     Changes made by this process wake its dispatchers directly (each transaction returns
-    what it changed), so only the listener calls :meth:`notify`.
+    what it changed), so only a listener calls :meth:`notify`. A subscriber with key None
+    hears every run.
     """
 
     def __init__(self) -> None:
-        self._waiters: set[asyncio.Event] = set()
+        self._waiters: dict[str | None, set[asyncio.Event]] = {}
 
     @contextmanager
-    def subscribe(self) -> Iterator[asyncio.Event]:
+    def subscribe(self, key: str | None = None) -> Iterator[asyncio.Event]:
         event = asyncio.Event()
-        self._waiters.add(event)
+        self._waiters.setdefault(key, set()).add(event)
         try:
             yield event
         finally:
-            self._waiters.discard(event)
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[key]
 
-    def notify(self) -> None:
-        for event in self._waiters:
+    def notify(self, key: str) -> None:
+        """Wake the subscribers of ``key`` and those of every key."""
+        for event in (*self._waiters.get(key, ()), *self._waiters.get(None, ())):
             event.set()
+
+    def notify_all(self) -> None:
+        """Wake everyone (after a reconnect, when notifications may have been missed)."""
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
 
 
 class Database(abc.ABC):
@@ -100,12 +112,14 @@ class Database(abc.ABC):
     .. versionadded:: 0.1
     """
 
-    #: Whether other processes' changes wake us without polling.
-    pushes_wakeups = False
+    #: Seconds between polls when the caller sets none (None: never poll).
+    default_poll_interval: float | None = None
 
     def __init__(self, *, url: URL, poll_interval: float | None = None) -> None:
         self.url = url
-        self.poll_interval = poll_interval
+        self.poll_interval = (
+            poll_interval if poll_interval is not None else self.default_poll_interval
+        )
         self.notifier = Notifier()
         self._engine: AsyncEngine | None = None
 
@@ -176,12 +190,6 @@ class Database(abc.ABC):
 
     async def _notify_work(self, conn: AsyncConnection, run_id: str) -> None:
         """Tell other processes, at commit, that ``run_id`` may have work (no-op by default)."""
-
-    async def listen(self, on_notify: Callable[[], None]) -> None:
-        """Run until cancelled, calling ``on_notify`` when another process made work.
-
-        Backends without push wake-ups return at once; callers then poll.
-        """
 
     @contextmanager
     def wrap_exceptions(self) -> Iterator[None]:

@@ -96,7 +96,7 @@ class RunDispatcher:
 
     async def run(self) -> RunStatus:
         """Drive the run to its end and return its final status."""
-        with self.db.notifier.subscribe() as remote:
+        with self.db.notifier.subscribe(self.run_id) as remote:
             async with asyncio.TaskGroup() as tg:
                 while self.status is RunStatus.running:
                     await self._claim_into(tg)

@@ -1,15 +1,89 @@
-"""Schema management: bring a database's schema to the version this aeventor expects."""
+"""Schema management with Alembic: numbered migrations shipped in the package.
+
+:func:`upgrade_to_head` runs on first use of a store (and from ``aeventor db upgrade``): a new
+database gets the whole schema, an older one is upgraded, a newer one (created by a later
+aeventor) is refused. Each backend serialises concurrent upgrades (a Postgres advisory lock,
+a MySQL named lock, sqlite's write lock), so processes that start together do not race.
+
+aeventor keeps its own version table, ``aeventor_alembic_version``, so it can share a
+database with an application that uses Alembic itself.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .. import _schema
+from ..exceptions import SchemaVersionError
 
-__all__ = ("upgrade_to_head",)
+__all__ = ("VERSION_TABLE", "current_revision", "head_revision", "upgrade_to_head")
+
+VERSION_TABLE = "aeventor_alembic_version"
+_HERE = Path(__file__).parent
 
 
-async def upgrade_to_head(engine: AsyncEngine) -> None:
-    """Create the tables that do not exist yet."""
+def _config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_HERE))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    ctx = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return ctx.get_current_revision()
+
+
+def _upgrade(connection: Connection) -> None:
+    script = ScriptDirectory.from_config(_config())
+    current = current_revision(connection)
+    if current is not None:
+        try:
+            script.get_revision(current)
+        except Exception as exc:  # alembic raises several types for an unknown revision
+            raise SchemaVersionError(
+                f"the database schema is at revision {current!r}, which this aeventor "
+                f"(head {script.get_current_head()!r}) does not know: it was created by a "
+                "newer aeventor. Upgrade aeventor on this host, or use another database"
+            ) from exc
+        if current == script.get_current_head():
+            return
+    command.upgrade(_config(connection), "head")
+
+
+async def upgrade_to_head(
+    engine: AsyncEngine,
+    *,
+    lock: Callable[[Connection], AbstractContextManager[Any]] | None = None,
+) -> None:
+    """Bring the schema to this aeventor's head revision (a no-op when it is there).
+
+    Args:
+        lock: a context manager entered around the upgrade, on the migration's
+            connection, to serialise concurrent upgraders.
+
+    Raises:
+        SchemaVersionError: the database was created by a newer aeventor.
+    """
+
+    def run(connection: Connection) -> None:
+        with lock(connection) if lock is not None else nullcontext():
+            _upgrade(connection)
+
     async with engine.begin() as conn:
-        await conn.run_sync(_schema.metadata.create_all)
+        await conn.run_sync(run)
