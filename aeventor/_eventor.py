@@ -223,10 +223,10 @@ class Eventor:
         sequence_arg_name = sequence_arg_name or config.get("sequence_arg_name")
         kwargs = dict(kwargs or {})
         args = tuple(args)
-        check_json(list(args), what=f"step {name!r}: args")
-        check_json(kwargs, what=f"step {name!r}: kwargs")
         if any(not isinstance(k, str) for k in kwargs):
             raise ProgramDefinitionError(f"step {name!r}: kwargs keys must be strings")
+        check_json(list(args), what=f"step {name!r}: args")
+        check_json(kwargs, what=f"step {name!r}: kwargs")
         if host is not None:
             _check_name(host, f"step {name!r}: host")
         step_triggers = self._normalize_triggers(name, triggers)
@@ -288,6 +288,11 @@ class Eventor:
             if args or kwargs:
                 raise ProgramDefinitionError(
                     f"step {name!r}: args/kwargs given but no func to pass them to"
+                )
+            if executor not in (None, "process", "inloop"):
+                raise ProgramDefinitionError(
+                    f"step {name!r}: executor={executor!r} does not fit a no-op step (no func, "
+                    "no command); leave executor out, or pass func=... or command=[...]"
                 )
             executor = executor or "process"
 
@@ -372,7 +377,10 @@ class Eventor:
 
     async def _open(self) -> Database:
         if self._db is None:
-            db = open_store(self.store, program=self.name, poll_interval=self.poll_interval)
+            # Resolving a named store reads the config file: off the loop.
+            db = await asyncio.to_thread(
+                open_store, self.store, program=self.name, poll_interval=self.poll_interval
+            )
             await db.open()
             self._db = db
         return self._db
@@ -391,7 +399,7 @@ class Eventor:
         records the run as cancelled.
         """
         check_not_importing()
-        return await self._run(_RunState(uuid.uuid4().hex))
+        return await self._run(_RunState(uuid.uuid4().hex), self.program)
 
     def start(self) -> RunHandle:
         """Start a run in the background of the running loop; return its handle at once."""
@@ -403,8 +411,12 @@ class Eventor:
                 "Eventor.start() needs a running event loop; call it from async code, or "
                 "use Eventor.run_sync() in a plain script"
             ) from None
+        # Validate here, so that a bad program raises to the caller, not in the background.
+        program = self.program
         state = _RunState(uuid.uuid4().hex)
-        task = asyncio.create_task(self._run(state), name=f"aeventor run {state.run_id}")
+        task = asyncio.create_task(
+            self._run(state, program), name=f"aeventor run {state.run_id}"
+        )
         return RunHandle(self, state, task)
 
     def run_sync(self) -> RunResult:
@@ -428,8 +440,7 @@ class Eventor:
 
         return asyncio.run(_main())
 
-    async def _run(self, state: _RunState) -> RunResult:
-        program = self.program
+    async def _run(self, state: _RunState, program: ProgramDef) -> RunResult:
         graph = Graph(program)
         owns = self._db is None
         db = await self._open()
@@ -444,9 +455,6 @@ class Eventor:
             run_log.info(f"run {state.run_id} of program {program.name} started")
             for event, sequence in self._triggers:
                 run_log.info(f"event {event}[{sequence}] triggered")
-            _, advance = await db.create_run(
-                graph, program_id=program_id, triggers=list(self._triggers), run_id=state.run_id
-            )
             dispatcher = RunDispatcher(
                 db=db,
                 graph=graph,
@@ -459,6 +467,13 @@ class Eventor:
                 logger_name=f"{program.name}.step",
                 max_concurrency=self.max_concurrency,
                 on_status=state.set_status,
+            )
+            _, advance = await db.create_run(
+                graph,
+                program_id=program_id,
+                triggers=list(self._triggers),
+                run_id=state.run_id,
+                take=dispatcher.taker(),
             )
             state.dispatcher = dispatcher
             dispatcher.apply(advance)
@@ -500,9 +515,9 @@ class Eventor:
     def _check_new_name(self, name: str, kind: str) -> None:
         _check_name(name, kind)
         if name in self._events or name in self._steps:
-            other = "event" if name in self._events else "step"
+            other = "an event" if name in self._events else "a step"
             raise ProgramDefinitionError(
-                f"{kind} {name!r}: the name is already used by an {other}; event and step "
+                f"{kind} {name!r}: the name is already used by {other}; event and step "
                 "names must be unique within a program"
             )
 
@@ -549,9 +564,15 @@ class Eventor:
                     "StepStatus.ready, active, success, failure or complete"
                 )
             assert status is not None
-            items: Iterable[Any] = (
-                (events,) if isinstance(events, Event | str) else events
-            )
+            if isinstance(events, Event | str):
+                items: Iterable[Any] = (events,)
+            elif isinstance(events, Iterable):
+                items = events
+            else:
+                raise ProgramDefinitionError(
+                    f"step {step!r}: triggers[{status.value}] must be an event or a tuple of "
+                    f"events, got {events!r}"
+                )
             names = []
             for item in items:
                 name = _name_of(item)

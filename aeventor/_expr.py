@@ -83,8 +83,8 @@ def normalize(value: Any) -> Expr:
                 "an empty tuple is not an expression; write (event_a, event_b) for AND"
             )
         return And(tuple(normalize(o) for o in value))
-    if isinstance(value, _Named):
-        return value.name
+    if isinstance(value, _Named) and isinstance(value.name, str):
+        return normalize(value.name)
     raise ProgramDefinitionError(
         f"cannot use {value!r} in an event expression: use events (or their names), "
         "tuples for AND, and aeventor.or_(...) for OR"

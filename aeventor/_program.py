@@ -229,20 +229,46 @@ class ProgramDef:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:32]
 
 
+def _json_problem(value: Any, path: str) -> str | None:
+    """Where ``value`` would not come back from JSON as it went in, or None."""
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if value == value and value not in (float("inf"), float("-inf")) else (
+            f"{path} is {value!r}, which JSON cannot carry"
+        )
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            problem = _json_problem(item, f"{path}[{index}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has the key {key!r}, which is not a string"
+            problem = _json_problem(item, f"{path}[{key!r}]")
+            if problem:
+                return problem
+        return None
+    return f"{path} is a {type(value).__name__}"
+
+
 def check_json(value: Any, *, what: str) -> Any:
     """Return ``value`` if it survives a JSON round trip unchanged in kind, else raise.
 
+    Tuples come back as lists; everything else must come back equal.
+
     Raises:
-        SerializationError: naming ``what`` and the offending type.
+        SerializationError: naming ``what``, where in it the problem is, and the fix.
     """
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    problem = _json_problem(value, "value")
+    if problem:
         raise SerializationError(
-            f"{what} cannot be carried as JSON ({exc}); pass only str, int, float, bool, "
+            f"{what} cannot be carried as JSON: {problem}; pass only str, int, float, bool, "
             "None, lists and dicts with string keys (convert other objects yourself, e.g. "
             "a Path to str)"
-        ) from exc
+        )
     return value
 
 

@@ -32,7 +32,8 @@ _BACKENDS = {
 }
 _ASYNC_DRIVERS = {"aiosqlite", "asyncpg", "aiomysql", "asyncmy"}
 
-_CREDENTIALS = re.compile(r"(://)[^@/]*@")
+# Everything between the scheme and the last "@" may be credentials.
+_CREDENTIALS = re.compile(r"(://).*@")
 
 
 def _redact(text: str) -> str:
@@ -61,7 +62,7 @@ def resolve_url(store: str | URL | Path | None, *, program: str) -> URL:
             return _sqlite_path(Path(store))
         try:
             url = make_url(store)
-        except ArgumentError:
+        except (ArgumentError, ValueError):
             raise StoreConfigError(
                 f"store={_redact(store)!r} is not a database URL; write it as "
                 "dialect+driver://user@host:port/database, e.g. "

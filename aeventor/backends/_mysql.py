@@ -35,6 +35,8 @@ class MySQLDatabase(Database):
     """A MySQL or MariaDB database, polled for other processes' work."""
 
     default_poll_interval = 0.25
+    # INSERT ... ON DUPLICATE KEY UPDATE cannot say which rows it inserted: claim after.
+    claims_on_insert = False
 
     def _create_engine(self) -> AsyncEngine:
         return create_async_engine(
@@ -51,12 +53,12 @@ class MySQLDatabase(Database):
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         # Not INSERT IGNORE: that also turns truncation and other errors into warnings.
-        stmt = mysql_insert(table)
-        return stmt.on_duplicate_key_update({"id": stmt.inserted.id})
+        # "id = id" leaves the existing row as it is.
+        return mysql_insert(table).on_duplicate_key_update({"id": table.c.id})
 
     def _is_disconnect(self, exc: DBAPIError) -> bool:
-        args = getattr(exc.orig, "args", ())
-        return bool(args) and args[0] in _DISCONNECT_CODES
+        args: tuple[Any, ...] = getattr(exc.orig, "args", ())
+        return len(args) > 0 and args[0] in _DISCONNECT_CODES
 
 
 @contextmanager

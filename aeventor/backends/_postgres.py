@@ -19,7 +19,7 @@ import structlog
 from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..exceptions import ConnectionLost
@@ -124,6 +124,15 @@ class PostgresDatabase(Database):
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         return pg_insert(table).on_conflict_do_nothing()
+
+    def _is_disconnect(self, exc: DBAPIError) -> bool:
+        # SQLSTATE class 08 (connection exception) and 57P01-57P03 (admin shutdown, crash
+        # shutdown, cannot connect now: a server restarting).
+        for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
+            state = getattr(error, "sqlstate", None)
+            if isinstance(state, str) and (state.startswith("08") or state[:4] == "57P0"):
+                return True
+        return False
 
     def _constraint_name(self, exc: IntegrityError) -> str | None:
         return getattr(getattr(exc.orig, "__cause__", None), "constraint_name", None)

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
+import functools
 import json
+import random
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 import structlog
@@ -35,9 +39,104 @@ from .._records import RunResult, StepRun
 from ..dispatch._state import PENDING, Graph, final_run_status
 from ..exceptions import ConnectionLost, DatabaseError, NoResult, UniqueViolation
 
-__all__ = ("Advance", "Claim", "Database", "Notifier")
+__all__ = ("Advance", "Claim", "Database", "Notifier", "Taker", "retry_on_disconnect")
 
 log = structlog.get_logger("aeventor.store")
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+def retry_on_disconnect(
+    method: Callable[Concatenate[Database, _P], Awaitable[_T]],
+) -> Callable[Concatenate[Database, _P], Awaitable[_T]]:
+    """Retry a store operation while the server is unreachable, up to ``reconnect_deadline``.
+
+    Every operation is one transaction whose writes are conditional (a step run is completed
+    only while active, a trigger inserted only once), so running it again after a lost
+    connection cannot apply it twice. Delays grow exponentially with full jitter and a cap.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: Database, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        attempt = 0
+        deadline = self.clock() + self.reconnect_deadline
+        while True:
+            try:
+                return await method(self, *args, **kwargs)
+            except ConnectionLost as exc:
+                if self.clock() >= deadline:
+                    raise
+                delay = random.random() * min(RECONNECT_MAX_DELAY, 0.05 * 2**min(attempt, 16))
+                attempt += 1
+                log.warning(
+                    "store unreachable; retrying",
+                    operation=method.__name__,
+                    attempt=attempt,
+                    delay=round(delay, 3),
+                    error=str(exc),
+                )
+                await self.sleep(delay)
+
+    return wrapper
+
+
+RECONNECT_MAX_DELAY = 2.0
+
+# Hot-path statements, built once: SQLAlchemy then only binds values (its compiled cache
+# makes building them per call pay off little; constructing them is most of the cost).
+_LOCK_RUN = (
+    sa.select(t.run.c.status, t.run.c.stopped, t.run.c.recovery)
+    .where(t.run.c.id == sa.bindparam("run_id"))
+    .with_for_update()
+)
+_FIRED = sa.select(t.trigger.c.event).where(
+    t.trigger.c.run_id == sa.bindparam("run_id"),
+    t.trigger.c.sequence == sa.bindparam("sequence"),
+    t.trigger.c.recovery == sa.bindparam("recovery"),
+    t.trigger.c.event.in_(sa.bindparam("events", expanding=True)),
+)
+_PENDING = (
+    sa.select(sa.func.count())
+    .select_from(t.step_run)
+    .where(
+        t.step_run.c.run_id == sa.bindparam("run_id"),
+        t.step_run.c.status.in_([s.value for s in PENDING]),
+    )
+)
+_END_STEP = (
+    t.step_run.update()
+    .where(
+        t.step_run.c.id == sa.bindparam("claim_id"),
+        t.step_run.c.status == StepStatus.active.value,
+    )
+    .values(
+        status=sa.bindparam("new_status"),
+        result=sa.bindparam("new_result"),
+        error=sa.bindparam("new_error"),
+        ended=sa.bindparam("now"),
+        lease_until=None,
+    )
+)
+
+
+@dataclass(slots=True)
+class Taker:
+    """Lets a transaction that makes step runs ready claim some of them at once.
+
+    The dispatcher that completes a step usually runs the next one too; inserting that step
+    run already active and leased to it saves a claim transaction and a wake-up per hop.
+
+    Attributes:
+        worker: who claims.
+        budget: how many step runs it may still take.
+        hosts: only step runs assigned to these hosts (None: any).
+    """
+
+    worker: str
+    budget: int
+    hosts: frozenset[str | None] | None = None
+    lease: timedelta = timedelta(seconds=60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +156,14 @@ class Advance:
     """What a transaction changed, for the caller's wake-ups.
 
     Attributes:
-        ready: how many step runs it made ready.
+        ready: how many step runs it made ready (and left for claimers).
         run_status: the run's status after it (running until the run ends).
+        claims: step runs it made and claimed for the caller's :class:`Taker`.
     """
 
     ready: int
     run_status: RunStatus
+    claims: tuple[Claim, ...] = ()
 
 
 class Notifier:
@@ -115,8 +216,18 @@ class Database(abc.ABC):
     #: Seconds between polls when the caller sets none (None: never poll).
     default_poll_interval: float | None = None
 
+    #: Whether an insert that skips duplicates can report the rows it inserted (RETURNING),
+    #: which claiming at insert time needs.
+    claims_on_insert = True
+
+    #: Seconds a store operation keeps retrying while the server is unreachable.
+    reconnect_deadline: float = 120.0
+
     def __init__(self, *, url: URL, poll_interval: float | None = None) -> None:
         self.url = url
+        # Injectable for tests of the back-off.
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self.clock: Callable[[], float] = time.monotonic
         self.poll_interval = (
             poll_interval if poll_interval is not None else self.default_poll_interval
         )
@@ -217,6 +328,7 @@ class Database(abc.ABC):
 
     # -- programs and runs --------------------------------------------------------------
 
+    @retry_on_disconnect
     async def register_program(self, program: ProgramDef) -> int:
         """Store a program definition (once per version) and return its id."""
         version = program.version
@@ -238,6 +350,7 @@ class Database(abc.ABC):
             ).one()
         return int(row.id)
 
+    @retry_on_disconnect
     async def load_program(self, program_id: int) -> ProgramDef:
         async with self.reading() as conn:
             row = (
@@ -249,6 +362,7 @@ class Database(abc.ABC):
             raise NoResult(f"no program with id {program_id} in {self!r}")
         return ProgramDef.from_json(json.loads(row.definition))
 
+    @retry_on_disconnect
     async def create_run(
         self,
         graph: Graph,
@@ -256,6 +370,7 @@ class Database(abc.ABC):
         program_id: int,
         triggers: Sequence[tuple[str, str]],
         run_id: str | None = None,
+        take: Taker | None = None,
     ) -> tuple[str, Advance]:
         """Create a run and fire its initial ``(event, sequence)`` triggers, in one transaction."""
         run_id = run_id or uuid.uuid4().hex
@@ -272,36 +387,44 @@ class Database(abc.ABC):
                 )
             )
             ready = 0
+            claims: list[Claim] = []
             for sequence, events in _group_by_sequence(triggers).items():
-                ready += await self._fire(conn, graph, run_id, sequence, 0, events, False)
+                if take is not None:
+                    take = dataclasses.replace(take, budget=take.budget - len(claims))
+                more, taken = await self._fire(
+                    conn, graph, run_id, sequence, 0, events, False, take
+                )
+                ready += more
+                claims += taken
             status = await self._settle(conn, run_id, stopped=False)
             if ready:
                 await self._notify_work(conn, run_id)
-        return run_id, Advance(ready, status)
+        return run_id, Advance(ready, status, tuple(claims))
 
+    @retry_on_disconnect
     async def trigger(
-        self, graph: Graph, *, run_id: str, event: str, sequence: str
+        self,
+        graph: Graph,
+        *,
+        run_id: str,
+        event: str,
+        sequence: str,
+        take: Taker | None = None,
     ) -> Advance:
         """Fire ``event`` for ``sequence`` in a live run (idempotent)."""
         async with self.transaction() as conn:
             run = await self._lock_run(conn, run_id)
             if run.status != RunStatus.running.value:
                 return Advance(0, RunStatus(run.status))
-            ready = await self._fire(
-                conn, graph, run_id, sequence, run.recovery, [event], run.stopped
+            ready, claims = await self._fire(
+                conn, graph, run_id, sequence, run.recovery, [event], run.stopped, take
             )
             if ready:
                 await self._notify_work(conn, run_id)
-        return Advance(ready, RunStatus.running)
+        return Advance(ready, RunStatus.running, tuple(claims))
 
-    async def _lock_run(self, conn: AsyncConnection, run_id: str) -> sa.Row[Any]:
-        row = (
-            await conn.execute(
-                sa.select(t.run.c.status, t.run.c.stopped, t.run.c.recovery)
-                .where(t.run.c.id == run_id)
-                .with_for_update()
-            )
-        ).one_or_none()
+    async def _lock_run(self, conn: AsyncConnection, run_id: str) -> Any:
+        row = (await conn.execute(_LOCK_RUN, {"run_id": run_id})).one_or_none()
         if row is None:
             raise NoResult(f"no run {run_id!r} in {self!r}")
         return row
@@ -315,21 +438,21 @@ class Database(abc.ABC):
         recovery: int,
         events: Iterable[str],
         stopped: bool,
-    ) -> int:
-        """Fire events for one sequence; return how many step runs became ready."""
+        take: Taker | None = None,
+    ) -> tuple[int, list[Claim]]:
+        """Fire events for one sequence.
+
+        Returns how many step runs became ready for claimers, and those taken for ``take``.
+        """
         events = list(events)
         if not events:
-            return 0
-        needed = graph.facts_needed(events)
+            return 0, []
+        needed = sorted(graph.facts_needed(events))
         fired = {
             r.event
             for r in await conn.execute(
-                sa.select(t.trigger.c.event).where(
-                    t.trigger.c.run_id == run_id,
-                    t.trigger.c.sequence == sequence,
-                    t.trigger.c.recovery == recovery,
-                    t.trigger.c.event.in_(sorted(needed)),
-                )
+                _FIRED,
+                {"run_id": run_id, "sequence": sequence, "recovery": recovery, "events": needed},
             )
         }
         plan = graph.fire(fired, events)
@@ -349,41 +472,66 @@ class Database(abc.ABC):
                 ],
             )
         if not plan.steps:
-            return 0
-        # A stopped run records the steps its events asked for, as skipped: nothing that
-        # happened is lost, nothing new starts.
-        status = StepStatus.skipped if stopped else StepStatus.ready
-        await conn.execute(
-            self._insert_ignore(t.step_run),
-            [
-                {
-                    "run_id": run_id,
-                    "step": s,
-                    "sequence": sequence,
-                    "recovery": recovery,
-                    "attempt": 1,
-                    "status": status.value,
-                    "host": graph.program.steps[s].host,
-                    "created": now,
-                    "ended": now if stopped else None,
-                }
-                for s in plan.steps
-            ],
-        )
-        return 0 if stopped else len(plan.steps)
+            return 0, []
+
+        def row(step: str, status: StepStatus) -> dict[str, Any]:
+            return {
+                "run_id": run_id,
+                "step": step,
+                "sequence": sequence,
+                "recovery": recovery,
+                "attempt": 1,
+                "status": status.value,
+                "host": graph.program.steps[step].host,
+                "worker": None,
+                "started": None,
+                "lease_until": None,
+                "created": now,
+                "ended": None,
+            }
+
+        if stopped:
+            # A stopped run records the steps its events asked for, as skipped: nothing
+            # that happened is lost, nothing new starts.
+            rows = [row(s, StepStatus.skipped) | {"ended": now} for s in plan.steps]
+            await conn.execute(self._insert_ignore(t.step_run), rows)
+            return 0, []
+        mine: list[str] = []
+        rest: list[str] = []
+        for step in plan.steps:
+            if (
+                take is not None
+                and self.claims_on_insert
+                and len(mine) < take.budget
+                and (take.hosts is None or graph.program.steps[step].host in take.hosts)
+            ):
+                mine.append(step)
+            else:
+                rest.append(step)
+        if rest:
+            await conn.execute(
+                self._insert_ignore(t.step_run), [row(s, StepStatus.ready) for s in rest]
+            )
+        claims: list[Claim] = []
+        if mine:
+            assert take is not None
+            rows = [
+                row(s, StepStatus.active)
+                | {"worker": take.worker, "started": now, "lease_until": now + take.lease}
+                for s in mine
+            ]
+            inserted = await conn.execute(
+                self._insert_ignore(t.step_run).returning(t.step_run.c.id, t.step_run.c.step),
+                rows,
+            )
+            claims = [
+                Claim(r.id, run_id, r.step, sequence, recovery, 1) for r in inserted.all()
+            ]
+        return len(rest), claims
 
     async def _settle(self, conn: AsyncConnection, run_id: str, *, stopped: bool) -> RunStatus:
         """End the run if nothing is ready or active any more; return its status."""
-        pending = (
-            await conn.execute(
-                sa.select(sa.func.count())
-                .select_from(t.step_run)
-                .where(
-                    t.step_run.c.run_id == run_id,
-                    t.step_run.c.status.in_([s.value for s in PENDING]),
-                )
-            )
-        ).scalar_one()
+        pending = (await conn.execute(_PENDING, {"run_id": run_id})).scalar_one()
         status = final_run_status(pending=pending, stopped=stopped, cancelled=False)
         if status is not RunStatus.running:
             await conn.execute(
@@ -396,6 +544,7 @@ class Database(abc.ABC):
 
     # -- claiming and completing --------------------------------------------------------
 
+    @retry_on_disconnect
     async def claim(
         self,
         *,
@@ -456,6 +605,7 @@ class Database(abc.ABC):
                     )
         return claimed
 
+    @retry_on_disconnect
     async def started(self, graph: Graph, claim: Claim, *, pid: int | None = None) -> None:
         """Record a claimed step's process and fire its ``active`` triggers."""
         events = graph.trigger_events(claim.step, StepStatus.active)
@@ -469,13 +619,19 @@ class Database(abc.ABC):
             if events:
                 run = await self._lock_run(conn, claim.run_id)
                 if run.status == RunStatus.running.value:
-                    ready = await self._fire(
-                        conn, graph, claim.run_id, claim.sequence, claim.recovery, events,
+                    ready, _ = await self._fire(
+                        conn,
+                        graph,
+                        claim.run_id,
+                        claim.sequence,
+                        claim.recovery,
+                        events,
                         run.stopped,
                     )
                     if ready:
                         await self._notify_work(conn, claim.run_id)
 
+    @retry_on_disconnect
     async def complete(
         self,
         graph: Graph,
@@ -484,28 +640,26 @@ class Database(abc.ABC):
         status: StepStatus,
         result: Any = None,
         error: str | None = None,
+        take: Taker | None = None,
     ) -> Advance:
         """Record a step's end and everything it causes, in one transaction.
 
-        Returns the number of step runs made ready and the run's status afterwards. A step
-        run that is no longer active (its run was cancelled meanwhile) is left as it is.
+        Returns the number of step runs made ready, those claimed for ``take``, and the
+        run's status afterwards. A step run that is no longer active (its run was cancelled
+        meanwhile) is left as it is.
         """
         outcome = graph.step_outcome(claim.step, status)
         async with self.transaction() as conn:
             run = await self._lock_run(conn, claim.run_id)
             updated = await conn.execute(
-                t.step_run.update()
-                .where(
-                    t.step_run.c.id == claim.id,
-                    t.step_run.c.status == StepStatus.active.value,
-                )
-                .values(
-                    status=status.value,
-                    result=None if result is None else json.dumps(result),
-                    error=error,
-                    ended=t.utcnow(),
-                    lease_until=None,
-                )
+                _END_STEP,
+                {
+                    "claim_id": claim.id,
+                    "new_status": status.value,
+                    "new_result": None if result is None else json.dumps(result),
+                    "new_error": error,
+                    "now": t.utcnow(),
+                },
             )
             if updated.rowcount != 1 or run.status != RunStatus.running.value:
                 return Advance(0, RunStatus(run.status))
@@ -526,14 +680,27 @@ class Database(abc.ABC):
                     )
                     .values(status=StepStatus.skipped.value, ended=t.utcnow())
                 )
-            ready = await self._fire(
-                conn, graph, claim.run_id, claim.sequence, claim.recovery, outcome.events, stopped
+            ready, claims = await self._fire(
+                conn,
+                graph,
+                claim.run_id,
+                claim.sequence,
+                claim.recovery,
+                outcome.events,
+                stopped,
+                take,
             )
-            run_status = await self._settle(conn, claim.run_id, stopped=stopped)
+            # A run that just gained step runs cannot have ended.
+            run_status = (
+                RunStatus.running
+                if ready or claims
+                else await self._settle(conn, claim.run_id, stopped=stopped)
+            )
             if ready:
                 await self._notify_work(conn, claim.run_id)
-        return Advance(ready, run_status)
+        return Advance(ready, run_status, tuple(claims))
 
+    @retry_on_disconnect
     async def cancel_run(self, run_id: str, *, reason: str) -> None:
         """Mark a run cancelled with its ready and active step runs (the caller kills those)."""
         async with self.transaction() as conn:
@@ -557,6 +724,7 @@ class Database(abc.ABC):
 
     # -- reading ------------------------------------------------------------------------
 
+    @retry_on_disconnect
     async def run_status(self, run_id: str) -> RunStatus:
         async with self.reading() as conn:
             status = (
@@ -566,6 +734,7 @@ class Database(abc.ABC):
             raise NoResult(f"no run {run_id!r} in {self!r}")
         return RunStatus(status)
 
+    @retry_on_disconnect
     async def load_result(self, run_id: str) -> RunResult:
         """The run and every step run it made, in creation order."""
         async with self.reading() as conn:
@@ -611,6 +780,7 @@ class Database(abc.ABC):
             steps=steps,
         )
 
+    @retry_on_disconnect
     async def fired_events(self, run_id: str) -> list[tuple[str, str]]:
         """Every ``(event, sequence)`` fired in a run, in firing order."""
         async with self.reading() as conn:

@@ -23,13 +23,16 @@ from .._context import StepContext, step_env
 from .._logs import RunLog, step_log_path
 from .._program import RunStatus, StepStatus
 from ..backends._local import ExecResult, LocalExecutor, StepLaunch
-from ..backends.base import Advance, Claim, Database
+from ..backends.base import Advance, Claim, Database, Taker
 from ..exceptions import ExecutorError
 from ._state import Graph
 
 __all__ = ("RunDispatcher",)
 
 log = structlog.get_logger("aeventor.dispatch")
+
+#: Claim batch size when concurrency is unlimited.
+_UNLIMITED = 64
 
 
 def worker_id() -> str:
@@ -76,9 +79,26 @@ class RunDispatcher:
         self._running: set[int] = set()
         self._maybe_work = True
         self._wake = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._pending_claims: list[Claim] = []
+
+    def taker(self, *, freeing: int = 0) -> Taker:
+        """Lets a transaction claim the step runs it makes ready, up to our free capacity.
+
+        Args:
+            freeing: slots the caller is about to free (a completing step frees its own).
+        """
+        free = (
+            _UNLIMITED
+            if self.max_concurrency is None
+            else self.max_concurrency - len(self._running) + freeing
+        )
+        return Taker(worker=self.worker, budget=max(free, 0))
 
     def apply(self, advance: Advance) -> None:
-        """Take in what a transaction changed."""
+        """Take in what a transaction changed, and start the step runs it claimed for us."""
+        for claim in advance.claims:
+            self._start(claim)
         if advance.ready:
             self._maybe_work = True
         if advance.run_status is not self.status:
@@ -91,13 +111,19 @@ class RunDispatcher:
         """Fire an event into the live run (from a handle or an in-loop step)."""
         self.run_log.info(f"event {event}[{sequence}] triggered")
         self.apply(
-            await self.db.trigger(self.graph, run_id=self.run_id, event=event, sequence=sequence)
+            await self.db.trigger(
+                self.graph, run_id=self.run_id, event=event, sequence=sequence, take=self.taker()
+            )
         )
 
     async def run(self) -> RunStatus:
         """Drive the run to its end and return its final status."""
         with self.db.notifier.subscribe(self.run_id) as remote:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for claim in self._pending_claims:
+                    self._start(claim)
+                self._pending_claims.clear()
                 while self.status is RunStatus.running:
                     await self._claim_into(tg)
                     if self.status is not RunStatus.running:
@@ -110,7 +136,9 @@ class RunDispatcher:
         if not self._maybe_work:
             return
         free = (
-            64 if self.max_concurrency is None else self.max_concurrency - len(self._running)
+            _UNLIMITED
+            if self.max_concurrency is None
+            else self.max_concurrency - len(self._running)
         )
         if free <= 0:
             return
@@ -119,12 +147,19 @@ class RunDispatcher:
         if len(claims) == free:
             self._maybe_work = True
         for claim in claims:
-            self._running.add(claim.id)
-            tg.create_task(self._execute(claim), name=f"aeventor step {claim.step}")
+            self._start(claim)
         if not claims and not self._running:
             # Nothing runs and nothing is ready: the run ended in a transaction we did not
             # see (cancelled, or advanced by another process). Read it back.
             self.apply(Advance(0, await self.db.run_status(self.run_id)))
+
+    def _start(self, claim: Claim) -> None:
+        self._running.add(claim.id)
+        if self._tg is None:
+            # Claimed before the loop started (by the run's first transaction).
+            self._pending_claims.append(claim)
+            return
+        self._tg.create_task(self._execute(claim), name=f"aeventor step {claim.step}")
 
     async def _wait(self, remote: asyncio.Event) -> None:
         if self._maybe_work and (
@@ -201,7 +236,12 @@ class RunDispatcher:
                 result = ExecResult(ok=False, error="".join(traceback.format_exception(exc)))
             status = StepStatus.success if result.ok else StepStatus.failure
             advance = await self.db.complete(
-                self.graph, claim, status=status, result=result.value, error=result.error
+                self.graph,
+                claim,
+                status=status,
+                result=result.value,
+                error=result.error,
+                take=self.taker(freeing=1),
             )
             if result.ok:
                 self.run_log.info(f"step {label} success")

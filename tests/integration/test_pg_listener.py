@@ -296,8 +296,10 @@ async def test_reconnects_after_server_restart(admin: Any) -> None:
                 await proc.wait()
         assert proc.returncode == 0, output.decode(errors="replace")
 
-        await rec.wait_until(lambda: rec.connects == 2)
-        assert listener.reconnects == 1
+        # ">= 2": the server is shared, and anything else restarting it or terminating
+        # backends meanwhile costs extra reconnects; the counters must still agree.
+        await rec.wait_until(lambda: rec.connects >= 2)
+        assert listener.reconnects == rec.connects - 1
         sender = await asyncpg.connect(_dsn(), timeout=5)
         try:
             await sender.execute("SELECT pg_notify($1, 'after restart')", channel)
