@@ -257,11 +257,14 @@ class PgListener:
                         self._reconnects += 1
                     self._ever_connected = True
                     self._connected = True
-                    self._log.info(
-                        "pg_listener.listening",
-                        channels=self._channels,
-                        reconnects=self._reconnects,
-                    )
+                    # Quiet on the first connect (libraries should not chatter); a reconnect
+                    # is news.
+                    if self._reconnects:
+                        self._log.info(
+                            "pg_listener.listening",
+                            channels=self._channels,
+                            reconnects=self._reconnects,
+                        )
                     if self._on_connect is not None:
                         self._on_connect()
                     if task_status is not None and not task_status.is_set():
