@@ -11,12 +11,13 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import structlog
 from sqlalchemy.engine import URL
 
 from . import _expr
+from ._guard import check_not_importing
 from ._logs import RunLog, run_log_dir
 from ._program import (
     EXECUTORS,
@@ -30,7 +31,6 @@ from ._program import (
     check_json,
 )
 from ._records import RunResult
-from ._guard import check_not_importing
 from .backends import open_store
 from .backends._local import LocalExecutor
 from .backends.base import Database
@@ -367,7 +367,7 @@ class Eventor:
 
     # -- running ------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Eventor:
+    async def __aenter__(self) -> Self:
         check_not_importing()
         await self._open()
         return self

@@ -12,7 +12,8 @@ Users write them as in the original eventor: a tuple means AND, ``or_(...)`` mea
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Set
+from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
@@ -100,7 +101,7 @@ def names(expr: Expr) -> Iterator[str]:
             yield from names(operand)
 
 
-def holds(expr: Expr, fired: Set[str]) -> bool:
+def holds(expr: Expr, fired: AbstractSet[str]) -> bool:
     """Whether the expression holds given the set of events fired for one sequence."""
     if isinstance(expr, str):
         return expr in fired

@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -234,9 +235,7 @@ def _json_problem(value: Any, path: str) -> str | None:
     if value is None or isinstance(value, str | bool | int):
         return None
     if isinstance(value, float):
-        return None if value == value and value not in (float("inf"), float("-inf")) else (
-            f"{path} is {value!r}, which JSON cannot carry"
-        )
+        return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot carry"
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
             problem = _json_problem(item, f"{path}[{index}]")

@@ -102,7 +102,7 @@ class LocalExecutor:
         token = _current.set(context)
         try:
             value = await func(*launch.step.args, **kwargs)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a step raises is its failure
             return ExecResult(ok=False, error="".join(traceback.format_exception(exc)).rstrip())
         finally:
             _current.reset(token)
@@ -198,7 +198,7 @@ class LocalExecutor:
 
 def _open_log(path: Path) -> Any:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "ab")  # noqa: SIM115 - handed to the child, closed by the caller
+    return open(path, "ab")
 
 
 def _read_result(path: str) -> dict[str, Any] | None:

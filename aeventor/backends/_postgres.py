@@ -74,7 +74,7 @@ class PostgresDatabase(Database):
         task.add_done_callback(self._listener_died)
         waiter = asyncio.ensure_future(ready.wait())
         try:
-            done, _ = await asyncio.wait(
+            await asyncio.wait(
                 {waiter, task}, timeout=LISTENER_READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
             )
         finally:

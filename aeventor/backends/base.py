@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import sqlalchemy as sa
 import structlog
@@ -264,7 +264,7 @@ class Database(abc.ABC):
         if engine is not None:
             await engine.dispose()
 
-    async def __aenter__(self) -> Database:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
@@ -299,7 +299,7 @@ class Database(abc.ABC):
     def _insert_ignore(self, table: sa.Table) -> Any:
         """An INSERT that silently skips rows whose unique key exists."""
 
-    async def _notify_work(self, conn: AsyncConnection, run_id: str) -> None:
+    async def _notify_work(self, conn: AsyncConnection, run_id: str) -> None:  # noqa: B027
         """Tell other processes, at commit, that ``run_id`` may have work (no-op by default)."""
 
     @contextmanager

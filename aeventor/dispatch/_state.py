@@ -13,13 +13,14 @@ fired-event facts that walk can consult, so the caller reads only those rows.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Set
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from .. import _expr
 from .._program import ProgramDef, RunStatus, StepStatus
 
-__all__ = ("FirePlan", "Graph", "StepOutcome", "final_run_status", "check_transition")
+__all__ = ("FirePlan", "Graph", "StepOutcome", "check_transition", "final_run_status")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +129,7 @@ class Graph:
 
     # -- firing -------------------------------------------------------------------------
 
-    def fire(self, fired: Set[str], new: Iterable[str]) -> FirePlan:
+    def fire(self, fired: AbstractSet[str], new: Iterable[str]) -> FirePlan:
         """Fire ``new`` events for one sequence in which ``fired`` already fired.
 
         Follows associations (to steps and to events), the ready triggers of the steps made
