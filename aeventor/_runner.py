@@ -13,10 +13,8 @@ if the function was defined above the call, the step still works (see ``_guard``
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -102,7 +100,10 @@ def _execute(spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("sequence_arg_name"):
             kwargs[spec["sequence_arg_name"]] = os.environ["EVENTOR_STEP_SEQUENCE"]
         value = func(*spec["args"], **kwargs)
-        if inspect.isawaitable(value):
+        if hasattr(value, "__await__"):
+            # Imported only here: asyncio costs a third of this process's start-up.
+            import asyncio
+
             value = asyncio.run(_await(value))
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
