@@ -25,6 +25,7 @@ from .exceptions import ProgramDefinitionError, SerializationError
 __all__ = (
     "TRIGGER_STATUSES",
     "EventDef",
+    "GroupDef",
     "ProgramDef",
     "RunStatus",
     "StepDef",
@@ -89,6 +90,16 @@ class EventDef:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupDef:
+    """Properties shared by the steps that are members of a group."""
+
+    name: str
+    host: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class StepDef:
     """One step. ``target`` is ``module:qualname`` for functions, None for no-ops."""
 
@@ -105,6 +116,9 @@ class StepDef:
     #: True for in-loop callables that cannot be imported by path (closures): such a step
     #: runs only in the process that defined it.
     local_only: bool = False
+    group: str | None = None
+    #: Extra environment variables of the step (its group's, then its own).
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +133,7 @@ class ProgramDef:
     steps: Mapping[str, StepDef]
     assocs: Mapping[str, tuple[tuple[str, str], ...]]
     stop_on_exception: bool = True
+    groups: Mapping[str, GroupDef] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Check every reference; raise :class:`ProgramDefinitionError` naming the first bad one."""
@@ -181,8 +196,14 @@ class ProgramDef:
                     "host": s.host,
                     "sequence_arg_name": s.sequence_arg_name,
                     "local_only": s.local_only,
+                    "group": s.group,
+                    "env": dict(sorted(s.env.items())),
                 }
                 for s in sorted(self.steps.values(), key=lambda s: s.name)
+            ],
+            "groups": [
+                {"name": g.name, "host": g.host, "env": dict(g.env), "config": dict(g.config)}
+                for g in sorted(self.groups.values(), key=lambda g: g.name)
             ],
             "assocs": {k: [list(t) for t in v] for k, v in sorted(self.assocs.items())},
         }
@@ -209,8 +230,14 @@ class ProgramDef:
                 host=s["host"],
                 sequence_arg_name=s["sequence_arg_name"],
                 local_only=s["local_only"],
+                group=s.get("group"),
+                env=dict(s.get("env", {})),
             )
             for s in data["steps"]
+        }
+        groups = {
+            g["name"]: GroupDef(g["name"], g["host"], dict(g["env"]), dict(g["config"]))
+            for g in data.get("groups", [])
         }
         assocs = {k: tuple((t[0], t[1]) for t in v) for k, v in data["assocs"].items()}
         return cls(
@@ -219,6 +246,7 @@ class ProgramDef:
             steps=steps,
             assocs=assocs,
             stop_on_exception=data["stop_on_exception"],
+            groups=groups,
         )
 
     def canonical_json(self) -> str:
@@ -271,6 +299,10 @@ def check_json(value: Any, *, what: str) -> Any:
     return value
 
 
+#: Module names under which a user's script is loaded by path.
+SCRIPT_MODULES = frozenset({"__main__", "__aeventor_main__"})
+
+
 def callable_target(func: Callable[..., Any], *, step: str) -> tuple[str, str | None, bool]:
     """Where a subprocess finds ``func``: ``(module:qualname, main script path, importable)``.
 
@@ -287,10 +319,12 @@ def callable_target(func: Callable[..., Any], *, step: str) -> tuple[str, str | 
         )
     if "<lambda>" in qualname or "<locals>" in qualname:
         return f"{module}:{qualname}", None, False
-    if module == "__main__":
-        main = sys.modules["__main__"]
+    if module in SCRIPT_MODULES:
+        # The user's script: run as __main__, or loaded by path by the step runner or by
+        # `aeventor submit` (which use another name so its __main__ guard stays shut).
+        main = sys.modules[module]
         spec = getattr(main, "__spec__", None)
-        if spec is not None and spec.name and spec.name != "__main__":
+        if spec is not None and spec.name and spec.name not in SCRIPT_MODULES:
             return f"{spec.name}:{qualname}", None, True
         path = getattr(main, "__file__", None)
         if path is None:

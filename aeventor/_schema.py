@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ("metadata", "program", "run", "step_run", "trigger", "utcnow")
+__all__ = ("agent", "metadata", "program", "run", "step_run", "trigger", "utcnow")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -83,6 +83,8 @@ program = Table(
     Column("version", String(64), nullable=False),
     Column("definition", Text, nullable=False),
     Column("created", UTCDateTime, nullable=False),
+    # HMAC of the definition with the cluster key (distributed mode).
+    Column("signature", String(64), nullable=True),
     UniqueConstraint("name", "version"),
 )
 
@@ -99,6 +101,11 @@ run = Table(
     Column("reason", Text, nullable=True),
     Column("created", UTCDateTime, nullable=False),
     Column("ended", UTCDateTime, nullable=True),
+    # standalone: driven by the process that started it; distributed: by the host agents.
+    Column("mode", String(16), nullable=False, server_default="standalone"),
+    Column("submitted_by", String(NAME), nullable=True),
+    # HMAC of (run id, program id, program version) with the cluster key.
+    Column("signature", String(64), nullable=True),
     Index(None, "program_name", "created"),
     Index(None, "status"),
 )
@@ -127,8 +134,11 @@ step_run = Table(
     Column("recovery", Integer, nullable=False, default=0),
     Column("attempt", Integer, nullable=False, default=1),
     Column("status", String(16), nullable=False),
-    # The host the step is assigned to (None: wherever its run is driven from).
+    # The host the step is assigned to (recorded in every mode).
     Column("host", String(NAME), nullable=True),
+    # Who may claim it: the host's agents in distributed runs; None when the run's own
+    # process drives it (standalone).
+    Column("queue", String(NAME), nullable=True),
     # Who claimed it (a worker id), its process, and until when its lease holds.
     Column("worker", String(NAME), nullable=True),
     Column("pid", Integer, nullable=True),
@@ -141,14 +151,29 @@ step_run = Table(
     UniqueConstraint("run_id", "step", "sequence", "recovery", "attempt"),
     # Claiming the ready rows of a run (standalone) and counting a run's pending rows.
     Index(None, "run_id", "status"),
-    # Claiming the ready rows of a host (agents). Partial where the server has partial
-    # indexes, so a million finished rows cost nothing; MySQL indexes every row.
+    # Claiming the ready rows of a host's queue (agents). Partial where the server has
+    # partial indexes, so a million finished rows cost nothing; MySQL indexes every row.
     Index(
-        "ix_aeventor_step_run_ready",
-        "host",
+        "ix_aeventor_step_run_queue_ready",
+        "queue",
         "id",
         postgresql_where=sa.text("status = 'ready'"),
         sqlite_where=sa.text("status = 'ready'"),
     ),
-    Index(None, "status", "host"),
+    # Leases of active step runs: renewal by worker, expiry scans.
+    Index(None, "status", "lease_until"),
+    Index(None, "worker", "status"),
+)
+
+agent = Table(
+    "aeventor_agent",
+    metadata,
+    # host name and pid, as in step_run.worker
+    Column("id", String(NAME), primary_key=True),
+    Column("hostname", String(NAME), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("hosts", Text, nullable=False),
+    Column("started", UTCDateTime, nullable=False),
+    Column("heartbeat", UTCDateTime, nullable=False),
+    Column("stopped", UTCDateTime, nullable=True),
 )

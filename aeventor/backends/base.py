@@ -86,7 +86,7 @@ RECONNECT_MAX_DELAY = 2.0
 # Hot-path statements, built once: SQLAlchemy then only binds values (its compiled cache
 # makes building them per call pay off little; constructing them is most of the cost).
 _LOCK_RUN = (
-    sa.select(t.run.c.status, t.run.c.stopped, t.run.c.recovery)
+    sa.select(t.run.c.status, t.run.c.stopped, t.run.c.recovery, t.run.c.mode)
     .where(t.run.c.id == sa.bindparam("run_id"))
     .with_for_update()
 )
@@ -118,6 +118,9 @@ _END_STEP = (
         lease_until=None,
     )
 )
+
+# The reaper's variant: only while the lease is still lapsed (its worker did not come back).
+_END_LAPSED_STEP = _END_STEP.where(t.step_run.c.lease_until < sa.bindparam("now"))
 
 
 @dataclass(slots=True)
@@ -329,8 +332,11 @@ class Database(abc.ABC):
     # -- programs and runs --------------------------------------------------------------
 
     @retry_on_disconnect
-    async def register_program(self, program: ProgramDef) -> int:
-        """Store a program definition (once per version) and return its id."""
+    async def register_program(self, program: ProgramDef, *, signature: str | None = None) -> int:
+        """Store a program definition (once per version) and return its id.
+
+        A signature given for a version stored unsigned is added to it.
+        """
         version = program.version
         async with self.transaction() as conn:
             await conn.execute(
@@ -339,8 +345,19 @@ class Database(abc.ABC):
                     version=version,
                     definition=program.canonical_json(),
                     created=t.utcnow(),
+                    signature=signature,
                 )
             )
+            if signature is not None:
+                await conn.execute(
+                    t.program.update()
+                    .where(
+                        t.program.c.name == program.name,
+                        t.program.c.version == version,
+                        t.program.c.signature.is_(None),
+                    )
+                    .values(signature=signature)
+                )
             row = (
                 await conn.execute(
                     sa.select(t.program.c.id).where(
@@ -371,8 +388,17 @@ class Database(abc.ABC):
         triggers: Sequence[tuple[str, str]],
         run_id: str | None = None,
         take: Taker | None = None,
+        mode: str = "standalone",
+        submitted_by: str | None = None,
+        signature: str | None = None,
     ) -> tuple[str, Advance]:
-        """Create a run and fire its initial ``(event, sequence)`` triggers, in one transaction."""
+        """Create a run and fire its initial ``(event, sequence)`` triggers, in one transaction.
+
+        Args:
+            mode: ``standalone`` (the calling process drives the run) or ``distributed``
+                (step runs are queued for their hosts' agents).
+            signature: the run's HMAC with the cluster key (distributed mode).
+        """
         run_id = run_id or uuid.uuid4().hex
         async with self.transaction() as conn:
             await conn.execute(
@@ -384,6 +410,9 @@ class Database(abc.ABC):
                     stopped=False,
                     recovery=0,
                     created=t.utcnow(),
+                    mode=mode,
+                    submitted_by=submitted_by,
+                    signature=signature,
                 )
             )
             ready = 0
@@ -392,7 +421,15 @@ class Database(abc.ABC):
                 if take is not None:
                     take = dataclasses.replace(take, budget=take.budget - len(claims))
                 more, taken = await self._fire(
-                    conn, graph, run_id, sequence, 0, events, False, take
+                    conn,
+                    graph,
+                    run_id,
+                    sequence,
+                    0,
+                    events,
+                    False,
+                    take,
+                    distributed=mode == "distributed",
                 )
                 ready += more
                 claims += taken
@@ -417,7 +454,15 @@ class Database(abc.ABC):
             if run.status != RunStatus.running.value:
                 return Advance(0, RunStatus(run.status))
             ready, claims = await self._fire(
-                conn, graph, run_id, sequence, run.recovery, [event], run.stopped, take
+                conn,
+                graph,
+                run_id,
+                sequence,
+                run.recovery,
+                [event],
+                run.stopped,
+                take,
+                distributed=run.mode == "distributed",
             )
             if ready:
                 await self._notify_work(conn, run_id)
@@ -439,10 +484,13 @@ class Database(abc.ABC):
         events: Iterable[str],
         stopped: bool,
         take: Taker | None = None,
+        *,
+        distributed: bool = False,
     ) -> tuple[int, list[Claim]]:
         """Fire events for one sequence.
 
         Returns how many step runs became ready for claimers, and those taken for ``take``.
+        In a distributed run each step run is queued for its host's agents.
         """
         events = list(events)
         if not events:
@@ -483,6 +531,7 @@ class Database(abc.ABC):
                 "attempt": 1,
                 "status": status.value,
                 "host": graph.program.steps[step].host,
+                "queue": graph.program.steps[step].host if distributed else None,
                 "worker": None,
                 "started": None,
                 "lease_until": None,
@@ -554,7 +603,7 @@ class Database(abc.ABC):
         hosts: Sequence[str] | None = None,
         lease: timedelta = timedelta(seconds=60),
     ) -> list[Claim]:
-        """Atomically take up to ``limit`` ready step runs (of one run, or of some hosts).
+        """Atomically take up to ``limit`` ready step runs (of one run, or queued for hosts).
 
         Two claimers never take the same step run: rows are locked with ``SKIP LOCKED``
         where the server has it, and the update is conditional on the row still being ready.
@@ -574,7 +623,7 @@ class Database(abc.ABC):
         if run_id is not None:
             query = query.where(t.step_run.c.run_id == run_id)
         if hosts is not None:
-            query = query.where(t.step_run.c.host.in_(list(hosts)))
+            query = query.where(t.step_run.c.queue.in_(list(hosts)))
         query = query.order_by(t.step_run.c.id).limit(limit)
         query = query.with_for_update(skip_locked=True)
         async with self.transaction() as conn:
@@ -627,6 +676,7 @@ class Database(abc.ABC):
                         claim.recovery,
                         events,
                         run.stopped,
+                        distributed=run.mode == "distributed",
                     )
                     if ready:
                         await self._notify_work(conn, claim.run_id)
@@ -641,6 +691,7 @@ class Database(abc.ABC):
         result: Any = None,
         error: str | None = None,
         take: Taker | None = None,
+        only_if_lapsed: bool = False,
     ) -> Advance:
         """Record a step's end and everything it causes, in one transaction.
 
@@ -652,7 +703,7 @@ class Database(abc.ABC):
         async with self.transaction() as conn:
             run = await self._lock_run(conn, claim.run_id)
             updated = await conn.execute(
-                _END_STEP,
+                _END_LAPSED_STEP if only_if_lapsed else _END_STEP,
                 {
                     "claim_id": claim.id,
                     "new_status": status.value,
@@ -666,19 +717,10 @@ class Database(abc.ABC):
             stopped = bool(run.stopped)
             if outcome.stop_run and not stopped:
                 stopped = True
-                reason = f"step {claim.step}[{claim.sequence}] failed and fires no failure trigger"
-                await conn.execute(
-                    t.run.update().where(t.run.c.id == claim.run_id).values(
-                        stopped=True, reason=reason
-                    )
-                )
-                await conn.execute(
-                    t.step_run.update()
-                    .where(
-                        t.step_run.c.run_id == claim.run_id,
-                        t.step_run.c.status == StepStatus.ready.value,
-                    )
-                    .values(status=StepStatus.skipped.value, ended=t.utcnow())
+                await self._stop_run(
+                    conn,
+                    claim.run_id,
+                    f"step {claim.step}[{claim.sequence}] failed and fires no failure trigger",
                 )
             ready, claims = await self._fire(
                 conn,
@@ -689,6 +731,7 @@ class Database(abc.ABC):
                 outcome.events,
                 stopped,
                 take,
+                distributed=run.mode == "distributed",
             )
             # A run that just gained step runs cannot have ended.
             run_status = (
@@ -699,6 +742,48 @@ class Database(abc.ABC):
             if ready:
                 await self._notify_work(conn, claim.run_id)
         return Advance(ready, run_status, tuple(claims))
+
+    async def _stop_run(self, conn: AsyncConnection, run_id: str, reason: str) -> None:
+        """Nothing new starts in the run: ready step runs are skipped, running ones finish."""
+        await conn.execute(
+            t.run.update().where(t.run.c.id == run_id).values(stopped=True, reason=reason)
+        )
+        await conn.execute(
+            t.step_run.update()
+            .where(
+                t.step_run.c.run_id == run_id,
+                t.step_run.c.status == StepStatus.ready.value,
+            )
+            .values(status=StepStatus.skipped.value, ended=t.utcnow())
+        )
+
+    @retry_on_disconnect
+    async def fail_untrusted(self, claim: Claim, *, error: str) -> Advance:
+        """Fail a step run whose program is not trusted, and stop its run.
+
+        No trigger fires: the program that would say what a failure causes is the one that
+        failed verification.
+        """
+        async with self.transaction() as conn:
+            run = await self._lock_run(conn, claim.run_id)
+            await conn.execute(
+                _END_STEP,
+                {
+                    "claim_id": claim.id,
+                    "new_status": StepStatus.failure.value,
+                    "new_result": None,
+                    "new_error": error,
+                    "now": t.utcnow(),
+                },
+            )
+            if run.status != RunStatus.running.value:
+                return Advance(0, RunStatus(run.status))
+            if not run.stopped:
+                await self._stop_run(
+                    conn, claim.run_id, f"step {claim.step}[{claim.sequence}]: {error}"
+                )
+            status = await self._settle(conn, claim.run_id, stopped=True)
+        return Advance(0, status)
 
     @retry_on_disconnect
     async def cancel_run(self, run_id: str, *, reason: str) -> None:
@@ -721,6 +806,107 @@ class Database(abc.ABC):
                     .values(status=RunStatus.cancelled.value, ended=now, reason=reason)
                 )
             await self._notify_work(conn, run_id)
+
+    # -- agents: heartbeats, leases, provenance ----------------------------------------
+
+    @retry_on_disconnect
+    async def agent_heartbeat(
+        self, *, agent_id: str, hostname: str, pid: int, hosts: Sequence[str], lease: timedelta
+    ) -> set[int]:
+        """One batched beat: the agent's row, and the leases of all its active step runs.
+
+        Returns the ids of this agent's step runs that were cancelled meanwhile, so the agent
+        can terminate them.
+        """
+        now = t.utcnow()
+        async with self.transaction() as conn:
+            updated = await conn.execute(
+                t.agent.update()
+                .where(t.agent.c.id == agent_id)
+                .values(heartbeat=now, hosts=json.dumps(list(hosts)), stopped=None)
+            )
+            if updated.rowcount == 0:
+                await conn.execute(
+                    t.agent.insert().values(
+                        id=agent_id,
+                        hostname=hostname,
+                        pid=pid,
+                        hosts=json.dumps(list(hosts)),
+                        started=now,
+                        heartbeat=now,
+                    )
+                )
+            await conn.execute(
+                t.step_run.update()
+                .where(
+                    t.step_run.c.worker == agent_id,
+                    t.step_run.c.status == StepStatus.active.value,
+                )
+                .values(lease_until=now + lease)
+            )
+            cancelled = await conn.execute(
+                sa.select(t.step_run.c.id).where(
+                    t.step_run.c.worker == agent_id,
+                    t.step_run.c.status == StepStatus.cancelled.value,
+                    t.step_run.c.ended >= now - 2 * lease,
+                )
+            )
+            return {r.id for r in cancelled}
+
+    @retry_on_disconnect
+    async def agent_stopped(self, agent_id: str) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(
+                t.agent.update().where(t.agent.c.id == agent_id).values(stopped=t.utcnow())
+            )
+
+    @retry_on_disconnect
+    async def lapsed_leases(self, *, limit: int = 100) -> list[Claim]:
+        """Active step runs whose lease ran out: their worker is gone."""
+        async with self.reading() as conn:
+            rows = await conn.execute(
+                sa.select(
+                    t.step_run.c.id,
+                    t.step_run.c.run_id,
+                    t.step_run.c.step,
+                    t.step_run.c.sequence,
+                    t.step_run.c.recovery,
+                    t.step_run.c.attempt,
+                )
+                .where(
+                    t.step_run.c.status == StepStatus.active.value,
+                    t.step_run.c.lease_until < t.utcnow(),
+                )
+                .limit(limit)
+            )
+            return [Claim(r.id, r.run_id, r.step, r.sequence, r.recovery, r.attempt) for r in rows]
+
+    @retry_on_disconnect
+    async def run_provenance(self, run_id: str) -> tuple[ProgramDef, dict[str, Any]]:
+        """A run's program definition and what proves where it came from.
+
+        Returns the definition and a dict with the program id, name, version, stored
+        definition text, the program's and the run's signatures, and the run's mode.
+        """
+        async with self.reading() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(
+                        t.run.c.program_id,
+                        t.run.c.mode,
+                        t.run.c.signature.label("run_signature"),
+                        t.program.c.name,
+                        t.program.c.version,
+                        t.program.c.definition,
+                        t.program.c.signature.label("program_signature"),
+                    )
+                    .select_from(t.run.join(t.program, t.run.c.program_id == t.program.c.id))
+                    .where(t.run.c.id == run_id)
+                )
+            ).one_or_none()
+        if row is None:
+            raise NoResult(f"no run {run_id!r} in {self!r}")
+        return ProgramDef.from_json(json.loads(row.definition)), dict(row._mapping)
 
     # -- reading ------------------------------------------------------------------------
 

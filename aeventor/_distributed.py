@@ -1,0 +1,78 @@
+"""Submitting a program to the host agents, and following a run from anywhere.
+
+Submission registers the program (signed with the cluster key), creates the run (signed too)
+and fires its initial events, in two transactions; the submitter may then exit: the agents
+carry the run to its end. Following a run reads its status whenever the store says it changed
+(NOTIFY on Postgres) or the poll interval passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import uuid
+from collections.abc import Sequence
+
+from . import _signing
+from ._hosts import assign_hosts
+from ._program import ProgramDef, RunStatus
+from ._records import RunResult
+from .backends.base import Database
+from .dispatch._state import Graph
+
+__all__ = ("follow", "resolve_hosts", "submit")
+
+#: Longest wait between two looks at a followed run, whatever the store.
+FOLLOW_POLL = 1.0
+
+
+def resolve_hosts(program: ProgramDef, *, default_host: str | None) -> ProgramDef:
+    """The program with every step's host decided by the host rules."""
+    hosts = assign_hosts(program, default_host=default_host)
+    steps = {
+        name: dataclasses.replace(step, host=hosts[name]) for name, step in program.steps.items()
+    }
+    return dataclasses.replace(program, steps=steps)
+
+
+async def submit(
+    db: Database,
+    program: ProgramDef,
+    triggers: Sequence[tuple[str, str]],
+    *,
+    key: bytes,
+    run_id: str | None = None,
+) -> str:
+    """Register ``program``, start a run of it for the agents, fire ``triggers``; return the id."""
+    run_id = run_id or uuid.uuid4().hex
+    program_id = await db.register_program(
+        program, signature=_signing.program_signature(key, program)
+    )
+    await db.create_run(
+        Graph(program),
+        program_id=program_id,
+        triggers=list(triggers),
+        run_id=run_id,
+        mode="distributed",
+        submitted_by=socket.gethostname(),
+        signature=_signing.run_signature(
+            key, run_id=run_id, program_id=program_id, version=program.version
+        ),
+    )
+    return run_id
+
+
+async def follow(db: Database, run_id: str) -> RunResult:
+    """Wait until the run ends (whoever drives it) and return its result."""
+    poll = min(db.poll_interval or FOLLOW_POLL, FOLLOW_POLL)
+    with db.notifier.subscribe(run_id) as changed:
+        while True:
+            changed.clear()
+            if await db.run_status(run_id) is not RunStatus.running:
+                return await db.load_result(run_id)
+            try:
+                async with asyncio.timeout(poll):
+                    await changed.wait()
+            except TimeoutError:
+                pass

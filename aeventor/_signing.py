@@ -1,0 +1,105 @@
+"""Signed programs and runs: write access to the database alone must not run code.
+
+An agent executes a step only if the program's definition carries a valid HMAC-SHA256 made
+with the cluster key, and the run carries one binding its id to that program's version. Only
+holders of the cluster key (submitters and agents) can make either. Step arguments are JSON,
+never unpickled, and a step's callable must come from a module the agent allows.
+
+The key: ``$AEVENTOR_CLUSTER_KEY`` (any string of 32+ characters), else the file
+``$AEVENTOR_CLUSTER_KEY_FILE``, else ``$XDG_CONFIG_HOME/aeventor/cluster.key``; a key file must
+not be accessible by group or others. ``aeventor config genkey --key-file PATH`` makes one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from ._program import ProgramDef
+from .config import default_config_path
+from .exceptions import ConfigurationError
+
+__all__ = (
+    "CLUSTER_KEY_ENV",
+    "CLUSTER_KEY_FILE_ENV",
+    "definition_signature",
+    "load_cluster_key",
+    "program_signature",
+    "run_signature",
+    "verify",
+)
+
+CLUSTER_KEY_ENV = "AEVENTOR_CLUSTER_KEY"
+CLUSTER_KEY_FILE_ENV = "AEVENTOR_CLUSTER_KEY_FILE"
+_MIN_KEY = 32
+
+
+def default_cluster_key_path(environ: Mapping[str, str]) -> Path:
+    explicit = environ.get(CLUSTER_KEY_FILE_ENV, "")
+    if explicit:
+        return Path(explicit).expanduser()
+    return (
+        default_config_path(
+            environ={k: v for k, v in environ.items() if k != "AEVENTOR_CONFIG"}
+        ).parent
+        / "cluster.key"
+    )
+
+
+def load_cluster_key(*, environ: Mapping[str, str] | None = None) -> bytes:
+    """The cluster key.
+
+    Raises:
+        ConfigurationError: no key, a key too short, or a key file others can read.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get(CLUSTER_KEY_ENV, "").strip()
+    source = f"${CLUSTER_KEY_ENV}"
+    if not value:
+        path = default_cluster_key_path(env)
+        source = f"key file {path}"
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            raise ConfigurationError(
+                f"distributed mode needs the cluster key: ${CLUSTER_KEY_ENV} is not set and "
+                f"{path} does not exist (set ${CLUSTER_KEY_FILE_ENV} for another file). Create "
+                f"it on every host with `aeventor config genkey --key-file {path}`"
+            ) from None
+        if os.name == "posix" and stat.S_IMODE(info.st_mode) & 0o077:
+            raise ConfigurationError(
+                f"cluster key file {path} is accessible by group or others; restrict it with "
+                f"`chmod 600 {path}`"
+            )
+        value = path.read_text().strip()
+    if len(value) < _MIN_KEY:
+        raise ConfigurationError(
+            f"the cluster key in {source} is too short ({len(value)} characters); use at "
+            f"least {_MIN_KEY}, e.g. from `aeventor config genkey`"
+        )
+    return value.encode()
+
+
+def _mac(key: bytes, *parts: str) -> str:
+    return hmac.new(key, "\x1f".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def program_signature(key: bytes, program: ProgramDef) -> str:
+    """The signature of a program's stored definition (its canonical JSON)."""
+    return definition_signature(key, program.name, program.version, program.canonical_json())
+
+
+def definition_signature(key: bytes, name: str, version: str, definition: str) -> str:
+    return _mac(key, "program", name, version, definition)
+
+
+def run_signature(key: bytes, *, run_id: str, program_id: int, version: str) -> str:
+    return _mac(key, "run", run_id, str(program_id), version)
+
+
+def verify(expected: str | None, actual: str) -> bool:
+    return expected is not None and hmac.compare_digest(expected, actual)
