@@ -9,11 +9,13 @@ process ignores its own notifications (it already knows what it changed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 import structlog
 from sqlalchemy import Connection
@@ -35,6 +37,9 @@ CHANNEL = "aeventor"
 #: Key of the advisory lock that serialises schema upgrades.
 MIGRATION_LOCK = 0x6165_7665  # "aeve"
 LISTENER_READY_TIMEOUT = 30.0
+#: ``application_name`` of the LISTEN connection, so that ``pg_stat_activity`` tells it
+#: apart from the pool's connections.
+LISTENER_APPLICATION_NAME = "aeventor listener"
 
 
 class PostgresDatabase(Database):
@@ -66,6 +71,9 @@ class PostgresDatabase(Database):
             channels=[CHANNEL],
             on_notify=self._on_notify,
             on_connect=self.notifier.notify_all,
+            connect=functools.partial(
+                asyncpg.connect, server_settings={"application_name": LISTENER_APPLICATION_NAME}
+            ),
         )
         # Supervised: aclose() cancels and awaits it; if it dies, _listener_died says so
         # loudly and falls back to polling rather than leaving dispatchers asleep.

@@ -101,7 +101,7 @@ _PENDING = (
     .select_from(t.step_run)
     .where(
         t.step_run.c.run_id == sa.bindparam("run_id"),
-        t.step_run.c.status.in_([s.value for s in PENDING]),
+        t.step_run.c.status.in_([sa.literal(s.value, literal_execute=True) for s in PENDING]),
     )
 )
 _END_STEP = (
@@ -619,7 +619,11 @@ class Database(abc.ABC):
             t.step_run.c.sequence,
             t.step_run.c.recovery,
             t.step_run.c.attempt,
-        ).where(t.step_run.c.status == StepStatus.ready.value)
+        ).where(
+            # Inline, not a bound parameter: a prepared statement's generic plan could not
+            # use the partial index on status = 'ready' (a full scan at a million rows).
+            t.step_run.c.status == sa.literal(StepStatus.ready.value, literal_execute=True)
+        )
         if run_id is not None:
             query = query.where(t.step_run.c.run_id == run_id)
         if hosts is not None:
