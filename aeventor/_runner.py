@@ -127,11 +127,33 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
+def _lead_session(pid_path: str) -> None:
+    """Lead a session of our own and record our pid, so ``kill -- -PID`` reaches every child.
+
+    Used by launchers that cannot start us in a new session themselves (over SSH). The pid
+    file is replaced atomically: a reader never sees it half-written.
+    """
+    if os.getsid(0) != os.getpid():
+        try:
+            os.setsid()
+        except PermissionError:
+            # Already a process group leader (not of a session): the group id is our pid.
+            pass
+    tmp = f"{pid_path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="ascii") as fh:
+        fh.write(f"{os.getpid()}\n")
+    os.replace(tmp, pid_path)
+
+
 def main() -> int:
     spec = json.loads(sys.stdin.read())
+    if spec.get("pid_path"):
+        _lead_session(spec["pid_path"])
     for entry in reversed(spec.get("sys_path", [])):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+    if spec.get("main_path") and spec.get("argv"):
+        sys.argv = list(spec["argv"])
     _setup_logging(bool(spec.get("deterministic_logs")))
     outcome = _execute(spec)
     if not outcome["ok"]:

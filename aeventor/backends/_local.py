@@ -16,7 +16,7 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,14 @@ from .._program import StepDef
 from ..exceptions import ExecutorError
 from .base import Claim
 
-__all__ = ("ExecResult", "LocalExecutor", "StepLaunch")
+__all__ = (
+    "ExecResult",
+    "LocalExecutor",
+    "StepLaunch",
+    "build_spec",
+    "command_result",
+    "decode_result",
+)
 
 #: Seconds a terminated step gets to exit before it is killed.
 TERMINATE_GRACE = 5.0
@@ -122,41 +129,16 @@ class LocalExecutor:
 
     async def _run_command(self, launch: StepLaunch, argv: list[str]) -> ExecResult:
         returncode = await self._spawn(launch, argv, stdin_data=None)
-        if returncode == 0:
-            return ExecResult(ok=True, value=0)
-        return ExecResult(
-            ok=False, value=returncode, error=f"command {argv[0]!r} exited with {returncode}"
-        )
+        return command_result(argv, returncode)
 
     async def _run_function(self, launch: StepLaunch) -> ExecResult:
         tmpdir = await self._ensure_tmpdir()
         result_path = os.path.join(tmpdir, f"{launch.claim.id}-{launch.claim.attempt}.json")
-        step = launch.step
-        spec = {
-            "step": step.name,
-            "target": step.target,
-            "main_path": step.main_path,
-            "args": list(step.args),
-            "kwargs": dict(step.kwargs),
-            "sequence_arg_name": step.sequence_arg_name,
-            "sys_path": self.sys_path,
-            "deterministic_logs": launch.deterministic_logs,
-            "result_path": result_path,
-        }
+        spec = build_spec(launch, result_path=result_path, sys_path=self.sys_path)
         argv = [self.python, "-m", "aeventor._runner"]
         returncode = await self._spawn(launch, argv, stdin_data=json.dumps(spec).encode())
-        outcome = await asyncio.to_thread(_read_result, result_path)
-        if outcome is None:
-            return ExecResult(
-                ok=False,
-                error=(
-                    f"step {step.name!r}: its process exited with {returncode} before "
-                    f"reporting a result (killed, or crashed); see {launch.log_path}"
-                ),
-            )
-        if outcome.get("ok"):
-            return ExecResult(ok=True, value=outcome.get("value"))
-        return ExecResult(ok=False, error=str(outcome.get("error")))
+        raw = await asyncio.to_thread(_read_result, result_path)
+        return decode_result(launch, raw, returncode)
 
     async def _ensure_tmpdir(self) -> str:
         if self._tmpdir is None:
@@ -166,11 +148,15 @@ class LocalExecutor:
     async def _spawn(self, launch: StepLaunch, argv: list[str], *, stdin_data: bytes | None) -> int:
         env = {**os.environ, **launch.env}
         log_file = await asyncio.to_thread(_open_log, launch.log_path)
-        try:
+        # Closed without awaiting (nothing was written to it): no cancel may land between
+        # the start of the process and the try below that terminates it.
+        with log_file:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *argv,
-                    stdin=asyncio.subprocess.PIPE if stdin_data is not None else asyncio.subprocess.DEVNULL,
+                    stdin=asyncio.subprocess.PIPE
+                    if stdin_data is not None
+                    else asyncio.subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT,
                     env=env,
@@ -180,8 +166,6 @@ class LocalExecutor:
                 raise ExecutorError(
                     f"step {launch.step.name!r}: cannot start {argv[0]!r}: {exc}"
                 ) from exc
-        finally:
-            await asyncio.to_thread(log_file.close)
         try:
             await launch.on_started(proc.pid)
             if stdin_data is not None:
@@ -201,14 +185,84 @@ def _open_log(path: Path) -> Any:
     return open(path, "ab")
 
 
-def _read_result(path: str) -> dict[str, Any] | None:
+def _read_result(path: str) -> bytes | None:
     try:
-        with open(path, encoding="utf-8") as fh:
-            data: dict[str, Any] = json.load(fh)
-    except (FileNotFoundError, json.JSONDecodeError):
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
         return None
     os.unlink(path)
     return data
+
+
+# -- shared with the SSH executor ------------------------------------------------------------
+
+
+def build_spec(
+    launch: StepLaunch,
+    *,
+    result_path: str,
+    sys_path: Sequence[str],
+    pid_path: str | None = None,
+) -> dict[str, Any]:
+    """The JSON spec ``python -m aeventor._runner`` reads on stdin for a function step.
+
+    Args:
+        result_path: where the runner writes its outcome (on the host it runs on).
+        sys_path: the import path the runner prepends to its own.
+        pid_path: when given, the runner starts a session of its own and writes its pid
+            there (for launchers that cannot start it in a new session themselves).
+    """
+    step = launch.step
+    spec: dict[str, Any] = {
+        "step": step.name,
+        "target": step.target,
+        "main_path": step.main_path,
+        "args": list(step.args),
+        "kwargs": dict(step.kwargs),
+        "sequence_arg_name": step.sequence_arg_name,
+        "sys_path": list(sys_path),
+        # A user's script may read its arguments at module level; the runner loads it
+        # with this process's sys.argv (as multiprocessing's spawn does).
+        "argv": list(sys.argv),
+        "deterministic_logs": launch.deterministic_logs,
+        "result_path": result_path,
+    }
+    if pid_path is not None:
+        spec["pid_path"] = pid_path
+    return spec
+
+
+def decode_result(
+    launch: StepLaunch, raw: bytes | str | None, returncode: int | None
+) -> ExecResult:
+    """Turn what the runner wrote to its result file (None: nothing) into an :class:`ExecResult`."""
+    outcome: Any = None
+    if raw:
+        try:
+            outcome = json.loads(raw)
+        except ValueError:  # half-written, or not UTF-8
+            outcome = None
+    if not isinstance(outcome, dict):
+        return ExecResult(
+            ok=False,
+            error=(
+                f"step {launch.step.name!r}: its process exited with {returncode} before "
+                f"reporting a result (killed, or crashed); see {launch.log_path}"
+            ),
+        )
+    if outcome.get("ok"):
+        return ExecResult(ok=True, value=outcome.get("value"))
+    return ExecResult(ok=False, error=str(outcome.get("error")))
+
+
+def command_result(argv: Sequence[str], returncode: int | None) -> ExecResult:
+    """The outcome of a command step that exited with ``returncode``."""
+    if returncode == 0:
+        return ExecResult(ok=True, value=0)
+    return ExecResult(
+        ok=False, value=returncode, error=f"command {argv[0]!r} exited with {returncode}"
+    )
 
 
 async def _terminate(proc: asyncio.subprocess.Process) -> None:
