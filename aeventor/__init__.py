@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._context import StepContext, current_step
-    from ._eventor import Event, Eventor, RunHandle, Step
+    from ._eventor import Event, Eventor, Group, RunHandle, Step, attach
     from ._expr import and_, or_
     from ._program import ProgramDef, RunStatus, StepStatus
     from ._records import RunResult, StepRun
@@ -38,6 +38,8 @@ _WHERE = {
     "DatabaseError": "exceptions",
     "Event": "_eventor",
     "Eventor": "_eventor",
+    "Group": "_eventor",
+    "attach": "_eventor",
     "ExecutorError": "exceptions",
     "ProgramDefinitionError": "exceptions",
     "ProgramDef": "_program",
@@ -63,6 +65,7 @@ __all__ = (
     "Event",
     "Eventor",
     "ExecutorError",
+    "Group",
     "ProgramDef",
     "ProgramDefinitionError",
     "RunHandle",
@@ -76,6 +79,7 @@ __all__ = (
     "StoreConfigError",
     "UnguardedMainError",
     "and_",
+    "attach",
     "current_step",
     "or_",
 )

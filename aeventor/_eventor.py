@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -17,12 +18,14 @@ import structlog
 from sqlalchemy.engine import URL
 
 from . import _expr
+from ._distributed import follow, resolve_hosts, submit
 from ._guard import check_not_importing
 from ._logs import RunLog, run_log_dir
 from ._program import (
     EXECUTORS,
     TRIGGER_STATUSES,
     EventDef,
+    GroupDef,
     ProgramDef,
     RunStatus,
     StepDef,
@@ -31,14 +34,15 @@ from ._program import (
     check_json,
 )
 from ._records import RunResult
+from ._signing import load_cluster_key
 from .backends import open_store
 from .backends._local import LocalExecutor
 from .backends.base import Database
 from .dispatch._state import Graph
 from .dispatch.worker import RunDispatcher
-from .exceptions import AeventorError, ConfigurationError, ProgramDefinitionError
+from .exceptions import AeventorError, ConfigurationError, NoResult, ProgramDefinitionError
 
-__all__ = ("Event", "Eventor", "RunHandle", "Step")
+__all__ = ("Event", "Eventor", "Group", "RunHandle", "Step", "attach")
 
 log = structlog.get_logger("aeventor")
 
@@ -57,6 +61,19 @@ class Event:
 
     name: str
     expr: _expr.Expr | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A group of steps (returned by :meth:`Eventor.add_group`).
+
+    .. versionadded:: 0.1
+    """
+
+    name: str
 
     def __str__(self) -> str:
         return self.name
@@ -111,6 +128,13 @@ class Eventor:
         max_concurrency: most step runs executing at once (default: no limit).
         poll_interval: seconds between polls for work made by other processes; the store's
             default when None (sqlite in standalone mode needs none).
+        mode: ``"standalone"`` (this process runs every step) or ``"distributed"`` (the run is
+            submitted to the store, and the agents of each step's host run the steps; the
+            store must be shared: Postgres or MySQL).
+        default_host: in distributed mode, the host of steps that name none (see the host
+            rules in the README).
+        cluster_key: the key that signs submitted programs (default: from
+            ``$AEVENTOR_CLUSTER_KEY`` or the cluster key file).
 
     .. versionadded:: 0.1
     """
@@ -126,9 +150,22 @@ class Eventor:
         stop_on_exception: bool = True,
         max_concurrency: int | None = None,
         poll_interval: float | None = None,
+        mode: str = "standalone",
+        default_host: str | None = None,
+        cluster_key: bytes | str | None = None,
     ) -> None:
         self.name = name if name is not None else _program_name()
         _check_name(self.name, "program")
+        if mode not in ("standalone", "distributed"):
+            raise ConfigurationError(
+                f"mode={mode!r}: use 'standalone' (steps run here) or 'distributed' (steps run "
+                "on their hosts' agents)"
+            )
+        if default_host is not None:
+            _check_name(default_host, "default_host")
+        self.mode = mode
+        self.default_host = default_host
+        self._cluster_key = cluster_key.encode() if isinstance(cluster_key, str) else cluster_key
         if max_concurrency is not None and max_concurrency < 1:
             raise ConfigurationError(
                 f"max_concurrency={max_concurrency!r}: must be at least 1, or None for no limit"
@@ -142,10 +179,12 @@ class Eventor:
         self.poll_interval = poll_interval
         self._events: dict[str, EventDef] = {}
         self._steps: dict[str, StepDef] = {}
+        self._groups: dict[str, GroupDef] = {}
         self._funcs: dict[str, Callable[..., Any]] = {}
         self._assocs: dict[str, list[tuple[str, str]]] = {}
         self._triggers: list[tuple[str, str]] = []
         self._db: Database | None = None
+        self._opening: asyncio.Event | None = None
         self._owns_db = False
         self._live = 0
 
@@ -168,6 +207,41 @@ class Eventor:
         self._events[name] = EventDef(name, normalized)
         return Event(name, normalized)
 
+    def add_group(
+        self,
+        name: str,
+        *,
+        host: str | None = None,
+        env: Mapping[str, str] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> Group:
+        """Define a group of steps sharing properties.
+
+        Args:
+            host: the host of member steps that name none.
+            env: environment variables of member steps (a step's own ``env`` wins).
+            config: default step config of members (the keys :meth:`add_step` takes).
+
+        .. versionadded:: 0.1
+        """
+        _check_name(name, "group")
+        if name in self._groups:
+            raise ProgramDefinitionError(f"group {name!r} is already defined")
+        if host is not None:
+            _check_name(host, f"group {name!r}: host")
+        env = dict(env or {})
+        _check_env(env, f"group {name!r}")
+        config = dict(config or {})
+        unknown = set(config) - _STEP_CONFIG_KEYS
+        if unknown:
+            raise ProgramDefinitionError(
+                f"group {name!r}: unknown config key(s) {sorted(unknown)}; "
+                f"known keys are {sorted(_STEP_CONFIG_KEYS)}"
+            )
+        check_json(config, what=f"group {name!r}: config")
+        self._groups[name] = GroupDef(name, host, env, config)
+        return Group(name)
+
     def add_step(
         self,
         name: str,
@@ -181,6 +255,8 @@ class Eventor:
         executor: str | None = None,
         sequence_arg_name: str | None = None,
         config: Mapping[str, Any] | None = None,
+        group: Group | str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Step:
         """Define a step.
 
@@ -197,6 +273,8 @@ class Eventor:
             sequence_arg_name: pass the sequence to ``func`` as this keyword argument.
             config: the original eventor's per-step config keys ``task_construct``
                 (``"process"`` or ``"invoke"``), ``executor`` and ``sequence_arg_name``.
+            group: a group (see :meth:`add_group`) whose host, env and config apply.
+            env: extra environment variables of the step.
 
         Raises:
             ProgramDefinitionError: a duplicate name, a bad trigger, a callable that cannot
@@ -204,7 +282,18 @@ class Eventor:
             SerializationError: an argument that JSON cannot carry.
         """
         self._check_new_name(name, "step")
-        config = dict(config or {})
+        group_name = None if group is None else _name_of(group)
+        group_def = None
+        if group_name is not None:
+            group_def = self._groups.get(group_name)
+            if group_def is None:
+                raise ProgramDefinitionError(
+                    f"step {name!r}: undefined group {group_name!r}; define it with "
+                    f"ev.add_group({group_name!r}, ...) first"
+                )
+        config = {**(group_def.config if group_def else {}), **(config or {})}
+        step_env_vars = {**(group_def.env if group_def else {}), **(env or {})}
+        _check_env(step_env_vars, f"step {name!r}")
         unknown = set(config) - _STEP_CONFIG_KEYS
         if unknown:
             raise ProgramDefinitionError(
@@ -239,8 +328,10 @@ class Eventor:
                 raise ProgramDefinitionError(
                     f"step {name!r}: give either func or command, not both"
                 )
-            if isinstance(command, str) or not command or not all(
-                isinstance(a, str) for a in command
+            if (
+                isinstance(command, str)
+                or not command
+                or not all(isinstance(a, str) for a in command)
             ):
                 raise ProgramDefinitionError(
                     f"step {name!r}: command must be a non-empty list of strings (an argv, "
@@ -308,6 +399,8 @@ class Eventor:
             host=host,
             sequence_arg_name=sequence_arg_name,
             local_only=local_only,
+            group=group_name,
+            env=step_env_vars,
         )
         return Step(name)
 
@@ -361,8 +454,13 @@ class Eventor:
             steps=dict(self._steps),
             assocs={k: tuple(v) for k, v in self._assocs.items()},
             stop_on_exception=self.stop_on_exception,
+            groups=dict(self._groups),
         )
         definition.validate()
+        if self.mode == "distributed":
+            # Every step's host decided by the host rules: an ambiguity fails here, before
+            # anything is submitted.
+            definition = resolve_hosts(definition, default_host=self.default_host)
         return definition
 
     # -- running ------------------------------------------------------------------------
@@ -370,24 +468,35 @@ class Eventor:
     async def __aenter__(self) -> Self:
         check_not_importing()
         await self._open()
+        self._owns_db = False  # held open by the caller until __aexit__
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def _open(self) -> Database:
-        if self._db is None:
-            # Resolving a named store reads the config file: off the loop.
-            db = await asyncio.to_thread(
-                open_store, self.store, program=self.name, poll_interval=self.poll_interval
-            )
-            await db.open()
-            self._db = db
+        while self._db is None:
+            if self._opening is not None:
+                # Another run is opening the store: use it (or open it, if that failed).
+                await self._opening.wait()
+                continue
+            opening = self._opening = asyncio.Event()
+            try:
+                # Resolving a named store reads the config file: off the loop.
+                db = await asyncio.to_thread(
+                    open_store, self.store, program=self.name, poll_interval=self.poll_interval
+                )
+                await db.open()
+                self._db = db
+            finally:
+                self._opening = None
+                opening.set()
         return self._db
 
     async def close(self) -> None:
         """Close the store (runs in progress must have ended)."""
         db, self._db = self._db, None
+        self._owns_db = False
         if db is not None:
             await db.aclose()
 
@@ -399,6 +508,8 @@ class Eventor:
         records the run as cancelled.
         """
         check_not_importing()
+        if self.mode == "distributed":
+            return await self._run_distributed(_RunState(uuid.uuid4().hex), self.program)
         return await self._run(_RunState(uuid.uuid4().hex), self.program)
 
     def start(self) -> RunHandle:
@@ -414,10 +525,67 @@ class Eventor:
         # Validate here, so that a bad program raises to the caller, not in the background.
         program = self.program
         state = _RunState(uuid.uuid4().hex)
-        task = asyncio.create_task(
-            self._run(state, program), name=f"aeventor run {state.run_id}"
-        )
+        runner = self._run_distributed if self.mode == "distributed" else self._run
+        task = asyncio.create_task(runner(state, program), name=f"aeventor run {state.run_id}")
         return RunHandle(self, state, task)
+
+    # -- distributed mode ---------------------------------------------------------------
+
+    def _key(self) -> bytes:
+        if self._cluster_key is None:
+            self._cluster_key = load_cluster_key()
+        return self._cluster_key
+
+    def _check_shared_store(self, db: Database) -> None:
+        if db.url.get_backend_name() == "sqlite":
+            raise ConfigurationError(
+                f"mode='distributed' needs a store every host shares (Postgres or MySQL); "
+                f"{db!r} is a sqlite file. Pass store='postgresql+asyncpg://...' or a named store"
+            )
+
+    async def submit(self) -> str:
+        """Submit a run to the agents of its hosts and return its id at once.
+
+        The program is registered (signed with the cluster key), the run created and its
+        initial events fired; the caller may exit, the agents carry the run to its end.
+        Follow it with :func:`aeventor.attach` or ``aeventor show``.
+
+        .. versionadded:: 0.1
+        """
+        check_not_importing()
+        if self.mode != "distributed":
+            raise ConfigurationError(
+                "Eventor.submit() is for mode='distributed'; in standalone mode use run()"
+            )
+        program = self.program
+        key = self._key()
+        db = await self._open()
+        self._check_shared_store(db)
+        return await submit(db, program, list(self._triggers), key=key)
+
+    async def _run_distributed(self, state: _RunState, program: ProgramDef) -> RunResult:
+        key = self._key()
+        if self._db is None:
+            self._owns_db = True
+        self._live += 1
+        try:
+            db = await self._open()
+            self._check_shared_store(db)
+            await submit(db, program, list(self._triggers), key=key, run_id=state.run_id)
+            state.follower = db
+            try:
+                result = await follow(db, state.run_id)
+            except asyncio.CancelledError:
+                await asyncio.shield(self._finish_cancelled(db, state, None, "cancelled"))
+                raise
+            state.set_status(result.status)
+            state.final = result
+            return result
+        finally:
+            state.follower = None
+            self._live -= 1
+            if self._owns_db and not self._live:
+                await self.close()
 
     def run_sync(self) -> RunResult:
         """Run the program from plain (non-async) code: ``asyncio.run(ev.run())``, then close."""
@@ -442,8 +610,9 @@ class Eventor:
 
     async def _run(self, state: _RunState, program: ProgramDef) -> RunResult:
         graph = Graph(program)
-        owns = self._db is None
-        db = await self._open()
+        if self._db is None:
+            # Opened for runs (not held by `async with`): the last run to end closes it.
+            self._owns_db = True
         self._live += 1
         executor = LocalExecutor()
         run_dir = run_log_dir(self.log_dir, program.name, state.run_id)
@@ -451,6 +620,7 @@ class Eventor:
             run_dir / "program.log", level=self.level, deterministic=self.deterministic_logs
         )
         try:
+            db = await self._open()
             program_id = await db.register_program(program)
             run_log.info(f"run {state.run_id} of program {program.name} started")
             for event, sequence in self._triggers:
@@ -468,16 +638,16 @@ class Eventor:
                 max_concurrency=self.max_concurrency,
                 on_status=state.set_status,
             )
-            _, advance = await db.create_run(
-                graph,
-                program_id=program_id,
-                triggers=list(self._triggers),
-                run_id=state.run_id,
-                take=dispatcher.taker(),
-            )
-            state.dispatcher = dispatcher
-            dispatcher.apply(advance)
             try:
+                _, advance = await db.create_run(
+                    graph,
+                    program_id=program_id,
+                    triggers=list(self._triggers),
+                    run_id=state.run_id,
+                    take=dispatcher.taker(),
+                )
+                state.dispatcher = dispatcher
+                dispatcher.apply(advance)
                 status = await dispatcher.run()
             except BaseException as exc:
                 reason = (
@@ -496,19 +666,23 @@ class Eventor:
             state.dispatcher = None
             self._live -= 1
             await executor.aclose()
-            if owns:
+            if self._owns_db and not self._live:
                 await self.close()
 
     async def _finish_cancelled(
-        self, db: Database, state: _RunState, run_log: RunLog, reason: str
+        self, db: Database, state: _RunState, run_log: RunLog | None, reason: str
     ) -> None:
-        await db.cancel_run(state.run_id, reason=reason)
+        try:
+            await db.cancel_run(state.run_id, reason=reason)
+        except NoResult:
+            return  # stopped before the run was written: nothing to record
         state.set_status(RunStatus.cancelled)
-        run_log.info(f"run {state.run_id} ended: cancelled ({reason})")
-        await run_log.flush()
-        state.final = dataclasses.replace(
-            await db.load_result(state.run_id), log_dir=run_log.path.parent
-        )
+        result = await db.load_result(state.run_id)
+        if run_log is not None:
+            run_log.info(f"run {state.run_id} ended: cancelled ({reason})")
+            await run_log.flush()
+            result = dataclasses.replace(result, log_dir=run_log.path.parent)
+        state.final = result
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -593,6 +767,14 @@ def _name_of(value: Any) -> str:
     return name
 
 
+def _check_env(env: Mapping[str, Any], where: str) -> None:
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or "=" in key or not isinstance(value, str):
+            raise ProgramDefinitionError(
+                f"{where}: env must map variable names to strings; got {key!r}: {value!r}"
+            )
+
+
 def _check_name(name: Any, kind: str) -> None:
     if not isinstance(name, str) or not name or len(name) > _NAME_MAX or name != name.strip():
         raise ProgramDefinitionError(
@@ -609,6 +791,8 @@ class _RunState:
         self.status = RunStatus.running
         self.final: RunResult | None = None
         self.dispatcher: RunDispatcher | None = None
+        #: The store a distributed run is followed through, while it is.
+        self.follower: Database | None = None
 
     def set_status(self, status: RunStatus) -> None:
         self.status = status
@@ -660,14 +844,72 @@ class RunHandle:
 
     async def trigger_event(self, event: Event | str, sequence: str | int = 0) -> None:
         """Fire ``event`` for ``sequence`` in the live run."""
-        dispatcher = self._state.dispatcher
-        if dispatcher is None:
-            raise AeventorError(f"run {self.run_id} is not live; cannot trigger {event!r}")
         name = _name_of(event)
-        if name not in dispatcher.graph.program.events:
+        dispatcher = self._state.dispatcher
+        if dispatcher is not None:
+            if name not in dispatcher.graph.program.events:
+                raise ProgramDefinitionError(f"trigger_event: undefined event {name!r}")
+            await dispatcher.trigger(name, str(sequence))
+            return
+        db = self._state.follower
+        if db is None:
+            raise AeventorError(f"run {self.run_id} is not live; cannot trigger {event!r}")
+        program, _ = await db.run_provenance(self.run_id)
+        if name not in program.events:
             raise ProgramDefinitionError(f"trigger_event: undefined event {name!r}")
-        await dispatcher.trigger(name, str(sequence))
+        await db.trigger(Graph(program), run_id=self.run_id, event=name, sequence=str(sequence))
 
     def _observe(self, task: asyncio.Task[RunResult]) -> None:
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            if self._state.final is None:
+                # Cancelled before the run was written to the store: nothing ran.
+                now = datetime.now(UTC)
+                self._state.final = RunResult(
+                    run_id=self.run_id,
+                    program=self._eventor.name,
+                    status=RunStatus.cancelled,
+                    reason="cancelled before it started",
+                    created=now,
+                    ended=now,
+                    steps=(),
+                )
+            self._state.set_status(RunStatus.cancelled)
+        elif task.exception() is not None:
             log.error("run failed", run_id=self.run_id, exc_info=task.exception())
+
+
+def attach(
+    store: str | URL | Path, run_id: str, *, poll_interval: float | None = None
+) -> RunHandle:
+    """A handle on a run that already exists, from any process that reaches its store.
+
+    ``await handle.wait()`` follows it to its end; ``handle.cancel()`` cancels it for every
+    host (the agents terminate its running steps); ``trigger_event`` fires into it.
+
+    .. versionadded:: 0.1
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise AeventorError("attach() needs a running event loop; call it from async code") from None
+    state = _RunState(run_id)
+    eventor = Eventor(name="attached", store=store, poll_interval=poll_interval)
+
+    async def follow_it() -> RunResult:
+        db = await eventor._open()
+        state.follower = db
+        try:
+            try:
+                result = await follow(db, run_id)
+            except asyncio.CancelledError:
+                await asyncio.shield(eventor._finish_cancelled(db, state, None, "cancelled"))
+                raise
+            state.set_status(result.status)
+            state.final = result
+            return result
+        finally:
+            state.follower = None
+            await eventor.close()
+
+    task = asyncio.create_task(follow_it(), name=f"aeventor follow {run_id}")
+    return RunHandle(eventor, state, task)

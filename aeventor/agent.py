@@ -201,7 +201,9 @@ class Agent:
         program, facts = await self.db.run_provenance(run_id)
         key = self.config.cluster_key
         if program.version != facts["version"] or program.canonical_json() != facts["definition"]:
-            raise Refused(f"program {facts['name']!r}: stored definition does not match its version")
+            raise Refused(
+                f"program {facts['name']!r}: stored definition does not match its version"
+            )
         expected = _signing.definition_signature(
             key, facts["name"], facts["version"], facts["definition"]
         )
@@ -477,7 +479,9 @@ def parse_ssh_host(spec: str, args: argparse.Namespace) -> tuple[str, Any]:
 
 def _configure_logging(json_lines: bool) -> None:
     renderer: Any = (
-        structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json_lines
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[
@@ -494,7 +498,9 @@ def _configure_logging(json_lines: bool) -> None:
 async def _main_async(args: argparse.Namespace) -> None:
     ssh_targets = dict(parse_ssh_host(spec, args) for spec in args.ssh_host)
     config = AgentConfig(
-        hosts=args.host if args.host is not None else ([] if ssh_targets else [socket.gethostname()]),
+        hosts=args.host
+        if args.host is not None
+        else ([] if ssh_targets else [socket.gethostname()]),
         cluster_key=_signing.load_cluster_key(),
         allow=args.allow,
         ssh_targets=ssh_targets,
@@ -514,6 +520,72 @@ async def _main_async(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await run_agents(args.store, config, stop)
+
+
+def _start_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aeventor agent start",
+        description="Start an agent on another host over SSH; arguments after -- go to it.",
+    )
+    parser.add_argument("--ssh", required=True, metavar="[USER@]ADDRESS[:PORT]")
+    parser.add_argument("--known-hosts")
+    parser.add_argument("--client-key", action="append", default=None)
+    parser.add_argument("--python", default=sys.executable, help="python on that host")
+    parser.add_argument(
+        "--forward-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this environment variable to the agent (repeatable)",
+    )
+    parser.add_argument("--log", help="the agent's log file there")
+    parser.add_argument("agent_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+async def start_remote(
+    target: Any, agent_args: Sequence[str], *, env: Mapping[str, str], log_file: str
+) -> int:
+    """Start ``python -m aeventor.agent`` on an SSH host, detached; return its pid there."""
+    import shlex
+
+    from .backends._ssh import SshExecutor
+
+    executor = SshExecutor(targets={"target": target})
+    try:
+        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        command = (
+            f"{'env ' + assignments + ' ' if assignments else ''}nohup "
+            f"{shlex.quote(target.python)} -m aeventor.agent "
+            + " ".join(shlex.quote(a) for a in agent_args)
+            + f" > {shlex.quote(log_file)} 2>&1 < /dev/null & echo $!"
+        )
+        status, out, err = await executor.shell("target", command)
+        if status != 0:
+            raise ConfigurationError(f"starting the agent over SSH failed ({status}): {err}")
+        return int(out.strip().splitlines()[-1])
+    finally:
+        await executor.aclose()
+
+
+def start_main(argv: list[str] | None = None) -> int:
+    args = _start_parser().parse_args(argv)
+    agent_args = [a for a in args.agent_args if a != "--"] if args.agent_args else []
+    _, target = parse_ssh_host(
+        f"target={args.ssh}",
+        argparse.Namespace(
+            client_key=args.client_key, known_hosts=args.known_hosts, ssh_python=args.python
+        ),
+    )
+    env = {name: os.environ[name] for name in args.forward_env if name in os.environ}
+    log_file = args.log or f"/tmp/aeventor-agent-{os.getpid()}.log"
+    try:
+        pid = asyncio.run(start_remote(target, agent_args, env=env, log_file=log_file))
+    except (ConfigurationError, ExecutorError) as exc:
+        print(f"aeventor agent start: {exc}", file=sys.stderr)  # noqa: T201 - CLI
+        return 2
+    print(f"agent started on {args.ssh}: pid {pid}, log {log_file}")  # noqa: T201 - CLI
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,6 +227,16 @@ class SshExecutor:
                 f"{h.label}: `true` exited with {result.returncode}: {result.stderr!r}"
             )
 
+    async def shell(self, host: str, command: str) -> tuple[int, str, str]:
+        """Run a short shell command on ``host`` over its connection.
+
+        Returns:
+            The exit status, stdout and stderr.
+        """
+        h = self._host(host)
+        result = await self._control(h, command, doing=f"running {command.split()[0]!r}")
+        return result.returncode or 0, str(result.stdout or ""), str(result.stderr or "")
+
     async def run(self, launch: StepLaunch) -> ExecResult:
         """Run the step on its host to its end; cancellation kills it there and propagates.
 

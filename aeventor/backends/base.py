@@ -380,6 +380,22 @@ class Database(abc.ABC):
         return ProgramDef.from_json(json.loads(row.definition))
 
     @retry_on_disconnect
+    async def latest_program(self, name: str) -> ProgramDef:
+        """The newest registered version of program ``name``."""
+        async with self.reading() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(t.program.c.definition)
+                    .where(t.program.c.name == name)
+                    .order_by(t.program.c.created.desc(), t.program.c.id.desc())
+                    .limit(1)
+                )
+            ).one_or_none()
+        if row is None:
+            raise NoResult(f"no program {name!r} is registered in {self!r}")
+        return ProgramDef.from_json(json.loads(row.definition))
+
+    @retry_on_disconnect
     async def create_run(
         self,
         graph: Graph,

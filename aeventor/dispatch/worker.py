@@ -185,15 +185,18 @@ class RunDispatcher:
         step = self.graph.program.steps[claim.step]
         label = f"{claim.step}[{claim.sequence}]"
         try:
-            env = step_env(
-                run_id=self.run_id,
-                program=self.graph.program.name,
-                step=claim.step,
-                sequence=claim.sequence,
-                recovery=claim.recovery,
-                attempt=claim.attempt,
-                logger_name=self.logger_name,
-            )
+            env = {
+                **step.env,
+                **step_env(
+                    run_id=self.run_id,
+                    program=self.graph.program.name,
+                    step=claim.step,
+                    sequence=claim.sequence,
+                    recovery=claim.recovery,
+                    attempt=claim.attempt,
+                    logger_name=self.logger_name,
+                ),
+            }
 
             async def on_started(pid: int) -> None:
                 self.run_log.info(
