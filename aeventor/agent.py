@@ -38,6 +38,7 @@ from . import _signing
 from ._context import step_env
 from ._logs import run_log_dir, step_log_path
 from ._program import ProgramDef, StepStatus
+from ._util import wait_any
 from .backends import open_store
 from .backends._local import ExecResult, LocalExecutor, StepLaunch
 from .backends.base import Claim, Database, Taker
@@ -171,19 +172,7 @@ class Agent:
         self._tasks[claim.id] = task
 
     async def _wait(self, stop: asyncio.Event, remote: asyncio.Event) -> None:
-        waiters = {
-            asyncio.ensure_future(stop.wait()),
-            asyncio.ensure_future(remote.wait()),
-            asyncio.ensure_future(self._wake.wait()),
-        }
-        try:
-            await asyncio.wait(
-                waiters, timeout=self.db.poll_interval, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
+        await wait_any(stop, remote, self._wake, poll=self.db.poll_interval)
         # A remote wake-up or a poll: look again. Our own completions set _maybe_work.
         if remote.is_set() or not self._wake.is_set():
             self._maybe_work = True

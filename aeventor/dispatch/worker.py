@@ -22,6 +22,7 @@ import structlog
 from .._context import StepContext, step_env
 from .._logs import RunLog, step_log_path
 from .._program import RunStatus, StepStatus
+from .._util import wait_any
 from ..backends._local import ExecResult, LocalExecutor, StepLaunch
 from ..backends.base import Advance, Claim, Database, Taker
 from ..exceptions import ExecutorError
@@ -166,15 +167,7 @@ class RunDispatcher:
             self.max_concurrency is None or len(self._running) < self.max_concurrency
         ):
             return
-        waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(remote.wait())}
-        try:
-            await asyncio.wait(
-                waiters, timeout=self.db.poll_interval, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
+        await wait_any(self._wake, remote, poll=self.db.poll_interval)
         if remote.is_set() or not self._wake.is_set():
             # Woken by another process, or the poll interval passed: look for work.
             self._maybe_work = True
