@@ -63,7 +63,13 @@ def current_step() -> StepContext:
 
 
 def step_env(
-    *, run_id: str, program: str, step: str, sequence: str, recovery: int, attempt: int,
+    *,
+    run_id: str,
+    program: str,
+    step: str,
+    sequence: str,
+    recovery: int,
+    attempt: int,
     logger_name: str,
 ) -> dict[str, str]:
     """The ``EVENTOR_*`` variables of one step run."""

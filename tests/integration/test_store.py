@@ -94,9 +94,8 @@ async def test_opening_again_and_concurrently_is_harmless(store_url: str) -> Non
 
 
 async def test_a_newer_schema_is_refused(store_url: str) -> None:
-    async with open_store(store_url, program="schema") as db:
-        async with db.engine.begin() as conn:
-            await conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    async with open_store(store_url, program="schema") as db, db.engine.begin() as conn:
+        await conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
     with pytest.raises(SchemaVersionError, match="newer aeventor"):
         async with open_store(store_url, program="schema"):
             pass

@@ -43,9 +43,7 @@ def upgrade() -> None:
         "aeventor_step_run",
         ["status", "lease_until"],
     )
-    op.create_index(
-        "ix_aeventor_step_run_worker_status", "aeventor_step_run", ["worker", "status"]
-    )
+    op.create_index("ix_aeventor_step_run_worker_status", "aeventor_step_run", ["worker", "status"])
     op.create_table(
         "aeventor_agent",
         sa.Column("id", sa.String(200), nullable=False),
@@ -66,9 +64,7 @@ def downgrade() -> None:
     op.drop_index("ix_aeventor_step_run_queue_ready", table_name="aeventor_step_run")
     with op.batch_alter_table("aeventor_step_run") as batch:
         batch.drop_column("queue")
-    op.create_index(
-        "ix_aeventor_step_run_status_host", "aeventor_step_run", ["status", "host"]
-    )
+    op.create_index("ix_aeventor_step_run_status_host", "aeventor_step_run", ["status", "host"])
     op.create_index(
         "ix_aeventor_step_run_ready",
         "aeventor_step_run",

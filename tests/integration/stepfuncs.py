@@ -1,0 +1,84 @@
+"""Module-level step functions: subprocess steps import them by path (``module:qualname``).
+
+They run in a step subprocess, so they are plain blocking code; where they wait for a
+condition, they poll it with a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+#: Seconds a step may wait for a condition before it fails.
+DEADLINE = 30.0
+
+EVENTOR_KEYS = (
+    "EVENTOR_RUN_ID",
+    "EVENTOR_PROGRAM",
+    "EVENTOR_STEP_NAME",
+    "EVENTOR_STEP_SEQUENCE",
+    "EVENTOR_STEP_RECOVERY",
+    "EVENTOR_LOGGER_NAME",
+)
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def greet(name: str, *, punctuation: str = ".") -> str:
+    return f"hello {name}{punctuation}"
+
+
+def echo_sequence(seq: str) -> str:
+    return f"sequence {seq}"
+
+
+async def async_double(x: int) -> int:
+    return 2 * x
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def return_set() -> set[int]:
+    return {1, 2}
+
+
+def log_and_print() -> str:
+    """Write to the step's log through the engine's logger, stdout and stderr."""
+    logging.getLogger(os.environ["EVENTOR_LOGGER_NAME"]).info("logged by the step")
+    print("printed by the step", flush=True)  # noqa: T201 - stdout is the step's log
+    return "logged"
+
+
+def report_env(meeting_dir: str, parties: int) -> dict[str, object]:
+    """Return this process's EVENTOR_* variables, once ``parties`` steps run at once.
+
+    Each step leaves a file in ``meeting_dir`` and waits until ``parties`` files are there,
+    so the variables are read while all the steps' processes are alive.
+    """
+    mine = {key: os.environ.get(key) for key in EVENTOR_KEYS}
+    meeting = Path(meeting_dir)
+    (meeting / str(os.getpid())).touch()
+    deadline = time.monotonic() + DEADLINE
+    while len(list(meeting.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(meeting.iterdir()))} of {parties} steps met")
+        time.sleep(0.01)
+    # Read again after the others started: nothing they did may have changed ours.
+    again = {key: os.environ.get(key) for key in EVENTOR_KEYS}
+    return {"env": mine, "again": again, "pid": os.getpid()}
+
+
+def spawn_and_sleep(pid_file: str) -> None:
+    """Start a grandchild, publish both pids, and sleep far longer than any test."""
+    child = subprocess.Popen(["sleep", "300"])
+    tmp = f"{pid_file}.tmp"
+    Path(tmp).write_text(f"{os.getpid()} {child.pid}")
+    os.replace(tmp, pid_file)
+    time.sleep(300)
