@@ -78,7 +78,7 @@ def pg_admin(*statements: str) -> None:
 @cache
 def _pg_template() -> str:
     """Create and migrate the session's template database once."""
-    import aeventor.backends as backends
+    from aeventor import backends
 
     name = f"{_PREFIX}_tpl"
     pg_admin(f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
