@@ -274,7 +274,7 @@ class Agent:
             if advance.ready:
                 self._maybe_work = True
         except asyncio.CancelledError:
-            if False:
+            if graph is not None and self._stopping:
                 reason = (
                     f"terminated: agent {self.id} shut down and the step outlived the "
                     f"{self.config.grace:g}s grace period"
@@ -311,7 +311,9 @@ class Agent:
 
         async def on_started(pid: int) -> None:
             bound.info("step.started", pid=pid, host=step.host)
-            await self.db.started(graph, claim, pid=pid)
+            if (await self.db.started(graph, claim, pid=pid)).ready:
+                self._maybe_work = True
+                self._wake.set()
 
         launch = StepLaunch(
             claim=claim,
@@ -324,7 +326,9 @@ class Agent:
         )
         executor = self._ssh if step.host in self.config.ssh_targets else self._local
         if step.target is None and step.argv is None:
-            await self.db.started(graph, claim)
+            if (await self.db.started(graph, claim)).ready:
+                self._maybe_work = True
+                self._wake.set()
         try:
             result: ExecResult = await executor.run(launch)
         except ExecutorError as exc:

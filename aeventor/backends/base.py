@@ -680,11 +680,15 @@ class Database(abc.ABC):
         return claimed
 
     @retry_on_disconnect
-    async def started(self, graph: Graph, claim: Claim, *, pid: int | None = None) -> None:
-        """Record a claimed step's process and fire its ``active`` triggers."""
+    async def started(self, graph: Graph, claim: Claim, *, pid: int | None = None) -> Advance:
+        """Record a claimed step's process and fire its ``active`` triggers.
+
+        Returns how many step runs those triggers made ready (for the caller to claim).
+        """
         events = graph.trigger_events(claim.step, StepStatus.active)
+        ready = 0
         if not events and pid is None:
-            return
+            return Advance(0, RunStatus.running)
         async with self.transaction() as conn:
             if pid is not None:
                 await conn.execute(
@@ -705,6 +709,7 @@ class Database(abc.ABC):
                     )
                     if ready:
                         await self._notify_work(conn, claim.run_id)
+        return Advance(ready, RunStatus.running)
 
     @retry_on_disconnect
     async def complete(

@@ -34,6 +34,8 @@ log = structlog.get_logger("aeventor.dispatch")
 
 #: Claim batch size when concurrency is unlimited.
 _UNLIMITED = 64
+#: Seconds between looks at a run when none of its steps runs here.
+IDLE_POLL = 1.0
 
 
 def worker_id() -> str:
@@ -134,7 +136,7 @@ class RunDispatcher:
         return self.status
 
     async def _claim_into(self, tg: asyncio.TaskGroup) -> None:
-        if not self._maybe_work:
+        if not self._maybe_work and self._running:
             return
         free = (
             _UNLIMITED
@@ -167,7 +169,12 @@ class RunDispatcher:
             self.max_concurrency is None or len(self._running) < self.max_concurrency
         ):
             return
-        await wait_any(self._wake, remote, poll=self.db.poll_interval)
+        poll = self.db.poll_interval
+        if not self._running:
+            # Nothing of ours runs, yet the run goes on: only another process (or a change
+            # we were not told of) can move it. Never wait for that unboundedly.
+            poll = min(poll or IDLE_POLL, IDLE_POLL)
+        await wait_any(self._wake, remote, poll=poll)
         if remote.is_set() or not self._wake.is_set():
             # Woken by another process, or the poll interval passed: look for work.
             self._maybe_work = True
@@ -195,7 +202,7 @@ class RunDispatcher:
                 self.run_log.info(
                     f"step {label} started" + ("" if self.deterministic_logs else f" pid={pid}")
                 )
-                await self.db.started(self.graph, claim, pid=pid)
+                self.apply(await self.db.started(self.graph, claim, pid=pid))
 
             context = None
             if step.executor == "inloop":
@@ -214,7 +221,7 @@ class RunDispatcher:
             )
             if not spawns:
                 self.run_log.info(f"step {label} started")
-                await self.db.started(self.graph, claim)
+                self.apply(await self.db.started(self.graph, claim))
             launch = StepLaunch(
                 claim=claim,
                 step=step,
