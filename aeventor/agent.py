@@ -325,10 +325,10 @@ class Agent:
             on_started=on_started,
         )
         executor = self._ssh if step.host in self.config.ssh_targets else self._local
-        if step.target is None and step.argv is None:
-            if (await self.db.started(graph, claim)).ready:
-                self._maybe_work = True
-                self._wake.set()
+        no_op = step.target is None and step.argv is None
+        if no_op and (await self.db.started(graph, claim)).ready:
+            self._maybe_work = True
+            self._wake.set()
         try:
             result: ExecResult = await executor.run(launch)
         except ExecutorError as exc:
