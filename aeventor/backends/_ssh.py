@@ -235,7 +235,7 @@ class SshExecutor:
         """
         h = self._host(host)
         result = await self._control(h, command, doing=f"running {command.split()[0]!r}")
-        return result.returncode or 0, str(result.stdout or ""), str(result.stderr or "")
+        return result.returncode or 0, _text(result.stdout), _text(result.stderr)
 
     async def run(self, launch: StepLaunch) -> ExecResult:
         """Run the step on its host to its end; cancellation kills it there and propagates.
@@ -693,3 +693,10 @@ def _wrap_exceptions(host: _Host, doing: str) -> Iterator[None]:
 
 
 backend_class = SshExecutor
+
+
+def _text(data: object) -> str:
+    """Channel output as text: control channels are opened in bytes mode."""
+    if isinstance(data, bytes | bytearray):
+        return bytes(data).decode(errors="replace")
+    return "" if data is None else str(data)
