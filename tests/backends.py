@@ -49,8 +49,7 @@ def mysql_url(database: str = MY_DB) -> str:
 
 def _unavailable(service: str, start: str, error: BaseException) -> None:
     message = (
-        f"{service} is not reachable ({type(error).__name__}: {error}); "
-        f"start it with: {start}"
+        f"{service} is not reachable ({type(error).__name__}: {error}); start it with: {start}"
     )
     if IN_CI:
         pytest.fail(f"CI=true requires {service}: {message}")

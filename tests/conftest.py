@@ -51,6 +51,4 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from . import backends
 
     if backends._pg_template.cache_info().currsize:
-        backends.pg_admin(
-            f'DROP DATABASE IF EXISTS "{backends._pg_template()}" WITH (FORCE)'
-        )
+        backends.pg_admin(f'DROP DATABASE IF EXISTS "{backends._pg_template()}" WITH (FORCE)')
