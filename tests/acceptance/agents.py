@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,14 @@ import sqlalchemy as sa
 
 from aeventor import _schema
 from aeventor.backends import open_store
+
+from ..waiting import (  # noqa: F401 - re-exported for the tests of this suite
+    DEADLINE,
+    pid_alive,
+    session_members,
+    wait_until,
+    within,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -35,38 +42,8 @@ OTHER_KEY = "some-other-cluster-key-fedcba9876543210"
 ALLOW = ("tests.acceptance.*", f"{HERE}/*.py")
 #: Fast heartbeats and short leases, so the tests do not wait on them.
 AGENT_TIMING = ("--heartbeat", "0.5", "--lease", "5")
-#: Seconds any single condition may take to come true (an agent's start, a run's end...).
-DEADLINE = 30.0
 #: Seconds an agent may take to exit after SIGTERM (its steps' grace included).
 STOP_DEADLINE = 20.0
-#: How often :func:`wait_until` re-checks its condition.
-POLL = 0.05
-
-
-async def wait_until(
-    condition: Callable[[], bool | Awaitable[bool]], *, what: str, deadline: float = DEADLINE
-) -> None:
-    """Return as soon as ``condition()`` is true; fail the test after ``deadline`` seconds."""
-    try:
-        async with asyncio.timeout(deadline):
-            while True:
-                value = condition()
-                if inspect.isawaitable(value):
-                    value = await value
-                if value:
-                    return
-                await asyncio.sleep(POLL)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {deadline} s waiting for {what}") from None
-
-
-async def within(awaitable: Awaitable[Any], *, what: str, deadline: float = DEADLINE) -> Any:
-    """Await ``awaitable``; fail the test (naming ``what``) after ``deadline`` seconds."""
-    try:
-        async with asyncio.timeout(deadline):
-            return await awaitable
-    except TimeoutError:
-        raise AssertionError(f"timed out after {deadline} s waiting for {what}") from None
 
 
 def subprocess_env(key: str = CLUSTER_KEY, **extra: str) -> dict[str, str]:
@@ -95,32 +72,6 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 
 # -- processes -----------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name, or None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie."""
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def session_members(session_id: int) -> list[int]:
-    """Live processes of session ``session_id``: a step's whole process tree."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None and fields[0] not in ("Z", "X") and int(fields[3]) == session_id:
-                members.append(int(entry))
-    return members
 
 
 @dataclass
