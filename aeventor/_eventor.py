@@ -53,43 +53,39 @@ _TASK_CONSTRUCT = {"process": "process", "invoke": "inloop", "inloop": "inloop"}
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
+class _Named:
+    """A named part of a program; prints as its name."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Event(_Named):
     """An event of a program (returned by :meth:`Eventor.add_event`).
 
     .. versionadded:: 0.1
     """
 
-    name: str
     expr: _expr.Expr | None = None
-
-    def __str__(self) -> str:
-        return self.name
 
 
 @dataclass(frozen=True, slots=True)
-class Group:
+class Group(_Named):
     """A group of steps (returned by :meth:`Eventor.add_group`).
 
     .. versionadded:: 0.1
     """
 
-    name: str
-
-    def __str__(self) -> str:
-        return self.name
-
 
 @dataclass(frozen=True, slots=True)
-class Step:
+class Step(_Named):
     """A step of a program (returned by :meth:`Eventor.add_step`).
 
     .. versionadded:: 0.1
     """
-
-    name: str
-
-    def __str__(self) -> str:
-        return self.name
 
 
 def _program_name() -> str:

@@ -135,3 +135,31 @@ def backend_url(backend: str, tmp_path: Path) -> Iterator[str]:
             mysql_admin(f"DROP DATABASE IF EXISTS `{name}`")
         return
     raise AssertionError(f"unknown backend {backend!r}")
+
+
+async def restart_postgres(ctl: str, version: str) -> str:
+    """Restart the local cluster with ``pg_ctlcluster`` and return its output.
+
+    Raises:
+        RuntimeError: the restart failed (its output is in the message).
+    """
+    proc = await asyncio.create_subprocess_exec(
+        ctl,
+        "--skip-systemctl-redirect",
+        version,
+        "main",
+        "restart",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(60):
+            output, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = output.decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"pg_ctlcluster restart failed: {text}")
+    return text

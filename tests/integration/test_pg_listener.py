@@ -26,6 +26,8 @@ from structlog.testing import capture_logs
 from aeventor.backends._pg_listener import PgListener, asyncpg_dsn, backoff_delay
 from aeventor.exceptions import ConfigurationError, StoreConfigError
 
+from ..backends import restart_postgres
+
 PG_URL = os.environ.get("AEVENTOR_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 DEADLINE = 15.0
 
@@ -278,23 +280,7 @@ async def test_reconnects_after_server_restart(admin: Any) -> None:
         backoff_max=0.5,
     )
     async with running(listener):
-        proc = await asyncio.create_subprocess_exec(
-            ctl,
-            "--skip-systemctl-redirect",
-            _pg_version(),
-            "main",
-            "restart",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            async with asyncio.timeout(60):
-                output, _ = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.returncode == 0, output.decode(errors="replace")
+        await restart_postgres(ctl, _pg_version())
 
         # ">= 2": the server is shared, and anything else restarting it or terminating
         # backends meanwhile costs extra reconnects; the counters must still agree.

@@ -30,7 +30,7 @@ from aeventor.backends import open_store
 from aeventor.backends._postgres import LISTENER_APPLICATION_NAME, PostgresDatabase
 from aeventor.dispatch._state import Graph
 
-from ..backends import IN_CI, PG_DB, PG_HOST, PG_PORT, PG_USER, backend_url
+from ..backends import IN_CI, PG_DB, PG_HOST, PG_PORT, PG_USER, backend_url, restart_postgres
 from .helpers import DEADLINE, step_status, steps_of, wait_event, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
@@ -279,25 +279,7 @@ async def test_run_survives_server_restart(url: str, tmp_path: Path) -> None:
     restarted: list[str] = []
 
     async def restart_server() -> None:
-        proc = await asyncio.create_subprocess_exec(
-            ctl,
-            "--skip-systemctl-redirect",
-            version,
-            "main",
-            "restart",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            async with asyncio.timeout(60):
-                output, _ = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        restarted.append(output.decode(errors="replace"))
-        if proc.returncode != 0:
-            raise RuntimeError(f"pg_ctlcluster restart failed: {restarted[-1]}")
+        restarted.append(await restart_postgres(ctl, version))
 
     def make_step(i: int) -> Any:
         async def step() -> int:
