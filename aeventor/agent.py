@@ -222,16 +222,20 @@ class Agent:
                 f"step {step_name!r} is an in-loop closure that only the defining process can "
                 "run; define it at module level to run it on an agent"
             )
-        if step.target is None:
-            return
-        module = step.target.partition(":")[0]
-        candidates = [module] + ([step.main_path] if step.main_path else [])
+        if step.argv is not None:
+            # A command is code too: its program must be allowed like a module.
+            candidates = [step.argv[0]]
+        elif step.target is None:
+            return  # a no-op runs nothing
+        else:
+            module = step.target.partition(":")[0]
+            candidates = [module] + ([step.main_path] if step.main_path else [])
         if not any(
             fnmatch.fnmatchcase(candidate, pattern)
             for candidate in candidates
             for pattern in self.config.allow
         ):
-            shown = step.main_path or module
+            shown = candidates[-1]
             raise Refused(
                 f"step {step_name!r}: {shown!r} is not allowed on this agent; start the agent "
                 f"with --allow {shown!r} (or a pattern matching it)"
@@ -440,7 +444,10 @@ def _parser() -> argparse.ArgumentParser:
         "--allow",
         action="append",
         default=[],
-        help="fnmatch pattern of modules or script paths whose steps may run (repeatable)",
+        help=(
+            "fnmatch pattern of the modules, script paths and commands (argv[0]) whose "
+            "steps may run (repeatable)"
+        ),
     )
     parser.add_argument("--max-concurrency", type=int, default=8)
     parser.add_argument("--heartbeat", type=float, default=5.0)
