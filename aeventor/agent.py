@@ -376,13 +376,17 @@ class Agent:
                 except NoResult:
                     continue
                 self.log.warning("step.lost", run_id=claim.run_id, step=claim.step)
-                await self.db.complete(
+                advance = await self.db.complete(
                     graph,
                     claim,
                     status=StepStatus.failure,
                     error="lost: the lease of its worker lapsed (the worker died or hung)",
                     only_if_lapsed=True,
                 )
+                if advance.ready:
+                    # What the failure made ready may be ours; our own NOTIFY does not wake us.
+                    self._maybe_work = True
+                    self._wake.set()
 
 
 def _as_process(step: Any) -> Any:
@@ -528,7 +532,14 @@ def _start_parser() -> argparse.ArgumentParser:
         prog="aeventor agent start",
         description="Start an agent on another host over SSH; arguments after -- go to it.",
     )
-    parser.add_argument("--ssh", required=True, metavar="[USER@]ADDRESS[:PORT]")
+    parser.add_argument(
+        "--host",
+        help="the host name the agent serves (passed to it as --host); also the SSH "
+        "destination when --ssh is not given",
+    )
+    parser.add_argument(
+        "--ssh", metavar="[USER@]ADDRESS[:PORT]", help="where to reach it (default: --host)"
+    )
     parser.add_argument("--known-hosts")
     parser.add_argument("--client-key", action="append", default=None)
     parser.add_argument("--python", default=sys.executable, help="python on that host")
@@ -576,10 +587,16 @@ async def start_remote(
 
 
 def start_main(argv: list[str] | None = None) -> int:
-    args = _start_parser().parse_args(argv)
+    parser = _start_parser()
+    args = parser.parse_args(argv)
     agent_args = [a for a in args.agent_args if a != "--"] if args.agent_args else []
+    if args.host is None and args.ssh is None:
+        parser.error("name the host with --host NAME (and --ssh ADDRESS if NAME does not resolve)")
+    if args.host is not None:
+        agent_args = ["--host", args.host, *agent_args]
+    destination = args.ssh or args.host
     _, target = parse_ssh_host(
-        f"target={args.ssh}",
+        f"target={destination}",
         argparse.Namespace(
             client_key=args.client_key, known_hosts=args.known_hosts, ssh_python=args.python
         ),
@@ -591,7 +608,7 @@ def start_main(argv: list[str] | None = None) -> int:
     except (ConfigurationError, ExecutorError) as exc:
         print(f"aeventor agent start: {exc}", file=sys.stderr)  # noqa: T201 - CLI
         return 2
-    print(f"agent started on {args.ssh}: pid {pid}, log {log_file}")  # noqa: T201 - CLI
+    print(f"agent started on {destination}: pid {pid}, log {log_file}")  # noqa: T201 - CLI
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Commands:
     aeventor agent --store STORE --host NAME ...      run this host's agent (see --help)
-    aeventor agent start --ssh [USER@]ADDR[:PORT] -- AGENT ARGS...   start one over SSH
+    aeventor agent start --host NAME [--ssh [USER@]ADDR[:PORT]] -- AGENT ARGS...   over SSH
     aeventor submit SCRIPT.py:NAME|MODULE:NAME --store STORE [--trigger EVENT[:SEQ]] [--wait]
     aeventor submit --program NAME --store STORE --trigger EVENT[:SEQ] [--wait]
     aeventor db upgrade --store STORE     bring a store's schema to this version

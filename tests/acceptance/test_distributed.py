@@ -9,6 +9,7 @@ subprocess that is killed right after submitting. The steps report where they ra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -469,7 +470,7 @@ async def test_agent_started_over_ssh(
     s1 = await agents.start(pg_store, "s1")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "aeventor", "agent", "start",
-        "--ssh", f"{user}{server.host}:{server.port}",
+        "--host", "s2", "--ssh", f"{user}{server.host}:{server.port}",
         "--known-hosts", str(ssh_servers.known_hosts),
         "--client-key", str(ssh_servers.client_key),
         "--python", sys.executable,
@@ -477,7 +478,7 @@ async def test_agent_started_over_ssh(
         "--forward-env", "PYTHONPATH",
         "--log", str(remote_log),
         "--",
-        "--store", pg_store, "--host", "s2", "--json-logs",
+        "--store", pg_store, "--json-logs",
         "--heartbeat", "0.5", "--lease", "5",
         "--log-dir", str(tmp_path / "remote-steps"),
         *[arg for pattern in ALLOW for arg in ("--allow", pattern)],
@@ -524,3 +525,43 @@ async def test_agent_started_over_ssh(
             raise
     rows = [r for r in await agent_rows(pg_store) if r.pid == pid]
     assert rows and rows[0].stopped is not None, read_text(remote_log)
+
+
+# -- 9: a dead agent's step run is reaped when its lease lapses -----------------------------
+
+
+@pytest.mark.postgres
+async def test_lapsed_lease_of_a_killed_agent_is_reaped(
+    pg_store: str, agents: Agents, tmp_path: Path
+) -> None:
+    doomed = await agents.start(pg_store, "s1", args=["--lease", "2"])
+    report = tmp_path / "sleeper.json"
+    ev = evr.Eventor(name="reap", store=pg_store, mode="distributed", cluster_key=CLUSTER_KEY)
+    start, lost = ev.add_event("start"), ev.add_event("lost")
+    ev.add_step(
+        "sleep", host="s1", func=distprog.sleep_long, kwargs={"report": str(report)},
+        triggers={evr.StepStatus.failure: (lost,)},
+    )  # fmt: skip
+    ev.add_step("after_loss", host="s2", func=distprog.where, kwargs={"progname": "after"})
+    ev.add_assoc(start, "sleep")
+    ev.add_assoc(lost, "after_loss")
+    ev.trigger_event(start)
+    handle = ev.start()
+    await wait_until(report.exists, what="the step to start sleeping")
+    pids = json.loads(report.read_text())
+    try:
+        doomed.proc.kill()  # SIGKILL: no drain, no final write; only the lease tells
+        await doomed.proc.wait()
+        # Another agent (another host) reaps the step once its lease has lapsed; the step's
+        # failure trigger then runs "after_loss" there.
+        await agents.start(pg_store, "s2", args=["--lease", "2"])
+        result = await within(handle.wait(), what="the run to end after the reaping")
+    finally:
+        for pid in (pids["child"], pids["pid"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    sleep = result.step("sleep")
+    assert sleep.status is evr.StepStatus.failure
+    assert sleep.error is not None and "lease" in sleep.error, sleep.error
+    assert result.step("after_loss").status is evr.StepStatus.success
+    assert result, result.reason

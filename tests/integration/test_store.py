@@ -125,3 +125,46 @@ async def test_unreachable_server_is_connection_lost(tmp_path: Path) -> None:
     with pytest.raises(evr.DatabaseError) as info:
         await db.open()
     assert type(info.value).__name__ == "ConnectionLost"
+
+
+async def test_a_database_at_an_older_revision_is_upgraded_keeping_its_rows(
+    store_url: str,
+) -> None:
+    """A store made by the first schema (0001) is brought to head on open; rows survive."""
+    from alembic import command
+
+    from aeventor.migrations import _config
+
+    engine = open_store(store_url, program="old")._create_engine()
+    try:
+        async with engine.begin() as conn:
+            # Start from nothing (the Postgres test database is a copy of a migrated one).
+            for table in (
+                "aeventor_step_run",
+                "aeventor_trigger",
+                "aeventor_run",
+                "aeventor_program",
+                "aeventor_agent",
+                VERSION_TABLE,
+            ):
+                await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: command.upgrade(_config(c), "0001"))
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO aeventor_program (name, version, definition, created) "
+                    "VALUES ('old', 'v1', '{}', :now)"
+                ),
+                {"now": _schema.utcnow().replace(tzinfo=None)},
+            )
+    finally:
+        await engine.dispose()
+    async with open_store(store_url, program="old") as db, db.engine.connect() as conn:
+        version = (
+            await conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))
+        ).scalar_one()
+        names = (await conn.execute(sa.text("SELECT name FROM aeventor_program"))).scalars().all()
+        agents = (await conn.execute(sa.text("SELECT count(*) FROM aeventor_agent"))).scalar_one()
+    assert version == head_revision() != "0001"
+    assert names == ["old"]
+    assert agents == 0
