@@ -5,10 +5,14 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from .exceptions import AeventorError
 
-__all__ = ("StepContext", "current_step")
+if TYPE_CHECKING:
+    from ._program import StepDef
+
+__all__ = ("StepContext", "current_step", "launch_env", "step_env")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,4 +85,37 @@ def step_env(
         "EVENTOR_STEP_RECOVERY": str(recovery),
         "EVENTOR_STEP_ATTEMPT": str(attempt),
         "EVENTOR_LOGGER_NAME": logger_name,
+    }
+
+
+class _ClaimLike(Protocol):
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def step(self) -> str: ...
+    @property
+    def sequence(self) -> str: ...
+    @property
+    def recovery(self) -> int: ...
+    @property
+    def attempt(self) -> int: ...
+
+
+def launch_env(
+    claim: _ClaimLike, step: StepDef, *, program: str, logger_name: str
+) -> dict[str, str]:
+    """Everything a step run sees in its environment: its group's and its own variables,
+    then the ``EVENTOR_*`` ones (which win), and ``EVENTOR_HOST``, its assigned host."""
+    return {
+        **step.env,
+        **step_env(
+            run_id=claim.run_id,
+            program=program,
+            step=claim.step,
+            sequence=claim.sequence,
+            recovery=claim.recovery,
+            attempt=claim.attempt,
+            logger_name=logger_name,
+        ),
+        "EVENTOR_HOST": step.host or "",
     }

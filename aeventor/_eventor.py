@@ -568,7 +568,16 @@ class Eventor:
             db = await self._open()
             self._check_shared_store(db)
             await submit(db, program, list(self._triggers), key=key, run_id=state.run_id)
-            state.follower = db
+            return await self._follow(db, state)
+        finally:
+            self._live -= 1
+            if self._owns_db and not self._live:
+                await self.close()
+
+    async def _follow(self, db: Database, state: _RunState) -> RunResult:
+        """Follow a run driven by others to its end; cancelling cancels it for every host."""
+        state.follower = db
+        try:
             try:
                 result = await follow(db, state.run_id)
             except asyncio.CancelledError:
@@ -579,9 +588,6 @@ class Eventor:
             return result
         finally:
             state.follower = None
-            self._live -= 1
-            if self._owns_db and not self._live:
-                await self.close()
 
     def run_sync(self) -> RunResult:
         """Run the program from plain (non-async) code: ``asyncio.run(ev.run())``, then close."""
@@ -894,19 +900,9 @@ def attach(
     eventor = Eventor(name="attached", store=store, poll_interval=poll_interval)
 
     async def follow_it() -> RunResult:
-        db = await eventor._open()
-        state.follower = db
         try:
-            try:
-                result = await follow(db, run_id)
-            except asyncio.CancelledError:
-                await asyncio.shield(eventor._finish_cancelled(db, state, None, "cancelled"))
-                raise
-            state.set_status(result.status)
-            state.final = result
-            return result
+            return await eventor._follow(await eventor._open(), state)
         finally:
-            state.follower = None
             await eventor.close()
 
     task = asyncio.create_task(follow_it(), name=f"aeventor follow {run_id}")

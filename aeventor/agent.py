@@ -36,7 +36,7 @@ from typing import Any
 import structlog
 
 from . import _signing
-from ._context import step_env
+from ._context import launch_env
 from ._logs import run_log_dir, step_log_path
 from ._program import ProgramDef, StepStatus
 from ._util import wait_any
@@ -298,19 +298,9 @@ class Agent:
             # An agent has no loop of the defining process: async functions run in the step
             # runner, which awaits them.
             step = _as_process(step)
-        env = {
-            **step.env,
-            **step_env(
-                run_id=claim.run_id,
-                program=graph.program.name,
-                step=claim.step,
-                sequence=claim.sequence,
-                recovery=claim.recovery,
-                attempt=claim.attempt,
-                logger_name=f"{graph.program.name}.step",
-            ),
-            "EVENTOR_HOST": step.host or "",
-        }
+        env = launch_env(
+            claim, step, program=graph.program.name, logger_name=f"{graph.program.name}.step"
+        )
         run_dir = run_log_dir(self.config.log_dir, graph.program.name, claim.run_id)
 
         async def on_started(pid: int) -> None:

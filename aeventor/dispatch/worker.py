@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from .._context import StepContext, step_env
+from .._context import StepContext, launch_env
 from .._logs import RunLog, step_log_path
 from .._program import RunStatus, StepStatus
 from .._util import wait_any
@@ -185,18 +185,9 @@ class RunDispatcher:
         step = self.graph.program.steps[claim.step]
         label = f"{claim.step}[{claim.sequence}]"
         try:
-            env = {
-                **step.env,
-                **step_env(
-                    run_id=self.run_id,
-                    program=self.graph.program.name,
-                    step=claim.step,
-                    sequence=claim.sequence,
-                    recovery=claim.recovery,
-                    attempt=claim.attempt,
-                    logger_name=self.logger_name,
-                ),
-            }
+            env = launch_env(
+                claim, step, program=self.graph.program.name, logger_name=self.logger_name
+            )
 
             async def on_started(pid: int) -> None:
                 self.run_log.info(
