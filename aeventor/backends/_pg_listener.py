@@ -26,6 +26,7 @@ import sqlalchemy.engine
 import sqlalchemy.exc
 import structlog
 
+from aeventor._util import backoff_delay
 from aeventor.exceptions import ConfigurationError, ConnectionLost, StoreConfigError
 
 __all__ = ("PgListener", "asyncpg_dsn", "backoff_delay")
@@ -35,9 +36,6 @@ __all__ = ("PgListener", "asyncpg_dsn", "backoff_delay")
 _CONNECT_TIMEOUT: Final = 10.0
 #: Bound on the graceful close at cancellation; past it the socket is simply aborted.
 _CLOSE_TIMEOUT: Final = 2.0
-#: ``2.0 ** 64`` times any sane ``initial`` exceeds any sane cap; larger exponents would
-#: only risk an ``OverflowError``.
-_MAX_EXPONENT: Final = 64
 
 #: Everything the driver or the socket raises when the server or the network fails. These
 #: only ever drive a reconnect; they never leave :meth:`PgListener.run`. ``TimeoutError`` is
@@ -54,41 +52,6 @@ _DRIVER_ERRORS: Final = (
 _SQLALCHEMY_ONLY_QUERY_KEYS: Final = frozenset(
     {"prepared_statement_cache_size", "prepared_statement_name_func"}
 )
-
-
-def backoff_delay(
-    attempt: int, *, initial: float, maximum: float, rand: Callable[[], float]
-) -> float:
-    """Return how long to wait before reconnect attempt number ``attempt``.
-
-    "Full jitter": a uniform draw in ``[0, min(maximum, initial * 2 ** attempt))``, which
-    spreads the reconnects of many processes after a server restart instead of having
-    them retry in lock-step.
-
-    Args:
-        attempt: the number of consecutive failed attempts so far, starting at 0.
-        initial: the ceiling of the first delay, in seconds.
-        maximum: the cap on the ceiling, in seconds.
-        rand: returns a float in ``[0, 1)``; :func:`random.random` in production, a
-            constant in tests.
-
-    Returns:
-        The delay in seconds.
-
-    Raises:
-        ValueError: ``attempt`` is negative, ``initial`` is not positive or ``maximum`` is
-            below ``initial``.
-
-    .. versionadded:: 0.1
-    """
-    if attempt < 0:
-        raise ValueError(f"attempt must be >= 0, got {attempt}")
-    if initial <= 0:
-        raise ValueError(f"initial must be > 0, got {initial}")
-    if maximum < initial:
-        raise ValueError(f"maximum ({maximum}) must be >= initial ({initial})")
-    ceiling = maximum if attempt >= _MAX_EXPONENT else min(maximum, initial * 2.0**attempt)
-    return rand() * ceiling
 
 
 def asyncpg_dsn(url: sqlalchemy.engine.URL | str) -> str:

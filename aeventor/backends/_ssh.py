@@ -60,6 +60,7 @@ from typing import IO, Any
 import asyncssh
 import structlog
 
+from .._util import backoff_delay
 from ..exceptions import ConfigurationError, ExecutorError, HostUnreachable
 from ._local import (
     TERMINATE_GRACE,
@@ -323,7 +324,9 @@ class SshExecutor:
                 attempt += 1
                 if attempt >= CONNECT_ATTEMPTS or not _transient(exc):
                     raise _translate(host, exc, "connecting") from exc
-                delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+                delay = backoff_delay(
+                    attempt, initial=BACKOFF_BASE, maximum=BACKOFF_CAP, rand=random.random
+                )
                 log.warning(
                     "SSH connection failed; retrying",
                     host=host.name,

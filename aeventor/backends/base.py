@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .. import _schema as t
 from .._program import ProgramDef, RunStatus, StepStatus
 from .._records import RunResult, StepRun
+from .._util import backoff_delay
 from ..dispatch._state import PENDING, Graph, final_run_status
 from ..exceptions import ConnectionLost, DatabaseError, NoResult, UniqueViolation
 
@@ -75,7 +76,9 @@ def retry_on_disconnect(
             except ConnectionLost as exc:
                 if self.clock() >= deadline:
                     raise
-                delay = random.random() * min(RECONNECT_MAX_DELAY, 0.05 * 2 ** min(attempt, 16))
+                delay = backoff_delay(
+                    attempt, initial=0.05, maximum=RECONNECT_MAX_DELAY, rand=random.random
+                )
                 attempt += 1
                 log.warning(
                     "store unreachable; retrying",
