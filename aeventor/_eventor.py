@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -228,12 +229,7 @@ class Eventor:
         env = dict(env or {})
         _check_env(env, f"group {name!r}")
         config = dict(config or {})
-        unknown = set(config) - _STEP_CONFIG_KEYS
-        if unknown:
-            raise ProgramDefinitionError(
-                f"group {name!r}: unknown config key(s) {sorted(unknown)}; "
-                f"known keys are {sorted(_STEP_CONFIG_KEYS)}"
-            )
+        _check_config(config, f"group {name!r}")
         check_json(config, what=f"group {name!r}: config")
         self._groups[name] = GroupDef(name, host, env, config)
         return Group(name)
@@ -290,12 +286,7 @@ class Eventor:
         config = {**(group_def.config if group_def else {}), **(config or {})}
         step_env_vars = {**(group_def.env if group_def else {}), **(env or {})}
         _check_env(step_env_vars, f"step {name!r}")
-        unknown = set(config) - _STEP_CONFIG_KEYS
-        if unknown:
-            raise ProgramDefinitionError(
-                f"step {name!r}: unknown config key(s) {sorted(unknown)}; "
-                f"known keys are {sorted(_STEP_CONFIG_KEYS)}"
-            )
+        _check_config(config, f"step {name!r}")
         if "task_construct" in config:
             construct = config["task_construct"]
             if construct not in _TASK_CONSTRUCT:
@@ -559,20 +550,26 @@ class Eventor:
         self._check_shared_store(db)
         return await submit(db, program, list(self._triggers), key=key)
 
-    async def _run_distributed(self, state: _RunState, program: ProgramDef) -> RunResult:
-        key = self._key()
+    @contextlib.asynccontextmanager
+    async def _run_store(self) -> AsyncIterator[Database]:
+        """The store for one run. Opened for runs (not held by ``async with``), it is closed
+        by the last run to end."""
         if self._db is None:
             self._owns_db = True
         self._live += 1
         try:
-            db = await self._open()
-            self._check_shared_store(db)
-            await submit(db, program, list(self._triggers), key=key, run_id=state.run_id)
-            return await self._follow(db, state)
+            yield await self._open()
         finally:
             self._live -= 1
             if self._owns_db and not self._live:
                 await self.close()
+
+    async def _run_distributed(self, state: _RunState, program: ProgramDef) -> RunResult:
+        key = self._key()
+        async with self._run_store() as db:
+            self._check_shared_store(db)
+            await submit(db, program, list(self._triggers), key=key, run_id=state.run_id)
+            return await self._follow(db, state)
 
     async def _follow(self, db: Database, state: _RunState) -> RunResult:
         """Follow a run driven by others to its end; cancelling cancels it for every host."""
@@ -612,64 +609,67 @@ class Eventor:
 
     async def _run(self, state: _RunState, program: ProgramDef) -> RunResult:
         graph = Graph(program)
-        if self._db is None:
-            # Opened for runs (not held by `async with`): the last run to end closes it.
-            self._owns_db = True
-        self._live += 1
-        executor = LocalExecutor()
         run_dir = run_log_dir(self.log_dir, program.name, state.run_id)
         run_log = RunLog(
             run_dir / "program.log", level=self.level, deterministic=self.deterministic_logs
         )
+        executor = LocalExecutor()
         try:
-            db = await self._open()
-            program_id = await db.register_program(program)
-            run_log.info(f"run {state.run_id} of program {program.name} started")
-            for event, sequence in self._triggers:
-                run_log.info(f"event {event}[{sequence}] triggered")
-            dispatcher = RunDispatcher(
-                db=db,
-                graph=graph,
-                run_id=state.run_id,
-                executor=executor,
-                funcs=self._funcs,
-                run_dir=run_dir,
-                run_log=run_log,
-                deterministic_logs=self.deterministic_logs,
-                logger_name=f"{program.name}.step",
-                max_concurrency=self.max_concurrency,
-                on_status=state.set_status,
-            )
-            try:
-                _, advance = await db.create_run(
-                    graph,
-                    program_id=program_id,
-                    triggers=list(self._triggers),
-                    run_id=state.run_id,
-                    take=dispatcher.taker(),
-                )
-                state.dispatcher = dispatcher
-                dispatcher.apply(advance)
-                status = await dispatcher.run()
-            except BaseException as exc:
-                reason = (
-                    "cancelled"
-                    if isinstance(exc, asyncio.CancelledError)
-                    else f"engine error: {exc!r}"
-                )
-                await asyncio.shield(self._finish_cancelled(db, state, run_log, reason))
-                raise
-            run_log.info(f"run {state.run_id} ended: {status.value}")
-            await run_log.flush()
-            result = dataclasses.replace(await db.load_result(state.run_id), log_dir=run_dir)
-            state.final = result
-            return result
+            async with self._run_store() as db:
+                return await self._drive(db, state, graph, executor, run_dir, run_log)
         finally:
             state.dispatcher = None
-            self._live -= 1
             await executor.aclose()
-            if self._owns_db and not self._live:
-                await self.close()
+
+    async def _drive(
+        self,
+        db: Database,
+        state: _RunState,
+        graph: Graph,
+        executor: LocalExecutor,
+        run_dir: Path,
+        run_log: RunLog,
+    ) -> RunResult:
+        program = graph.program
+        program_id = await db.register_program(program)
+        run_log.info(f"run {state.run_id} of program {program.name} started")
+        for event, sequence in self._triggers:
+            run_log.info(f"event {event}[{sequence}] triggered")
+        dispatcher = RunDispatcher(
+            db=db,
+            graph=graph,
+            run_id=state.run_id,
+            executor=executor,
+            funcs=self._funcs,
+            run_dir=run_dir,
+            run_log=run_log,
+            deterministic_logs=self.deterministic_logs,
+            logger_name=f"{program.name}.step",
+            max_concurrency=self.max_concurrency,
+            on_status=state.set_status,
+        )
+        try:
+            _, advance = await db.create_run(
+                graph,
+                program_id=program_id,
+                triggers=list(self._triggers),
+                run_id=state.run_id,
+                take=dispatcher.taker(),
+            )
+            state.dispatcher = dispatcher
+            dispatcher.apply(advance)
+            status = await dispatcher.run()
+        except BaseException as exc:
+            reason = (
+                "cancelled" if isinstance(exc, asyncio.CancelledError) else f"engine error: {exc!r}"
+            )
+            await asyncio.shield(self._finish_cancelled(db, state, run_log, reason))
+            raise
+        run_log.info(f"run {state.run_id} ended: {status.value}")
+        await run_log.flush()
+        result = dataclasses.replace(await db.load_result(state.run_id), log_dir=run_dir)
+        state.final = result
+        return result
 
     async def _finish_cancelled(
         self, db: Database, state: _RunState, run_log: RunLog | None, reason: str
@@ -767,6 +767,15 @@ def _name_of(value: Any) -> str:
     if not isinstance(name, str):
         raise ProgramDefinitionError(f"expected an event, a step or a name, got {value!r}")
     return name
+
+
+def _check_config(config: Mapping[str, Any], where: str) -> None:
+    unknown = set(config) - _STEP_CONFIG_KEYS
+    if unknown:
+        raise ProgramDefinitionError(
+            f"{where}: unknown config key(s) {sorted(unknown)}; "
+            f"known keys are {sorted(_STEP_CONFIG_KEYS)}"
+        )
 
 
 def _check_env(env: Mapping[str, Any], where: str) -> None:
