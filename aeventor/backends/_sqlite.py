@@ -10,6 +10,8 @@ from a read lock; WAL and a busy timeout let them wait for each other.
 from __future__ import annotations
 
 import asyncio
+import random
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +22,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from .._util import backoff_delay
+from ..exceptions import DatabaseError
 from .base import Database
 
 __all__ = ("SqliteDatabase", "backend_class")
@@ -50,7 +54,8 @@ class SqliteDatabase(Database):
             cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys = ON")
             if not in_memory:
-                cursor.execute("PRAGMA journal_mode = WAL")
+                # WAL is set in _ensure_schema: switching to it does not wait on the busy
+                # timeout, so it needs retries, which a sync event hook cannot await.
                 cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.close()
 
@@ -72,7 +77,34 @@ class SqliteDatabase(Database):
 
     async def _ensure_schema(self) -> None:
         async with self._lock:
+            if not self.in_memory:
+                await self._use_wal()
             await super()._ensure_schema()
+
+    async def _use_wal(self) -> None:
+        """Put the file in WAL mode (it stays so), retrying while another opener holds it.
+
+        ``PRAGMA journal_mode = WAL`` fails at once with "database is locked" when another
+        connection is switching the same new file; it does not wait on ``busy_timeout``.
+        """
+        deadline = self.clock() + BUSY_TIMEOUT_MS / 1000
+        attempt = 0
+        async with self.engine.connect() as conn:
+            # The driver connection, outside SQLAlchemy's BEGIN: the journal mode cannot
+            # change inside a transaction.
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            while True:
+                try:
+                    await raw.execute("PRAGMA journal_mode = WAL")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or self.clock() >= deadline:
+                        raise DatabaseError(f"{self!r}: cannot switch to WAL: {exc}") from exc
+                await self.sleep(
+                    backoff_delay(attempt, initial=0.01, maximum=0.2, rand=random.random)
+                )
+                attempt += 1
 
     def _insert_ignore(self, table: Any) -> Any:
         return sqlite_insert(table).on_conflict_do_nothing()
