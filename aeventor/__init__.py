@@ -14,11 +14,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._context import StepContext, current_step
     from ._eventor import Event, Eventor, Group, RunHandle, Step, attach
-    from ._expr import and_, or_
-    from ._program import ProgramDef, RunStatus, StepStatus
-    from ._records import RunResult, StepRun
+    from .context import StepContext, current_step
     from .exceptions import (
         AeventorError,
         ConfigurationError,
@@ -29,6 +26,9 @@ if TYPE_CHECKING:
         StoreConfigError,
         UnguardedMainError,
     )
+    from .program.expr import and_, or_
+    from .program.model import ProgramDef, RunStatus, StepStatus
+    from .records import RunResult, StepRun
 
 __version__ = "0.1.0.dev0"
 
@@ -42,20 +42,20 @@ _WHERE = {
     "attach": "_eventor",
     "ExecutorError": "exceptions",
     "ProgramDefinitionError": "exceptions",
-    "ProgramDef": "_program",
+    "ProgramDef": "program.model",
     "RunHandle": "_eventor",
-    "RunResult": "_records",
-    "RunStatus": "_program",
+    "RunResult": "records",
+    "RunStatus": "program.model",
     "SerializationError": "exceptions",
     "Step": "_eventor",
-    "StepContext": "_context",
-    "StepRun": "_records",
-    "StepStatus": "_program",
+    "StepContext": "context",
+    "StepRun": "records",
+    "StepStatus": "program.model",
     "StoreConfigError": "exceptions",
     "UnguardedMainError": "exceptions",
-    "and_": "_expr",
-    "current_step": "_context",
-    "or_": "_expr",
+    "and_": "program.expr",
+    "current_step": "context",
+    "or_": "program.expr",
 }
 
 __all__ = (

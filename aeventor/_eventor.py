@@ -18,11 +18,16 @@ from typing import Any, Self
 import structlog
 from sqlalchemy.engine import URL
 
-from . import _expr
-from ._distributed import follow, resolve_hosts, submit
-from ._guard import check_not_importing
-from ._logs import RunLog, run_log_dir
-from ._program import (
+from .backends.executors.local import LocalExecutor
+from .backends.stores import open_store
+from .backends.stores.base import Database
+from .dispatch._state import Graph
+from .dispatch.logs import RunLog, run_log_dir
+from .dispatch.worker import RunDispatcher
+from .exceptions import AeventorError, ConfigurationError, NoResult, ProgramDefinitionError
+from .guard import check_not_importing
+from .program import expr as _expr
+from .program.model import (
     EXECUTORS,
     TRIGGER_STATUSES,
     EventDef,
@@ -34,14 +39,9 @@ from ._program import (
     callable_target,
     check_json,
 )
-from ._records import RunResult
-from ._signing import load_cluster_key
-from .backends import open_store
-from .backends._local import LocalExecutor
-from .backends.base import Database
-from .dispatch._state import Graph
-from .dispatch.worker import RunDispatcher
-from .exceptions import AeventorError, ConfigurationError, NoResult, ProgramDefinitionError
+from .records import RunResult
+from .signing import load_cluster_key
+from .submission import follow, resolve_hosts, submit
 
 __all__ = ("Event", "Eventor", "Group", "RunHandle", "Step", "attach")
 

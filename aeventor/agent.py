@@ -35,16 +35,16 @@ from typing import Any
 
 import structlog
 
-from . import _signing
-from ._context import launch_env
-from ._logs import run_log_dir, step_log_path
-from ._program import ProgramDef, StepStatus
-from ._util import wait_any
-from .backends import open_store
-from .backends._local import ExecResult, LocalExecutor, StepLaunch
-from .backends.base import Claim, Database, Taker
+from . import signing as _signing
+from .backends.executors.local import ExecResult, LocalExecutor, StepLaunch
+from .backends.stores import open_store
+from .backends.stores.base import Claim, Database, Taker
+from .context import launch_env
 from .dispatch._state import Graph
+from .dispatch.logs import run_log_dir, step_log_path
 from .exceptions import AeventorError, ConfigurationError, ExecutorError, NoResult
+from .program.model import ProgramDef, StepStatus
+from .utils import wait_any
 
 __all__ = ("Agent", "AgentConfig", "main", "run_agents")
 
@@ -94,7 +94,7 @@ class Agent:
         self._local = LocalExecutor()
         self._ssh: Any = None
         if config.ssh_targets:
-            from .backends._ssh import SshExecutor
+            from .backends.executors.ssh import SshExecutor
 
             self._ssh = SshExecutor(targets=config.ssh_targets)
         self._programs: OrderedDict[str, Graph] = OrderedDict()
@@ -453,7 +453,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_ssh_host(spec: str, args: argparse.Namespace) -> tuple[str, Any]:
-    from .backends._ssh import SshTarget
+    from .backends.executors.ssh import SshTarget
 
     name, sep, address = spec.partition("=")
     if not sep or not name or not address:
@@ -551,7 +551,7 @@ async def start_remote(
     """Start ``python -m aeventor.agent`` on an SSH host, detached; return its pid there."""
     import shlex
 
-    from .backends._ssh import SshExecutor
+    from .backends.executors.ssh import SshExecutor
 
     executor = SshExecutor(targets={"target": target})
     try:

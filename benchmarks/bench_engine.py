@@ -144,7 +144,7 @@ async def hop_latencies(store: str, hops: int, logs: Path) -> list[float]:
 
 
 async def notify_floor(n: int) -> tuple[list[float], list[float]]:
-    from aeventor.backends._pg_listener import asyncpg_dsn
+    from aeventor.backends.stores.pg_listener import asyncpg_dsn
     from benchmarks.bench_notify import measure
 
     notify, select, _ = await measure(asyncpg_dsn(PG_ADMIN), n)

@@ -2,7 +2,7 @@
 
 For Postgres and MariaDB, in a fresh database ``aeventor_bench_hot`` (dropped at the end):
 
-1. time each hot operation through the real :class:`~aeventor.backends.base.Database` code
+1. time each hot operation through the real :class:`~aeventor.backends.stores.base.Database` code
    on the empty schema;
 2. fill it server-side with 1,000,000 finished step runs and as many triggers, spread over
    10,000 finished runs (``generate_series`` on Postgres, a cross-joined recursive CTE on
@@ -44,9 +44,9 @@ import sqlalchemy as sa
 import structlog
 
 import aeventor as evr
-from aeventor import _schema as t
-from aeventor.backends import open_store
-from aeventor.backends.base import _FIRED, _PENDING, Claim, Database, Taker
+from aeventor.backends.stores import open_store
+from aeventor.backends.stores import schema as t
+from aeventor.backends.stores.base import _FIRED, _PENDING, Claim, Database, Taker
 from aeventor.dispatch._state import Graph
 from benchmarks.bench_engine import machine
 

@@ -1,4 +1,4 @@
-"""Bare ``NOTIFY`` -> :class:`~aeventor.backends._pg_listener.PgListener` callback latency.
+"""Bare ``NOTIFY`` -> :class:`~aeventor.backends.stores.pg_listener.PgListener` callback latency.
 
 One connection sends ``SELECT pg_notify(...)`` (autocommit, so it is delivered at once) and
 the clock runs until the listener's ``on_notify`` sees that payload; notifications are sent
@@ -24,7 +24,7 @@ import uuid
 import asyncpg
 import structlog
 
-from aeventor.backends._pg_listener import PgListener, asyncpg_dsn
+from aeventor.backends.stores.pg_listener import PgListener, asyncpg_dsn
 
 DEFAULT_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 WARMUP = 20

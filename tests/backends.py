@@ -77,7 +77,7 @@ def pg_admin(*statements: str) -> None:
 @cache
 def _pg_template() -> str:
     """Create and migrate the session's template database once."""
-    from aeventor import backends
+    from aeventor.backends import stores as backends
 
     name = f"{_PREFIX}_tpl"
     pg_admin(f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')

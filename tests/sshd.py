@@ -29,7 +29,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from aeventor.backends._ssh import SshTarget
+from aeventor.backends.executors.ssh import SshTarget
 
 SSHD = "/usr/sbin/sshd"
 INSTALL_COMMAND = "apt-get install -y openssh-server"

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-from .. import _expr
-from .._program import ProgramDef, RunStatus, StepStatus
+from ..program import expr as _expr
+from ..program.model import ProgramDef, RunStatus, StepStatus
 
 __all__ = ("FirePlan", "Graph", "StepOutcome", "check_transition", "final_run_status")
 

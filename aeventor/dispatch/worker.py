@@ -19,14 +19,14 @@ from typing import Any
 
 import structlog
 
-from .._context import StepContext, launch_env
-from .._logs import RunLog, step_log_path
-from .._program import RunStatus, StepStatus
-from .._util import wait_any
-from ..backends._local import ExecResult, LocalExecutor, StepLaunch
-from ..backends.base import Advance, Claim, Database, Taker
+from ..backends.executors.local import ExecResult, LocalExecutor, StepLaunch
+from ..backends.stores.base import Advance, Claim, Database, Taker
+from ..context import StepContext, launch_env
 from ..exceptions import ExecutorError
+from ..program.model import RunStatus, StepStatus
+from ..utils import wait_any
 from ._state import Graph
+from .logs import RunLog, step_log_path
 
 __all__ = ("RunDispatcher",)
 

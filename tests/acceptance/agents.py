@@ -21,8 +21,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from aeventor import _schema
-from aeventor.backends import open_store
+from aeventor.backends.stores import open_store
+from aeventor.backends.stores import schema as _schema
 
 from ..waiting import (  # noqa: F401 - re-exported for the tests of this suite
     DEADLINE,

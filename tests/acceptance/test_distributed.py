@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import aeventor as evr
-from aeventor import _schema
-from aeventor._program import ProgramDef
+from aeventor.backends.stores import schema as _schema
+from aeventor.program.model import ProgramDef
 from tests.sshd import SshServers, ssh_hosts, ssh_servers
 
 from . import distprog

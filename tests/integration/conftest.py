@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from aeventor.backends import open_store
-from aeventor.backends.base import Database
+from aeventor.backends.stores import open_store
+from aeventor.backends.stores.base import Database
 
 
 @pytest.fixture

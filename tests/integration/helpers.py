@@ -11,8 +11,8 @@ import asyncio
 import sqlalchemy as sa
 
 import aeventor as evr
-from aeventor import _schema
-from aeventor.backends.base import Database
+from aeventor.backends.stores import schema as _schema
+from aeventor.backends.stores.base import Database
 from aeventor.exceptions import NoResult
 
 from ..waiting import (  # noqa: F401 - re-exported for the tests of this suite

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 import aeventor as evr
-from aeventor import _schema
-from aeventor.backends.base import Database
+from aeventor.backends.stores import schema as _schema
+from aeventor.backends.stores.base import Database
 from aeventor.exceptions import ProgramDefinitionError
 
 from .helpers import (

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import aeventor as evr
-from aeventor.backends.base import Database
+from aeventor.backends.stores.base import Database
 from aeventor.exceptions import AeventorError
 
 from . import stepfuncs

@@ -1,4 +1,4 @@
-"""Integration tests of :class:`aeventor.backends._pg_listener.PgListener` on a real PostgreSQL.
+"""Integration tests of :class:`aeventor.backends.stores.pg_listener.PgListener` on a real PostgreSQL.
 
 The server defaults to ``127.0.0.1:5432`` (override with ``AEVENTOR_PG_URL``). Tests that
 need it are skipped when it is unreachable, except under ``CI=true`` where they fail.
@@ -23,7 +23,7 @@ import sqlalchemy.engine
 import structlog
 from structlog.testing import capture_logs
 
-from aeventor.backends._pg_listener import PgListener, asyncpg_dsn, backoff_delay
+from aeventor.backends.stores.pg_listener import PgListener, asyncpg_dsn, backoff_delay
 from aeventor.exceptions import ConfigurationError, StoreConfigError
 
 from ..backends import restart_postgres

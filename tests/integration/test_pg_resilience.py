@@ -26,8 +26,8 @@ import sqlalchemy.engine
 from structlog.testing import capture_logs
 
 import aeventor as evr
-from aeventor.backends import open_store
-from aeventor.backends._postgres import LISTENER_APPLICATION_NAME, PostgresDatabase
+from aeventor.backends.stores import open_store
+from aeventor.backends.stores.postgres import LISTENER_APPLICATION_NAME, PostgresDatabase
 from aeventor.dispatch._state import Graph
 
 from ..backends import IN_CI, PG_DB, PG_HOST, PG_PORT, PG_USER, backend_url, restart_postgres

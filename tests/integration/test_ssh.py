@@ -22,12 +22,12 @@ from typing import Any
 import asyncssh
 import pytest
 
-from aeventor._context import step_env
-from aeventor._program import StepDef
-from aeventor.backends._local import StepLaunch, build_spec
-from aeventor.backends._ssh import CONNECT_ATTEMPTS, SshExecutor, SshTarget
-from aeventor.backends.base import Claim
+from aeventor.backends.executors.local import StepLaunch, build_spec
+from aeventor.backends.executors.ssh import CONNECT_ATTEMPTS, SshExecutor, SshTarget
+from aeventor.backends.stores.base import Claim
+from aeventor.context import step_env
 from aeventor.exceptions import HostUnreachable
+from aeventor.program.model import StepDef
 from tests.sshd import SshServers, ssh_hosts, ssh_servers, write_known_hosts
 
 from . import sshfuncs
@@ -429,7 +429,7 @@ async def test_runner_leads_a_session_and_records_its_pid_when_given_a_pid_path(
         launch, result_path=str(result_path), sys_path=sys.path, pid_path=str(pid_path)
     )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "aeventor._runner", stdin=asyncio.subprocess.PIPE
+        sys.executable, "-m", "aeventor.backends.executors.runner", stdin=asyncio.subprocess.PIPE
     )
     await proc.communicate(json.dumps(spec).encode())
 

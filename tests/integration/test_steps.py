@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import aeventor as evr
-from aeventor.backends.base import Database
+from aeventor.backends.stores.base import Database
 
 from . import stepfuncs
 from .helpers import DEADLINE, count_runs, steps_of

@@ -11,12 +11,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 import aeventor as evr
-from aeventor import _schema
-from aeventor.backends import open_store
-from aeventor.backends.base import Claim, Database
+from aeventor.backends.stores import open_store
+from aeventor.backends.stores import schema as _schema
+from aeventor.backends.stores.base import Claim, Database
+from aeventor.backends.stores.migrations import VERSION_TABLE, head_revision
 from aeventor.dispatch._state import Graph
 from aeventor.exceptions import SchemaVersionError, UniqueViolation
-from aeventor.migrations import VERSION_TABLE, head_revision
 
 
 def fan_out_program(width: int) -> evr.ProgramDef:
@@ -133,7 +133,7 @@ async def test_a_database_at_an_older_revision_is_upgraded_keeping_its_rows(
     """A store made by the first schema (0001) is brought to head on open; rows survive."""
     from alembic import command
 
-    from aeventor.migrations import _config
+    from aeventor.backends.stores.migrations import _config
 
     engine = open_store(store_url, program="old")._create_engine()
     try:

@@ -8,7 +8,7 @@ import pytest
 
 import aeventor as evr
 from aeventor.agent import Agent, AgentConfig, Refused
-from aeventor.backends import open_store
+from aeventor.backends.stores import open_store
 
 
 def module_level() -> None:

@@ -1,4 +1,4 @@
-"""Tests for boolean expressions over events (aeventor._expr)."""
+"""Tests for boolean expressions over events (aeventor.program.expr)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 import aeventor as evr
-from aeventor import _expr
-from aeventor._expr import And, Or, and_, or_
 from aeventor.exceptions import ProgramDefinitionError
+from aeventor.program import expr as _expr
+from aeventor.program.expr import And, Or, and_, or_
 
 
 def subsets(names: str) -> list[frozenset[str]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import aeventor as evr
-from aeventor import _signing
-from aeventor._hosts import assign_hosts, predecessors
+from aeventor import signing as _signing
+from aeventor.program.hosts import assign_hosts, predecessors
 
 S = evr.StepStatus
 

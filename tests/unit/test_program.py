@@ -1,4 +1,4 @@
-"""Tests for programs as data (aeventor._program), the Eventor definition API and store URLs."""
+"""Tests for programs as data (aeventor.program.model), the Eventor definition API and store URLs."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import pytest
 from sqlalchemy.engine import URL
 
 import aeventor as evr
-from aeventor._expr import And, Or
-from aeventor._program import EventDef, ProgramDef, StepDef, StepStatus, check_json
-from aeventor.backends import resolve_url
+from aeventor.backends.stores import resolve_url
 from aeventor.exceptions import (
     ConfigurationError,
     ProgramDefinitionError,
     SerializationError,
     StoreConfigError,
 )
+from aeventor.program.expr import And, Or
+from aeventor.program.model import EventDef, ProgramDef, StepDef, StepStatus, check_json
 
 S = StepStatus
 

@@ -11,8 +11,6 @@ from typing import Any
 import pytest
 
 import aeventor as evr
-from aeventor import _expr
-from aeventor._program import EventDef, ProgramDef, RunStatus, StepDef, StepStatus
 from aeventor.dispatch._state import (
     FirePlan,
     Graph,
@@ -20,6 +18,8 @@ from aeventor.dispatch._state import (
     check_transition,
     final_run_status,
 )
+from aeventor.program import expr as _expr
+from aeventor.program.model import EventDef, ProgramDef, RunStatus, StepDef, StepStatus
 
 S = StepStatus
 

@@ -33,12 +33,12 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .. import _schema as t
-from .._program import ProgramDef, RunStatus, StepStatus
-from .._records import RunResult, StepRun
-from .._util import backoff_delay
-from ..dispatch._state import PENDING, Graph, final_run_status
-from ..exceptions import ConnectionLost, DatabaseError, NoResult, UniqueViolation
+from ...dispatch._state import PENDING, Graph, final_run_status
+from ...exceptions import ConnectionLost, DatabaseError, NoResult, UniqueViolation
+from ...program.model import ProgramDef, RunStatus, StepStatus
+from ...records import RunResult, StepRun
+from ...utils import backoff_delay
+from . import schema as t
 
 __all__ = ("Advance", "Claim", "Database", "Notifier", "Taker", "retry_on_disconnect")
 
@@ -272,7 +272,7 @@ class Database(abc.ABC):
             raise
 
     async def _ensure_schema(self) -> None:
-        from ..migrations import upgrade_to_head
+        from .migrations import upgrade_to_head
 
         await upgrade_to_head(self.engine)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from . import _expr
-from .exceptions import ProgramDefinitionError, SerializationError
+from ..exceptions import ProgramDefinitionError, SerializationError
+from . import expr as _expr
 
 __all__ = (
     "TRIGGER_STATUSES",

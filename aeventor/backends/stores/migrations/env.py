@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from aeventor._schema import metadata
-from aeventor.migrations import VERSION_TABLE
+from aeventor.backends.stores.migrations import VERSION_TABLE
+from aeventor.backends.stores.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:

@@ -19,9 +19,9 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ..exceptions import SchemaVersionError
-from ..migrations import upgrade_to_head
+from ...exceptions import SchemaVersionError
 from .base import Database
+from .migrations import upgrade_to_head
 
 __all__ = ("MySQLDatabase", "backend_class")
 

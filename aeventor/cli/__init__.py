@@ -23,9 +23,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import _schema
-from .backends import open_store
-from .exceptions import ConfigurationError, DatabaseError, NoResult
+from ..backends.stores import open_store
+from ..backends.stores import schema as _schema
+from ..exceptions import ConfigurationError, DatabaseError, NoResult
 
 __all__ = ("main",)
 
@@ -112,8 +112,8 @@ def _load_target(target: str) -> Any:
     import importlib.util
     from pathlib import Path
 
-    from ._eventor import Eventor
-    from ._guard import MainImportStopped, importing_main
+    from .._eventor import Eventor
+    from ..guard import MainImportStopped, importing_main
 
     where, sep, name = target.rpartition(":")
     if not sep or not where or not name:
@@ -152,9 +152,9 @@ def _load_target(target: str) -> Any:
 
 
 async def _submit(args: argparse.Namespace) -> int:
-    from ._distributed import follow, submit
-    from ._signing import load_cluster_key
-    from .dispatch._state import Graph
+    from ..dispatch._state import Graph
+    from ..signing import load_cluster_key
+    from ..submission import follow, submit
 
     triggers = [_parse_trigger(t) for t in args.trigger]
     if (args.target is None) == (args.program is None):
@@ -198,7 +198,7 @@ async def _submit(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["agent"]:
-        from . import agent
+        from .. import agent
 
         if argv[1:2] == ["start"]:
             return agent.start_main(argv[2:])
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "submit":
             return asyncio.run(_submit(args))
         if args.command == "config":
-            from .config import main as config_main
+            from ..config import main as config_main
 
             return config_main(args.args)
         if args.command == "db":

@@ -24,10 +24,10 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from ..exceptions import ConnectionLost
-from ..migrations import upgrade_to_head
-from ._pg_listener import PgListener, asyncpg_dsn
+from ...exceptions import ConnectionLost
 from .base import Database
+from .migrations import upgrade_to_head
+from .pg_listener import PgListener, asyncpg_dsn
 
 __all__ = ("CHANNEL", "PostgresDatabase", "backend_class")
 

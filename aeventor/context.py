@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 from .exceptions import AeventorError
 
 if TYPE_CHECKING:
-    from ._program import StepDef
+    from .program.model import StepDef
 
 __all__ = ("StepContext", "current_step", "launch_env", "step_env")
 

@@ -22,8 +22,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
-from .._util import backoff_delay
-from ..exceptions import DatabaseError
+from ...exceptions import DatabaseError
+from ...utils import backoff_delay
 from .base import Database
 
 __all__ = ("SqliteDatabase", "backend_class")

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._context import StepContext, _current
-from .._program import StepDef
-from ..exceptions import ExecutorError
-from .base import Claim
+from ...context import StepContext, _current
+from ...exceptions import ExecutorError
+from ...program.model import StepDef
+from ..stores.base import Claim
 
 __all__ = (
     "ExecResult",
@@ -135,7 +135,7 @@ class LocalExecutor:
         tmpdir = await self._ensure_tmpdir()
         result_path = os.path.join(tmpdir, f"{launch.claim.id}-{launch.claim.attempt}.json")
         spec = build_spec(launch, result_path=result_path, sys_path=self.sys_path)
-        argv = [self.python, "-m", "aeventor._runner"]
+        argv = [self.python, "-m", "aeventor.backends.executors.runner"]
         returncode = await self._spawn(launch, argv, stdin_data=json.dumps(spec).encode())
         raw = await asyncio.to_thread(_read_result, result_path)
         return decode_result(launch, raw, returncode)
@@ -205,7 +205,7 @@ def build_spec(
     sys_path: Sequence[str],
     pid_path: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON spec ``python -m aeventor._runner`` reads on stdin for a function step.
+    """The JSON spec ``python -m aeventor.backends.executors.runner`` reads on stdin for a function step.
 
     Args:
         result_path: where the runner writes its outcome (on the host it runs on).

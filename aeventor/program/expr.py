@@ -17,7 +17,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
-from .exceptions import ProgramDefinitionError
+from ..exceptions import ProgramDefinitionError
 
 __all__ = ("And", "Expr", "Or", "and_", "or_")
 

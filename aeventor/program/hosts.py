@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from . import _expr
-from ._program import ProgramDef
-from .exceptions import ProgramDefinitionError
+from ..exceptions import ProgramDefinitionError
+from . import expr as _expr
+from .model import ProgramDef
 
 __all__ = ("assign_hosts", "predecessors")
 

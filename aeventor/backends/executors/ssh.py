@@ -2,7 +2,7 @@
 
 A step runs as one SSH "exec" channel whose command is a small POSIX ``sh`` script (so the
 user's login shell does not matter): it prints ``aeventor-pid:$$`` on stderr, sends its
-stderr where its stdout goes, and ``exec``-s the step: ``python -m aeventor._runner`` for a
+stderr where its stdout goes, and ``exec``-s the step: ``python -m aeventor.backends.executors.runner`` for a
 function step (its JSON spec on stdin), the argv of a command step. ``exec`` keeps the pid,
 so ``$$`` is the step's. The channel's stdout is copied into the step's local log file as it
 arrives. A function step's outcome comes back as it does locally, through the runner's JSON
@@ -30,7 +30,7 @@ outlive the leader) and removes the step's temporary files. Remote processes are
 when a channel closes, so this is what stops them. Control commands (reading a result,
 killing) use channels that steps never take (see ``_Host``).
 
-Differences from :class:`~aeventor.backends._local.LocalExecutor`: a step ends when its
+Differences from :class:`~aeventor.backends.executors.local.LocalExecutor`: a step ends when its
 output is closed by every process that holds it (a daemon it spawns with inherited stdout
 keeps the step running); only ``launch.env`` reaches the remote environment (passed as
 ``env K=V``, not through sshd's ``AcceptEnv``), as the local environment means nothing
@@ -60,9 +60,9 @@ from typing import IO, Any
 import asyncssh
 import structlog
 
-from .._util import backoff_delay
-from ..exceptions import ConfigurationError, ExecutorError, HostUnreachable
-from ._local import (
+from ...exceptions import ConfigurationError, ExecutorError, HostUnreachable
+from ...utils import backoff_delay
+from .local import (
     TERMINATE_GRACE,
     ExecResult,
     StepLaunch,
@@ -485,7 +485,7 @@ class SshExecutor:
 #: ``$$`` is the step's pid: the script ``exec``-s it.
 _PID_MARK = b"aeventor-pid:"
 _PRELUDE = f"echo {_PID_MARK.decode()}$$ >&2; exec 2>&1;"
-_RUNNER = ("-m", "aeventor._runner")
+_RUNNER = ("-m", "aeventor.backends.executors.runner")
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..exceptions import SchemaVersionError
+from ....exceptions import SchemaVersionError
 
 __all__ = ("VERSION_TABLE", "current_revision", "head_revision", "upgrade_to_head")
 

@@ -19,9 +19,9 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from ._program import ProgramDef
 from .config import default_config_path
 from .exceptions import ConfigurationError
+from .program.model import ProgramDef
 
 __all__ = (
     "CLUSTER_KEY_ENV",

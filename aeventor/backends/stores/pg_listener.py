@@ -26,8 +26,8 @@ import sqlalchemy.engine
 import sqlalchemy.exc
 import structlog
 
-from aeventor._util import backoff_delay
 from aeventor.exceptions import ConfigurationError, ConnectionLost, StoreConfigError
+from aeventor.utils import backoff_delay
 
 __all__ = ("PgListener", "asyncpg_dsn", "backoff_delay")
 

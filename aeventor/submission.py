@@ -14,12 +14,12 @@ import socket
 import uuid
 from collections.abc import Sequence
 
-from . import _signing
-from ._hosts import assign_hosts
-from ._program import ProgramDef, RunStatus
-from ._records import RunResult
-from .backends.base import Database
+from . import signing as _signing
+from .backends.stores.base import Database
 from .dispatch._state import Graph
+from .program.hosts import assign_hosts
+from .program.model import ProgramDef, RunStatus
+from .records import RunResult
 
 __all__ = ("follow", "resolve_hosts", "submit")
 

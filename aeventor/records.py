@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ._program import RunStatus, StepStatus
+from .program.model import RunStatus, StepStatus
 
 __all__ = ("RunResult", "StepRun")
 
@@ -90,6 +90,6 @@ class RunResult:
         """The log file of a step run (its stdout, stderr and log records)."""
         if self.log_dir is None:
             return None
-        from ._logs import step_log_path
+        from .dispatch.logs import step_log_path
 
         return step_log_path(self.log_dir, step_run.step, step_run.sequence, step_run.attempt)

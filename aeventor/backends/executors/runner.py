@@ -1,4 +1,4 @@
-"""The process that runs one step: ``python -m aeventor._runner`` with a JSON spec on stdin.
+"""The process that runs one step: ``python -m aeventor.backends.executors.runner`` with a JSON spec on stdin.
 
 It imports the step's callable by path, calls it with the JSON arguments, and writes
 ``{"ok": true, "value": ...}`` or ``{"ok": false, "error": "..."}`` to the result file the
@@ -22,8 +22,8 @@ import sys
 import traceback
 from typing import Any
 
-from ._guard import MainImportStopped, importing_main
-from .exceptions import UnguardedMainError
+from ...exceptions import UnguardedMainError
+from ...guard import MainImportStopped, importing_main
 
 __all__ = ("main",)
 

@@ -1,0 +1,1 @@
+"""A program's definition as data: the model, expressions, host rules and validation."""
