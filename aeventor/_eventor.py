@@ -18,12 +18,14 @@ from typing import Any, Self
 import structlog
 from sqlalchemy.engine import URL
 
+from ._signals import drain_on_sigterm
 from .backends.executors.local import LocalExecutor
 from .backends.stores import open_store
 from .backends.stores.base import Database
 from .dispatch._state import Graph
-from .dispatch.logs import RunLog, run_log_dir
-from .dispatch.worker import RunDispatcher
+from .dispatch.logs import RunLog
+from .dispatch.trust import OwnProgram
+from .dispatch.worker import Scope, Worker, WorkerConfig
 from .exceptions import AeventorError, ConfigurationError, NoResult, ProgramDefinitionError
 from .guard import check_not_importing
 from .program import expr as _expr
@@ -132,6 +134,12 @@ class Eventor:
             rules in the README).
         cluster_key: the key that signs submitted programs (default: from
             ``$AEVENTOR_CLUSTER_KEY`` or the cluster key file).
+        lease: seconds a step run's claim holds without renewal (as the agent's
+            ``--lease``). The run's worker renews its leases on a heartbeat, so another
+            process (an agent's reaper, an operator) can tell when this process died.
+        grace: seconds running steps get to finish when the run is stopped by SIGTERM (as
+            the agent's ``--grace``); then they are terminated and the run is recorded
+            ``cancelled``.
 
     .. versionadded:: 0.1
     """
@@ -150,6 +158,8 @@ class Eventor:
         mode: str = "standalone",
         default_host: str | None = None,
         cluster_key: bytes | str | None = None,
+        lease: float = 30.0,
+        grace: float = 30.0,
     ) -> None:
         self.name = name if name is not None else _program_name()
         _check_name(self.name, "program")
@@ -172,8 +182,14 @@ class Eventor:
         self.log_dir = Path(log_dir) if log_dir is not None else Path.cwd() / "aeventor_logs"
         self.deterministic_logs = deterministic_logs
         self.stop_on_exception = stop_on_exception
+        if not lease > 0:
+            raise ConfigurationError(f"lease={lease!r}: seconds, more than 0 (default 30)")
+        if not grace >= 0:
+            raise ConfigurationError(f"grace={grace!r}: seconds, 0 or more (default 30)")
         self.max_concurrency = max_concurrency
         self.poll_interval = poll_interval
+        self.lease = float(lease)
+        self.grace = float(grace)
         self._events: dict[str, EventDef] = {}
         self._steps: dict[str, StepDef] = {}
         self._groups: dict[str, GroupDef] = {}
@@ -182,8 +198,12 @@ class Eventor:
         self._triggers: list[tuple[str, str]] = []
         self._db: Database | None = None
         self._opening: asyncio.Event | None = None
-        self._owns_db = False
+        #: Held open by ``async with``.
+        self._held = False
+        #: Runs and handles using the store.
         self._live = 0
+        #: Tasks of runs started with start(), until they end.
+        self._started: set[asyncio.Task[RunResult]] = set()
 
     def __repr__(self) -> str:
         return f"<Eventor {self.name!r} events={len(self._events)} steps={len(self._steps)}>"
@@ -455,11 +475,30 @@ class Eventor:
     async def __aenter__(self) -> Self:
         check_not_importing()
         await self._open()
-        self._owns_db = False  # held open by the caller until __aexit__
+        self._held = True
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """Leave the block: runs started with :meth:`start` that are still live are waited
+        for; if the block is left by an exception (or cancelled while waiting), they are
+        cancelled and recorded as such. Then the store is closed."""
+        started = [task for task in self._started if not task.done()]
+        try:
+            if started:
+                if exc_type is not None:
+                    for task in started:
+                        task.cancel()
+                try:
+                    await asyncio.wait(started)
+                except asyncio.CancelledError:
+                    for task in started:
+                        task.cancel()
+                    await asyncio.shield(asyncio.wait(started))
+                    raise
+        finally:
+            self._held = False
+            if not self._live:
+                await self.close()
 
     async def _open(self) -> Database:
         while self._db is None:
@@ -481,9 +520,17 @@ class Eventor:
         return self._db
 
     async def close(self) -> None:
-        """Close the store (runs in progress must have ended)."""
+        """Close the store.
+
+        Raises:
+            AeventorError: runs of this Eventor are still live (wait for or cancel them).
+        """
+        if self._live:
+            raise AeventorError(
+                f"Eventor {self.name!r}: {self._live} run(s) still live; wait for them "
+                "(`await handle.wait()`) or cancel them before closing the store"
+            )
         db, self._db = self._db, None
-        self._owns_db = False
         if db is not None:
             await db.aclose()
 
@@ -492,12 +539,13 @@ class Eventor:
 
         The result is truthy on success and falsy when a step failure that fired no failure
         trigger stopped the run. Cancelling the awaiting task terminates running steps and
-        records the run as cancelled.
+        records the run as cancelled (in distributed mode: for every host).
         """
         check_not_importing()
+        state = _RunState(uuid.uuid4().hex, cancel_on_cancel=True)
         if self.mode == "distributed":
-            return await self._run_distributed(_RunState(uuid.uuid4().hex), self.program)
-        return await self._run(_RunState(uuid.uuid4().hex), self.program)
+            return await self._run_distributed(state, self.program)
+        return await self._run(state, self.program)
 
     def start(self) -> RunHandle:
         """Start a run in the background of the running loop; return its handle at once."""
@@ -511,10 +559,21 @@ class Eventor:
             ) from None
         # Validate here, so that a bad program raises to the caller, not in the background.
         program = self.program
-        state = _RunState(uuid.uuid4().hex)
-        runner = self._run_distributed if self.mode == "distributed" else self._run
+        distributed = self.mode == "distributed"
+        # A standalone run lives in this process: if its task is cancelled, so is the run.
+        state = _RunState(uuid.uuid4().hex, cancel_on_cancel=not distributed)
+        runner = self._run_distributed if distributed else self._run
         task = asyncio.create_task(runner(state, program), name=f"aeventor run {state.run_id}")
-        return RunHandle(self, state, task)
+        self._started.add(task)
+        task.add_done_callback(self._started.discard)
+        return RunHandle(self.name, state, task)
+
+    def attach(self, run_id: str) -> RunHandle:
+        """A handle on an existing run of this store, through this Eventor's open store.
+
+        .. versionadded:: 0.1
+        """
+        return attach(self, run_id)
 
     # -- distributed mode ---------------------------------------------------------------
 
@@ -546,22 +605,20 @@ class Eventor:
             )
         program = self.program
         key = self._key()
-        db = await self._open()
-        self._check_shared_store(db)
-        return await submit(db, program, list(self._triggers), key=key)
+        async with self._run_store() as db:
+            self._check_shared_store(db)
+            return await submit(db, program, list(self._triggers), key=key)
 
     @contextlib.asynccontextmanager
     async def _run_store(self) -> AsyncIterator[Database]:
-        """The store for one run. Opened for runs (not held by ``async with``), it is closed
-        by the last run to end."""
-        if self._db is None:
-            self._owns_db = True
+        """The store for one run or handle. Unless held open by ``async with``, it is
+        closed when the last run or handle using it ends."""
         self._live += 1
         try:
             yield await self._open()
         finally:
             self._live -= 1
-            if self._owns_db and not self._live:
+            if not self._held and not self._live:
                 await self.close()
 
     async def _run_distributed(self, state: _RunState, program: ProgramDef) -> RunResult:
@@ -569,22 +626,7 @@ class Eventor:
         async with self._run_store() as db:
             self._check_shared_store(db)
             await submit(db, program, list(self._triggers), key=key, run_id=state.run_id)
-            return await self._follow(db, state)
-
-    async def _follow(self, db: Database, state: _RunState) -> RunResult:
-        """Follow a run driven by others to its end; cancelling cancels it for every host."""
-        state.follower = db
-        try:
-            try:
-                result = await follow(db, state.run_id)
-            except asyncio.CancelledError:
-                await asyncio.shield(self._finish_cancelled(db, state, None, "cancelled"))
-                raise
-            state.set_status(result.status)
-            state.final = result
-            return result
-        finally:
-            state.follower = None
+            return await _follow(db, state)
 
     def run_sync(self) -> RunResult:
         """Run the program from plain (non-async) code: ``asyncio.run(ev.run())``, then close."""
@@ -603,88 +645,78 @@ class Eventor:
             try:
                 return await self.run()
             finally:
-                await self.close()
+                if not self._live:
+                    await self.close()
 
         return asyncio.run(_main())
 
     async def _run(self, state: _RunState, program: ProgramDef) -> RunResult:
+        """A standalone run: a worker scoped to the run, in this process."""
         graph = Graph(program)
-        run_dir = run_log_dir(self.log_dir, program.name, state.run_id)
-        run_log = RunLog(
-            run_dir / "program.log", level=self.level, deterministic=self.deterministic_logs
-        )
         executor = LocalExecutor()
         try:
             async with self._run_store() as db:
-                return await self._drive(db, state, graph, executor, run_dir, run_log)
+                with drain_on_sigterm(state.stop):
+                    return await self._drive(db, state, graph, executor)
         finally:
-            state.dispatcher = None
+            state.worker = None
             await executor.aclose()
 
     async def _drive(
-        self,
-        db: Database,
-        state: _RunState,
-        graph: Graph,
-        executor: LocalExecutor,
-        run_dir: Path,
-        run_log: RunLog,
+        self, db: Database, state: _RunState, graph: Graph, executor: LocalExecutor
     ) -> RunResult:
         program = graph.program
-        program_id = await db.register_program(program)
-        run_log.info(f"run {state.run_id} of program {program.name} started")
-        for event, sequence in self._triggers:
-            run_log.info(f"event {event}[{sequence}] triggered")
-        dispatcher = RunDispatcher(
-            db=db,
-            graph=graph,
-            run_id=state.run_id,
-            executor=executor,
+        worker = Worker(
+            store=db,
+            scope=Scope(run_id=state.run_id),
+            config=WorkerConfig(
+                concurrency=self.max_concurrency,
+                lease=self.lease,
+                grace=self.grace,
+                log_dir=self.log_dir,
+                deterministic_logs=self.deterministic_logs,
+                log_level=self.level,
+            ),
+            programs=OwnProgram(graph),
+            route=lambda step: (executor, step),
             funcs=self._funcs,
-            run_dir=run_dir,
-            run_log=run_log,
-            deterministic_logs=self.deterministic_logs,
-            logger_name=f"{program.name}.step",
-            max_concurrency=self.max_concurrency,
             on_status=state.set_status,
         )
+        run_log = worker.run_log(program.name, state.run_id)
         try:
+            program_id = await db.register_program(program)
+            run_log.info(f"run {state.run_id} of program {program.name} started")
+            for event, sequence in self._triggers:
+                run_log.info(f"event {event}[{sequence}] triggered")
             _, advance = await db.create_run(
                 graph,
                 program_id=program_id,
                 triggers=list(self._triggers),
                 run_id=state.run_id,
-                take=dispatcher.taker(),
+                take=worker.taker(),
             )
-            state.dispatcher = dispatcher
-            dispatcher.apply(advance)
-            status = await dispatcher.run()
+            state.store, state.graph, state.worker = db, graph, worker
+            state.created.set()
+            worker.apply(state.run_id, advance)
+            await worker.run(state.stop)
+            if worker.status is RunStatus.running:
+                # Stopped (SIGTERM) before the run ended: its steps were drained.
+                reason = f"terminated by SIGTERM (running steps got {self.grace:g}s to finish)"
+                await asyncio.shield(_finish_cancelled(db, state, run_log, reason))
+                return _final(state)
         except BaseException as exc:
             reason = (
                 "cancelled" if isinstance(exc, asyncio.CancelledError) else f"engine error: {exc!r}"
             )
-            await asyncio.shield(self._finish_cancelled(db, state, run_log, reason))
+            await asyncio.shield(_finish_cancelled(db, state, run_log, reason))
             raise
-        run_log.info(f"run {state.run_id} ended: {status.value}")
+        run_log.info(f"run {state.run_id} ended: {worker.status.value}")
         await run_log.flush()
-        result = dataclasses.replace(await db.load_result(state.run_id), log_dir=run_dir)
+        result = dataclasses.replace(
+            await db.load_result(state.run_id), log_dir=run_log.path.parent
+        )
         state.final = result
         return result
-
-    async def _finish_cancelled(
-        self, db: Database, state: _RunState, run_log: RunLog | None, reason: str
-    ) -> None:
-        try:
-            await db.cancel_run(state.run_id, reason=reason)
-        except NoResult:
-            return  # stopped before the run was written: nothing to record
-        state.set_status(RunStatus.cancelled)
-        result = await db.load_result(state.run_id)
-        if run_log is not None:
-            run_log.info(f"run {state.run_id} ended: cancelled ({reason})")
-            await run_log.flush()
-            result = dataclasses.replace(result, log_dir=run_log.path.parent)
-        state.final = result
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -797,26 +829,75 @@ def _check_name(name: Any, kind: str) -> None:
 class _RunState:
     """What a run shares with its handle."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, *, cancel_on_cancel: bool) -> None:
         self.run_id = run_id
         self.status = RunStatus.running
         self.final: RunResult | None = None
-        self.dispatcher: RunDispatcher | None = None
-        #: The store a distributed run is followed through, while it is.
-        self.follower: Database | None = None
+        #: Cancelling the run's task cancels the run (a run of this process, or `run()`).
+        self.cancel_on_cancel = cancel_on_cancel
+        #: The handle's cancel() was called.
+        self.cancel_requested = False
+        #: Set once the run exists in the store (and ``store`` is set).
+        self.created = asyncio.Event()
+        #: Set to drain the run's worker (SIGTERM).
+        self.stop = asyncio.Event()
+        self.store: Database | None = None
+        self.graph: Graph | None = None
+        #: The worker driving a standalone run, while it does.
+        self.worker: Worker | None = None
 
     def set_status(self, status: RunStatus) -> None:
         self.status = status
 
 
+def _final(state: _RunState) -> RunResult:
+    assert state.final is not None
+    return state.final
+
+
+async def _finish_cancelled(
+    db: Database, state: _RunState, run_log: RunLog | None, reason: str
+) -> None:
+    try:
+        await db.cancel_run(state.run_id, reason=reason)
+    except NoResult:
+        return  # stopped before the run was written: nothing to record
+    state.set_status(RunStatus.cancelled)
+    result = await db.load_result(state.run_id)
+    if run_log is not None:
+        run_log.info(f"run {state.run_id} ended: cancelled ({reason})")
+        await run_log.flush()
+        result = dataclasses.replace(result, log_dir=run_log.path.parent)
+    state.final = result
+
+
+async def _follow(db: Database, state: _RunState) -> RunResult:
+    """Follow a run driven by others (agents) to its end.
+
+    Cancelling stops following; it cancels the run for every host only if the handle's
+    :meth:`RunHandle.cancel` asked for it, or the caller awaited :meth:`Eventor.run`.
+    """
+    state.store = db
+    state.created.set()
+    try:
+        result = await follow(db, state.run_id)
+    except asyncio.CancelledError:
+        if state.cancel_requested or state.cancel_on_cancel:
+            await asyncio.shield(_finish_cancelled(db, state, None, "cancelled"))
+        raise
+    state.set_status(result.status)
+    state.final = result
+    return result
+
+
 class RunHandle:
-    """A run started with :meth:`Eventor.start`.
+    """A run started with :meth:`Eventor.start`, or attached with :func:`attach`.
 
     .. versionadded:: 0.1
     """
 
-    def __init__(self, eventor: Eventor, state: _RunState, task: asyncio.Task[RunResult]) -> None:
-        self._eventor = eventor
+    def __init__(self, program: str, state: _RunState, task: asyncio.Task[RunResult]) -> None:
+        self._program = program
         self._state = state
         self._task = task
         task.add_done_callback(self._observe)
@@ -839,6 +920,8 @@ class RunHandle:
     async def wait(self) -> RunResult:
         """Wait for the run to end and return its result (also after :meth:`cancel`).
 
+        Giving up on the wait (a timeout, a cancelled caller) leaves the run alone.
+
         Raises:
             AeventorError: the engine failed; the cause is chained.
         """
@@ -850,25 +933,49 @@ class RunHandle:
             raise
 
     def cancel(self) -> None:
-        """Stop the run: terminate its running steps and record it as cancelled."""
+        """Cancel the run: its running steps are terminated (on every host) and it is
+        recorded as cancelled. :meth:`wait` returns the cancelled result."""
+        self._state.cancel_requested = True
         self._task.cancel()
 
     async def trigger_event(self, event: Event | str, sequence: str | int = 0) -> None:
-        """Fire ``event`` for ``sequence`` in the live run."""
+        """Fire ``event`` for ``sequence`` in the live run (waits until the run exists).
+
+        Raises:
+            ProgramDefinitionError: the run's program has no such event.
+            AeventorError: the run has ended.
+        """
         name = _name_of(event)
-        dispatcher = self._state.dispatcher
-        if dispatcher is not None:
-            if name not in dispatcher.graph.program.events:
-                raise ProgramDefinitionError(f"trigger_event: undefined event {name!r}")
-            await dispatcher.trigger(name, str(sequence))
-            return
-        db = self._state.follower
-        if db is None:
-            raise AeventorError(f"run {self.run_id} is not live; cannot trigger {event!r}")
-        program, _ = await db.run_provenance(self.run_id)
-        if name not in program.events:
+        state = self._state
+        if not state.created.is_set() and not self._task.done():
+            created = asyncio.ensure_future(state.created.wait())
+            try:
+                await asyncio.wait({created, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                created.cancel()
+                await asyncio.gather(created, return_exceptions=True)
+        db = state.store
+        if self._task.done() or db is None:
+            raise AeventorError(
+                f"run {self.run_id} has ended ({self.status.value}); cannot trigger {name!r}"
+            )
+        graph = state.graph
+        if graph is None:
+            program, _ = await db.run_provenance(self.run_id)
+            graph = state.graph = Graph(program)
+        if name not in graph.program.events:
             raise ProgramDefinitionError(f"trigger_event: undefined event {name!r}")
-        await db.trigger(Graph(program), run_id=self.run_id, event=name, sequence=str(sequence))
+        worker = state.worker
+        if worker is not None:
+            advance = await worker.trigger(graph, self.run_id, name, str(sequence))
+        else:
+            advance = await db.trigger(
+                graph, run_id=self.run_id, event=name, sequence=str(sequence)
+            )
+        if not advance.recorded:
+            raise AeventorError(
+                f"run {self.run_id} has ended ({advance.run_status.value}); cannot trigger {name!r}"
+            )
 
     def _observe(self, task: asyncio.Task[RunResult]) -> None:
         if task.cancelled():
@@ -877,25 +984,27 @@ class RunHandle:
                 now = datetime.now(UTC)
                 self._state.final = RunResult(
                     run_id=self.run_id,
-                    program=self._eventor.name,
+                    program=self._program,
                     status=RunStatus.cancelled,
                     reason="cancelled before it started",
                     created=now,
                     ended=now,
                     steps=(),
                 )
-            self._state.set_status(RunStatus.cancelled)
+                self._state.set_status(RunStatus.cancelled)
         elif task.exception() is not None:
             log.error("run failed", run_id=self.run_id, exc_info=task.exception())
 
 
 def attach(
-    store: str | URL | Path, run_id: str, *, poll_interval: float | None = None
+    store: str | URL | Path | Eventor, run_id: str, *, poll_interval: float | None = None
 ) -> RunHandle:
     """A handle on a run that already exists, from any process that reaches its store.
 
-    ``await handle.wait()`` follows it to its end; ``handle.cancel()`` cancels it for every
-    host (the agents terminate its running steps); ``trigger_event`` fires into it.
+    ``await handle.wait()`` follows it to its end (giving up on the wait leaves the run
+    alone); ``handle.cancel()`` cancels it for every host (the agents terminate its running
+    steps); ``trigger_event`` fires into it. Pass an :class:`Eventor` (``async with``-opened,
+    or any) to reuse its store for every handle instead of opening one per call.
 
     .. versionadded:: 0.1
     """
@@ -905,14 +1014,26 @@ def attach(
         raise AeventorError(
             "attach() needs a running event loop; call it from async code"
         ) from None
-    state = _RunState(run_id)
-    eventor = Eventor(name="attached", store=store, poll_interval=poll_interval)
+    state = _RunState(run_id, cancel_on_cancel=False)
+    eventor = (
+        store
+        if isinstance(store, Eventor)
+        else Eventor(name="attached", store=store, poll_interval=poll_interval)
+    )
 
     async def follow_it() -> RunResult:
         try:
-            return await eventor._follow(await eventor._open(), state)
-        finally:
-            await eventor.close()
+            async with eventor._run_store() as db:
+                return await _follow(db, state)
+        except asyncio.CancelledError:
+            if state.cancel_requested and not state.created.is_set():
+                # Cancelled before the store was open: open it to cancel the run anyway.
+                async def cancel_now() -> None:
+                    async with eventor._run_store() as db:
+                        await _finish_cancelled(db, state, None, "cancelled")
+
+                await asyncio.shield(cancel_now())
+            raise
 
     task = asyncio.create_task(follow_it(), name=f"aeventor follow {run_id}")
-    return RunHandle(eventor, state, task)
+    return RunHandle(eventor.name, state, task)

@@ -19,42 +19,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fnmatch
+import dataclasses
 import os
 import re
 import signal
 import socket
 import sys
-import traceback
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from . import signing as _signing
-from .backends.executors.local import ExecResult, LocalExecutor, StepLaunch
+from .backends.executors.local import LocalExecutor
 from .backends.stores import open_store
-from .backends.stores.base import Claim, Database, Taker
-from .context import launch_env
-from .dispatch._state import Graph
-from .dispatch.logs import run_log_dir, step_log_path
-from .exceptions import AeventorError, ConfigurationError, ExecutorError, NoResult
-from .program.model import ProgramDef, StepStatus
-from .utils import wait_any
+from .backends.stores.base import Database
+from .dispatch.executor import Executor
+from .dispatch.trust import Refused, SignedPrograms
+from .dispatch.worker import Scope, Worker, WorkerConfig
+from .exceptions import ConfigurationError, ExecutorError
+from .program.model import ProgramDef, StepDef
 
-__all__ = ("Agent", "AgentConfig", "main", "run_agents")
+__all__ = ("Agent", "AgentConfig", "Refused", "main", "run_agents")
 
 log = structlog.get_logger("aeventor.agent")
-
-_PROGRAM_CACHE = 1024
-
-
-class Refused(AeventorError):
-    """A step run this agent will not execute; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,42 +74,59 @@ class AgentConfig:
 
 
 class Agent:
-    """Serves the configured hosts on one store until ``stop`` is set."""
+    """Serves the configured hosts on one store until ``stop`` is set: a
+    :class:`~aeventor.dispatch.worker.Worker` scoped to the hosts' queues, trusting only
+    signed programs whose steps match ``allow``."""
 
     def __init__(self, *, db: Database, config: AgentConfig) -> None:
         self.db = db
         self.config = config
-        self.id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self.log = log.bind(agent=self.id, store=repr(db))
         self._local = LocalExecutor()
         self._ssh: Any = None
         if config.ssh_targets:
             from .backends.executors.ssh import SshExecutor
 
             self._ssh = SshExecutor(targets=config.ssh_targets)
-        self._programs: OrderedDict[str, Graph] = OrderedDict()
-        self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._stopping = False
-        self._wake = asyncio.Event()
-        self._maybe_work = True
+        self.programs = SignedPrograms(db, key=config.cluster_key, allow=config.allow)
+        self.worker = Worker(
+            store=db,
+            scope=Scope(hosts=tuple(config.all_hosts)),
+            config=WorkerConfig(
+                concurrency=config.max_concurrency,
+                lease=config.lease,
+                heartbeat=config.heartbeat,
+                grace=config.grace,
+                reap=True,
+                record_abandoned=True,
+                log_dir=config.log_dir,
+            ),
+            programs=self.programs,
+            route=self._route,
+        )
+        self.id = self.worker.id
+        self.log = log.bind(agent=self.id, store=repr(db))
 
-    # -- lifecycle ----------------------------------------------------------------------
+    def _check_allowed(self, program: ProgramDef, step_name: str) -> None:
+        self.programs.check_step(program, step_name)
+
+    def _route(self, step: StepDef) -> tuple[Executor, StepDef]:
+        if step.executor == "inloop":
+            # An agent has no loop of the defining process: async functions run in the step
+            # runner, which awaits them.
+            step = dataclasses.replace(step, executor="process")
+        if step.host in self.config.ssh_targets:
+            return self._ssh, step
+        return self._local, step
 
     async def run(self, stop: asyncio.Event, *, ready: asyncio.Event | None = None) -> None:
+        worker_ready = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tg:
-                side = [
-                    tg.create_task(self._heartbeat_loop(), name="agent heartbeat"),
-                    tg.create_task(self._reaper_loop(), name="agent reaper"),
-                ]
-                await self._beat()
+                tg.create_task(self.worker.run(stop, ready=worker_ready))
+                await worker_ready.wait()
                 self.log.info("agent.ready", hosts=self.config.all_hosts)
                 if ready is not None:
                     ready.set()
-                await self._claim_loop(tg, stop)
-                await self._drain()
-                for task in side:
-                    task.cancel()
         finally:
             await asyncio.shield(self._close())
 
@@ -127,262 +134,7 @@ class Agent:
         await self._local.aclose()
         if self._ssh is not None:
             await self._ssh.aclose()
-        try:
-            await self.db.agent_stopped(self.id)
-        except AeventorError as exc:
-            self.log.warning("agent.stop_not_recorded", error=str(exc))
         self.log.info("agent.stopped")
-
-    async def _drain(self) -> None:
-        """Stop claiming; give running steps ``grace`` seconds, then terminate them."""
-        self._stopping = True
-        running = list(self._tasks.values())
-        if not running:
-            return
-        self.log.info("agent.draining", running=len(running), grace=self.config.grace)
-        _, pending = await asyncio.wait(running, timeout=self.config.grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-
-    # -- claiming -----------------------------------------------------------------------
-
-    async def _claim_loop(self, tg: asyncio.TaskGroup, stop: asyncio.Event) -> None:
-        with self.db.notifier.subscribe(None) as remote:
-            while not stop.is_set():
-                free = self.config.max_concurrency - len(self._tasks)
-                if free > 0 and self._maybe_work:
-                    self._maybe_work = False
-                    claims = await self.db.claim(
-                        worker=self.id,
-                        limit=free,
-                        hosts=self.config.all_hosts,
-                        lease=timedelta(seconds=self.config.lease),
-                    )
-                    if len(claims) == free:
-                        self._maybe_work = True
-                    for claim in claims:
-                        self._start(tg, claim)
-                    if self._maybe_work:
-                        continue
-                await self._wait(stop, remote)
-
-    def _start(self, tg: asyncio.TaskGroup, claim: Claim) -> None:
-        task = tg.create_task(self._execute(tg, claim), name=f"step {claim.step}")
-        self._tasks[claim.id] = task
-
-    async def _wait(self, stop: asyncio.Event, remote: asyncio.Event) -> None:
-        await wait_any(stop, remote, self._wake, poll=self.db.poll_interval)
-        # A remote wake-up or a poll: look again. Our own completions set _maybe_work.
-        if remote.is_set() or not self._wake.is_set():
-            self._maybe_work = True
-        remote.clear()
-        self._wake.clear()
-
-    # -- provenance ---------------------------------------------------------------------
-
-    async def _graph(self, run_id: str) -> Graph:
-        """The verified program of a run (cached)."""
-        cached = self._programs.get(run_id)
-        if cached is not None:
-            self._programs.move_to_end(run_id)
-            return cached
-        program, facts = await self.db.run_provenance(run_id)
-        key = self.config.cluster_key
-        if program.version != facts["version"] or program.canonical_json() != facts["definition"]:
-            raise Refused(
-                f"program {facts['name']!r}: stored definition does not match its version"
-            )
-        expected = _signing.definition_signature(
-            key, facts["name"], facts["version"], facts["definition"]
-        )
-        if not _signing.verify(facts["program_signature"], expected):
-            raise Refused(
-                f"program {facts['name']!r} version {facts['version']}: its signature does not "
-                "verify with this agent's cluster key (tampered, or submitted with another key)"
-            )
-        run_expected = _signing.run_signature(
-            key, run_id=run_id, program_id=facts["program_id"], version=facts["version"]
-        )
-        if not _signing.verify(facts["run_signature"], run_expected):
-            raise Refused(
-                f"run {run_id}: its signature does not verify with this agent's cluster key"
-            )
-        graph = Graph(program)
-        self._programs[run_id] = graph
-        if len(self._programs) > _PROGRAM_CACHE:
-            self._programs.popitem(last=False)
-        return graph
-
-    def _check_allowed(self, program: ProgramDef, step_name: str) -> None:
-        step = program.steps[step_name]
-        if step.local_only:
-            raise Refused(
-                f"step {step_name!r} is an in-loop closure that only the defining process can "
-                "run; define it at module level to run it on an agent"
-            )
-        if step.argv is not None:
-            # A command is code too: its program must be allowed like a module.
-            candidates = [step.argv[0]]
-        elif step.target is None:
-            return  # a no-op runs nothing
-        else:
-            module = step.target.partition(":")[0]
-            candidates = [module] + ([step.main_path] if step.main_path else [])
-        if not any(
-            fnmatch.fnmatchcase(candidate, pattern)
-            for candidate in candidates
-            for pattern in self.config.allow
-        ):
-            shown = candidates[-1]
-            raise Refused(
-                f"step {step_name!r}: {shown!r} is not allowed on this agent; start the agent "
-                f"with --allow {shown!r} (or a pattern matching it)"
-            )
-
-    # -- executing ----------------------------------------------------------------------
-
-    async def _execute(self, tg: asyncio.TaskGroup, claim: Claim) -> None:
-        bound = self.log.bind(run_id=claim.run_id, step=claim.step, sequence=claim.sequence)
-        graph: Graph | None = None
-        try:
-            try:
-                graph = await self._graph(claim.run_id)
-                self._check_allowed(graph.program, claim.step)
-            except Refused as exc:
-                bound.error("step.refused", reason=str(exc))
-                await self._record_refusal(claim, f"refused by agent {self.id}: {exc}")
-                return
-            result = await self._launch(graph, claim, bound)
-            status = StepStatus.success if result.ok else StepStatus.failure
-            free = self.config.max_concurrency - len(self._tasks) + 1
-            advance = await self.db.complete(
-                graph,
-                claim,
-                status=status,
-                result=result.value,
-                error=result.error,
-                take=None
-                if self._stopping
-                else Taker(
-                    worker=self.id,
-                    budget=max(free, 0),
-                    hosts=frozenset(self.config.all_hosts),
-                    lease=timedelta(seconds=self.config.lease),
-                ),
-            )
-            bound.info("step.ended", status=status.value)
-            for next_claim in advance.claims:
-                self._start(tg, next_claim)
-            if advance.ready:
-                self._maybe_work = True
-        except asyncio.CancelledError:
-            if graph is not None and self._stopping:
-                reason = (
-                    f"terminated: agent {self.id} shut down and the step outlived the "
-                    f"{self.config.grace:g}s grace period"
-                )
-                bound.warning("step.terminated", reason=reason)
-                await asyncio.shield(
-                    self.db.complete(graph, claim, status=StepStatus.failure, error=reason)
-                )
-            raise
-        finally:
-            self._tasks.pop(claim.id, None)
-            self._wake.set()
-
-    async def _launch(self, graph: Graph, claim: Claim, bound: Any) -> ExecResult:
-        step = graph.program.steps[claim.step]
-        if step.executor == "inloop":
-            # An agent has no loop of the defining process: async functions run in the step
-            # runner, which awaits them.
-            step = _as_process(step)
-        env = launch_env(
-            claim, step, program=graph.program.name, logger_name=f"{graph.program.name}.step"
-        )
-        run_dir = run_log_dir(self.config.log_dir, graph.program.name, claim.run_id)
-
-        async def on_started(pid: int) -> None:
-            bound.info("step.started", pid=pid, host=step.host)
-            if (await self.db.started(graph, claim, pid=pid)).ready:
-                self._maybe_work = True
-                self._wake.set()
-
-        launch = StepLaunch(
-            claim=claim,
-            step=step,
-            program=graph.program.name,
-            env=env,
-            log_path=step_log_path(run_dir, claim.step, claim.sequence, claim.attempt),
-            deterministic_logs=False,
-            on_started=on_started,
-        )
-        executor = self._ssh if step.host in self.config.ssh_targets else self._local
-        no_op = step.target is None and step.argv is None
-        if no_op and (await self.db.started(graph, claim)).ready:
-            self._maybe_work = True
-            self._wake.set()
-        try:
-            result: ExecResult = await executor.run(launch)
-        except ExecutorError as exc:
-            result = ExecResult(ok=False, error="".join(traceback.format_exception(exc)))
-        return result
-
-    async def _record_refusal(self, claim: Claim, reason: str) -> None:
-        # The refused program is not trusted to say what a failure fires: the run stops.
-        await self.db.fail_untrusted(claim, error=reason)
-
-    # -- heartbeat and leases -----------------------------------------------------------
-
-    async def _beat(self) -> None:
-        cancelled = await self.db.agent_heartbeat(
-            agent_id=self.id,
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
-            hosts=self.config.all_hosts,
-            lease=timedelta(seconds=self.config.lease),
-        )
-        for step_run_id in cancelled:
-            task = self._tasks.get(step_run_id)
-            if task is not None:
-                self.log.info("step.cancelled", step_run_id=step_run_id)
-                task.cancel()
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat)
-            await self._beat()
-
-    async def _reaper_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.lease / 2)
-            for claim in await self.db.lapsed_leases():
-                try:
-                    graph = await self._graph(claim.run_id)
-                except Refused:
-                    await self.db.fail_untrusted(claim, error="lost: its lease lapsed")
-                    continue
-                except NoResult:
-                    continue
-                self.log.warning("step.lost", run_id=claim.run_id, step=claim.step)
-                advance = await self.db.complete(
-                    graph,
-                    claim,
-                    status=StepStatus.failure,
-                    error="lost: the lease of its worker lapsed (the worker died or hung)",
-                    only_if_lapsed=True,
-                )
-                if advance.ready:
-                    # What the failure made ready may be ours; our own NOTIFY does not wake us.
-                    self._maybe_work = True
-                    self._wake.set()
-
-
-def _as_process(step: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(step, executor="process")
 
 
 async def run_agents(

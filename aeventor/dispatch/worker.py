@@ -1,36 +1,58 @@
-"""The loop that drives a run: claim ready step runs, execute them, record their outcome.
+"""The one worker: claim -> lease -> execute -> record, in every mode.
 
-One :class:`asyncio.TaskGroup` owns every step task; cancelling the loop cancels them, which
-terminates their processes, and the group waits until they are gone. The loop never sleeps on
-a fixed interval: it wakes when a step of its own ends (each transaction says how many step
-runs it made ready), when another process NOTIFYs, or when the store's poll interval passes
-for stores that cannot push wake-ups.
+A standalone run is driven by a worker scoped to that run, in the caller's process; an agent
+runs one worker per store, scoped to its hosts' queues. Both are this class, configured
+differently (:class:`WorkerConfig`, :class:`Scope`); lease renewal, reaping, draining,
+concurrency limits, cancellation and "execute one claim and record its outcome" exist only
+here.
+
+One :class:`asyncio.TaskGroup` owns the heartbeat, the reaper and every step task. The claim
+loop never sleeps on a fixed interval: it wakes when a step of its own ends (each transaction
+says how many step runs it made ready), when another process NOTIFYs, or when the store's
+poll interval passes for stores that cannot push wake-ups.
+
+Leases: every claimed step run is leased to the worker for ``lease`` seconds, and the
+heartbeat (one batched update: the worker's row and all its leases) renews them every
+``heartbeat`` seconds, so any process can tell a dead worker's step runs from live ones. A
+reaper (agents) records a step run whose lease lapsed as a lost failure, and its failure
+triggers fire. The heartbeat also returns the worker's step runs that were cancelled from
+anywhere, and the worker terminates them.
+
+Stopping: when ``stop`` is set the worker stops claiming, lets running steps finish for
+``grace`` seconds, then terminates them. An agent records each terminated step as a failure
+(``record_abandoned``); a standalone run is cancelled as a whole by its owner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import traceback
+import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from ..backends.executors.local import ExecResult, LocalExecutor, StepLaunch
-from ..backends.stores.base import Advance, Claim, Database, Taker
 from ..context import StepContext, launch_env
-from ..exceptions import ExecutorError
-from ..program.model import RunStatus, StepStatus
+from ..exceptions import AeventorError, ExecutorError, NoResult
+from ..program.model import RunStatus, StepDef, StepStatus
 from ..utils import wait_any
 from ._state import Graph
-from .logs import RunLog, step_log_path
+from .claims import Advance, Claim, Taker
+from .executor import ExecResult, Executor, StepLaunch
+from .logs import RunLog, run_log_dir, step_log_path
+from .store import Store
+from .trust import Programs, Refused
 
-__all__ = ("RunDispatcher",)
+__all__ = ("Scope", "Worker", "WorkerConfig", "new_worker_id")
 
-log = structlog.get_logger("aeventor.dispatch")
+log = structlog.get_logger("aeventor.worker")
 
 #: Claim batch size when concurrency is unlimited.
 _UNLIMITED = 64
@@ -38,212 +60,464 @@ _UNLIMITED = 64
 IDLE_POLL = 1.0
 
 
-def worker_id() -> str:
-    """Who claims: host name and pid (unique among live processes of a cluster)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def new_worker_id() -> str:
+    """Host name, pid and a random tag: unique among the live workers of a cluster."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class RunDispatcher:
-    """Drives one run in this process until it ends.
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a worker claims: the step runs of one run, or those queued for some hosts.
+
+    .. versionadded:: 0.1
+    """
+
+    run_id: str | None = None
+    hosts: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.run_id is None) == (self.hosts is None):
+            raise ValueError("a worker's scope is one run (run_id=...) or some hosts (hosts=...)")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """How a worker claims and leases.
+
+    Attributes:
+        concurrency: most step runs executing at once (None: no limit).
+        lease: seconds a claim holds without renewal; a worker that stops renewing (dead or
+            hung) loses its step runs to a reaper once their lease lapses.
+        heartbeat: seconds between renewals (default: a third of the lease, at most 5 s).
+        grace: seconds running steps get to finish once the worker is asked to stop.
+        reap: whether this worker records other workers' lapsed step runs as lost.
+        record_abandoned: record a step terminated by this worker's shutdown as failed
+            (agents); a standalone run is cancelled by its owner instead.
+        log_dir: where run and step logs go.
+        deterministic_logs: logs without timestamps and pids (runs can be diffed).
+        log_level: level of the program log.
+
+    .. versionadded:: 0.1
+    """
+
+    concurrency: int | None = None
+    lease: float = 30.0
+    heartbeat: float | None = None
+    grace: float = 30.0
+    reap: bool = False
+    record_abandoned: bool = False
+    log_dir: Path = field(default_factory=lambda: Path.cwd() / "aeventor_logs")
+    deterministic_logs: bool = False
+    log_level: int = logging.INFO
+
+    def __post_init__(self) -> None:
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError(f"concurrency={self.concurrency!r}: at least 1, or None")
+        if self.lease <= 0 or self.grace < 0:
+            raise ValueError(f"lease={self.lease!r} must be > 0 and grace={self.grace!r} >= 0")
+        if self.heartbeat is not None and not 0 < self.heartbeat < self.lease:
+            raise ValueError(
+                f"heartbeat={self.heartbeat!r} must be > 0 and shorter than lease={self.lease!r}"
+            )
+
+    @property
+    def beat_every(self) -> float:
+        return self.heartbeat if self.heartbeat is not None else min(5.0, self.lease / 3)
+
+
+#: Picks the executor of a step (and may adapt the step, e.g. in-loop -> process on agents).
+Router = Callable[[StepDef], tuple[Executor, StepDef]]
+
+
+class Worker:
+    """Claims, leases, executes and records step runs within its :class:`Scope`.
 
     Args:
-        max_concurrency: most step runs executing at once (None: no limit).
-        on_status: called whenever the run's status is known to change.
+        store: the store.
+        scope: one run (standalone) or some hosts' queues (agent).
+        config: limits, leases and logs.
+        programs: where the program of a claim comes from, and what may run.
+        route: the executor of each step.
+        funcs: live callables of in-loop steps (the defining process only).
+        on_status: called with a run's status whenever it is known to change (a run-scoped
+            worker's own run).
+        worker_id: default :func:`new_worker_id`.
+
+    .. versionadded:: 0.1
     """
 
     def __init__(
         self,
         *,
-        db: Database,
-        graph: Graph,
-        run_id: str,
-        executor: LocalExecutor,
-        funcs: Mapping[str, Callable[..., Any]],
-        run_dir: Path,
-        run_log: RunLog,
-        deterministic_logs: bool,
-        logger_name: str,
-        max_concurrency: int | None = None,
+        store: Store,
+        scope: Scope,
+        config: WorkerConfig,
+        programs: Programs,
+        route: Router,
+        funcs: Mapping[str, Callable[..., Any]] | None = None,
         on_status: Callable[[RunStatus], None] | None = None,
+        worker_id: str | None = None,
     ) -> None:
-        self.db = db
-        self.graph = graph
-        self.run_id = run_id
-        self.executor = executor
-        self.funcs = funcs
-        self.run_dir = run_dir
-        self.run_log = run_log
-        self.deterministic_logs = deterministic_logs
-        self.logger_name = logger_name
-        self.max_concurrency = max_concurrency
+        self.store = store
+        self.scope = scope
+        self.config = config
+        self.programs = programs
+        self.route = route
+        self.funcs = dict(funcs or {})
         self.on_status = on_status
-        self.worker = worker_id()
+        self.id = worker_id or new_worker_id()
+        self.log = log.bind(worker=self.id)
+        #: The status of the scoped run (run-scoped workers).
         self.status = RunStatus.running
-        self._running: set[int] = set()
+        self._hosts = None if scope.hosts is None else frozenset[str | None](scope.hosts)
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._pending: list[Claim] = []
+        self._cancelled: set[int] = set()
+        self._run_logs: dict[str, RunLog] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._stopping = False
         self._maybe_work = True
         self._wake = asyncio.Event()
-        self._tg: asyncio.TaskGroup | None = None
-        self._pending_claims: list[Claim] = []
+        self._stop = asyncio.Event()
 
-    def taker(self, *, freeing: int = 0) -> Taker:
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} {self.scope}>"
+
+    # -- what callers see -----------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """How many step runs this worker is executing."""
+        return len(self._tasks) + len(self._pending)
+
+    def taker(self, *, freeing: int = 0) -> Taker | None:
         """Lets a transaction claim the step runs it makes ready, up to our free capacity.
 
         Args:
             freeing: slots the caller is about to free (a completing step frees its own).
         """
+        if self._stopping:
+            return None
         free = (
             _UNLIMITED
-            if self.max_concurrency is None
-            else self.max_concurrency - len(self._running) + freeing
+            if self.config.concurrency is None
+            else self.config.concurrency - self.running + freeing
         )
-        return Taker(worker=self.worker, budget=max(free, 0))
+        return Taker(
+            worker=self.id,
+            budget=max(free, 0),
+            hosts=self._hosts,
+            lease=timedelta(seconds=self.config.lease),
+        )
 
-    def apply(self, advance: Advance) -> None:
+    def apply(self, run_id: str, advance: Advance) -> None:
         """Take in what a transaction changed, and start the step runs it claimed for us."""
         for claim in advance.claims:
             self._start(claim)
         if advance.ready:
             self._maybe_work = True
-        if advance.run_status is not self.status:
+        if run_id == self.scope.run_id and advance.run_status is not self.status:
             self.status = advance.run_status
             if self.on_status is not None:
                 self.on_status(self.status)
         self._wake.set()
 
-    async def trigger(self, event: str, sequence: str) -> None:
-        """Fire an event into the live run (from a handle or an in-loop step)."""
-        self.run_log.info(f"event {event}[{sequence}] triggered")
-        self.apply(
-            await self.db.trigger(
-                self.graph, run_id=self.run_id, event=event, sequence=sequence, take=self.taker()
+    async def trigger(self, graph: Graph, run_id: str, event: str, sequence: str) -> Advance:
+        """Fire an event into a live run (from a handle or an in-loop step)."""
+        self.run_log(graph.program.name, run_id).info(f"event {event}[{sequence}] triggered")
+        advance = await self.store.trigger(
+            graph, run_id=run_id, event=event, sequence=sequence, take=self.taker()
+        )
+        self.apply(run_id, advance)
+        return advance
+
+    def run_log(self, program: str, run_id: str) -> RunLog:
+        """The program log of a run (``<log_dir>/<program>/<run_id>/program.log``)."""
+        run_log = self._run_logs.get(run_id)
+        if run_log is None:
+            run_log = self._run_logs[run_id] = RunLog(
+                run_log_dir(self.config.log_dir, program, run_id) / "program.log",
+                level=self.config.log_level,
+                deterministic=self.config.deterministic_logs,
             )
+        return run_log
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(
+        self, stop: asyncio.Event | None = None, *, ready: asyncio.Event | None = None
+    ) -> None:
+        """Work until ``stop`` is set (then drain) or, scoped to a run, until it ends."""
+        if stop is not None:
+            self._stop = stop
+        key = self.scope.run_id
+        try:
+            with self.store.notifier.subscribe(key) as remote:
+                async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
+                    await self._beat()
+                    side = [tg.create_task(self._heartbeat_loop(), name="aeventor heartbeat")]
+                    if self.config.reap:
+                        side.append(tg.create_task(self._reaper_loop(), name="aeventor reaper"))
+                    pending, self._pending = self._pending, []
+                    for claim in pending:
+                        self._start(claim)
+                    self.log.debug("worker.ready", scope=str(self.scope))
+                    if ready is not None:
+                        ready.set()
+                    await self._claim_loop(remote)
+                    await self._drain()
+                    for task in side:
+                        task.cancel()
+        finally:
+            self._tg = None
+            await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        for run_log in self._run_logs.values():
+            await run_log.flush()
+        try:
+            await self.store.worker_stopped(self.id)
+        except AeventorError as exc:
+            self.log.warning("worker.stop_not_recorded", error=str(exc))
+
+    def _done(self) -> bool:
+        return self._stop.is_set() or (
+            self.scope.run_id is not None and self.status is not RunStatus.running
         )
 
-    async def run(self) -> RunStatus:
-        """Drive the run to its end and return its final status."""
-        with self.db.notifier.subscribe(self.run_id) as remote:
-            async with asyncio.TaskGroup() as tg:
-                self._tg = tg
-                for claim in self._pending_claims:
+    def _free(self) -> int:
+        if self.config.concurrency is None:
+            return _UNLIMITED
+        return self.config.concurrency - self.running
+
+    async def _claim_loop(self, remote: asyncio.Event) -> None:
+        while not self._done():
+            free = self._free()
+            if free > 0 and self._maybe_work:
+                self._maybe_work = False
+                claims = await self.store.claim(
+                    worker=self.id,
+                    limit=free,
+                    run_id=self.scope.run_id,
+                    hosts=self.scope.hosts,
+                    lease=timedelta(seconds=self.config.lease),
+                )
+                if len(claims) == free:
+                    self._maybe_work = True
+                for claim in claims:
                     self._start(claim)
-                self._pending_claims.clear()
-                while self.status is RunStatus.running:
-                    await self._claim_into(tg)
-                    if self.status is not RunStatus.running:
-                        break
-                    await self._wait(remote)
-        await self.run_log.flush()
-        return self.status
-
-    async def _claim_into(self, tg: asyncio.TaskGroup) -> None:
-        if not self._maybe_work and self._running:
-            return
-        free = (
-            _UNLIMITED
-            if self.max_concurrency is None
-            else self.max_concurrency - len(self._running)
-        )
-        if free <= 0:
-            return
-        self._maybe_work = False
-        claims = await self.db.claim(worker=self.worker, limit=free, run_id=self.run_id)
-        if len(claims) == free:
-            self._maybe_work = True
-        for claim in claims:
-            self._start(claim)
-        if not claims and not self._running:
-            # Nothing runs and nothing is ready: the run ended in a transaction we did not
-            # see (cancelled, or advanced by another process). Read it back.
-            self.apply(Advance(0, await self.db.run_status(self.run_id)))
-
-    def _start(self, claim: Claim) -> None:
-        self._running.add(claim.id)
-        if self._tg is None:
-            # Claimed before the loop started (by the run's first transaction).
-            self._pending_claims.append(claim)
-            return
-        self._tg.create_task(self._execute(claim), name=f"aeventor step {claim.step}")
+                if self.scope.run_id is not None and not claims and not self._tasks:
+                    # Nothing runs and nothing is ready: the run may have ended in a
+                    # transaction we did not see (cancelled, or advanced by another
+                    # process). Read it back.
+                    status = await self.store.run_status(self.scope.run_id)
+                    self.apply(self.scope.run_id, Advance(0, status))
+                    continue
+                if self._maybe_work:
+                    continue
+            await self._wait(remote)
 
     async def _wait(self, remote: asyncio.Event) -> None:
-        if self._maybe_work and (
-            self.max_concurrency is None or len(self._running) < self.max_concurrency
-        ):
-            return
-        poll = self.db.poll_interval
-        if not self._running:
+        poll = self.store.poll_interval
+        if self.scope.run_id is not None and not self._tasks:
             # Nothing of ours runs, yet the run goes on: only another process (or a change
             # we were not told of) can move it. Never wait for that unboundedly.
             poll = min(poll or IDLE_POLL, IDLE_POLL)
-        await wait_any(self._wake, remote, poll=poll)
+        await wait_any(self._wake, remote, self._stop, poll=poll)
         if remote.is_set() or not self._wake.is_set():
             # Woken by another process, or the poll interval passed: look for work.
             self._maybe_work = True
         remote.clear()
         self._wake.clear()
 
+    async def _drain(self) -> None:
+        """Stop claiming; give running steps ``grace`` seconds, then terminate them."""
+        self._stopping = True
+        running = list(self._tasks.values())
+        if not running:
+            return
+        self.log.info("worker.draining", running=len(running), grace=self.config.grace)
+        _, pending = await asyncio.wait(running, timeout=self.config.grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    # -- one claim --------------------------------------------------------------------------
+
+    def _start(self, claim: Claim) -> None:
+        if self._tg is None:
+            # Claimed before the loop started (by the run's first transaction).
+            self._pending.append(claim)
+            return
+        self._tasks[claim.id] = self._tg.create_task(
+            self._execute(claim), name=f"aeventor step {claim.step}[{claim.sequence}]"
+        )
+
     async def _execute(self, claim: Claim) -> None:
-        step = self.graph.program.steps[claim.step]
-        label = f"{claim.step}[{claim.sequence}]"
+        """Execute one claim and record its outcome with everything it causes."""
+        bound = self.log.bind(run_id=claim.run_id, step=claim.step, sequence=claim.sequence)
+        graph: Graph | None = None
         try:
-            env = launch_env(
-                claim, step, program=self.graph.program.name, logger_name=self.logger_name
-            )
-
-            async def on_started(pid: int) -> None:
-                self.run_log.info(
-                    f"step {label} started" + ("" if self.deterministic_logs else f" pid={pid}")
-                )
-                self.apply(await self.db.started(self.graph, claim, pid=pid))
-
-            context = None
-            if step.executor == "inloop":
-                context = StepContext(
-                    run_id=self.run_id,
-                    program=self.graph.program.name,
-                    step=claim.step,
-                    sequence=claim.sequence,
-                    recovery=claim.recovery,
-                    attempt=claim.attempt,
-                    env=env,
-                    _trigger=self.trigger,
-                )
-            spawns = step.executor in ("process", "command") and (
-                step.target is not None or step.argv is not None
-            )
-            if not spawns:
-                self.run_log.info(f"step {label} started")
-                self.apply(await self.db.started(self.graph, claim))
-            launch = StepLaunch(
-                claim=claim,
-                step=step,
-                program=self.graph.program.name,
-                env=env,
-                log_path=step_log_path(self.run_dir, claim.step, claim.sequence, claim.attempt),
-                deterministic_logs=self.deterministic_logs,
-                on_started=on_started,
-                func=self.funcs.get(claim.step),
-                context=context,
-            )
             try:
-                result = await self.executor.run(launch)
-            except ExecutorError as exc:
-                result = ExecResult(ok=False, error="".join(traceback.format_exception(exc)))
+                graph = await self.programs.graph_for(claim.run_id)
+                self.programs.check_step(graph.program, claim.step)
+            except Refused as exc:
+                bound.error("step.refused", reason=str(exc))
+                await self.store.fail_untrusted(claim, error=f"refused by worker {self.id}: {exc}")
+                return
+            run_log = self.run_log(graph.program.name, claim.run_id)
+            label = f"{claim.step}[{claim.sequence}]"
+            result = await self._launch(graph, claim, run_log, bound)
             status = StepStatus.success if result.ok else StepStatus.failure
-            advance = await self.db.complete(
-                self.graph,
+            advance = await self.store.complete(
+                graph,
                 claim,
                 status=status,
                 result=result.value,
                 error=result.error,
                 take=self.taker(freeing=1),
             )
+            if not advance.recorded:
+                bound.warning("step.outcome_not_recorded", status=status.value)
+            bound.info("step.ended", status=status.value)
             if result.ok:
-                self.run_log.info(f"step {label} success")
+                run_log.info(f"step {label} success")
             else:
                 first = (result.error or "").strip().splitlines()[-1:] or [""]
-                self.run_log.error(f"step {label} failure: {first[0]}")
-            self.apply(advance)
-            await self.run_log.flush()
+                run_log.error(f"step {label} failure: {first[0]}")
+            self.apply(claim.run_id, advance)
+            await run_log.flush()
+        except asyncio.CancelledError:
+            if graph is not None and self.config.record_abandoned:
+                await asyncio.shield(self._record_abandoned(graph, claim, bound))
+            raise
         finally:
-            self._running.discard(claim.id)
+            self._tasks.pop(claim.id, None)
+            self._cancelled.discard(claim.id)
             self._wake.set()
+
+    async def _record_abandoned(self, graph: Graph, claim: Claim, bound: Any) -> None:
+        if claim.id in self._cancelled:
+            return  # cancelled in the store: nothing more to record
+        reason = (
+            f"terminated: worker {self.id} shut down and the step outlived the "
+            f"{self.config.grace:g}s grace period"
+            if self._stopping
+            else f"terminated: worker {self.id} was cancelled"
+        )
+        bound.warning("step.terminated", reason=reason)
+        await self.store.complete(graph, claim, status=StepStatus.failure, error=reason)
+
+    async def _launch(self, graph: Graph, claim: Claim, run_log: RunLog, bound: Any) -> ExecResult:
+        executor, step = self.route(graph.program.steps[claim.step])
+        program = graph.program.name
+        label = f"{claim.step}[{claim.sequence}]"
+        env = launch_env(claim, step, program=program, logger_name=f"{program}.step")
+
+        async def on_started(pid: int) -> None:
+            bound.info("step.started", pid=pid, host=step.host)
+            run_log.info(
+                f"step {label} started" + ("" if self.config.deterministic_logs else f" pid={pid}")
+            )
+            self.apply(claim.run_id, await self.store.started(graph, claim, pid=pid))
+
+        context = None
+        if step.executor == "inloop":
+
+            async def fire(event: str, sequence: str) -> None:
+                await self.trigger(graph, claim.run_id, event, sequence)
+
+            context = StepContext(
+                run_id=claim.run_id,
+                program=program,
+                step=claim.step,
+                sequence=claim.sequence,
+                recovery=claim.recovery,
+                attempt=claim.attempt,
+                env=env,
+                _trigger=fire,
+            )
+        spawns = step.executor in ("process", "command") and (
+            step.target is not None or step.argv is not None
+        )
+        if not spawns:
+            bound.info("step.started", host=step.host)
+            run_log.info(f"step {label} started")
+            self.apply(claim.run_id, await self.store.started(graph, claim))
+        launch = StepLaunch(
+            claim=claim,
+            step=step,
+            program=program,
+            env=env,
+            log_path=step_log_path(
+                run_log_dir(self.config.log_dir, program, claim.run_id),
+                claim.step,
+                claim.sequence,
+                claim.attempt,
+            ),
+            deterministic_logs=self.config.deterministic_logs,
+            on_started=on_started,
+            func=self.funcs.get(claim.step) if step.executor == "inloop" else None,
+            context=context,
+        )
+        try:
+            return await executor.run(launch)
+        except ExecutorError as exc:
+            return ExecResult(ok=False, error="".join(traceback.format_exception(exc)))
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        cancelled = await self.store.heartbeat(
+            worker=self.id,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            hosts=list(self.scope.hosts or ()),
+            lease=timedelta(seconds=self.config.lease),
+        )
+        for step_run_id in cancelled:
+            task = self._tasks.get(step_run_id)
+            if task is not None and step_run_id not in self._cancelled:
+                self._cancelled.add(step_run_id)
+                self.log.info("step.cancelled", step_run_id=step_run_id)
+                task.cancel()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.beat_every)
+            await self._beat()
+
+    async def _reaper_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease / 2)
+            await self.reap()
+
+    async def reap(self) -> int:
+        """Record the step runs whose lease lapsed as lost failures; return how many."""
+        reaped = 0
+        for claim in await self.store.lapsed_leases():
+            error = "lost: the lease of its worker lapsed (the worker died or hung)"
+            try:
+                graph = await self.programs.graph_for(claim.run_id)
+            except Refused:
+                await self.store.fail_untrusted(claim, error=error)
+                reaped += 1
+                continue
+            except NoResult:
+                continue
+            self.log.warning("step.lost", run_id=claim.run_id, step=claim.step)
+            advance = await self.store.complete(
+                graph,
+                claim,
+                status=StepStatus.failure,
+                error=error,
+                only_if_lapsed=True,
+            )
+            reaped += advance.recorded
+            if advance.ready:
+                # What the failure made ready may be ours; our own NOTIFY does not wake us.
+                self._maybe_work = True
+                self._wake.set()
+        return reaped

@@ -53,7 +53,7 @@ pytestmark = pytest.mark.timeout(90)
 #: The example's step -> host assignment.
 HOSTS = {"s11": "s1", "s12": "s2", "s2": "s2", "s3": "s1"}
 #: What a refused step's error starts with.
-REFUSED = re.compile(r"^refused by agent \S+: ")
+REFUSED = re.compile(r"^refused by worker \S+: ")
 
 
 def ssh_server_address(ssh_connection: str | None) -> str | None:
@@ -453,7 +453,7 @@ async def test_sigterm_drains_after_grace(pg_store: str, agents: Agents, tmp_pat
     )
     assert session_members(pids["pid"]) == []
     events = [r["event"] for r in agent.records()]
-    assert events.index("agent.draining") < events.index("step.terminated"), events
+    assert events.index("worker.draining") < events.index("step.terminated"), events
     assert events[-1] == "agent.stopped", events
 
 

@@ -73,7 +73,7 @@ async def test_start_wait_and_live_handle(make_eventor: MakeEventor) -> None:
     assert steps_of(result) == [("extra_step", "7", "success"), ("gate", "0", "success")]
     assert result.step("gate").result == "opened"
     assert (await handle.wait()).run_id == result.run_id  # waiting again returns the result
-    with pytest.raises(AeventorError, match="not live"):
+    with pytest.raises(AeventorError, match="has ended"):
         await handle.trigger_event(extra, 8)
 
 

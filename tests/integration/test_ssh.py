@@ -24,8 +24,8 @@ import pytest
 
 from aeventor.backends.executors.local import StepLaunch, build_spec
 from aeventor.backends.executors.ssh import CONNECT_ATTEMPTS, SshExecutor, SshTarget
-from aeventor.backends.stores.base import Claim
 from aeventor.context import step_env
+from aeventor.dispatch.store import Claim
 from aeventor.exceptions import HostUnreachable
 from aeventor.program.model import StepDef
 from tests.sshd import SshServers, ssh_hosts, ssh_servers, write_known_hosts

@@ -13,9 +13,10 @@ from alembic.runtime.migration import MigrationContext
 import aeventor as evr
 from aeventor.backends.stores import open_store
 from aeventor.backends.stores import schema as _schema
-from aeventor.backends.stores.base import Claim, Database
+from aeventor.backends.stores.base import Database
 from aeventor.backends.stores.migrations import VERSION_TABLE, head_revision
 from aeventor.dispatch._state import Graph
+from aeventor.dispatch.store import Claim
 from aeventor.exceptions import SchemaVersionError, UniqueViolation
 
 

@@ -16,15 +16,13 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ...context import StepContext, _current
+from ...context import _current
+from ...dispatch.executor import ExecResult, StepLaunch
 from ...exceptions import ExecutorError
-from ...program.model import StepDef
-from ..stores.base import Claim
 
 __all__ = (
     "ExecResult",
@@ -37,29 +35,6 @@ __all__ = (
 
 #: Seconds a terminated step gets to exit before it is killed.
 TERMINATE_GRACE = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class ExecResult:
-    ok: bool
-    value: Any = None
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StepLaunch:
-    """Everything needed to run one claimed step run."""
-
-    claim: Claim
-    step: StepDef
-    program: str
-    env: Mapping[str, str]
-    log_path: Path
-    deterministic_logs: bool
-    on_started: Callable[[int], Awaitable[None]]
-    #: The live callable, for in-loop steps.
-    func: Callable[..., Any] | None = None
-    context: StepContext | None = field(default=None)
 
 
 class LocalExecutor:

@@ -15,16 +15,21 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import dataclasses
 import functools
 import json
 import random
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterator,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import sqlalchemy as sa
@@ -33,14 +38,24 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ...dispatch._state import PENDING, Graph, final_run_status
+from ...dispatch import PENDING
+from ...dispatch.store import (
+    Claim,
+    NewStepRun,
+    Notifier,
+    RunLock,
+    RunOrigin,
+    Store,
+    StoredProgram,
+    StoreTx,
+)
 from ...exceptions import ConnectionLost, DatabaseError, NoResult, UniqueViolation
 from ...program.model import ProgramDef, RunStatus, StepStatus
 from ...records import RunResult, StepRun
 from ...utils import backoff_delay
 from . import schema as t
 
-__all__ = ("Advance", "Claim", "Database", "Notifier", "Taker", "retry_on_disconnect")
+__all__ = ("Database", "SqlTx", "retry_on_disconnect")
 
 log = structlog.get_logger("aeventor.store")
 
@@ -49,8 +64,8 @@ _P = ParamSpec("_P")
 
 
 def retry_on_disconnect(
-    method: Callable[Concatenate[Database, _P], Awaitable[_T]],
-) -> Callable[Concatenate[Database, _P], Awaitable[_T]]:
+    method: Callable[Concatenate[Database, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[Database, _P], Coroutine[Any, Any, _T]]:
     """Retry a store operation while the server is unreachable, up to ``reconnect_deadline``.
 
     Every operation is one transaction whose writes are conditional (a step run is completed
@@ -134,89 +149,7 @@ _END_STEP = (
 _END_LAPSED_STEP = _END_STEP.where(t.step_run.c.lease_until < sa.bindparam("now"))
 
 
-@dataclass(slots=True)
-class Taker:
-    """Lets a transaction that makes step runs ready claim some of them at once.
-
-    The dispatcher that completes a step usually runs the next one too; inserting that step
-    run already active and leased to it saves a claim transaction and a wake-up per hop.
-
-    Attributes:
-        worker: who claims.
-        budget: how many step runs it may still take.
-        hosts: only step runs assigned to these hosts (None: any).
-    """
-
-    worker: str
-    budget: int
-    hosts: frozenset[str | None] | None = None
-    lease: timedelta = timedelta(seconds=60)
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A step run this process took: it is active and leased to us."""
-
-    id: int
-    run_id: str
-    step: str
-    sequence: str
-    recovery: int
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class Advance:
-    """What a transaction changed, for the caller's wake-ups.
-
-    Attributes:
-        ready: how many step runs it made ready (and left for claimers).
-        run_status: the run's status after it (running until the run ends).
-        claims: step runs it made and claimed for the caller's :class:`Taker`.
-    """
-
-    ready: int
-    run_status: RunStatus
-    claims: tuple[Claim, ...] = ()
-
-
-class Notifier:
-    """Wake-ups from other processes (LISTEN/NOTIFY), keyed by run id.
-
-    Changes made by this process wake its dispatchers directly (each transaction returns
-    what it changed), so only a listener calls :meth:`notify`. A subscriber with key None
-    hears every run.
-    """
-
-    def __init__(self) -> None:
-        self._waiters: dict[str | None, set[asyncio.Event]] = {}
-
-    @contextmanager
-    def subscribe(self, key: str | None = None) -> Iterator[asyncio.Event]:
-        event = asyncio.Event()
-        self._waiters.setdefault(key, set()).add(event)
-        try:
-            yield event
-        finally:
-            waiters = self._waiters.get(key)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[key]
-
-    def notify(self, key: str) -> None:
-        """Wake the subscribers of ``key`` and those of every key."""
-        for event in (*self._waiters.get(key, ()), *self._waiters.get(None, ())):
-            event.set()
-
-    def notify_all(self) -> None:
-        """Wake everyone (after a reconnect, when notifications may have been missed)."""
-        for waiters in self._waiters.values():
-            for event in waiters:
-                event.set()
-
-
-class Database(abc.ABC):
+class Database(Store):
     """A store reached through SQLAlchemy's async engine.
 
     Args:
@@ -314,8 +247,23 @@ class Database(abc.ABC):
     def _insert_ignore(self, table: sa.Table) -> Any:
         """An INSERT that silently skips rows whose unique key exists."""
 
-    async def _notify_work(self, conn: AsyncConnection, run_id: str) -> None:  # noqa: B027
-        """Tell other processes, at commit, that ``run_id`` may have work (no-op by default)."""
+    async def _notify_work(
+        self, conn: AsyncConnection, run_id: str, queues: Collection[str | None] = ()
+    ) -> None:
+        """Tell other processes, at commit, that ``run_id`` (and these queues) may have work.
+
+        A no-op by default: only Postgres can push wake-ups.
+        """
+
+    @retry_on_disconnect
+    async def write(self, operation: Callable[[StoreTx], Awaitable[_T]]) -> _T:
+        """Run ``operation`` in one write transaction, retried whole on a lost connection."""
+        async with self.transaction() as conn:
+            tx = SqlTx(self, conn)
+            value = await operation(tx)
+            for run_id, queues in tx.notifications.items():
+                await self._notify_work(conn, run_id, queues)
+        return value
 
     @contextmanager
     def wrap_exceptions(self) -> Iterator[None]:
@@ -408,218 +356,6 @@ class Database(abc.ABC):
         return ProgramDef.from_json(json.loads(row.definition))
 
     @retry_on_disconnect
-    async def create_run(
-        self,
-        graph: Graph,
-        *,
-        program_id: int,
-        triggers: Sequence[tuple[str, str]],
-        run_id: str | None = None,
-        take: Taker | None = None,
-        mode: str = "standalone",
-        submitted_by: str | None = None,
-        signature: str | None = None,
-    ) -> tuple[str, Advance]:
-        """Create a run and fire its initial ``(event, sequence)`` triggers, in one transaction.
-
-        Args:
-            mode: ``standalone`` (the calling process drives the run) or ``distributed``
-                (step runs are queued for their hosts' agents).
-            signature: the run's HMAC with the cluster key (distributed mode).
-        """
-        run_id = run_id or uuid.uuid4().hex
-        async with self.transaction() as conn:
-            await conn.execute(
-                t.run.insert().values(
-                    id=run_id,
-                    program_id=program_id,
-                    program_name=graph.program.name,
-                    status=RunStatus.running.value,
-                    stopped=False,
-                    recovery=0,
-                    created=t.utcnow(),
-                    mode=mode,
-                    submitted_by=submitted_by,
-                    signature=signature,
-                )
-            )
-            ready = 0
-            claims: list[Claim] = []
-            for sequence, events in _group_by_sequence(triggers).items():
-                if take is not None:
-                    take = dataclasses.replace(take, budget=take.budget - len(claims))
-                more, taken = await self._fire(
-                    conn,
-                    graph,
-                    run_id,
-                    sequence,
-                    0,
-                    events,
-                    False,
-                    take,
-                    distributed=mode == "distributed",
-                )
-                ready += more
-                claims += taken
-            status = await self._settle(conn, run_id, stopped=False)
-            if ready:
-                await self._notify_work(conn, run_id)
-        return run_id, Advance(ready, status, tuple(claims))
-
-    @retry_on_disconnect
-    async def trigger(
-        self,
-        graph: Graph,
-        *,
-        run_id: str,
-        event: str,
-        sequence: str,
-        take: Taker | None = None,
-    ) -> Advance:
-        """Fire ``event`` for ``sequence`` in a live run (idempotent)."""
-        async with self.transaction() as conn:
-            run = await self._lock_run(conn, run_id)
-            if run.status != RunStatus.running.value:
-                return Advance(0, RunStatus(run.status))
-            ready, claims = await self._fire(
-                conn,
-                graph,
-                run_id,
-                sequence,
-                run.recovery,
-                [event],
-                run.stopped,
-                take,
-                distributed=run.mode == "distributed",
-            )
-            if ready:
-                await self._notify_work(conn, run_id)
-        return Advance(ready, RunStatus.running, tuple(claims))
-
-    async def _lock_run(self, conn: AsyncConnection, run_id: str) -> Any:
-        row = (await conn.execute(_LOCK_RUN, {"run_id": run_id})).one_or_none()
-        if row is None:
-            raise NoResult(f"no run {run_id!r} in {self!r}")
-        return row
-
-    async def _fire(
-        self,
-        conn: AsyncConnection,
-        graph: Graph,
-        run_id: str,
-        sequence: str,
-        recovery: int,
-        events: Iterable[str],
-        stopped: bool,
-        take: Taker | None = None,
-        *,
-        distributed: bool = False,
-    ) -> tuple[int, list[Claim]]:
-        """Fire events for one sequence.
-
-        Returns how many step runs became ready for claimers, and those taken for ``take``.
-        In a distributed run each step run is queued for its host's agents.
-        """
-        events = list(events)
-        if not events:
-            return 0, []
-        needed = sorted(graph.facts_needed(events))
-        fired = {
-            r.event
-            for r in await conn.execute(
-                _FIRED,
-                {"run_id": run_id, "sequence": sequence, "recovery": recovery, "events": needed},
-            )
-        }
-        plan = graph.fire(fired, events)
-        now = t.utcnow()
-        if plan.events:
-            await conn.execute(
-                self._insert_ignore(t.trigger),
-                [
-                    {
-                        "run_id": run_id,
-                        "event": e,
-                        "sequence": sequence,
-                        "recovery": recovery,
-                        "created": now,
-                    }
-                    for e in plan.events
-                ],
-            )
-        if not plan.steps:
-            return 0, []
-
-        def row(step: str, status: StepStatus) -> dict[str, Any]:
-            return {
-                "run_id": run_id,
-                "step": step,
-                "sequence": sequence,
-                "recovery": recovery,
-                "attempt": 1,
-                "status": status.value,
-                "host": graph.program.steps[step].host,
-                "queue": graph.program.steps[step].host if distributed else None,
-                "worker": None,
-                "started": None,
-                "lease_until": None,
-                "created": now,
-                "ended": None,
-            }
-
-        if stopped:
-            # A stopped run records the steps its events asked for, as skipped: nothing
-            # that happened is lost, nothing new starts.
-            rows = [row(s, StepStatus.skipped) | {"ended": now} for s in plan.steps]
-            await conn.execute(self._insert_ignore(t.step_run), rows)
-            return 0, []
-        mine: list[str] = []
-        rest: list[str] = []
-        for step in plan.steps:
-            if (
-                take is not None
-                and self.claims_on_insert
-                and len(mine) < take.budget
-                and (take.hosts is None or graph.program.steps[step].host in take.hosts)
-            ):
-                mine.append(step)
-            else:
-                rest.append(step)
-        if rest:
-            await conn.execute(
-                self._insert_ignore(t.step_run), [row(s, StepStatus.ready) for s in rest]
-            )
-        claims: list[Claim] = []
-        if mine:
-            assert take is not None
-            rows = [
-                row(s, StepStatus.active)
-                | {"worker": take.worker, "started": now, "lease_until": now + take.lease}
-                for s in mine
-            ]
-            inserted = await conn.execute(
-                self._insert_ignore(t.step_run).returning(t.step_run.c.id, t.step_run.c.step),
-                rows,
-            )
-            claims = [Claim(r.id, run_id, r.step, sequence, recovery, 1) for r in inserted.all()]
-        return len(rest), claims
-
-    async def _settle(self, conn: AsyncConnection, run_id: str, *, stopped: bool) -> RunStatus:
-        """End the run if nothing is ready or active any more; return its status."""
-        pending = (await conn.execute(_PENDING, {"run_id": run_id})).scalar_one()
-        status = final_run_status(pending=pending, stopped=stopped, cancelled=False)
-        if status is not RunStatus.running:
-            await conn.execute(
-                t.run.update()
-                .where(t.run.c.id == run_id, t.run.c.status == RunStatus.running.value)
-                .values(status=status.value, ended=t.utcnow())
-            )
-            await self._notify_work(conn, run_id)
-        return status
-
-    # -- claiming and completing --------------------------------------------------------
-
-    @retry_on_disconnect
     async def claim(
         self,
         *,
@@ -683,174 +419,15 @@ class Database(abc.ABC):
         return claimed
 
     @retry_on_disconnect
-    async def started(self, graph: Graph, claim: Claim, *, pid: int | None = None) -> Advance:
-        """Record a claimed step's process and fire its ``active`` triggers.
-
-        Returns how many step runs those triggers made ready (for the caller to claim).
-        """
-        events = graph.trigger_events(claim.step, StepStatus.active)
-        ready = 0
-        if not events and pid is None:
-            return Advance(0, RunStatus.running)
-        async with self.transaction() as conn:
-            if pid is not None:
-                await conn.execute(
-                    t.step_run.update().where(t.step_run.c.id == claim.id).values(pid=pid)
-                )
-            if events:
-                run = await self._lock_run(conn, claim.run_id)
-                if run.status == RunStatus.running.value:
-                    ready, _ = await self._fire(
-                        conn,
-                        graph,
-                        claim.run_id,
-                        claim.sequence,
-                        claim.recovery,
-                        events,
-                        run.stopped,
-                        distributed=run.mode == "distributed",
-                    )
-                    if ready:
-                        await self._notify_work(conn, claim.run_id)
-        return Advance(ready, RunStatus.running)
-
-    @retry_on_disconnect
-    async def complete(
-        self,
-        graph: Graph,
-        claim: Claim,
-        *,
-        status: StepStatus,
-        result: Any = None,
-        error: str | None = None,
-        take: Taker | None = None,
-        only_if_lapsed: bool = False,
-    ) -> Advance:
-        """Record a step's end and everything it causes, in one transaction.
-
-        Returns the number of step runs made ready, those claimed for ``take``, and the
-        run's status afterwards. A step run that is no longer active (its run was cancelled
-        meanwhile) is left as it is.
-        """
-        outcome = graph.step_outcome(claim.step, status)
-        async with self.transaction() as conn:
-            run = await self._lock_run(conn, claim.run_id)
-            updated = await conn.execute(
-                _END_LAPSED_STEP if only_if_lapsed else _END_STEP,
-                {
-                    "claim_id": claim.id,
-                    "new_status": status.value,
-                    "new_result": None if result is None else json.dumps(result),
-                    "new_error": error,
-                    "now": t.utcnow(),
-                },
-            )
-            if updated.rowcount != 1 or run.status != RunStatus.running.value:
-                return Advance(0, RunStatus(run.status))
-            stopped = bool(run.stopped)
-            if outcome.stop_run and not stopped:
-                stopped = True
-                await self._stop_run(
-                    conn,
-                    claim.run_id,
-                    f"step {claim.step}[{claim.sequence}] failed and fires no failure trigger",
-                )
-            ready, claims = await self._fire(
-                conn,
-                graph,
-                claim.run_id,
-                claim.sequence,
-                claim.recovery,
-                outcome.events,
-                stopped,
-                take,
-                distributed=run.mode == "distributed",
-            )
-            # A run that just gained step runs cannot have ended.
-            run_status = (
-                RunStatus.running
-                if ready or claims
-                else await self._settle(conn, claim.run_id, stopped=stopped)
-            )
-            if ready:
-                await self._notify_work(conn, claim.run_id)
-        return Advance(ready, run_status, tuple(claims))
-
-    async def _stop_run(self, conn: AsyncConnection, run_id: str, reason: str) -> None:
-        """Nothing new starts in the run: ready step runs are skipped, running ones finish."""
-        await conn.execute(
-            t.run.update().where(t.run.c.id == run_id).values(stopped=True, reason=reason)
-        )
-        await conn.execute(
-            t.step_run.update()
-            .where(
-                t.step_run.c.run_id == run_id,
-                t.step_run.c.status == StepStatus.ready.value,
-            )
-            .values(status=StepStatus.skipped.value, ended=t.utcnow())
-        )
-
-    @retry_on_disconnect
-    async def fail_untrusted(self, claim: Claim, *, error: str) -> Advance:
-        """Fail a step run whose program is not trusted, and stop its run.
-
-        No trigger fires: the program that would say what a failure causes is the one that
-        failed verification.
-        """
-        async with self.transaction() as conn:
-            run = await self._lock_run(conn, claim.run_id)
-            await conn.execute(
-                _END_STEP,
-                {
-                    "claim_id": claim.id,
-                    "new_status": StepStatus.failure.value,
-                    "new_result": None,
-                    "new_error": error,
-                    "now": t.utcnow(),
-                },
-            )
-            if run.status != RunStatus.running.value:
-                return Advance(0, RunStatus(run.status))
-            if not run.stopped:
-                await self._stop_run(
-                    conn, claim.run_id, f"step {claim.step}[{claim.sequence}]: {error}"
-                )
-            status = await self._settle(conn, claim.run_id, stopped=True)
-        return Advance(0, status)
-
-    @retry_on_disconnect
-    async def cancel_run(self, run_id: str, *, reason: str) -> None:
-        """Mark a run cancelled with its ready and active step runs (the caller kills those)."""
-        async with self.transaction() as conn:
-            run = await self._lock_run(conn, run_id)
-            now = t.utcnow()
-            await conn.execute(
-                t.step_run.update()
-                .where(
-                    t.step_run.c.run_id == run_id,
-                    t.step_run.c.status.in_([s.value for s in PENDING]),
-                )
-                .values(status=StepStatus.cancelled.value, ended=now, lease_until=None)
-            )
-            if run.status == RunStatus.running.value:
-                await conn.execute(
-                    t.run.update()
-                    .where(t.run.c.id == run_id)
-                    .values(status=RunStatus.cancelled.value, ended=now, reason=reason)
-                )
-            await self._notify_work(conn, run_id)
-
-    # -- agents: heartbeats, leases, provenance ----------------------------------------
-
-    @retry_on_disconnect
-    async def agent_heartbeat(
-        self, *, agent_id: str, hostname: str, pid: int, hosts: Sequence[str], lease: timedelta
+    async def heartbeat(
+        self, *, worker: str, hostname: str, pid: int, hosts: Sequence[str], lease: timedelta
     ) -> set[int]:
-        """One batched beat: the agent's row, and the leases of all its active step runs.
+        """One batched beat: the worker's row, and the leases of all its active step runs.
 
-        Returns the ids of this agent's step runs that were cancelled meanwhile, so the agent
-        can terminate them.
+        Returns the ids of this worker's step runs that were cancelled meanwhile, so the
+        worker can terminate them.
         """
+        agent_id = worker
         now = t.utcnow()
         async with self.transaction() as conn:
             updated = await conn.execute(
@@ -887,7 +464,8 @@ class Database(abc.ABC):
             return {r.id for r in cancelled}
 
     @retry_on_disconnect
-    async def agent_stopped(self, agent_id: str) -> None:
+    async def worker_stopped(self, worker: str) -> None:
+        agent_id = worker
         async with self.transaction() as conn:
             await conn.execute(
                 t.agent.update().where(t.agent.c.id == agent_id).values(stopped=t.utcnow())
@@ -1008,9 +586,207 @@ class Database(abc.ABC):
             )
             return [(r.event, r.sequence) for r in rows]
 
+    @retry_on_disconnect
+    async def run_origin(self, run_id: str) -> RunOrigin:
+        async with self.reading() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(t.run.c.program_id, t.run.c.mode, t.run.c.signature).where(
+                        t.run.c.id == run_id
+                    )
+                )
+            ).one_or_none()
+        if row is None:
+            raise NoResult(f"no run {run_id!r} in {self!r}")
+        return RunOrigin(run_id, int(row.program_id), row.mode, row.signature)
 
-def _group_by_sequence(triggers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for event, sequence in triggers:
-        grouped.setdefault(sequence, []).append(event)
-    return grouped
+    @retry_on_disconnect
+    async def stored_program(self, program_id: int) -> StoredProgram:
+        async with self.reading() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(
+                        t.program.c.name,
+                        t.program.c.version,
+                        t.program.c.definition,
+                        t.program.c.signature,
+                    ).where(t.program.c.id == program_id)
+                )
+            ).one_or_none()
+        if row is None:
+            raise NoResult(f"no program with id {program_id} in {self!r}")
+        return StoredProgram(program_id, row.name, row.version, row.definition, row.signature)
+
+
+class SqlTx:
+    """:class:`~aeventor.dispatch.store.StoreTx` on one SQLAlchemy connection."""
+
+    def __init__(self, db: Database, conn: AsyncConnection) -> None:
+        self.db = db
+        self.conn = conn
+        self.claims_on_insert = db.claims_on_insert
+        #: run id -> queues to NOTIFY at commit
+        self.notifications: dict[str, set[str | None]] = {}
+
+    async def lock_run(self, run_id: str) -> RunLock:
+        row = (await self.conn.execute(_LOCK_RUN, {"run_id": run_id})).one_or_none()
+        if row is None:
+            raise NoResult(f"no run {run_id!r} in {self.db!r}")
+        return RunLock(RunStatus(row.status), bool(row.stopped), int(row.recovery), row.mode)
+
+    async def insert_run(
+        self,
+        *,
+        run_id: str,
+        program_id: int,
+        program_name: str,
+        mode: str,
+        submitted_by: str | None,
+        signature: str | None,
+    ) -> None:
+        await self.conn.execute(
+            t.run.insert().values(
+                id=run_id,
+                program_id=program_id,
+                program_name=program_name,
+                status=RunStatus.running.value,
+                stopped=False,
+                recovery=0,
+                created=t.utcnow(),
+                mode=mode,
+                submitted_by=submitted_by,
+                signature=signature,
+            )
+        )
+
+    async def end_step(
+        self,
+        claim_id: int,
+        *,
+        status: StepStatus,
+        result: str | None,
+        error: str | None,
+        only_if_lapsed: bool = False,
+    ) -> bool:
+        updated = await self.conn.execute(
+            _END_LAPSED_STEP if only_if_lapsed else _END_STEP,
+            {
+                "claim_id": claim_id,
+                "new_status": status.value,
+                "new_result": result,
+                "new_error": error,
+                "now": t.utcnow(),
+            },
+        )
+        return bool(updated.rowcount == 1)
+
+    async def set_pid(self, step_run_id: int, pid: int) -> None:
+        await self.conn.execute(
+            t.step_run.update().where(t.step_run.c.id == step_run_id).values(pid=pid)
+        )
+
+    async def fired(
+        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+    ) -> set[str]:
+        rows = await self.conn.execute(
+            _FIRED,
+            {"run_id": run_id, "sequence": sequence, "recovery": recovery, "events": events},
+        )
+        return {r.event for r in rows}
+
+    async def add_triggers(
+        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+    ) -> None:
+        now = t.utcnow()
+        await self.conn.execute(
+            self.db._insert_ignore(t.trigger),
+            [
+                {
+                    "run_id": run_id,
+                    "event": e,
+                    "sequence": sequence,
+                    "recovery": recovery,
+                    "created": now,
+                }
+                for e in events
+            ],
+        )
+
+    async def add_step_runs(self, rows: Sequence[NewStepRun]) -> None:
+        if rows:
+            now = t.utcnow()
+            await self.conn.execute(
+                self.db._insert_ignore(t.step_run), [_step_row(r, now) for r in rows]
+            )
+
+    async def add_claimed_step_runs(
+        self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta
+    ) -> list[tuple[int, str]]:
+        now = t.utcnow()
+        values = [
+            _step_row(r, now) | {"worker": worker, "started": now, "lease_until": now + lease}
+            for r in rows
+        ]
+        inserted = await self.conn.execute(
+            self.db._insert_ignore(t.step_run).returning(t.step_run.c.id, t.step_run.c.step),
+            values,
+        )
+        return [(int(r.id), r.step) for r in inserted.all()]
+
+    async def pending(self, run_id: str) -> int:
+        return int((await self.conn.execute(_PENDING, {"run_id": run_id})).scalar_one())
+
+    async def stop_run(self, run_id: str, reason: str) -> None:
+        await self.conn.execute(
+            t.run.update().where(t.run.c.id == run_id).values(stopped=True, reason=reason)
+        )
+        await self.conn.execute(
+            t.step_run.update()
+            .where(
+                t.step_run.c.run_id == run_id,
+                t.step_run.c.status == StepStatus.ready.value,
+            )
+            .values(status=StepStatus.skipped.value, ended=t.utcnow())
+        )
+
+    async def end_run(self, run_id: str, status: RunStatus, reason: str | None = None) -> None:
+        values: dict[str, Any] = {"status": status.value, "ended": t.utcnow()}
+        if reason is not None:
+            values["reason"] = reason
+        await self.conn.execute(
+            t.run.update()
+            .where(t.run.c.id == run_id, t.run.c.status == RunStatus.running.value)
+            .values(**values)
+        )
+
+    async def cancel_step_runs(self, run_id: str) -> None:
+        await self.conn.execute(
+            t.step_run.update()
+            .where(
+                t.step_run.c.run_id == run_id,
+                t.step_run.c.status.in_([s.value for s in PENDING]),
+            )
+            .values(status=StepStatus.cancelled.value, ended=t.utcnow(), lease_until=None)
+        )
+
+    def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
+        self.notifications.setdefault(run_id, set()).update(queues)
+
+
+def _step_row(row: NewStepRun, now: datetime) -> dict[str, Any]:
+    ended = now if row.status in (StepStatus.skipped, StepStatus.cancelled) else None
+    return {
+        "run_id": row.run_id,
+        "step": row.step,
+        "sequence": row.sequence,
+        "recovery": row.recovery,
+        "attempt": row.attempt,
+        "status": row.status.value,
+        "host": row.host,
+        "queue": row.queue,
+        "worker": None,
+        "started": None,
+        "lease_until": None,
+        "created": now,
+        "ended": ended,
+    }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -127,7 +127,9 @@ class PostgresDatabase(Database):
     async def _ensure_schema(self) -> None:
         await upgrade_to_head(self.engine, lock=_advisory_lock)
 
-    async def _notify_work(self, conn: AsyncConnection, run_id: str) -> None:
+    async def _notify_work(
+        self, conn: AsyncConnection, run_id: str, queues: Collection[str | None] = ()
+    ) -> None:
         await conn.execute(sa.select(sa.func.pg_notify(CHANNEL, f"{run_id} {self._sender}")))
 
     def _insert_ignore(self, table: sa.Table) -> Any:

@@ -1,0 +1,107 @@
+"""The records the dispatch core and its stores exchange: claims, advances, new step runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from ..program.model import RunStatus, StepStatus
+
+__all__ = ("Advance", "Claim", "NewStepRun", "RunLock", "RunOrigin", "StoredProgram", "Taker")
+
+
+@dataclass(slots=True)
+class Taker:
+    """Lets a transaction that makes step runs ready claim some of them at once.
+
+    The worker that completes a step usually runs the next one too; inserting that step run
+    already active and leased to it saves a claim transaction and a wake-up per hop.
+
+    Attributes:
+        worker: who claims.
+        budget: how many step runs it may still take.
+        hosts: only step runs assigned to these hosts (None: any).
+        lease: how long the claim holds before it must be renewed.
+    """
+
+    worker: str
+    budget: int
+    hosts: frozenset[str | None] | None = None
+    lease: timedelta = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A step run a worker took: it is active and leased to that worker."""
+
+    id: int
+    run_id: str
+    step: str
+    sequence: str
+    recovery: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """What a transaction changed, for the caller's wake-ups.
+
+    Attributes:
+        ready: how many step runs it made ready (and left for claimers).
+        run_status: the run's status after it (running until the run ends).
+        claims: step runs it made and claimed for the caller's :class:`Taker`.
+        recorded: False when the change was not applied (the step run was no longer
+            active: cancelled, or reaped).
+    """
+
+    ready: int
+    run_status: RunStatus
+    claims: tuple[Claim, ...] = ()
+    recorded: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RunLock:
+    """The run row, read under the transaction's lock on it."""
+
+    status: RunStatus
+    stopped: bool
+    recovery: int
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewStepRun:
+    """A step run a transaction creates."""
+
+    run_id: str
+    step: str
+    sequence: str
+    recovery: int
+    status: StepStatus
+    host: str | None
+    queue: str | None
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RunOrigin:
+    """Where a run came from: what an agent checks before it runs any of its steps."""
+
+    run_id: str
+    program_id: int
+    mode: str
+    signature: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredProgram:
+    """A registered program version, as stored."""
+
+    id: int
+    name: str
+    version: str
+    definition: str
+    signature: str | None
+    extra: dict[str, Any] = field(default_factory=dict)

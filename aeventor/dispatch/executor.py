@@ -1,0 +1,54 @@
+"""The one executor interface: how the worker has a claimed step run carried out.
+
+Executors (:mod:`aeventor.backends.executors`: local processes and commands, in-loop
+coroutines, SSH hosts) implement :class:`Executor`; the worker builds a :class:`StepLaunch`
+for each claim and records the :class:`ExecResult` it gets back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..context import StepContext
+from ..program.model import StepDef
+from .claims import Claim
+
+__all__ = ("ExecResult", "Executor", "StepLaunch")
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """How a step run ended: ``ok``, its JSON ``value``, or the ``error`` text."""
+
+    ok: bool
+    value: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepLaunch:
+    """Everything needed to run one claimed step run."""
+
+    claim: Claim
+    step: StepDef
+    program: str
+    env: Mapping[str, str]
+    log_path: Path
+    deterministic_logs: bool
+    #: Awaited with the step's pid once its process started.
+    on_started: Callable[[int], Awaitable[None]]
+    #: The live callable, for in-loop steps.
+    func: Callable[..., Any] | None = None
+    context: StepContext | None = field(default=None)
+
+
+class Executor(Protocol):
+    """Runs step runs to their end. Cancelling :meth:`run` terminates the step (its whole
+    process group) and propagates the cancellation."""
+
+    async def run(self, launch: StepLaunch) -> ExecResult: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,321 @@
+"""The narrow store interface the dispatch core is written against.
+
+A store offers two things:
+
+- :class:`StoreTx`, the primitive reads and writes of one transaction (lock a run, end a step
+  run, which events fired, insert triggers and step runs, count what is pending, ...). The
+  transactions that advance a run (:mod:`aeventor.dispatch.transactions`) are written once,
+  against these primitives; every store runs them inside :meth:`Store.write`.
+- :class:`Store`, the operations around transactions: claiming, leases and heartbeats,
+  reading runs, and wake-ups (:class:`Notifier`).
+
+The SQL stores (:mod:`aeventor.backends.stores`) and the in-memory store of
+:mod:`aeventor.testing` implement both; nothing in :mod:`aeventor.dispatch` imports a
+concrete store.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Protocol, TypeVar
+
+from ..program.model import ProgramDef, RunStatus, StepStatus
+from ..records import RunResult
+from . import transactions
+from ._state import Graph
+from .claims import (
+    Advance,
+    Claim,
+    NewStepRun,
+    RunLock,
+    RunOrigin,
+    StoredProgram,
+    Taker,
+)
+
+__all__ = (
+    "Advance",
+    "Claim",
+    "NewStepRun",
+    "Notifier",
+    "RunLock",
+    "RunOrigin",
+    "Store",
+    "StoreTx",
+    "StoredProgram",
+    "Taker",
+)
+
+_T = TypeVar("_T")
+
+
+class StoreTx(Protocol):
+    """The primitives of one write transaction (see the module docstring).
+
+    Every write is conditional where a retry could repeat it: an insert skips rows whose
+    unique key exists, a step run ends only while it is active.
+    """
+
+    #: Whether inserted step runs can be claimed in the same statement (RETURNING).
+    claims_on_insert: bool
+
+    async def lock_run(self, run_id: str) -> RunLock:
+        """Lock the run row for the rest of the transaction; NoResult if there is none."""
+
+    async def insert_run(
+        self,
+        *,
+        run_id: str,
+        program_id: int,
+        program_name: str,
+        mode: str,
+        submitted_by: str | None,
+        signature: str | None,
+    ) -> None: ...
+
+    async def end_step(
+        self,
+        claim_id: int,
+        *,
+        status: StepStatus,
+        result: str | None,
+        error: str | None,
+        only_if_lapsed: bool = False,
+    ) -> bool:
+        """End an active step run; False if it was not active (or its lease holds)."""
+
+    async def set_pid(self, step_run_id: int, pid: int) -> None: ...
+
+    async def fired(
+        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+    ) -> set[str]:
+        """Which of ``events`` already fired for this run, sequence and recovery."""
+
+    async def add_triggers(
+        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+    ) -> None: ...
+
+    async def add_step_runs(self, rows: Sequence[NewStepRun]) -> None:
+        """Insert step runs (ready or skipped), skipping existing ones."""
+
+    async def add_claimed_step_runs(
+        self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta
+    ) -> list[tuple[int, str]]:
+        """Insert step runs already active and leased to ``worker``; (id, step) of each."""
+
+    async def pending(self, run_id: str) -> int:
+        """How many step runs of the run are ready or active."""
+
+    async def stop_run(self, run_id: str, reason: str) -> None:
+        """Mark the run stopped and its ready step runs skipped."""
+
+    async def end_run(self, run_id: str, status: RunStatus, reason: str | None = None) -> None:
+        """Set the final status of a running run."""
+
+    async def cancel_step_runs(self, run_id: str) -> None:
+        """Mark every ready and active step run of the run cancelled."""
+
+    def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
+        """Tell other processes, at commit, that the run (and these queues) may have work."""
+
+
+class Notifier:
+    """Wake-ups from other processes (LISTEN/NOTIFY), keyed by run id or by queue.
+
+    Changes made by this process wake its workers directly (each transaction returns what it
+    changed), so only a listener calls :meth:`notify`. A subscriber with key None hears
+    everything.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: dict[str | None, set[asyncio.Event]] = {}
+
+    @contextmanager
+    def subscribe(self, key: str | None = None) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        self._waiters.setdefault(key, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[key]
+
+    def notify(self, key: str) -> None:
+        """Wake the subscribers of ``key`` and those of every key."""
+        for event in (*self._waiters.get(key, ()), *self._waiters.get(None, ())):
+            event.set()
+
+    def notify_all(self) -> None:
+        """Wake everyone (after a reconnect, when notifications may have been missed)."""
+        for waiters in self._waiters.values():
+            for event in waiters:
+                event.set()
+
+
+class Store(abc.ABC):
+    """What the dispatch core needs of a store.
+
+    Subclasses implement the abstract primitives; the transactions that advance a run are
+    defined here once, on top of :meth:`write`.
+
+    .. versionadded:: 0.1
+    """
+
+    #: Seconds between polls for work made by other processes (None: wake-ups always come).
+    poll_interval: float | None
+    notifier: Notifier
+
+    # -- primitives ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def write(self, operation: Callable[[StoreTx], Awaitable[_T]]) -> _T:
+        """Run ``operation`` in one write transaction (retried whole on a lost connection)."""
+
+    @abc.abstractmethod
+    async def claim(
+        self,
+        *,
+        worker: str,
+        limit: int,
+        run_id: str | None = None,
+        hosts: Sequence[str] | None = None,
+        lease: timedelta = timedelta(seconds=30),
+    ) -> list[Claim]:
+        """Atomically take up to ``limit`` ready step runs (of one run, or of host queues)."""
+
+    @abc.abstractmethod
+    async def heartbeat(
+        self,
+        *,
+        worker: str,
+        hostname: str,
+        pid: int,
+        hosts: Sequence[str],
+        lease: timedelta,
+    ) -> set[int]:
+        """Record the worker alive and renew the leases of all its active step runs.
+
+        Returns the ids of its step runs that were cancelled meanwhile (to terminate).
+        """
+
+    @abc.abstractmethod
+    async def worker_stopped(self, worker: str) -> None: ...
+
+    @abc.abstractmethod
+    async def lapsed_leases(self, *, limit: int = 100) -> list[Claim]:
+        """Active step runs whose lease ran out: their worker is gone or hung."""
+
+    @abc.abstractmethod
+    async def run_status(self, run_id: str) -> RunStatus: ...
+
+    @abc.abstractmethod
+    async def load_result(self, run_id: str) -> RunResult: ...
+
+    @abc.abstractmethod
+    async def run_origin(self, run_id: str) -> RunOrigin:
+        """The run's program id, mode and signature (NoResult if there is no such run)."""
+
+    @abc.abstractmethod
+    async def stored_program(self, program_id: int) -> StoredProgram:
+        """A registered program version as stored (NoResult if there is none)."""
+
+    @abc.abstractmethod
+    async def register_program(self, program: ProgramDef, *, signature: str | None = None) -> int:
+        """Store a program definition (once per version) and return its id."""
+
+    # -- transactions (written once, in dispatch.transactions) --------------------------
+
+    async def create_run(
+        self,
+        graph: Graph,
+        *,
+        program_id: int,
+        triggers: Sequence[tuple[str, str]],
+        run_id: str | None = None,
+        take: Taker | None = None,
+        mode: str = "standalone",
+        submitted_by: str | None = None,
+        signature: str | None = None,
+    ) -> tuple[str, Advance]:
+        """Create a run and fire its initial ``(event, sequence)`` triggers, in one transaction.
+
+        Args:
+            mode: ``standalone`` (the calling process drives the run) or ``distributed``
+                (step runs are queued for their hosts' agents).
+            signature: the run's HMAC with the cluster key (distributed mode).
+        """
+        return await self.write(
+            lambda tx: transactions.create_run(
+                tx,
+                graph,
+                program_id=program_id,
+                triggers=triggers,
+                run_id=run_id,
+                take=take,
+                mode=mode,
+                submitted_by=submitted_by,
+                signature=signature,
+            )
+        )
+
+    async def trigger(
+        self,
+        graph: Graph,
+        *,
+        run_id: str,
+        event: str,
+        sequence: str,
+        take: Taker | None = None,
+    ) -> Advance:
+        """Fire ``event`` for ``sequence`` in a live run (idempotent)."""
+        return await self.write(
+            lambda tx: transactions.trigger(
+                tx, graph, run_id=run_id, event=event, sequence=sequence, take=take
+            )
+        )
+
+    async def started(self, graph: Graph, claim: Claim, *, pid: int | None = None) -> Advance:
+        """Record a claimed step's process and fire its ``active`` triggers."""
+        if pid is None and not graph.trigger_events(claim.step, StepStatus.active):
+            return Advance(0, RunStatus.running)
+        return await self.write(lambda tx: transactions.started(tx, graph, claim, pid=pid))
+
+    async def complete(
+        self,
+        graph: Graph,
+        claim: Claim,
+        *,
+        status: StepStatus,
+        result: Any = None,
+        error: str | None = None,
+        take: Taker | None = None,
+        only_if_lapsed: bool = False,
+    ) -> Advance:
+        """Record a step's end and everything it causes, in one transaction."""
+        return await self.write(
+            lambda tx: transactions.complete(
+                tx,
+                graph,
+                claim,
+                status=status,
+                result=result,
+                error=error,
+                take=take,
+                only_if_lapsed=only_if_lapsed,
+            )
+        )
+
+    async def fail_untrusted(self, claim: Claim, *, error: str) -> Advance:
+        """Fail a step run whose program is not trusted, and stop its run (nothing fires)."""
+        return await self.write(lambda tx: transactions.fail_untrusted(tx, claim, error=error))
+
+    async def cancel_run(self, run_id: str, *, reason: str) -> None:
+        """Mark a run cancelled with its ready and active step runs (workers kill those)."""
+        await self.write(lambda tx: transactions.cancel_run(tx, run_id, reason=reason))

@@ -1,0 +1,291 @@
+"""The transactions that advance a run, written once against :class:`~.store.StoreTx`.
+
+Each function is the body of one write transaction: it locks the run row first, reads the few
+facts the state machine (:mod:`._state`) needs, and writes its answer. Completing a step,
+firing its triggers, evaluating the expressions they satisfy and making steps ready commit
+together, so any process holding the store can advance any run, and a transaction retried
+after a lost connection cannot apply twice (its writes are conditional).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..program.model import RunStatus, StepStatus
+from ._state import Graph, final_run_status
+from .claims import Advance, Claim, NewStepRun, Taker
+
+if TYPE_CHECKING:
+    from .store import StoreTx
+
+__all__ = (
+    "cancel_run",
+    "complete",
+    "create_run",
+    "fail_untrusted",
+    "started",
+    "trigger",
+)
+
+
+async def create_run(
+    tx: StoreTx,
+    graph: Graph,
+    *,
+    program_id: int,
+    triggers: Sequence[tuple[str, str]],
+    run_id: str | None,
+    take: Taker | None,
+    mode: str,
+    submitted_by: str | None,
+    signature: str | None,
+) -> tuple[str, Advance]:
+    run_id = run_id or uuid.uuid4().hex
+    await tx.insert_run(
+        run_id=run_id,
+        program_id=program_id,
+        program_name=graph.program.name,
+        mode=mode,
+        submitted_by=submitted_by,
+        signature=signature,
+    )
+    ready = 0
+    claims: list[Claim] = []
+    queues: set[str | None] = set()
+    for sequence, events in _group_by_sequence(triggers).items():
+        budget = None if take is None else _with_budget(take, take.budget - len(claims))
+        more, taken, more_queues = await _fire(
+            tx, graph, run_id, sequence, 0, events, stopped=False, take=budget, mode=mode
+        )
+        ready += more
+        claims += taken
+        queues |= more_queues
+    status = await _settle(tx, run_id, stopped=False)
+    if ready:
+        tx.notify(run_id, queues)
+    return run_id, Advance(ready, status, tuple(claims))
+
+
+async def trigger(
+    tx: StoreTx,
+    graph: Graph,
+    *,
+    run_id: str,
+    event: str,
+    sequence: str,
+    take: Taker | None,
+) -> Advance:
+    run = await tx.lock_run(run_id)
+    if run.status is not RunStatus.running:
+        return Advance(0, run.status, recorded=False)
+    ready, claims, queues = await _fire(
+        tx, graph, run_id, sequence, run.recovery, [event], run.stopped, take, mode=run.mode
+    )
+    if ready:
+        tx.notify(run_id, queues)
+    return Advance(ready, RunStatus.running, tuple(claims))
+
+
+async def started(tx: StoreTx, graph: Graph, claim: Claim, *, pid: int | None) -> Advance:
+    """Record a claimed step's process and fire its ``active`` triggers."""
+    if pid is not None:
+        await tx.set_pid(claim.id, pid)
+    events = graph.trigger_events(claim.step, StepStatus.active)
+    if not events:
+        return Advance(0, RunStatus.running)
+    run = await tx.lock_run(claim.run_id)
+    if run.status is not RunStatus.running:
+        return Advance(0, run.status)
+    ready, _, queues = await _fire(
+        tx,
+        graph,
+        claim.run_id,
+        claim.sequence,
+        claim.recovery,
+        events,
+        run.stopped,
+        mode=run.mode,
+    )
+    if ready:
+        tx.notify(claim.run_id, queues)
+    return Advance(ready, RunStatus.running)
+
+
+async def complete(
+    tx: StoreTx,
+    graph: Graph,
+    claim: Claim,
+    *,
+    status: StepStatus,
+    result: Any,
+    error: str | None,
+    take: Taker | None,
+    only_if_lapsed: bool,
+) -> Advance:
+    """Record a step's end and everything it causes.
+
+    A step run that is no longer active (its run was cancelled, or a reaper recorded it
+    lost) is left as it is, and the advance says ``recorded=False``.
+    """
+    outcome = graph.step_outcome(claim.step, status)
+    run = await tx.lock_run(claim.run_id)
+    ended = await tx.end_step(
+        claim.id,
+        status=status,
+        result=None if result is None else json.dumps(result),
+        error=error,
+        only_if_lapsed=only_if_lapsed,
+    )
+    if not ended:
+        return Advance(0, run.status, recorded=False)
+    if run.status is not RunStatus.running:
+        return Advance(0, run.status)
+    stopped = run.stopped
+    if outcome.stop_run and not stopped:
+        stopped = True
+        await tx.stop_run(
+            claim.run_id,
+            f"step {claim.step}[{claim.sequence}] failed and fires no failure trigger",
+        )
+    ready, claims, queues = await _fire(
+        tx,
+        graph,
+        claim.run_id,
+        claim.sequence,
+        claim.recovery,
+        outcome.events,
+        stopped,
+        take,
+        mode=run.mode,
+    )
+    # A run that just gained step runs cannot have ended.
+    run_status = (
+        RunStatus.running if ready or claims else await _settle(tx, claim.run_id, stopped=stopped)
+    )
+    if ready:
+        tx.notify(claim.run_id, queues)
+    return Advance(ready, run_status, tuple(claims))
+
+
+async def fail_untrusted(tx: StoreTx, claim: Claim, *, error: str) -> Advance:
+    """Fail a step run whose program is not trusted, and stop its run.
+
+    No trigger fires: the program that would say what a failure causes is the one that
+    failed verification.
+    """
+    run = await tx.lock_run(claim.run_id)
+    await tx.end_step(claim.id, status=StepStatus.failure, result=None, error=error)
+    if run.status is not RunStatus.running:
+        return Advance(0, run.status)
+    if not run.stopped:
+        await tx.stop_run(claim.run_id, f"step {claim.step}[{claim.sequence}]: {error}")
+    return Advance(0, await _settle(tx, claim.run_id, stopped=True))
+
+
+async def cancel_run(tx: StoreTx, run_id: str, *, reason: str) -> None:
+    """Mark a run cancelled with its ready and active step runs (their workers kill those)."""
+    run = await tx.lock_run(run_id)
+    await tx.cancel_step_runs(run_id)
+    if run.status is RunStatus.running:
+        await tx.end_run(run_id, RunStatus.cancelled, reason)
+    tx.notify(run_id)
+
+
+# -- the shared steps of the transactions above ---------------------------------------------
+
+
+async def _fire(
+    tx: StoreTx,
+    graph: Graph,
+    run_id: str,
+    sequence: str,
+    recovery: int,
+    events: Iterable[str],
+    stopped: bool,
+    take: Taker | None = None,
+    *,
+    mode: str,
+) -> tuple[int, list[Claim], set[str | None]]:
+    """Fire events for one sequence.
+
+    Returns how many step runs became ready for claimers, those taken for ``take``, and the
+    queues the ready ones wait in. In a distributed run each step run is queued for its
+    host's agents; in a standalone run for the run's own worker (queue None).
+    """
+    events = list(events)
+    if not events:
+        return 0, [], set()
+    needed = sorted(graph.facts_needed(events))
+    fired = await tx.fired(run_id, sequence, recovery, needed)
+    plan = graph.fire(fired, events)
+    if plan.events:
+        await tx.add_triggers(run_id, sequence, recovery, plan.events)
+    if not plan.steps:
+        return 0, [], set()
+    distributed = mode == "distributed"
+    steps = graph.program.steps
+
+    def row(step: str, status: StepStatus) -> NewStepRun:
+        host = steps[step].host
+        return NewStepRun(
+            run_id=run_id,
+            step=step,
+            sequence=sequence,
+            recovery=recovery,
+            status=status,
+            host=host,
+            queue=host if distributed else None,
+        )
+
+    if stopped:
+        # A stopped run records the steps its events asked for, as skipped: nothing that
+        # happened is lost, nothing new starts.
+        await tx.add_step_runs([row(s, StepStatus.skipped) for s in plan.steps])
+        return 0, [], set()
+    mine: list[str] = []
+    rest: list[str] = []
+    for step in plan.steps:
+        if (
+            take is not None
+            and tx.claims_on_insert
+            and len(mine) < take.budget
+            and (take.hosts is None or steps[step].host in take.hosts)
+        ):
+            mine.append(step)
+        else:
+            rest.append(step)
+    if rest:
+        await tx.add_step_runs([row(s, StepStatus.ready) for s in rest])
+    claims: list[Claim] = []
+    if mine:
+        assert take is not None
+        inserted = await tx.add_claimed_step_runs(
+            [row(s, StepStatus.active) for s in mine], worker=take.worker, lease=take.lease
+        )
+        claims = [Claim(id_, run_id, step, sequence, recovery, 1) for id_, step in inserted]
+    queues = {steps[s].host if distributed else None for s in rest}
+    return len(rest), claims, queues
+
+
+async def _settle(tx: StoreTx, run_id: str, *, stopped: bool) -> RunStatus:
+    """End the run if nothing is ready or active any more; return its status."""
+    pending = await tx.pending(run_id)
+    status = final_run_status(pending=pending, stopped=stopped, cancelled=False)
+    if status is not RunStatus.running:
+        await tx.end_run(run_id, status)
+        tx.notify(run_id)
+    return status
+
+
+def _group_by_sequence(triggers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for event, sequence in triggers:
+        grouped.setdefault(sequence, []).append(event)
+    return grouped
+
+
+def _with_budget(take: Taker, budget: int) -> Taker:
+    return Taker(worker=take.worker, budget=budget, hosts=take.hosts, lease=take.lease)
