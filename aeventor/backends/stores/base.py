@@ -1008,6 +1008,48 @@ class Database(abc.ABC):
             )
             return [(r.event, r.sequence) for r in rows]
 
+    @retry_on_disconnect
+    async def list_runs(self, *, program: str | None = None, limit: int = 20) -> list[RunResult]:
+        """The newest runs first, without their step runs (each ``steps`` is empty).
+
+        Args:
+            program: only the runs of this program.
+            limit: at most this many runs.
+
+        Returns:
+            The runs; :meth:`load_result` reads one with its step runs.
+
+        .. versionadded:: 0.1
+        """
+        query = (
+            sa.select(
+                t.run.c.id,
+                t.run.c.program_name,
+                t.run.c.status,
+                t.run.c.reason,
+                t.run.c.created,
+                t.run.c.ended,
+            )
+            .order_by(t.run.c.created.desc(), t.run.c.id.desc())
+            .limit(limit)
+        )
+        if program is not None:
+            query = query.where(t.run.c.program_name == program)
+        async with self.reading() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            RunResult(
+                run_id=r.id,
+                program=r.program_name,
+                status=RunStatus(r.status),
+                reason=r.reason,
+                created=r.created,
+                ended=r.ended,
+                steps=(),
+            )
+            for r in rows
+        ]
+
 
 def _group_by_sequence(triggers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
     grouped: dict[str, list[str]] = {}
