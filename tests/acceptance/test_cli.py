@@ -98,7 +98,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_help_lists_every_command_on_one_line_and_the_exit_codes(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setenv("COLUMNS", "80")
     out = help_of([], capsys)
     commands = out.split("\ncommands:\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
     assert [line.split()[0] for line in commands] == [
