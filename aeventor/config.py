@@ -32,8 +32,6 @@ The functions here read small files synchronously; call them from ``async`` code
 
 from __future__ import annotations
 
-import argparse
-import getpass
 import os
 import re
 import stat
@@ -528,36 +526,8 @@ def resolve_store(
 # --- command line ----------------------------------------------------------------------------
 
 
-def _read_password() -> str:
-    if sys.stdin.isatty():
-        return getpass.getpass("Password: ")
-    # Strip the line ending `echo` or a file adds, nothing else.
-    return sys.stdin.read().rstrip("\r\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m aeventor.config",
-        description="Manage the key and the encrypted passwords of named stores.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    genkey = commands.add_parser("genkey", help="write a new key file (mode 0600)")
-    genkey.add_argument(
-        "--key-file",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help=f"where to write the key (default: ${KEY_FILE_ENV} or ~/.config/aeventor/key)",
-    )
-    commands.add_parser(
-        "encrypt",
-        help="read a password from stdin and print its token for the config file",
-    )
-    return parser
-
-
 def main(argv: list[str] | None = None, *, environ: Mapping[str, str] | None = None) -> int:
-    """Run the ``genkey`` or ``encrypt`` command.
+    """``python -m aeventor.config``: the ``aeventor config`` command (genkey, encrypt).
 
     Args:
         argv: the arguments, without the program name; defaults to ``sys.argv[1:]``.
@@ -569,21 +539,9 @@ def main(argv: list[str] | None = None, *, environ: Mapping[str, str] | None = N
 
     .. versionadded:: 0.1
     """
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "genkey":
-            path = write_key_file(args.key_file, environ=environ)
-            print(f"wrote a new key to {path}; back it up, it cannot be recovered")  # noqa: T201
-        else:
-            key = load_key(environ=environ)
-            password = _read_password()
-            if not password:
-                raise StoreConfigError("no password given on stdin; nothing to encrypt")
-            print(encrypt_password(password, key=key))  # noqa: T201
-    except StoreConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    return 0
+    from .cli import main as cli_main
+
+    return cli_main(["config", *(sys.argv[1:] if argv is None else argv)], environ=environ)
 
 
 if __name__ == "__main__":

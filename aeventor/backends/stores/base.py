@@ -601,6 +601,48 @@ class Database(Store):
         return RunOrigin(run_id, int(row.program_id), row.mode, row.signature)
 
     @retry_on_disconnect
+    async def list_runs(self, *, program: str | None = None, limit: int = 20) -> list[RunResult]:
+        """The newest runs first, without their step runs (each ``steps`` is empty).
+
+        Args:
+            program: only the runs of this program.
+            limit: at most this many runs.
+
+        Returns:
+            The runs; :meth:`load_result` reads one with its step runs.
+
+        .. versionadded:: 0.1
+        """
+        query = (
+            sa.select(
+                t.run.c.id,
+                t.run.c.program_name,
+                t.run.c.status,
+                t.run.c.reason,
+                t.run.c.created,
+                t.run.c.ended,
+            )
+            .order_by(t.run.c.created.desc(), t.run.c.id.desc())
+            .limit(limit)
+        )
+        if program is not None:
+            query = query.where(t.run.c.program_name == program)
+        async with self.reading() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            RunResult(
+                run_id=r.id,
+                program=r.program_name,
+                status=RunStatus(r.status),
+                reason=r.reason,
+                created=r.created,
+                ended=r.ended,
+                steps=(),
+            )
+            for r in rows
+        ]
+
+    @retry_on_disconnect
     async def stored_program(self, program_id: int) -> StoredProgram:
         async with self.reading() as conn:
             row = (
