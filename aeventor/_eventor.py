@@ -562,6 +562,7 @@ class Eventor:
         distributed = self.mode == "distributed"
         # A standalone run lives in this process: if its task is cancelled, so is the run.
         state = _RunState(uuid.uuid4().hex, cancel_on_cancel=not distributed)
+        state.follows = distributed
         runner = self._run_distributed if distributed else self._run
         task = asyncio.create_task(runner(state, program), name=f"aeventor run {state.run_id}")
         self._started.add(task)
@@ -835,8 +836,11 @@ class _RunState:
         self.final: RunResult | None = None
         #: Cancelling the run's task cancels the run (a run of this process, or `run()`).
         self.cancel_on_cancel = cancel_on_cancel
-        #: The handle's cancel() was called.
+        #: The handle's cancel() was called (``cancel_event`` is set too).
         self.cancel_requested = False
+        self.cancel_event = asyncio.Event()
+        #: The run is followed (agents drive it): cancel() acts through ``cancel_event``.
+        self.follows = False
         #: Set once the run exists in the store (and ``store`` is set).
         self.created = asyncio.Event()
         #: Set to drain the run's worker (SIGTERM).
@@ -874,17 +878,29 @@ async def _finish_cancelled(
 async def _follow(db: Database, state: _RunState) -> RunResult:
     """Follow a run driven by others (agents) to its end.
 
-    Cancelling stops following; it cancels the run for every host only if the handle's
-    :meth:`RunHandle.cancel` asked for it, or the caller awaited :meth:`Eventor.run`.
+    :meth:`RunHandle.cancel` cancels the run for every host. Cancelling the following task
+    only stops following, unless the caller awaited :meth:`Eventor.run` (its run).
     """
     state.store = db
     state.created.set()
+    following = asyncio.ensure_future(follow(db, state.run_id))
+    cancelling = asyncio.ensure_future(state.cancel_event.wait())
     try:
-        result = await follow(db, state.run_id)
+        await asyncio.wait({following, cancelling}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        if state.cancel_requested or state.cancel_on_cancel:
+        if state.cancel_on_cancel:
             await asyncio.shield(_finish_cancelled(db, state, None, "cancelled"))
         raise
+    finally:
+        if not following.done():
+            following.cancel()
+        cancelling.cancel()
+        await asyncio.gather(following, cancelling, return_exceptions=True)
+    if not following.cancelled() and following.done():
+        result = following.result()
+    else:
+        await asyncio.shield(_finish_cancelled(db, state, None, "cancelled"))
+        result = _final(state)
     state.set_status(result.status)
     state.final = result
     return result
@@ -936,7 +952,9 @@ class RunHandle:
         """Cancel the run: its running steps are terminated (on every host) and it is
         recorded as cancelled. :meth:`wait` returns the cancelled result."""
         self._state.cancel_requested = True
-        self._task.cancel()
+        self._state.cancel_event.set()
+        if not self._state.follows:
+            self._task.cancel()
 
     async def trigger_event(self, event: Event | str, sequence: str | int = 0) -> None:
         """Fire ``event`` for ``sequence`` in the live run (waits until the run exists).
@@ -1015,6 +1033,7 @@ def attach(
             "attach() needs a running event loop; call it from async code"
         ) from None
     state = _RunState(run_id, cancel_on_cancel=False)
+    state.follows = True
     eventor = (
         store
         if isinstance(store, Eventor)
@@ -1022,18 +1041,8 @@ def attach(
     )
 
     async def follow_it() -> RunResult:
-        try:
-            async with eventor._run_store() as db:
-                return await _follow(db, state)
-        except asyncio.CancelledError:
-            if state.cancel_requested and not state.created.is_set():
-                # Cancelled before the store was open: open it to cancel the run anyway.
-                async def cancel_now() -> None:
-                    async with eventor._run_store() as db:
-                        await _finish_cancelled(db, state, None, "cancelled")
-
-                await asyncio.shield(cancel_now())
-            raise
+        async with eventor._run_store() as db:
+            return await _follow(db, state)
 
     task = asyncio.create_task(follow_it(), name=f"aeventor follow {run_id}")
     return RunHandle(eventor.name, state, task)

@@ -144,8 +144,12 @@ async def test_cancel_kills_the_step_and_its_grandchild(
         async with asyncio.timeout(DEADLINE):
             result = await handle.wait()
 
-        assert not pid_alive(leader)
-        assert not pid_alive(grandchild)
+        # SIGKILL is delivered, not synchronous: the group is gone moments later.
+        await wait_until(
+            lambda: not pid_alive(leader) and not pid_alive(grandchild),
+            what="the step and its grandchild to be gone",
+            deadline=5,
+        )
         assert session_members(leader) == []
     finally:
         # Should the engine leave them behind, do not let them outlive the test.
