@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
-import structlog
 from sqlalchemy.engine import URL
 
 from .backends.executors.local import LocalExecutor
@@ -26,6 +25,7 @@ from .dispatch.logs import RunLog, run_log_dir
 from .dispatch.worker import RunDispatcher
 from .exceptions import AeventorError, ConfigurationError, NoResult, ProgramDefinitionError
 from .guard import check_not_importing
+from .logs import get_logger
 from .program import expr as _expr
 from .program.model import (
     EXECUTORS,
@@ -45,7 +45,7 @@ from .submission import follow, resolve_hosts, submit
 
 __all__ = ("Event", "Eventor", "Group", "RunHandle", "Step", "attach")
 
-log = structlog.get_logger("aeventor")
+log = get_logger("aeventor")
 
 _NAME_MAX = 200
 _STEP_CONFIG_KEYS = {"executor", "sequence_arg_name", "task_construct"}

@@ -43,12 +43,13 @@ from .context import launch_env
 from .dispatch._state import Graph
 from .dispatch.logs import run_log_dir, step_log_path
 from .exceptions import AeventorError, ConfigurationError, ExecutorError, NoResult
+from .logs import get_logger, stderr_handler
 from .program.model import ProgramDef, StepStatus
 from .utils import wait_any
 
 __all__ = ("Agent", "AgentConfig", "main", "run_agents")
 
-log = structlog.get_logger("aeventor.agent")
+log = get_logger("aeventor.agent")
 
 _PROGRAM_CACHE = 1024
 
@@ -473,20 +474,22 @@ def parse_ssh_host(spec: str, args: argparse.Namespace) -> tuple[str, Any]:
 
 
 def _configure_logging(json_lines: bool) -> None:
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json_lines
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
+    # The library logs to the standard library's "aeventor.*" loggers; the program decides
+    # where they go: stderr, as console lines or JSON lines.
+    import logging
+
+    handler = stderr_handler(json_lines=json_lines, colors=sys.stderr.isatty())
+    logging.basicConfig(handlers=[handler], level=logging.INFO, force=True)
+    # Other libraries' structlog loggers (stamina's retry messages) go the same way.
     structlog.configure(
         processors=[
+            structlog.stdlib.filter_by_level,
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
     )
 
 

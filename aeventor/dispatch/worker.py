@@ -17,12 +17,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from ..backends.executors.local import ExecResult, LocalExecutor, StepLaunch
 from ..backends.stores.base import Advance, Claim, Database, Taker
 from ..context import StepContext, launch_env
 from ..exceptions import ExecutorError
+from ..logs import get_logger
 from ..program.model import RunStatus, StepStatus
 from ..utils import wait_any
 from ._state import Graph
@@ -30,7 +29,7 @@ from .logs import RunLog, step_log_path
 
 __all__ = ("RunDispatcher",)
 
-log = structlog.get_logger("aeventor.dispatch")
+log = get_logger("aeventor.dispatch")
 
 #: Claim batch size when concurrency is unlimited.
 _UNLIMITED = 64
