@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
-import structlog
 from sqlalchemy.engine import URL
 
 from ._signals import drain_on_sigterm
@@ -28,6 +27,7 @@ from .dispatch.trust import OwnProgram
 from .dispatch.worker import Scope, Worker, WorkerConfig
 from .exceptions import AeventorError, ConfigurationError, NoResult, ProgramDefinitionError
 from .guard import check_not_importing
+from .logs import get_logger
 from .program import expr as _expr
 from .program.model import (
     EXECUTORS,
@@ -47,7 +47,7 @@ from .submission import follow, resolve_hosts, submit
 
 __all__ = ("Event", "Eventor", "Group", "RunHandle", "Step", "attach")
 
-log = structlog.get_logger("aeventor")
+log = get_logger("aeventor")
 
 _NAME_MAX = 200
 _STEP_CONFIG_KEYS = {"executor", "sequence_arg_name", "task_construct"}

@@ -25,19 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from .backends.executors.local import LocalExecutor
 from .backends.stores import open_store
 from .backends.stores.base import Database
 from .dispatch.executor import Executor
 from .dispatch.trust import Refused, SignedPrograms
 from .dispatch.worker import Scope, Worker, WorkerConfig
+from .logs import get_logger
 from .program.model import ProgramDef, StepDef
 
 __all__ = ("Agent", "AgentConfig", "Refused", "main", "run_agents")
 
-log = structlog.get_logger("aeventor.agent")
+log = get_logger("aeventor.agent")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -21,10 +22,11 @@ from typing import Any
 import structlog
 
 from ..exceptions import ConfigurationError
+from ..logs import get_logger, stderr_handler
 
 __all__ = ("add_parsers", "parse_ssh_host", "start_remote")
 
-log = structlog.get_logger("aeventor.agent")
+log = get_logger("aeventor.agent")
 
 _USAGE = (
     "%(prog)s --store STORE [--host NAME] [--allow PATTERN] [options]\n"
@@ -138,20 +140,20 @@ def parse_ssh_host(spec: str, args: argparse.Namespace) -> tuple[str, Any]:
 
 
 def _configure_logging(json_lines: bool) -> None:
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if json_lines
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
+    # The library logs to the standard library's "aeventor.*" loggers; the program decides
+    # where they go: stderr, as console lines or JSON lines.
+    handler = stderr_handler(json_lines=json_lines, colors=sys.stderr.isatty())
+    logging.basicConfig(handlers=[handler], level=logging.INFO, force=True)
+    # Other libraries' structlog loggers (stamina's retry messages) go the same way.
     structlog.configure(
         processors=[
+            structlog.stdlib.filter_by_level,
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
     )
 
 

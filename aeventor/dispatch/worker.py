@@ -37,10 +37,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from ..context import StepContext, launch_env
 from ..exceptions import AeventorError, ExecutorError, NoResult
+from ..logs import get_logger
 from ..program.model import RunStatus, StepDef, StepStatus
 from ..utils import wait_any
 from ._state import Graph
@@ -52,7 +51,7 @@ from .trust import Programs, Refused
 
 __all__ = ("Scope", "Worker", "WorkerConfig", "new_worker_id")
 
-log = structlog.get_logger("aeventor.worker")
+log = get_logger("aeventor.worker")
 
 #: Claim batch size when concurrency is unlimited.
 _UNLIMITED = 64

@@ -59,7 +59,7 @@ async def test_trigger_event_right_after_start(make_eventor: MakeEventor) -> Non
 async def test_attach_then_cancel_at_once_cancels_the_run(
     make_eventor: MakeEventor, store_url: str, store_db: Database
 ) -> None:
-    ev, release = _gated(make_eventor, lease=3.0)
+    ev, _release = _gated(make_eventor, lease=3.0)
     handle = ev.start()
     await wait_event(ev.entered, what="the gate step to start")  # type: ignore[attr-defined]
 

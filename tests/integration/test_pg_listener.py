@@ -9,6 +9,7 @@ TaskGroup that the test leaves only after cancelling it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import uuid
@@ -20,10 +21,10 @@ from typing import Any, Self
 import asyncpg
 import pytest
 import sqlalchemy.engine
-import structlog
-from structlog.testing import capture_logs
+import stamina
+from stamina.instrumentation import LoggingOnRetryHook, set_on_retry_hooks
 
-from aeventor.backends.stores.pg_listener import PgListener, asyncpg_dsn, backoff_delay
+from aeventor.backends.stores.pg_listener import PgListener, asyncpg_dsn
 from aeventor.exceptions import ConfigurationError, StoreConfigError
 
 from ..backends import restart_postgres
@@ -52,10 +53,15 @@ def _dsn(*, app: str | None = None, password: str | None = None, port: int | Non
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> Any:
-    structlog.reset_defaults()
+def _stamina_through_logging() -> Any:
+    """stamina reports scheduled retries itself; send them to logging, where caplog sees them."""
+    set_on_retry_hooks([LoggingOnRetryHook])
     yield
-    structlog.reset_defaults()
+    set_on_retry_hooks(None)
+
+
+def _listener_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "aeventor.pg_listener"]
 
 
 @pytest.fixture
@@ -142,38 +148,6 @@ def _app() -> str:
 # --------------------------------------------------------------------------- pure units
 
 
-def test_backoff_delay_full_jitter_capped() -> None:
-    def top() -> float:
-        return 1.0  # The upper end of the jitter draw.
-
-    assert [backoff_delay(n, initial=0.05, maximum=5.0, rand=top) for n in range(9)] == [
-        0.05,
-        0.1,
-        0.2,
-        0.4,
-        0.8,
-        1.6,
-        3.2,
-        5.0,
-        5.0,
-    ]
-    assert backoff_delay(3, initial=0.05, maximum=5.0, rand=lambda: 0.5) == pytest.approx(0.2)
-    assert backoff_delay(7, initial=0.05, maximum=5.0, rand=lambda: 0.0) == 0.0
-    # Huge attempt counts must neither overflow nor exceed the cap.
-    assert backoff_delay(10_000, initial=0.05, maximum=5.0, rand=top) == 5.0
-
-
-@pytest.mark.parametrize(
-    ("attempt", "initial", "maximum", "match"),
-    [(-1, 0.05, 5.0, "attempt"), (0, 0.0, 5.0, "initial"), (0, 1.0, 0.5, "maximum")],
-)
-def test_backoff_delay_rejects_bad_arguments(
-    attempt: int, initial: float, maximum: float, match: str
-) -> None:
-    with pytest.raises(ValueError, match=match):
-        backoff_delay(attempt, initial=initial, maximum=maximum, rand=lambda: 0.5)
-
-
 def test_asyncpg_dsn() -> None:
     assert (
         asyncpg_dsn("postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -209,6 +183,7 @@ def test_asyncpg_dsn_rejects_other_backends_without_echoing_password() -> None:
         ({"channels": "jobs"}, "channels"),
         ({"backoff_initial": 0}, "backoff_initial"),
         ({"backoff_max": 0.01}, "backoff_max"),
+        ({"backoff_jitter": -1}, "backoff_jitter"),
         ({"health_interval": 0}, "health_interval"),
     ],
 )
@@ -376,7 +351,7 @@ class FreezableProxy:
 
 
 @postgres
-async def test_detects_half_open_connection(admin: Any) -> None:
+async def test_detects_half_open_connection(admin: Any, caplog: pytest.LogCaptureFixture) -> None:
     url = sqlalchemy.engine.make_url(PG_URL)
     rec = Recorder()
     app, channel = _app(), _channel("jobs")
@@ -388,7 +363,7 @@ async def test_detects_half_open_connection(admin: Any) -> None:
             on_connect=rec.on_connect,
             health_interval=0.3,
         )
-        with capture_logs() as logs:
+        with caplog.at_level(logging.DEBUG, logger="aeventor.pg_listener"):
             async with running(listener):
                 await admin.execute("SELECT pg_notify($1, 'before')", channel)
                 await rec.wait_until(lambda: len(rec.notifications) == 1)
@@ -402,17 +377,23 @@ async def test_detects_half_open_connection(admin: Any) -> None:
                 await admin.execute("SELECT pg_notify($1, 'after')", channel)
                 await rec.wait_until(lambda: len(rec.notifications) == 2)
         assert rec.notifications == [(channel, "before"), (channel, "after")]
-        lost = [e for e in logs if e["event"] == "pg_listener.connection_lost"]
+        lost = [
+            r
+            for r in _listener_records(caplog)
+            if r.event == "pg_listener.connection_lost"  # type: ignore[attr-defined]
+        ]
         assert len(lost) == 1
-        assert "health check" in lost[0]["error"]
+        assert lost[0].levelno == logging.WARNING
+        assert "health check" in lost[0].fields["error"]  # type: ignore[attr-defined]
     await wait_backends_gone(admin, app)
 
 
 @postgres
-async def test_backoff_grows_then_resets_after_connect(admin: Any) -> None:
+async def test_backoff_grows_then_resets_after_connect(
+    admin: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     rec = Recorder()
     app, channel = _app(), _channel("jobs")
-    delays: list[float] = []
     calls = 0
 
     async def flaky_connect(dsn: str) -> Any:
@@ -422,9 +403,6 @@ async def test_backoff_grows_then_resets_after_connect(admin: Any) -> None:
             raise ConnectionRefusedError("simulated refusal")
         return await asyncpg.connect(dsn)
 
-    async def no_sleep(delay: float) -> None:
-        delays.append(delay)
-
     listener = PgListener(
         dsn=_dsn(app=app),
         channels=[channel],
@@ -432,19 +410,29 @@ async def test_backoff_grows_then_resets_after_connect(admin: Any) -> None:
         on_connect=rec.on_connect,
         backoff_initial=1.0,
         backoff_max=3.0,
-        sleep=no_sleep,
         connect=flaky_connect,
     )
-    async with running(listener):
-        assert len(delays) == 3
-        assert 0 <= delays[0] <= 1.0 and 0 <= delays[1] <= 2.0 and 0 <= delays[2] <= 3.0
-        [pid] = await backend_pids(admin, app)
-        await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-        await rec.wait_until(lambda: rec.connects == 2)
-        # One retry after the loss, drawn from the reset (first-attempt) ceiling.
-        assert len(delays) == 4
-        assert 0 <= delays[3] <= 1.0
-        assert listener.reconnects == 1
+
+    def backoffs() -> list[int]:
+        return [
+            r.fields["attempt"]  # type: ignore[attr-defined]
+            for r in _listener_records(caplog)
+            if r.event == "pg_listener.backoff"  # type: ignore[attr-defined]
+        ]
+
+    # Testing mode: no real delays; the attempt numbers show the back-off's progress.
+    with (
+        stamina.set_testing(True, attempts=1000),
+        caplog.at_level(logging.DEBUG, logger="aeventor.pg_listener"),
+    ):
+        async with running(listener):
+            assert backoffs() == [1, 2, 3]
+            [pid] = await backend_pids(admin, app)
+            await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await rec.wait_until(lambda: rec.connects == 2)
+            # One retry after the loss, from a back-off that started over.
+            assert backoffs() == [1, 2, 3, 1]
+            assert listener.reconnects == 1
 
 
 @postgres
@@ -462,32 +450,6 @@ async def test_cancellation_closes_connection_and_reraises(admin: Any) -> None:
     assert task.cancelled()
     assert not listener.connected
     await wait_backends_gone(admin, app)
-
-
-async def test_cancellation_during_backoff_reraises() -> None:
-    sleeping = asyncio.Event()
-
-    async def blocking_sleep(delay: float) -> None:
-        sleeping.set()
-        await asyncio.Event().wait()
-
-    async def refuse(dsn: str) -> Any:
-        raise ConnectionRefusedError("simulated refusal")
-
-    listener = PgListener(
-        dsn="postgresql://postgres@127.0.0.1/test",
-        channels=["c"],
-        on_notify=print,
-        sleep=blocking_sleep,
-        connect=refuse,
-    )
-    async with asyncio.TaskGroup() as tg:
-        task = tg.create_task(listener.run())
-        async with asyncio.timeout(DEADLINE):
-            await sleeping.wait()
-        task.cancel()
-        await asyncio.wait([task])
-    assert task.cancelled()
 
 
 @postgres
@@ -511,7 +473,7 @@ async def test_on_notify_error_propagates_and_closes(admin: Any) -> None:
 
 
 @postgres
-async def test_password_is_never_logged(admin: Any) -> None:
+async def test_password_is_never_logged(admin: Any, caplog: pytest.LogCaptureFixture) -> None:
     # Trust authentication ignores the password, so a made-up one still connects.
     secret = "s3cret-" + uuid.uuid4().hex
     app, channel = _app(), _channel("jobs")
@@ -525,22 +487,28 @@ async def test_password_is_never_logged(admin: Any) -> None:
             raise OSError(f"could not reach {dsn}")  # A driver message quoting the DSN.
         return await asyncpg.connect(dsn)
 
-    async def no_sleep(delay: float) -> None:
-        pass
-
     listener = PgListener(
         dsn=_dsn(app=app, password=secret),
         channels=[channel],
         on_notify=rec.on_notify,
         on_connect=rec.on_connect,
-        sleep=no_sleep,
         connect=connect_echoing_dsn,
     )
-    with capture_logs() as logs:
+    with (
+        stamina.set_testing(True, attempts=1000),
+        caplog.at_level(logging.DEBUG),
+    ):
         async with running(listener):
             [pid] = await backend_pids(admin, app)
             await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
             await rec.wait_until(lambda: rec.connects == 2)
-    events = [e["event"] for e in logs if e["log_level"] == "warning"]
+    events = [
+        r.event  # type: ignore[attr-defined]
+        for r in _listener_records(caplog)
+        if r.levelno == logging.WARNING
+    ]
     assert events == ["pg_listener.connect_failed", "pg_listener.connection_lost"]
-    assert secret not in repr(logs)
+    # stamina's own retry records carry the exception's message too.
+    assert any(r.name == "stamina" for r in caplog.records)
+    assert secret not in caplog.text
+    assert not any(secret in repr(r.__dict__) for r in caplog.records)

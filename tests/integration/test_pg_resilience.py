@@ -14,6 +14,7 @@ on an event or a condition with a deadline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,6 @@ from typing import Any
 import asyncpg
 import pytest
 import sqlalchemy.engine
-from structlog.testing import capture_logs
 
 import aeventor as evr
 from aeventor.backends.stores import open_store
@@ -272,7 +272,9 @@ RESTART_AT = 10
 
 
 @pytest.mark.timeout(180)
-async def test_run_survives_server_restart(url: str, tmp_path: Path) -> None:
+async def test_run_survives_server_restart(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Step 10 of a 30-step chain restarts the server; every step still runs exactly once."""
     ctl, version = _pg_ctlcluster()
     calls = [0] * CHAIN
@@ -300,7 +302,7 @@ async def test_run_survives_server_restart(url: str, tmp_path: Path) -> None:
     async with ev:
         listener = store_of(ev).listener
         assert listener is not None
-        with capture_logs() as logs:
+        with caplog.at_level(logging.WARNING, logger="aeventor.store"):
             result = await ev.run()
         assert listener.reconnects >= 1
 
@@ -310,12 +312,16 @@ async def test_run_survives_server_restart(url: str, tmp_path: Path) -> None:
     assert [(s.step, s.attempt, s.status) for s in result.steps] == [
         (f"s{i:02d}", 1, S.success) for i in range(CHAIN)
     ]
-    retried = [e for e in logs if e["event"] == "store unreachable; retrying"]
+    retried = [
+        r
+        for r in caplog.records
+        if r.name == "aeventor.store" and r.getMessage().startswith("store unreachable; retrying")
+    ]
     assert retried, "no store operation hit the restart: it did not test anything"
 
 
 async def test_run_survives_terminated_pool_connections(
-    url: str, admin: Any, tmp_path: Path
+    url: str, admin: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Between two steps, every pool connection of A is terminated; the listener is kept."""
     reached, go = asyncio.Event(), asyncio.Event()
@@ -341,7 +347,7 @@ async def test_run_survives_terminated_pool_connections(
         await wait_event(reached, what="the first step to start")
         pool = await backend_pids(admin, url, listener=False)
         assert pool, "A holds no pool connection: nothing to terminate"
-        with capture_logs() as logs:
+        with caplog.at_level(logging.WARNING, logger="aeventor.store"):
             await terminate(admin, pool)
             go.set()
             result = await finished(handle)
@@ -349,5 +355,9 @@ async def test_run_survives_terminated_pool_connections(
 
     assert result, result.reason
     assert steps_of(result) == [("first", "0", "success"), ("second", "0", "success")]
-    retried = [e for e in logs if e["event"] == "store unreachable; retrying"]
+    retried = [
+        r
+        for r in caplog.records
+        if r.name == "aeventor.store" and r.getMessage().startswith("store unreachable; retrying")
+    ]
     assert retried, "no store operation met a terminated connection"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -43,15 +44,27 @@ async def test_racing_claimers_never_share_a_step_run(store_url: str) -> None:
     claimers = [open_store(store_url, program="race") for _ in range(6)]
     taken: list[list[Claim]] = [[] for _ in claimers]
 
-    async def claim_all(index: int, db: Database) -> None:
-        async with db:
-            while batch := await db.claim(worker=f"w{index}", limit=7, run_id=run_id):
-                taken[index].extend(batch)
-                await asyncio.sleep(0)  # let the others interleave between batches
+    # Each claimer's first batch happens before anyone's second (240 rows cover 6 x 7), so
+    # the claims interleave whatever the scheduler does.
+    first_round = asyncio.Barrier(len(claimers))
 
-    async with asyncio.TaskGroup() as tg:
-        for index, db in enumerate(claimers):
-            tg.create_task(claim_all(index, db))
+    async def claim_all(index: int, db: Database) -> None:
+        first = True
+        while batch := await db.claim(worker=f"w{index}", limit=7, run_id=run_id):
+            taken[index].extend(batch)
+            if first:
+                first = False
+                await first_round.wait()
+            await asyncio.sleep(0)  # let the others interleave between batches
+
+    # Every claimer is open before any claims: none can take everything while the others
+    # are still connecting.
+    async with contextlib.AsyncExitStack() as stack:
+        for db in claimers:
+            await stack.enter_async_context(db)
+        async with asyncio.TaskGroup() as tg:
+            for index, db in enumerate(claimers):
+                tg.create_task(claim_all(index, db))
 
     ids = [c.id for batch in taken for c in batch]
     assert len(ids) == 240

@@ -48,7 +48,6 @@ import errno
 import functools
 import json
 import os
-import random
 import re
 import shlex
 import sys
@@ -58,10 +57,10 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import asyncssh
-import structlog
+import stamina
 
 from ...exceptions import ConfigurationError, ExecutorError, HostUnreachable
-from ...utils import backoff_delay
+from ...logs import get_logger
 from .local import (
     TERMINATE_GRACE,
     ExecResult,
@@ -74,12 +73,14 @@ from .local import (
 
 __all__ = ("SshExecutor", "SshTarget", "backend_class")
 
-log = structlog.get_logger("aeventor.ssh")
+log = get_logger("aeventor.ssh")
 
 #: Connection attempts per host before :class:`HostUnreachable` (transient errors only).
 CONNECT_ATTEMPTS = 3
-#: Back-off between connection attempts: full jitter over ``base * 2**attempt``, capped.
+#: Back-off between connection attempts (:func:`stamina.retry_context`):
+#: ``BACKOFF_BASE * 2**(retry - 1)`` plus up to ``BACKOFF_JITTER``, capped at ``BACKOFF_CAP``.
 BACKOFF_BASE = 0.1
+BACKOFF_JITTER = 0.1
 BACKOFF_CAP = 2.0
 #: Seconds a step's script may take to announce its pid once its channel is open.
 PID_DEADLINE = 10.0
@@ -184,7 +185,6 @@ class SshExecutor:
 
     Args:
         targets: host name -> how to reach it.
-        sleep: awaited for back-off delays (inject a no-op in tests).
         sys_path: import path handed to function steps (default: this process's; the hosts
             are expected to share the software, at the same paths).
 
@@ -198,11 +198,9 @@ class SshExecutor:
         self,
         *,
         targets: Mapping[str, SshTarget],
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         sys_path: Sequence[str] | None = None,
     ) -> None:
         self._hosts = {name: _Host(name, target) for name, target in targets.items()}
-        self._sleep = sleep
         self.sys_path = list(sys.path if sys_path is None else sys_path)
         self.connections_opened = 0
 
@@ -316,25 +314,36 @@ class SshExecutor:
         if t.known_hosts is not None:
             # Left out, asyncssh reads ~/.ssh/known_hosts. Never None: that disables checking.
             options["known_hosts"] = t.known_hosts
-        attempt = 0
-        while True:
-            try:
-                return await asyncssh.connect(t.host, **options)
-            except (asyncssh.Error, OSError, ValueError) as exc:
-                attempt += 1
-                if attempt >= CONNECT_ATTEMPTS or not _transient(exc):
-                    raise _translate(host, exc, "connecting") from exc
-                delay = backoff_delay(
-                    attempt, initial=BACKOFF_BASE, maximum=BACKOFF_CAP, rand=random.random
-                )
+        failures = 0
+
+        def retry(exc: Exception) -> bool:
+            nonlocal failures
+            if not _transient(exc):
+                return False
+            failures += 1
+            if failures < CONNECT_ATTEMPTS:  # stamina re-raises after the last attempt
                 log.warning(
                     "SSH connection failed; retrying",
                     host=host.name,
-                    attempt=attempt,
-                    delay=round(delay, 3),
+                    attempt=failures,
                     error=str(exc),
                 )
-                await self._sleep(delay)
+            return True
+
+        try:
+            async for attempt in stamina.retry_context(
+                on=retry,
+                attempts=CONNECT_ATTEMPTS,
+                timeout=None,  # each attempt is bounded by connect_timeout
+                wait_initial=BACKOFF_BASE,
+                wait_max=BACKOFF_CAP,
+                wait_jitter=BACKOFF_JITTER,
+            ):
+                with attempt:
+                    return await asyncssh.connect(t.host, **options)
+        except (asyncssh.Error, OSError, ValueError) as exc:
+            raise _translate(host, exc, "connecting") from exc
+        raise AssertionError("unreachable: stamina re-raises the last error")
 
     async def _open(
         self,

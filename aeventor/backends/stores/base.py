@@ -17,7 +17,6 @@ import abc
 import asyncio
 import functools
 import json
-import random
 import time
 from collections.abc import (
     AsyncIterator,
@@ -33,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import sqlalchemy as sa
-import structlog
+import stamina
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -50,14 +49,14 @@ from ...dispatch.store import (
     StoreTx,
 )
 from ...exceptions import ConnectionLost, DatabaseError, NoResult, UniqueViolation
+from ...logs import get_logger
 from ...program.model import ProgramDef, RunStatus, StepStatus
 from ...records import RunResult, StepRun
-from ...utils import backoff_delay
 from . import schema as t
 
 __all__ = ("Database", "SqlTx", "retry_on_disconnect")
 
-log = structlog.get_logger("aeventor.store")
+log = get_logger("aeventor.store")
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -70,43 +69,56 @@ def retry_on_disconnect(
 
     Every operation is one transaction whose writes are conditional (a step run is completed
     only while active, a trigger inserted only once), so running it again after a lost
-    connection cannot apply it twice. Delays grow exponentially with full jitter and a cap.
+    connection cannot apply it twice. :func:`stamina.retry_context` spaces the attempts:
+    exponential delays from ``RECONNECT_INITIAL_DELAY``, plus a random jitter of up to
+    ``RECONNECT_JITTER``, capped at ``RECONNECT_MAX_DELAY``. The deadline is measured on the
+    store's ``clock``, so tests can move time; ``stamina.set_testing(True, attempts=...)``
+    turns the delays off (and bounds the attempts).
     """
 
     @functools.wraps(method)
     async def wrapper(self: Database, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        attempt = 0
         deadline = self.clock() + self.reconnect_deadline
-        while True:
-            # Run each attempt to its end even when the caller is cancelled: a transaction
-            # cut off mid-statement would leave its connection (and sqlite's write lock)
-            # behind. The caller's cancellation is re-raised once the attempt is over.
-            operation = asyncio.ensure_future(method(self, *args, **kwargs))
-            try:
+        failures = 0
+
+        def retry(exc: Exception) -> bool:
+            nonlocal failures
+            if not isinstance(exc, ConnectionLost) or self.clock() >= deadline:
+                return False
+            failures += 1
+            log.warning(
+                "store unreachable; retrying",
+                operation=method.__name__,
+                attempt=failures,
+                error=str(exc),
+            )
+            return True
+
+        async for attempt in stamina.retry_context(
+            on=retry,
+            attempts=None,
+            timeout=None,  # the deadline above, on the injectable clock
+            wait_initial=RECONNECT_INITIAL_DELAY,
+            wait_max=RECONNECT_MAX_DELAY,
+            wait_jitter=RECONNECT_JITTER,
+        ):
+            with attempt:
+                # Run each attempt to its end even when the caller is cancelled: a transaction
+                # cut off mid-statement would leave its connection (and sqlite's write lock)
+                # behind. The caller's cancellation is re-raised once the attempt is over.
+                operation = asyncio.ensure_future(method(self, *args, **kwargs))
                 try:
                     return await asyncio.shield(operation)
                 except asyncio.CancelledError:
                     await asyncio.wait([operation])
                     raise
-            except ConnectionLost as exc:
-                if self.clock() >= deadline:
-                    raise
-                delay = backoff_delay(
-                    attempt, initial=0.05, maximum=RECONNECT_MAX_DELAY, rand=random.random
-                )
-                attempt += 1
-                log.warning(
-                    "store unreachable; retrying",
-                    operation=method.__name__,
-                    attempt=attempt,
-                    delay=round(delay, 3),
-                    error=str(exc),
-                )
-                await self.sleep(delay)
+        raise AssertionError("unreachable: stamina re-raises the last error")
 
     return wrapper
 
 
+RECONNECT_INITIAL_DELAY = 0.05
+RECONNECT_JITTER = 0.25
 RECONNECT_MAX_DELAY = 2.0
 
 # Hot-path statements, built once: SQLAlchemy then only binds values (its compiled cache
@@ -172,8 +184,8 @@ class Database(Store):
 
     def __init__(self, *, url: URL, poll_interval: float | None = None) -> None:
         self.url = url
-        # Injectable for tests of the back-off.
-        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        # Injectable for tests of the retry deadlines (stamina's testing mode takes the
+        # delays away: stamina.set_testing).
         self.clock: Callable[[], float] = time.monotonic
         self.poll_interval = (
             poll_interval if poll_interval is not None else self.default_poll_interval

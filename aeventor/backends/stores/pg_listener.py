@@ -3,7 +3,7 @@
 :class:`PgListener` keeps one dedicated asyncpg connection per process ``LISTEN``-ing on a
 set of channels and hands every notification to a synchronous callback. It survives
 server restarts, terminated backends and half-open TCP connections by reconnecting with
-capped, fully jittered exponential back-off.
+capped, jittered exponential back-off (:func:`stamina.retry_context`).
 
 Notifications sent while the listener is disconnected are lost (Postgres does not queue
 them for absent listeners), so the caller's ``on_connect`` callback runs after every
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -24,12 +23,12 @@ from typing import Any, Final
 import asyncpg
 import sqlalchemy.engine
 import sqlalchemy.exc
-import structlog
+import stamina
 
 from aeventor.exceptions import ConfigurationError, ConnectionLost, StoreConfigError
-from aeventor.utils import backoff_delay
+from aeventor.logs import get_logger
 
-__all__ = ("PgListener", "asyncpg_dsn", "backoff_delay")
+__all__ = ("PgListener", "asyncpg_dsn")
 
 #: Bound on establishing a connection and issuing the ``LISTEN`` statements. asyncpg's own
 #: default (60 s) would leave a listener stuck on a server that accepts TCP but never answers.
@@ -90,12 +89,15 @@ def asyncpg_dsn(url: sqlalchemy.engine.URL | str) -> str:
 
 
 @contextlib.contextmanager
-def _wrap_exceptions(what: str) -> Iterator[None]:
-    """Re-raise driver and socket errors as :class:`ConnectionLost`, chained."""
+def _wrap_exceptions(what: str, redact: Callable[[str], str]) -> Iterator[None]:
+    """Re-raise driver and socket errors as :class:`ConnectionLost`, chained.
+
+    The message goes through ``redact``: stamina's retry instrumentation logs it.
+    """
     try:
         yield
     except _DRIVER_ERRORS as exc:
-        raise ConnectionLost(f"{what}: {type(exc).__name__}: {exc}") from exc
+        raise ConnectionLost(redact(f"{what}: {type(exc).__name__}: {exc}")) from exc
 
 
 @dataclass(eq=False)
@@ -119,12 +121,12 @@ class PgListener:
             callback must stop its supervisor rather than fail silently.
         on_connect: called after every successful (re)connect, once ``LISTEN`` is active,
             so the caller can rescan for work whose notifications were lost meanwhile.
-        backoff_initial: the ceiling of the first reconnect delay, in seconds.
+        backoff_initial: the first reconnect delay, in seconds (before jitter).
         backoff_max: the cap on reconnect delays, in seconds.
+        backoff_jitter: the most random jitter added to a reconnect delay, in seconds.
         health_interval: seconds between health checks (``SELECT 1`` bounded by the same
             duration) that detect a half-open connection, which the termination listener
             cannot see.
-        sleep: awaited for the back-off delays; inject a no-op to test without waiting.
         connect: called as ``connect(dsn)`` to open a connection; defaults to
             :func:`asyncpg.connect`. Tests inject a wrapper to observe or break connections.
 
@@ -143,8 +145,8 @@ class PgListener:
         on_connect: Callable[[], None] | None = None,
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
+        backoff_jitter: float = 0.5,
         health_interval: float = 5.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         connect: Callable[..., Awaitable[asyncpg.Connection]] | None = None,
     ) -> None:
         if isinstance(channels, str):
@@ -161,6 +163,8 @@ class PgListener:
             raise ConfigurationError(
                 f"backoff_max: must be >= backoff_initial ({backoff_initial}), got {backoff_max}"
             )
+        if backoff_jitter < 0:
+            raise ConfigurationError(f"backoff_jitter: must be >= 0, got {backoff_jitter}")
         if health_interval <= 0:
             raise ConfigurationError(f"health_interval: must be > 0, got {health_interval}")
         self._dsn = dsn
@@ -169,13 +173,13 @@ class PgListener:
         self._on_connect = on_connect
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._backoff_jitter = backoff_jitter
         self._health_interval = health_interval
-        self._sleep = sleep
         self._connect: Callable[..., Awaitable[asyncpg.Connection]] = (
             asyncpg.connect if connect is None else connect
         )
         self._password = _password_of(dsn)
-        self._log = structlog.get_logger(__name__)
+        self._log = get_logger("aeventor.pg_listener")
         self._connected = False
         self._ever_connected = False
         self._reconnects = 0
@@ -197,8 +201,10 @@ class PgListener:
         Each cycle connects, issues ``LISTEN`` on every channel, calls ``on_connect`` and
         then watches the connection: asyncpg's termination listener reports a closed socket
         at once, and a ``SELECT 1`` every ``health_interval`` seconds catches a half-open
-        connection. On loss it waits :func:`backoff_delay` (the attempt counter is reset by
-        every successful connect) and starts over. Driver and socket errors never escape.
+        connection. Between cycles :func:`stamina.retry_context` waits, exponentially longer
+        while connecting fails; every successful connect starts the back-off over. Driver
+        and socket errors never escape (except under ``stamina.set_testing``, which bounds
+        the attempts and takes the delays away).
 
         Args:
             task_status: set once, when ``LISTEN`` is first active (readiness handshake).
@@ -209,45 +215,64 @@ class PgListener:
             Exception: whatever ``on_notify`` or ``on_connect`` raised.
         """
         self._callback_error = None
-        attempt = 0
+        lost: ConnectionLost | None = None
         while True:
-            established = False
-            try:
-                async with self._listening() as link:
-                    established = True
-                    attempt = 0
-                    if self._ever_connected:
-                        self._reconnects += 1
-                    self._ever_connected = True
-                    self._connected = True
-                    # Quiet on the first connect (libraries should not chatter); a reconnect
-                    # is news.
-                    if self._reconnects:
-                        self._log.info(
-                            "pg_listener.listening",
-                            channels=self._channels,
-                            reconnects=self._reconnects,
-                        )
-                    if self._on_connect is not None:
-                        self._on_connect()
-                    if task_status is not None and not task_status.is_set():
-                        task_status.set()
-                    await self._watch(link)
-            except ConnectionLost as exc:
-                self._log.warning(
-                    "pg_listener.connection_lost" if established else "pg_listener.connect_failed",
-                    error=self._redact(str(exc)),
-                    attempt=attempt,
-                )
-            delay = backoff_delay(
-                attempt,
-                initial=self._backoff_initial,
-                maximum=self._backoff_max,
-                rand=random.random,
+            # One retry context per connection: the back-off starts over after each connect.
+            async for attempt in stamina.retry_context(
+                on=ConnectionLost,
+                attempts=None,
+                timeout=None,
+                wait_initial=self._backoff_initial,
+                wait_max=self._backoff_max,
+                wait_jitter=self._backoff_jitter,
+            ):
+                with attempt:
+                    if lost is not None:
+                        # An established connection was lost: wait the first delay before
+                        # reconnecting, so that a server dropping every connection at once
+                        # meets back-off, not a busy loop.
+                        exc, lost = lost, None
+                        self._log_backoff(attempt)
+                        raise exc
+                    established = False
+                    try:
+                        async with self._listening() as link:
+                            established = True
+                            await self._connected_cycle(link, task_status)
+                    except ConnectionLost as exc:
+                        error = self._redact(str(exc))
+                        if established:
+                            self._log.warning("pg_listener.connection_lost", error=error)
+                            lost = exc
+                        else:
+                            self._log.warning(
+                                "pg_listener.connect_failed", error=error, attempt=attempt.num
+                            )
+                            self._log_backoff(attempt)
+                            raise
+
+    def _log_backoff(self, attempt: stamina.Attempt) -> None:
+        # next_wait is stamina's delay before the next attempt, jitter left out.
+        self._log.debug("pg_listener.backoff", attempt=attempt.num, min_delay=attempt.next_wait)
+
+    async def _connected_cycle(self, link: _Link, task_status: asyncio.Event | None) -> None:
+        """Note the connection, tell the caller, then watch it until it is lost."""
+        if self._ever_connected:
+            self._reconnects += 1
+        self._ever_connected = True
+        self._connected = True
+        # Quiet on the first connect (libraries should not chatter); a reconnect is news.
+        if self._reconnects:
+            self._log.info(
+                "pg_listener.listening",
+                channels=self._channels,
+                reconnects=self._reconnects,
             )
-            attempt += 1
-            self._log.debug("pg_listener.backoff", delay=delay, attempt=attempt)
-            await self._sleep(delay)
+        if self._on_connect is not None:
+            self._on_connect()
+        if task_status is not None and not task_status.is_set():
+            task_status.set()
+        await self._watch(link)
 
     @contextlib.asynccontextmanager
     async def _listening(self) -> AsyncIterator[_Link]:
@@ -260,14 +285,14 @@ class PgListener:
         Raises:
             ConnectionLost: connecting or ``LISTEN`` failed.
         """
-        with _wrap_exceptions("connect"):
+        with _wrap_exceptions("connect", self._redact):
             async with asyncio.timeout(_CONNECT_TIMEOUT):
                 conn = await self._connect(self._dsn)
         link = _Link(conn)
         lost = False
         try:
             conn.add_termination_listener(lambda _conn: link.wake.set())
-            with _wrap_exceptions("LISTEN"):
+            with _wrap_exceptions("LISTEN", self._redact):
                 async with asyncio.timeout(_CONNECT_TIMEOUT):
                     for channel in self._channels:
                         await conn.add_listener(channel, self._make_callback(link))
@@ -324,7 +349,7 @@ class PgListener:
         """
         if conn.is_closed():
             raise ConnectionLost("the connection was closed")
-        with _wrap_exceptions("health check"):
+        with _wrap_exceptions("health check", self._redact):
             async with asyncio.timeout(self._health_interval):
                 await conn.fetchval("SELECT 1")
 

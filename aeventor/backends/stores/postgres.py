@@ -17,7 +17,6 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
-import structlog
 from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import URL
@@ -25,13 +24,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ...exceptions import ConnectionLost
+from ...logs import get_logger
 from .base import Database
 from .migrations import upgrade_to_head
 from .pg_listener import PgListener, asyncpg_dsn
 
 __all__ = ("CHANNEL", "PostgresDatabase", "backend_class")
 
-log = structlog.get_logger("aeventor.store")
+log = get_logger("aeventor.store")
 
 CHANNEL = "aeventor"
 #: Key of the advisory lock that serialises schema upgrades.

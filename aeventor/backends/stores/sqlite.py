@@ -10,12 +10,12 @@ from a read lock; WAL and a busy timeout let them wait for each other.
 from __future__ import annotations
 
 import asyncio
-import random
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import stamina
 from sqlalchemy import event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import StaticPool
 
 from ...exceptions import DatabaseError
-from ...utils import backoff_delay
 from .base import Database
 
 __all__ = ("SqliteDatabase", "backend_class")
@@ -85,26 +84,37 @@ class SqliteDatabase(Database):
         """Put the file in WAL mode (it stays so), retrying while another opener holds it.
 
         ``PRAGMA journal_mode = WAL`` fails at once with "database is locked" when another
-        connection is switching the same new file; it does not wait on ``busy_timeout``.
+        connection is switching the same new file; it does not wait on ``busy_timeout``, so
+        :func:`stamina.retry_context` retries it, with short jittered delays, for as long as
+        that timeout (measured on the store's ``clock``).
         """
         deadline = self.clock() + BUSY_TIMEOUT_MS / 1000
-        attempt = 0
+
+        def locked(exc: Exception) -> bool:
+            return (
+                isinstance(exc, sqlite3.OperationalError)
+                and "locked" in str(exc)
+                and self.clock() < deadline
+            )
+
         async with self.engine.connect() as conn:
             # The driver connection, outside SQLAlchemy's BEGIN: the journal mode cannot
             # change inside a transaction.
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
-            while True:
-                try:
-                    await raw.execute("PRAGMA journal_mode = WAL")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or self.clock() >= deadline:
-                        raise DatabaseError(f"{self!r}: cannot switch to WAL: {exc}") from exc
-                await self.sleep(
-                    backoff_delay(attempt, initial=0.01, maximum=0.2, rand=random.random)
-                )
-                attempt += 1
+            try:
+                async for attempt in stamina.retry_context(
+                    on=locked,
+                    attempts=None,
+                    timeout=None,  # the deadline above, on the injectable clock
+                    wait_initial=0.01,
+                    wait_max=0.2,
+                    wait_jitter=0.02,
+                ):
+                    with attempt:
+                        await raw.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                raise DatabaseError(f"{self!r}: cannot switch to WAL: {exc}") from exc
 
     def _insert_ignore(self, table: Any) -> Any:
         return sqlite_insert(table).on_conflict_do_nothing()
