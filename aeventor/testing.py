@@ -1,0 +1,766 @@
+"""Test doubles for programs built on aeventor: an in-memory store and a scripted executor.
+
+:class:`InMemoryStore` implements the store interface of :mod:`aeventor.dispatch.store` in
+plain dicts, with the same semantics as the SQL stores (leases, unique keys, conditional
+writes, ``ended`` timestamps) and an injectable clock (:class:`FakeClock`), so lease expiry
+can be tested without waiting. :class:`FakeExecutor` runs no code: each step run waits until
+the test says how it ends.
+
+Example, in a user's test (pytest-asyncio)::
+
+    import asyncio
+    from pathlib import Path
+
+    import aeventor as evr
+    from aeventor.dispatch import Graph
+    from aeventor.dispatch.trust import OwnProgram
+    from aeventor.dispatch.worker import Scope, Worker, WorkerConfig
+    from aeventor.testing import FakeExecutor, InMemoryStore
+
+    async def test_a_then_b(tmp_path: Path) -> None:
+        ev = evr.Eventor(name="prog", store=":memory:")
+        ev.add_event("start")
+        ev.add_event("go")
+        ev.add_step("a", triggers={evr.StepStatus.success: ("go",)})
+        ev.add_step("b")
+        ev.add_assoc("start", "a")
+        ev.add_assoc("go", "b")
+        graph = Graph(ev.program)
+        store, fake = InMemoryStore(), FakeExecutor()
+        program_id = await store.register_program(graph.program)
+        run_id, _ = await store.create_run(graph, program_id=program_id,
+                                           triggers=[("start", "0")])
+        worker = Worker(store=store, scope=Scope(run_id=run_id),
+                        config=WorkerConfig(log_dir=tmp_path), programs=OwnProgram(graph),
+                        route=lambda step: (fake, step))
+        async with asyncio.timeout(5), asyncio.TaskGroup() as tg:
+            tg.create_task(worker.run())
+            await fake.started("a")
+            fake.finish("a", value=1)
+            fake.finish("b")
+        assert (await store.load_result(run_id)).ok
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self, TypeVar
+
+from .dispatch import PENDING
+from .dispatch.executor import ExecResult, StepLaunch
+from .dispatch.store import (
+    Claim,
+    NewStepRun,
+    Notifier,
+    RunLock,
+    RunOrigin,
+    Store,
+    StoredProgram,
+    StoreTx,
+)
+from .exceptions import NoResult, UniqueViolation
+from .program.model import ProgramDef, RunStatus, StepStatus
+from .records import RunResult, StepRun
+
+__all__ = ("FakeClock", "FakeExecutor", "InMemoryStore")
+
+_T = TypeVar("_T")
+
+#: The first pid :class:`FakeExecutor` reports for a process or command step.
+FAKE_PID = 40000
+
+
+class FakeClock:
+    """A clock that moves only when told: ``clock.advance(seconds)``.
+
+    Pass it as ``InMemoryStore(clock=...)`` to make leases lapse without waiting.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 1, 1, tzinfo=UTC)
+        if self.now.tzinfo is None:
+            raise ValueError(f"start={start!r}: pass an aware datetime (tzinfo=UTC)")
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward by ``seconds``."""
+        self.now += timedelta(seconds=seconds)
+
+
+class _Changes:
+    """Wakes waiters whenever something changed; each rechecks its own predicate."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Event] = set()
+
+    def changed(self) -> None:
+        for event in self._waiters:
+            event.set()
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            event = asyncio.Event()
+            self._waiters.add(event)
+            try:
+                await event.wait()
+            finally:
+                self._waiters.discard(event)
+
+
+# -- the in-memory tables ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Program:
+    id: int
+    name: str
+    version: str
+    definition: str
+    created: datetime
+    signature: str | None
+
+
+@dataclass(slots=True)
+class _Run:
+    id: str
+    program_id: int
+    program_name: str
+    status: RunStatus
+    stopped: bool
+    recovery: int
+    reason: str | None
+    created: datetime
+    ended: datetime | None
+    mode: str
+    submitted_by: str | None
+    signature: str | None
+
+
+@dataclass(slots=True)
+class _StepRun:
+    id: int
+    run_id: str
+    step: str
+    sequence: str
+    recovery: int
+    attempt: int
+    status: StepStatus
+    host: str | None
+    queue: str | None
+    worker: str | None
+    pid: int | None
+    lease_until: datetime | None
+    result: str | None
+    error: str | None
+    created: datetime
+    started: datetime | None
+    ended: datetime | None
+
+
+@dataclass(slots=True)
+class _Agent:
+    id: str
+    hostname: str
+    pid: int
+    hosts: list[str]
+    started: datetime
+    heartbeat: datetime
+    stopped: datetime | None = None
+
+
+@dataclass(slots=True)
+class _Tables:
+    programs: dict[int, _Program] = field(default_factory=dict)
+    runs: dict[str, _Run] = field(default_factory=dict)
+    #: (run_id, sequence, recovery, event) -> trigger id: the unique key; insertion order is
+    #: firing order.
+    triggers: dict[tuple[str, str, int, str], int] = field(default_factory=dict)
+    step_runs: dict[int, _StepRun] = field(default_factory=dict)
+    #: (run_id, step, sequence, recovery, attempt) -> step run id: the unique key.
+    step_run_keys: dict[tuple[str, str, str, int, int], int] = field(default_factory=dict)
+    agents: dict[str, _Agent] = field(default_factory=dict)
+    #: table -> last id given (each table counts on its own, as SQL sequences do)
+    last_ids: dict[str, int] = field(default_factory=dict)
+
+    def new_id(self, table: str) -> int:
+        self.last_ids[table] = id_ = self.last_ids.get(table, 0) + 1
+        return id_
+
+
+class InMemoryStore(Store):
+    """A store in plain dicts, for tests: same semantics as the SQL stores, no database.
+
+    Writes are serialised by one :class:`asyncio.Lock`. A transaction works on a copy of the
+    tables that replaces them only when it returns, so one that raises (or is cancelled)
+    changes nothing, and readers never see half a transaction. Copying costs time linear in
+    the store's size, which suits tests, not production.
+
+    Commits wake :attr:`notifier` subscribers of the runs they changed, as Postgres NOTIFY
+    does, so several workers on one store (standing for several processes) wake each other
+    and :attr:`poll_interval` is None.
+
+    Args:
+        clock: returns the current time as an aware UTC datetime; leases are measured with
+            it (default: the wall clock). Pass a :class:`FakeClock` to expire leases at will.
+
+    .. versionadded:: 0.1
+    """
+
+    claims_on_insert = True
+
+    def __init__(self, *, clock: Callable[[], datetime] | None = None) -> None:
+        self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
+        self.poll_interval = None
+        self.notifier = Notifier()
+        self._lock = asyncio.Lock()
+        self._changes = _Changes()
+        self._t = _Tables()
+
+    def __repr__(self) -> str:
+        return f"<InMemoryStore runs={len(self._t.runs)} step_runs={len(self._t.step_runs)}>"
+
+    # -- lifecycle (nothing to open; present so it can stand in for a Database) ------------
+
+    async def open(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    # -- transactions ---------------------------------------------------------------------
+
+    async def write(self, operation: Callable[[StoreTx], Awaitable[_T]]) -> _T:
+        async with self._lock:
+            tx = MemoryTx(copy.deepcopy(self._t), self.clock)
+            value = await operation(tx)
+            self._t = tx.tables
+            self._changes.changed()
+        for run_id in tx.notifications:
+            self.notifier.notify(run_id)
+        return value
+
+    # -- claims and leases ------------------------------------------------------------------
+
+    async def claim(
+        self,
+        *,
+        worker: str,
+        limit: int,
+        run_id: str | None = None,
+        hosts: Sequence[str] | None = None,
+        lease: timedelta = timedelta(seconds=30),
+    ) -> list[Claim]:
+        if limit <= 0:
+            return []
+        async with self._lock:
+            now = self.clock()
+            claimed: list[Claim] = []
+            for row in self._t.step_runs.values():  # in id order
+                if len(claimed) == limit:
+                    break
+                if row.status is not StepStatus.ready:
+                    continue
+                if run_id is not None and row.run_id != run_id:
+                    continue
+                if hosts is not None and row.queue not in hosts:
+                    continue
+                row.status = StepStatus.active
+                row.worker = worker
+                row.started = now
+                row.lease_until = now + lease
+                claimed.append(_claim(row))
+            if claimed:
+                self._changes.changed()
+        return claimed
+
+    async def heartbeat(
+        self, *, worker: str, hostname: str, pid: int, hosts: Sequence[str], lease: timedelta
+    ) -> set[int]:
+        async with self._lock:
+            now = self.clock()
+            agent = self._t.agents.get(worker)
+            if agent is None:
+                self._t.agents[worker] = _Agent(worker, hostname, pid, list(hosts), now, now)
+            else:
+                agent.heartbeat, agent.hosts, agent.stopped = now, list(hosts), None
+            cancelled: set[int] = set()
+            for row in self._t.step_runs.values():
+                if row.worker != worker:
+                    continue
+                if row.status is StepStatus.active:
+                    row.lease_until = now + lease
+                elif (
+                    row.status is StepStatus.cancelled
+                    and row.ended is not None
+                    and row.ended >= now - 2 * lease
+                ):
+                    cancelled.add(row.id)
+            self._changes.changed()
+        return cancelled
+
+    async def worker_stopped(self, worker: str) -> None:
+        async with self._lock:
+            agent = self._t.agents.get(worker)
+            if agent is not None:
+                agent.stopped = self.clock()
+
+    async def lapsed_leases(self, *, limit: int = 100) -> list[Claim]:
+        now = self.clock()
+        return [
+            _claim(row)
+            for row in self._t.step_runs.values()
+            if row.status is StepStatus.active
+            and row.lease_until is not None
+            and row.lease_until < now
+        ][:limit]
+
+    # -- programs and runs ------------------------------------------------------------------
+
+    async def register_program(self, program: ProgramDef, *, signature: str | None = None) -> int:
+        """Store a program definition (once per version) and return its id.
+
+        A signature given for a version stored unsigned is added to it.
+        """
+        version = program.version
+        async with self._lock:
+            for stored in self._t.programs.values():
+                if (stored.name, stored.version) == (program.name, version):
+                    if signature is not None and stored.signature is None:
+                        stored.signature = signature
+                    return stored.id
+            id_ = self._t.new_id("program")
+            self._t.programs[id_] = _Program(
+                id_, program.name, version, program.canonical_json(), self.clock(), signature
+            )
+            return id_
+
+    async def load_program(self, program_id: int) -> ProgramDef:
+        return ProgramDef.from_json(json.loads(self._program(program_id).definition))
+
+    async def latest_program(self, name: str) -> ProgramDef:
+        """The newest registered version of program ``name``."""
+        found = [p for p in self._t.programs.values() if p.name == name]
+        if not found:
+            raise NoResult(f"no program {name!r} is registered in {self!r}")
+        newest = max(found, key=lambda p: (p.created, p.id))
+        return ProgramDef.from_json(json.loads(newest.definition))
+
+    async def stored_program(self, program_id: int) -> StoredProgram:
+        p = self._program(program_id)
+        return StoredProgram(p.id, p.name, p.version, p.definition, p.signature)
+
+    async def run_origin(self, run_id: str) -> RunOrigin:
+        run = self._run(run_id)
+        return RunOrigin(run.id, run.program_id, run.mode, run.signature)
+
+    async def run_provenance(self, run_id: str) -> tuple[ProgramDef, dict[str, Any]]:
+        """A run's program definition and what proves where it came from (as the SQL
+        stores return it)."""
+        run = self._run(run_id)
+        p = self._program(run.program_id)
+        return ProgramDef.from_json(json.loads(p.definition)), {
+            "program_id": run.program_id,
+            "mode": run.mode,
+            "run_signature": run.signature,
+            "name": p.name,
+            "version": p.version,
+            "definition": p.definition,
+            "program_signature": p.signature,
+        }
+
+    async def run_status(self, run_id: str) -> RunStatus:
+        return self._run(run_id).status
+
+    async def load_result(self, run_id: str) -> RunResult:
+        """The run and every step run it made, in creation order."""
+        run = self._run(run_id)
+        steps = [
+            StepRun(
+                id=r.id,
+                run_id=r.run_id,
+                step=r.step,
+                sequence=r.sequence,
+                recovery=r.recovery,
+                attempt=r.attempt,
+                status=r.status,
+                host=r.host,
+                worker=r.worker,
+                pid=r.pid,
+                result=None if r.result is None else json.loads(r.result),
+                error=r.error,
+                created=r.created,
+                started=r.started,
+                ended=r.ended,
+            )
+            for r in self._t.step_runs.values()
+            if r.run_id == run_id
+        ]
+        return RunResult(
+            run_id=run.id,
+            program=run.program_name,
+            status=run.status,
+            reason=run.reason,
+            created=run.created,
+            ended=run.ended,
+            steps=steps,
+        )
+
+    async def fired_events(self, run_id: str) -> list[tuple[str, str]]:
+        """Every ``(event, sequence)`` fired in a run, in firing order."""
+        return [(event, seq) for (run, seq, _, event) in self._t.triggers if run == run_id]
+
+    # -- for tests ---------------------------------------------------------------------------
+
+    def lease_until(self, step_run_id: int) -> datetime | None:
+        """Until when a step run's lease holds (None when it is not active)."""
+        row = self._t.step_runs.get(step_run_id)
+        if row is None:
+            raise NoResult(f"no step run {step_run_id} in {self!r}")
+        return row.lease_until
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds; it is checked after every change to the store.
+
+        Bound the wait with ``asyncio.timeout``.
+        """
+        await self._changes.wait_for(predicate)
+
+    async def wait_for_run(self, run_id: str) -> RunResult:
+        """Wait until the run has ended; return its result."""
+        await self.wait_until(lambda: self._run(run_id).status is not RunStatus.running)
+        return await self.load_result(run_id)
+
+    def _run(self, run_id: str) -> _Run:
+        run = self._t.runs.get(run_id)
+        if run is None:
+            raise NoResult(f"no run {run_id!r} in {self!r}")
+        return run
+
+    def _program(self, program_id: int) -> _Program:
+        program = self._t.programs.get(program_id)
+        if program is None:
+            raise NoResult(f"no program with id {program_id} in {self!r}")
+        return program
+
+
+def _claim(row: _StepRun) -> Claim:
+    return Claim(row.id, row.run_id, row.step, row.sequence, row.recovery, row.attempt)
+
+
+class MemoryTx:
+    """:class:`~aeventor.dispatch.store.StoreTx` on a private copy of the tables."""
+
+    claims_on_insert = True
+
+    def __init__(self, tables: _Tables, clock: Callable[[], datetime]) -> None:
+        self.tables = tables
+        self.clock = clock
+        #: run ids to wake at commit
+        self.notifications: dict[str, set[str | None]] = {}
+
+    async def lock_run(self, run_id: str) -> RunLock:
+        run = self.tables.runs.get(run_id)
+        if run is None:
+            raise NoResult(f"no run {run_id!r} in the in-memory store")
+        return RunLock(run.status, run.stopped, run.recovery, run.mode)
+
+    async def insert_run(
+        self,
+        *,
+        run_id: str,
+        program_id: int,
+        program_name: str,
+        mode: str,
+        submitted_by: str | None,
+        signature: str | None,
+    ) -> None:
+        if run_id in self.tables.runs:
+            raise UniqueViolation(f"duplicate run id {run_id!r}", constraint="pk_aeventor_run")
+        if program_id not in self.tables.programs:
+            raise NoResult(f"no program with id {program_id}; register_program() it first")
+        self.tables.runs[run_id] = _Run(
+            id=run_id,
+            program_id=program_id,
+            program_name=program_name,
+            status=RunStatus.running,
+            stopped=False,
+            recovery=0,
+            reason=None,
+            created=self.clock(),
+            ended=None,
+            mode=mode,
+            submitted_by=submitted_by,
+            signature=signature,
+        )
+
+    async def end_step(
+        self,
+        claim_id: int,
+        *,
+        status: StepStatus,
+        result: str | None,
+        error: str | None,
+        only_if_lapsed: bool = False,
+    ) -> bool:
+        row = self.tables.step_runs.get(claim_id)
+        now = self.clock()
+        if row is None or row.status is not StepStatus.active:
+            return False
+        if only_if_lapsed and not (row.lease_until is not None and row.lease_until < now):
+            return False
+        row.status, row.result, row.error = status, result, error
+        row.ended, row.lease_until = now, None
+        return True
+
+    async def set_pid(self, step_run_id: int, pid: int) -> None:
+        row = self.tables.step_runs.get(step_run_id)
+        if row is not None:
+            row.pid = pid
+
+    async def fired(
+        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+    ) -> set[str]:
+        return {e for e in events if (run_id, sequence, recovery, e) in self.tables.triggers}
+
+    async def add_triggers(
+        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+    ) -> None:
+        for event in events:
+            key = (run_id, sequence, recovery, event)
+            if key not in self.tables.triggers:
+                self.tables.triggers[key] = self.tables.new_id("trigger")
+
+    async def add_step_runs(self, rows: Sequence[NewStepRun]) -> None:
+        now = self.clock()
+        for row in rows:
+            self._insert(row, now)
+
+    async def add_claimed_step_runs(
+        self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta
+    ) -> list[tuple[int, str]]:
+        now = self.clock()
+        inserted: list[tuple[int, str]] = []
+        for new in rows:
+            row = self._insert(new, now)
+            if row is not None:
+                row.worker, row.started, row.lease_until = worker, now, now + lease
+                inserted.append((row.id, row.step))
+        return inserted
+
+    def _insert(self, new: NewStepRun, now: datetime) -> _StepRun | None:
+        """Insert a step run unless its unique key exists (then None)."""
+        key = (new.run_id, new.step, new.sequence, new.recovery, new.attempt)
+        if key in self.tables.step_run_keys:
+            return None
+        id_ = self.tables.new_id("step_run")
+        row = _StepRun(
+            id=id_,
+            run_id=new.run_id,
+            step=new.step,
+            sequence=new.sequence,
+            recovery=new.recovery,
+            attempt=new.attempt,
+            status=new.status,
+            host=new.host,
+            queue=new.queue,
+            worker=None,
+            pid=None,
+            lease_until=None,
+            result=None,
+            error=None,
+            created=now,
+            started=None,
+            ended=now if new.status in (StepStatus.skipped, StepStatus.cancelled) else None,
+        )
+        self.tables.step_runs[id_] = row
+        self.tables.step_run_keys[key] = id_
+        return row
+
+    async def pending(self, run_id: str) -> int:
+        return sum(
+            1 for r in self.tables.step_runs.values() if r.run_id == run_id and r.status in PENDING
+        )
+
+    async def stop_run(self, run_id: str, reason: str) -> None:
+        run = self.tables.runs.get(run_id)
+        if run is not None:
+            run.stopped, run.reason = True, reason
+        now = self.clock()
+        for row in self.tables.step_runs.values():
+            if row.run_id == run_id and row.status is StepStatus.ready:
+                row.status, row.ended = StepStatus.skipped, now
+
+    async def end_run(self, run_id: str, status: RunStatus, reason: str | None = None) -> None:
+        run = self.tables.runs.get(run_id)
+        if run is None or run.status is not RunStatus.running:
+            return
+        run.status, run.ended = status, self.clock()
+        if reason is not None:
+            run.reason = reason
+
+    async def cancel_step_runs(self, run_id: str) -> None:
+        now = self.clock()
+        for row in self.tables.step_runs.values():
+            if row.run_id == run_id and row.status in PENDING:
+                row.status, row.ended, row.lease_until = StepStatus.cancelled, now, None
+
+    def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
+        self.notifications.setdefault(run_id, set()).update(queues)
+
+
+# -- the executor -----------------------------------------------------------------------------
+
+#: A step run's outcome before it is known: the test decides.
+Outcome = Callable[[StepLaunch], ExecResult | None]
+
+
+class FakeExecutor:
+    """An executor that runs nothing: each step run ends when the test says so.
+
+    A launch of ``(step, sequence)`` waits for :meth:`finish` of that pair (an outcome given
+    before the launch is kept for it), unless the ``outcome`` function returns a result for
+    it. Process and command steps report a fake pid through ``launch.on_started``, as a real
+    spawn would. Cancelling a launch (the worker terminating it) records it in
+    :attr:`cancelled` and re-raises.
+
+    Args:
+        outcome: called with each launch; an :class:`ExecResult` ends it at once, None makes
+            it wait for :meth:`finish`. Default: always wait.
+
+    Attributes:
+        launches: every launch, in order.
+        running: the launches waiting for their outcome now.
+        cancelled: the launches that were cancelled.
+        results: ``(launch, result)`` of every launch that ended with a result.
+        peak: the most launches that ran at once.
+
+    Example::
+
+        fake = FakeExecutor(outcome=lambda launch: ExecResult(ok=True))  # all succeed
+        fake = FakeExecutor()                      # each waits:
+        launch = await fake.started("a")           # until "a" runs,
+        fake.finish("a", ok=False, error="boom")   # then fail it
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, *, outcome: Outcome | None = None) -> None:
+        self.outcome = outcome
+        self.launches: list[StepLaunch] = []
+        self.running: list[StepLaunch] = []
+        self.cancelled: list[StepLaunch] = []
+        self.results: list[tuple[StepLaunch, ExecResult]] = []
+        self.peak = 0
+        self._ready: dict[tuple[str, str], deque[ExecResult]] = {}
+        self._waiting: dict[tuple[str, str], deque[asyncio.Future[ExecResult]]] = {}
+        self._changes = _Changes()
+        self._next_pid = FAKE_PID
+
+    def finish(
+        self,
+        step: str,
+        sequence: str | int = "0",
+        *,
+        ok: bool = True,
+        value: Any = None,
+        error: str | None = None,
+    ) -> None:
+        """End the running launch of ``step[sequence]``, or the next one to start."""
+        result = ExecResult(ok=ok, value=value, error=error)
+        key = (step, str(sequence))
+        waiting = self._waiting.get(key)
+        while waiting:
+            future = waiting.popleft()
+            if not future.done():
+                future.set_result(result)
+                return
+        self._ready.setdefault(key, deque()).append(result)
+
+    async def started(
+        self, step: str, sequence: str | int | None = None, *, deadline: float = 5.0
+    ) -> StepLaunch:
+        """Wait until ``step`` (of ``sequence``, or any) has been launched; return the launch.
+
+        Raises:
+            TimeoutError: not within ``deadline`` seconds.
+        """
+        wanted = None if sequence is None else str(sequence)
+
+        def found() -> StepLaunch | None:
+            for launch in self.launches:
+                if launch.claim.step == step and wanted in (None, launch.claim.sequence):
+                    return launch
+            return None
+
+        await self.wait_for(lambda: found() is not None, deadline=deadline)
+        launch = found()
+        assert launch is not None
+        return launch
+
+    async def wait_for(self, predicate: Callable[[], bool], *, deadline: float = 5.0) -> None:
+        """Wait until ``predicate()`` holds; it is checked whenever a launch starts or ends.
+
+        Raises:
+            TimeoutError: not within ``deadline`` seconds.
+        """
+        async with asyncio.timeout(deadline):
+            await self._changes.wait_for(predicate)
+
+    async def run(self, launch: StepLaunch) -> ExecResult:
+        self.launches.append(launch)
+        self.running.append(launch)
+        self.peak = max(self.peak, len(self.running))
+        self._changes.changed()
+        try:
+            step = launch.step
+            if step.executor in ("process", "command") and (
+                step.target is not None or step.argv is not None
+            ):
+                self._next_pid += 1
+                await launch.on_started(self._next_pid)
+            result = self.outcome(launch) if self.outcome is not None else None
+            if result is None:
+                result = await self._await_outcome(launch)
+            self.results.append((launch, result))
+            return result
+        except asyncio.CancelledError:
+            self.cancelled.append(launch)
+            raise
+        finally:
+            self.running.remove(launch)
+            self._changes.changed()
+
+    async def _await_outcome(self, launch: StepLaunch) -> ExecResult:
+        key = (launch.claim.step, launch.claim.sequence)
+        ready = self._ready.get(key)
+        if ready:
+            return ready.popleft()
+        future: asyncio.Future[ExecResult] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.setdefault(key, deque())
+        waiting.append(future)
+        try:
+            return await future
+        finally:
+            if future in waiting:
+                waiting.remove(future)
+
+    async def aclose(self) -> None:
+        return None
