@@ -31,15 +31,17 @@ The watcher ignores SIGTERM (a step that signals its own group, ``kill 0``, does
 lose its lifeline); a cancel by the worker still ends it with the SIGKILL it sends the
 group after the grace period.
 
-Belt and braces, on Linux: the leader also asks for SIGTERM when its parent dies
+Belt and braces, on Linux: the function runner also asks for SIGTERM when its parent dies
 (``PR_SET_PDEATHSIG``, kept across ``exec``). That covers a write end leaked into a process
 the worker forked without ``exec``. It fires when the *thread* that spawned the step exits,
 so steps must be spawned from a thread that lives as long as they run: the event loop's
 (``asyncio.create_subprocess_exec`` forks there). SIGTERM, not SIGKILL, so a step still
-gets the same grace as from the watcher.
+gets the same grace as from the watcher. The command supervisor does not: loading ctypes
+costs 2-10 ms here, a fifth of its whole start, for a case the lifeline mostly covers.
 
-Run as a script (``python -I -S _lifeline.py LIFELINE_FD ERR_FD ARGV...``), it is the
-supervisor of a command step: it calls :func:`hold`, then ``exec``-s the command, which
+Run as the supervisor of a command step (``python -I -S -c`` :data:`SUPERVISOR` ``LIFELINE_FD
+ERR_FD ARGV...``; ``-c`` rather than this file's path, so the module comes from its cached
+bytecode instead of being compiled at every start), it it calls :func:`hold`, then ``exec``-s the command, which
 therefore keeps the pid the worker spawned (the pid the store records, and ``$$`` of a shell
 step), its exit status and its signals, unchanged. Should ``exec`` fail, it writes
 ``errno`` to ``ERR_FD`` (close-on-exec, so it reads end-of-file at a successful ``exec``)
@@ -67,12 +69,16 @@ EXEC_FAILED = 127
 _PR_SET_PDEATHSIG = 1
 
 
-def hold(fd: int) -> None:
+def hold(fd: int, *, parent_death_signal: bool = True) -> None:
     """Tie the calling process's group to the lifeline ``fd``; close ``fd`` here.
 
     Call it in the group's leader, single-threaded, before starting anything else.
+
+    Args:
+        parent_death_signal: also ask for SIGTERM when the parent dies (Linux).
     """
-    _parent_death_signal(signal.SIGTERM)
+    if parent_death_signal:
+        _parent_death_signal(signal.SIGTERM)
     pgid = os.getpgrp()
     pid = os.fork()
     if pid == 0:
@@ -193,7 +199,7 @@ def supervise(argv: list[str]) -> None:
     """``LIFELINE_FD ERR_FD COMMAND...``: hold the lifeline, then become the command."""
     fd, err, command = int(argv[0]), int(argv[1]), argv[2:]
     os.set_inheritable(err, False)
-    hold(fd)
+    hold(fd, parent_death_signal=False)
     # What subprocess does for its children (restore_signals): the interpreter ignores
     # these, and an ignored signal stays ignored across exec.
     for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
@@ -208,5 +214,8 @@ def supervise(argv: list[str]) -> None:
             os._exit(EXEC_FAILED)
 
 
-if __name__ == "__main__":
-    supervise(sys.argv[1:])
+#: The ``-c`` program of ``python -I -S -c SUPERVISOR LIFELINE_FD ERR_FD ARGV...``.
+SUPERVISOR = (
+    f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+    "import _lifeline; _lifeline.supervise(sys.argv[1:])"
+)

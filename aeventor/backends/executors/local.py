@@ -8,7 +8,7 @@ Every subprocess also gets a *lifeline* (see :mod:`._lifeline`): the read end of
 write end this process alone holds, until the step has ended and been reaped. Should this
 process die, even by SIGKILL, the step's process group is terminated within about
 :data:`._lifeline.GRACE` seconds. The function runner watches its lifeline itself; a command
-is started through a small supervisor (``python -I -S _lifeline.py``) that arms the lifeline
+is started through a small supervisor (``python -I -S -c ...``, no aeventor import) that arms the lifeline
 and then ``exec``-s the command, so the pid, exit status and output are the command's own.
 """
 
@@ -177,7 +177,8 @@ class LocalExecutor:
                 sys.executable,
                 "-I",
                 "-S",
-                _SUPERVISOR,
+                "-c",
+                _lifeline.SUPERVISOR,
                 str(lifeline),
                 str(exec_error_w),
                 *argv,
@@ -251,10 +252,6 @@ class LocalExecutor:
         finally:
             for fd in fds:
                 os.close(fd)
-
-
-#: The supervisor of command steps, run by path (``-I -S``: no site, no aeventor import).
-_SUPERVISOR = os.path.abspath(_lifeline.__file__)
 
 
 def _read_and_close(fd: int) -> bytes:
