@@ -368,7 +368,10 @@ async def test_cancel_of_a_command_step_kills_its_children(
     task = asyncio.create_task(executor.run(launch))
     await wait_until(lambda: bool(launches.pids), what="the command to start")
     pid = launches.pids[0]
-    await wait_until(count(("-g", str(pid)), 3), what="the shell and its two sleeps")
+    # The lifeline's watcher (a subshell) and its `cat` are in the group too.
+    await wait_until(
+        count(("-g", str(pid)), 5), what="the shell, its two sleeps, the watcher and its cat"
+    )
 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
