@@ -493,8 +493,15 @@ class SshExecutor:
 # -- remote commands -------------------------------------------------------------------------
 
 
-def _kill_sh(pid: str, signal: str) -> str:
-    return f"{{ kill -{signal} -- -{pid} || kill -{signal} {pid}; }} 2>/dev/null; true"
+def _kill_sh(pid: str, signal: str, *, dash: bool = False) -> str:
+    """``kill`` the group ``pid`` leads, or ``pid`` alone if it leads none.
+
+    Args:
+        dash: for ``sh`` scripts: dash's ``kill`` rejects ``--`` ("Illegal number"), and
+            takes ``-SIG -PGID`` as bash does.
+    """
+    group = f"-{pid}" if dash else f"-- -{pid}"
+    return f"{{ kill -{signal} {group} || kill -{signal} {pid}; }} 2>/dev/null; true"
 
 
 #: What every step's script does first: tell its pid on stderr (which carries nothing
@@ -514,7 +521,8 @@ _RUNNER = ("-m", "aeventor.backends.executors.runner")
 _WATCHER = (
     "exec 3<&0 </dev/null; ( ( trap '' TERM INT HUP; cat <&3 >/dev/null 2>&1; "
     "kill -0 $$ 2>/dev/null || exit 0; "
-    f"{_kill_sh('$$', 'TERM')}; sleep {_lifeline.GRACE:g}; {_kill_sh('$$', 'KILL')} "
+    f"{_kill_sh('$$', 'TERM', dash=True)}; sleep {_lifeline.GRACE:g}; "
+    f"{_kill_sh('$$', 'KILL', dash=True)} "
     ") >/dev/null 2>&1 & );"
 )
 
