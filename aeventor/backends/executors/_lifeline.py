@@ -10,13 +10,19 @@ The step's leader (the process that leads its process group: the function runner
 command through this module's ``__main__``) calls :func:`hold` first. It forks a *watcher*,
 a second process in the same group that blocks on the read end:
 
-* the read end sees end-of-file while the leader still exists: the worker is gone (it
-  reaps its step before it closes the lifeline). The watcher sends SIGTERM to the group,
-  waits up to :data:`GRACE` seconds for the rest of the group to exit, then SIGKILLs the
-  group, itself included. Grandchildren are reached as long as they stay in the group.
-* the read end sees end-of-file once the leader is gone: the step ended and the worker
-  closed the lifeline. The watcher exits; what the step left running keeps running, as it
-  did before lifelines existed.
+* a local worker writes :data:`ENDED` once it has reaped the step's leader, then closes its
+  end: the watcher exits; what the step left running keeps running, as it did before
+  lifelines existed.
+* end-of-file without :data:`ENDED`: the worker is gone. The watcher sends SIGTERM to the
+  group, waits up to :data:`GRACE` seconds for the rest of the group to exit, then SIGKILLs
+  the group, itself included. Grandchildren are reached as long as they stay in the group.
+
+Over SSH the lifeline is the channel's stdin, which sshd closes as the step ends, before
+the agent could write anything: there, end-of-file terminates the group only if its leader
+still exists (``ended_by_byte=False``). That test races anything that kills the leader at
+the moment the agent dies (its grandchildren would then be left), which is why a local
+worker uses the end byte: with it, the Linux ``PR_SET_PDEATHSIG`` below (which kills the
+leader at once) could not make the watcher spare the group.
 
 Why a process and not a thread of the runner: a thread dies with the runner at the group's
 SIGTERM and could not send the SIGKILL that follows (nor watch a command, which is not
@@ -25,13 +31,13 @@ Python). Why double-forked: the watcher must not be a child of the leader, which
 Orphaned, it is reaped by init (or the nearest subreaper). Under a worker that is itself
 PID 1 of a container, orphans are its to reap: run such containers with an init
 (``docker run --init``). The group id cannot be reused while the watcher is in it, so
-"the leader still exists" is ``kill(pgid, 0)``.
+"the leader still exists" is ``kill(pgid, 0)`` (a zombie counts as existing).
 
 The watcher ignores SIGTERM (a step that signals its own group, ``kill 0``, does not
 lose its lifeline); a cancel by the worker still ends it with the SIGKILL it sends the
 group after the grace period.
 
-Belt and braces, on Linux: the function runner also asks for SIGTERM when its parent dies
+Belt and braces, on Linux, with the end byte only: the function runner also asks for SIGTERM when its parent dies
 (``PR_SET_PDEATHSIG``, kept across ``exec``). That covers a write end leaked into a process
 the worker forked without ``exec``. It fires when the *thread* that spawned the step exits,
 so steps must be spawned from a thread that lives as long as they run: the event loop's
@@ -63,28 +69,34 @@ import time
 GRACE = 1.0
 #: How often the watcher looks whether the group has emptied during the grace period.
 POLL = 0.05
+#: What a local worker writes to a lifeline once it has reaped the step's leader.
+ENDED = b"\0"
 #: The exit status of the supervisor when the command cannot be executed.
 EXEC_FAILED = 127
 
 _PR_SET_PDEATHSIG = 1
 
 
-def hold(fd: int, *, parent_death_signal: bool = True) -> None:
+def hold(fd: int, *, ended_by_byte: bool) -> None:
     """Tie the calling process's group to the lifeline ``fd``; close ``fd`` here.
 
     Call it in the group's leader, single-threaded, before starting anything else.
 
     Args:
-        parent_death_signal: also ask for SIGTERM when the parent dies (Linux).
+        ended_by_byte: the worker writes :data:`ENDED` once it has reaped the leader (a
+            local worker): end-of-file without it always terminates the group, and the
+            leader also asks for SIGTERM when its parent dies (Linux). If false (over
+            SSH, where the channel closes as the step ends), end-of-file terminates the
+            group only if the leader still exists.
     """
-    if parent_death_signal:
+    if ended_by_byte:
         _parent_death_signal(signal.SIGTERM)
     pgid = os.getpgrp()
     pid = os.fork()
     if pid == 0:
         try:
             if os.fork() == 0:
-                _watch(fd, pgid)
+                _watch(fd, pgid, ended_by_byte)
         finally:
             os._exit(0)
     os.close(fd)
@@ -103,7 +115,7 @@ def _parent_death_signal(signum: int) -> None:
         pass
 
 
-def _watch(fd: int, pgid: int) -> None:
+def _watch(fd: int, pgid: int, ended_by_byte: bool) -> None:
     """The watcher's whole life: block on ``fd``, then terminate the group if need be."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
@@ -120,14 +132,11 @@ def _watch(fd: int, pgid: int) -> None:
         os.dup2(devnull, 2)
     os.closerange(3, fd)
     os.closerange(fd + 1, _max_fd())
-    while True:
-        try:
-            data = os.read(fd, 512)
-        except OSError:
-            data = b""
-        if not data:
-            break
-    if not _exists(pgid):
+    try:
+        data = os.read(fd, 1)
+    except OSError:
+        data = b""
+    if data if ended_by_byte else not _exists(pgid):
         os._exit(0)
     if keep_stderr:
         msg = (
@@ -199,7 +208,7 @@ def supervise(argv: list[str]) -> None:
     """``LIFELINE_FD ERR_FD COMMAND...``: hold the lifeline, then become the command."""
     fd, err, command = int(argv[0]), int(argv[1]), argv[2:]
     os.set_inheritable(err, False)
-    hold(fd, parent_death_signal=False)
+    hold(fd, ended_by_byte=True)
     # What subprocess does for its children (restore_signals): the interpreter ignores
     # these, and an ignored signal stays ignored across exec.
     for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):

@@ -216,8 +216,11 @@ class LocalExecutor:
             await _terminate(proc)
             raise
         finally:
-            # The step is reaped (or killed): its watcher, reading end-of-file with the
-            # leader gone, exits without touching what the step left behind.
+            if proc.returncode is not None:
+                # The step ended and is reaped: its watcher exits without touching what the
+                # step left behind. (Cancelled, the group, watcher included, was killed.)
+                with contextlib.suppress(OSError):
+                    os.write(lifeline_w, _lifeline.ENDED)
             os.close(lifeline_w)
 
     async def _start(

@@ -160,7 +160,7 @@ def _lifeline_fd(argv: list[str]) -> int | None:
 
 
 def main() -> int:
-    lifeline = _lifeline_fd(sys.argv[1:])
+    lifeline = lifeline_arg = _lifeline_fd(sys.argv[1:])
     if lifeline == 0:
         # The lifeline is stdin, kept open after the spec: one line of JSON.
         spec = json.loads(sys.stdin.buffer.readline())
@@ -173,7 +173,8 @@ def main() -> int:
     if spec.get("pid_path"):
         _lead_session(spec["pid_path"])
     if lifeline is not None:
-        _lifeline.hold(lifeline)
+        # Over SSH (stdin), the channel closes as the step ends: no end byte can come.
+        _lifeline.hold(lifeline, ended_by_byte=lifeline_arg != 0)
     for entry in reversed(spec.get("sys_path", [])):
         if entry not in sys.path:
             sys.path.insert(0, entry)
