@@ -8,8 +8,10 @@ log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -31,7 +33,7 @@ from aeventor.program.model import StepDef
 from tests.sshd import SshServers, ssh_hosts, ssh_servers, write_known_hosts
 
 from . import sshfuncs
-from .helpers import wait_until
+from .helpers import session_members, wait_until
 
 __all__ = ("ssh_hosts", "ssh_servers")  # fixtures, imported to be found
 
@@ -367,7 +369,10 @@ async def test_cancel_of_a_command_step_kills_its_children(
     task = asyncio.create_task(executor.run(launch))
     await wait_until(lambda: bool(launches.pids), what="the command to start")
     pid = launches.pids[0]
-    await wait_until(count(("-g", str(pid)), 3), what="the shell and its two sleeps")
+    # The lifeline's watcher (a subshell) and its `cat` are in the group too.
+    await wait_until(
+        count(("-g", str(pid)), 5), what="the shell, its two sleeps, the watcher and its cat"
+    )
 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -439,3 +444,111 @@ async def test_runner_leads_a_session_and_records_its_pid_when_given_a_pid_path(
     assert pid_path.read_text() == f"{proc.pid}\n"
     # No temporary file left beside it.
     assert sorted(await asyncio.to_thread(os.listdir, tmp_path)) == ["step.json", "step.pid"]
+
+
+# -- lifelines -------------------------------------------------------------------------------
+
+AGENT = """\
+import asyncio, json, sys
+from pathlib import Path
+
+from aeventor.backends.executors.local import StepLaunch
+from aeventor.backends.executors.ssh import SshExecutor, SshTarget
+from aeventor.backends.stores.base import Claim
+from aeventor.program.model import StepDef
+
+
+async def main(config):
+    targets = {name: SshTarget(**t) for name, t in config["targets"].items()}
+    executor = SshExecutor(targets=targets, sys_path=config["sys_path"])
+
+    async def started(pid):
+        with open(config["started"], "a") as fh:
+            fh.write(f"{pid}\\n")
+
+    steps = [StepDef(host="s1", **step) for step in config["steps"]]
+    launches = [
+        StepLaunch(
+            claim=Claim(id=i, run_id="run-1", step=s.name, sequence="0", recovery=0, attempt=1),
+            step=s, program="prog", env={}, log_path=Path(config["logs"]) / f"{s.name}.log",
+            deterministic_logs=True, on_started=started,
+        )
+        for i, s in enumerate(steps)
+    ]
+    await asyncio.gather(*(executor.run(launch) for launch in launches))
+
+
+asyncio.run(main(json.loads(Path(sys.argv[1]).read_text())))
+"""
+
+
+async def test_remote_steps_die_with_their_agent(
+    ssh_hosts: Mapping[str, SshTarget], tmp_path: Path
+) -> None:
+    """SIGKILL the process that runs steps over SSH: sshd closes their channels, and the
+    steps' lifelines take their remote process groups along."""
+    marker = f"aeventor-ssh-test-{uuid.uuid4().hex}"
+    report, started = tmp_path / "report.json", tmp_path / "started"
+    config = {
+        "targets": {
+            name: {k: getattr(t, k) for k in t.__dataclass_fields__}
+            for name, t in ssh_hosts.items()
+        },
+        "sys_path": sys.path,
+        "started": str(started),
+        "logs": str(tmp_path),
+        "steps": [
+            {
+                "name": "func",
+                "executor": "process",
+                "target": f"{MODULE}:spawn_and_sleep",
+                "args": [marker, str(report)],
+            },
+            {
+                "name": "cmd",
+                "executor": "command",
+                "argv": ["sh", "-c", "sleep 300 & sleep 300; wait", marker],
+            },
+        ],
+    }
+    # In a file: the marker must not be in the agent's argv.
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "agent.py").write_text(AGENT)
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(tmp_path / "agent.py"),
+        str(tmp_path / "config.json"),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    leaders: list[int] = []
+    try:
+        await wait_until(report.exists, what="the function step to start its children")
+        await wait_until(
+            lambda: len(started.read_text().split()) == 2 if started.exists() else False,
+            what="both steps to report their pids",
+        )
+        leaders = [int(pid) for pid in started.read_text().split()]
+        # Function step: child, grandchild, sleeper; command step: its shell.
+        await wait_until(count(("-f", marker), 4), what="both steps' marked processes")
+        # Each group holds its step and its lifeline's watcher (and the command's sleeps).
+        for leader in leaders:
+            assert len(await pgrep("-g", str(leader))) >= 3
+
+        agent.kill()
+        await agent.wait()
+
+        await wait_until(count(("-f", marker), 0), what="the marked processes to exit", deadline=6)
+        # Not pgrep: sshd is gone, and their zombies wait for init to reap them.
+        for leader in leaders:
+            await wait_until(
+                lambda leader=leader: not session_members(leader),  # type: ignore[misc]
+                what=f"step session {leader} to be empty",
+                deadline=6,
+            )
+    finally:
+        if agent.returncode is None:
+            agent.kill()
+            await agent.wait()
+        for leader in leaders:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(leader, signal.SIGKILL)

@@ -3,6 +3,13 @@
 Every subprocess starts in a session of its own, so a cancel or a timeout kills its whole
 process group, grandchildren included. Its stdout and stderr go straight to the step's log
 file (no pipe that could fill up); its result comes back through a small JSON file.
+
+Every subprocess also gets a *lifeline* (see :mod:`._lifeline`): the read end of a pipe whose
+write end this process alone holds, until the step has ended and been reaped. Should this
+process die, even by SIGKILL, the step's process group is terminated within about
+:data:`._lifeline.GRACE` seconds. The function runner watches its lifeline itself; a command
+is started through a small supervisor (``python -I -S -c ...``, no aeventor import) that arms the lifeline
+and then ``exec``-s the command, so the pid, exit status and output are the command's own.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 from ...context import _current
 from ...dispatch.executor import ExecResult, StepLaunch
 from ...exceptions import ExecutorError
+from . import _lifeline
 
 __all__ = (
     "ExecResult",
@@ -103,7 +111,7 @@ class LocalExecutor:
     # -- subprocesses -------------------------------------------------------------------
 
     async def _run_command(self, launch: StepLaunch, argv: list[str]) -> ExecResult:
-        returncode = await self._spawn(launch, argv, stdin_data=None)
+        returncode = await self._spawn(launch, argv, stdin_data=None, supervise=True)
         return command_result(argv, returncode)
 
     async def _run_function(self, launch: StepLaunch) -> ExecResult:
@@ -111,7 +119,9 @@ class LocalExecutor:
         result_path = os.path.join(tmpdir, f"{launch.claim.id}-{launch.claim.attempt}.json")
         spec = build_spec(launch, result_path=result_path, sys_path=self.sys_path)
         argv = [self.python, "-m", "aeventor.backends.executors.runner"]
-        returncode = await self._spawn(launch, argv, stdin_data=json.dumps(spec).encode())
+        returncode = await self._spawn(
+            launch, argv, stdin_data=json.dumps(spec).encode(), supervise=False
+        )
         raw = await asyncio.to_thread(_read_result, result_path)
         return decode_result(launch, raw, returncode)
 
@@ -120,28 +130,55 @@ class LocalExecutor:
             self._tmpdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="aeventor-")
         return self._tmpdir
 
-    async def _spawn(self, launch: StepLaunch, argv: list[str], *, stdin_data: bytes | None) -> int:
-        env = {**os.environ, **launch.env}
+    async def _spawn(
+        self, launch: StepLaunch, argv: list[str], *, stdin_data: bytes | None, supervise: bool
+    ) -> int:
+        """Start ``argv`` with a lifeline, wait for its end, return its exit status.
+
+        Args:
+            supervise: start ``argv`` (a command) through the lifeline supervisor; if false,
+                ``argv`` is the function runner, which arms its lifeline itself.
+        """
         log_file = await asyncio.to_thread(_open_log, launch.log_path)
-        # Closed without awaiting (nothing was written to it): no cancel may land between
-        # the start of the process and the try below that terminates it.
-        with log_file:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.PIPE
-                    if stdin_data is not None
-                    else asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise ExecutorError(
-                    f"step {launch.step.name!r}: cannot start {argv[0]!r}: {exc}"
-                ) from exc
+        # Both ends close-on-exec: the step gets the read end through pass_fds alone, and
+        # no step (nor anything else this process runs) ever gets the write end.
+        lifeline, lifeline_w = os.pipe()
+        exec_error: int | None = None
+        fds = [lifeline]
+        if supervise:
+            exec_error, exec_error_w = os.pipe()
+            fds.append(exec_error_w)
+            spawn = [
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _lifeline.SUPERVISOR,
+                str(lifeline),
+                str(exec_error_w),
+                *argv,
+            ]
+        else:
+            spawn = [*argv, "--lifeline", str(lifeline)]
         try:
+            proc = await self._start(launch, spawn, log_file, fds, stdin_data=stdin_data)
+        except BaseException:
+            os.close(lifeline_w)
+            if exec_error is not None:
+                os.close(exec_error)
+            raise
+        try:
+            if exec_error is not None:
+                # The supervisor's exec: end-of-file once it succeeded, errno if it failed.
+                # The thread owns the descriptor, so a cancel does not leave it open.
+                failed = await asyncio.to_thread(_read_and_close, exec_error)
+                if failed:
+                    await proc.wait()
+                    code = int(failed)
+                    exc = OSError(code, os.strerror(code), argv[0])
+                    raise ExecutorError(
+                        f"step {launch.step.name!r}: cannot start {argv[0]!r}: {exc}"
+                    )
             await launch.on_started(proc.pid)
             if stdin_data is not None:
                 assert proc.stdin is not None
@@ -153,6 +190,56 @@ class LocalExecutor:
         except BaseException:
             await _terminate(proc)
             raise
+        finally:
+            if proc.returncode is not None:
+                # The step ended and is reaped: its watcher exits without touching what the
+                # step left behind. (Cancelled, the group, watcher included, was killed.)
+                with contextlib.suppress(OSError):
+                    os.write(lifeline_w, _lifeline.ENDED)
+            os.close(lifeline_w)
+
+    async def _start(
+        self,
+        launch: StepLaunch,
+        spawn: list[str],
+        log_file: Any,
+        fds: list[int],
+        *,
+        stdin_data: bytes | None,
+    ) -> asyncio.subprocess.Process:
+        """Start the step's process; close the descriptors it inherits, and the log, here."""
+        # Closed without awaiting (nothing was written to it): no cancel may land between
+        # the start of the process and the try that terminates it.
+        try:
+            with log_file:
+                return await asyncio.create_subprocess_exec(
+                    *spawn,
+                    stdin=asyncio.subprocess.PIPE
+                    if stdin_data is not None
+                    else asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env={**os.environ, **launch.env},
+                    start_new_session=True,
+                    pass_fds=fds,
+                )
+        except OSError as exc:
+            raise ExecutorError(
+                f"step {launch.step.name!r}: cannot start {spawn[0]!r}: {exc}"
+            ) from exc
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _read_and_close(fd: int) -> bytes:
+    try:
+        chunks = []
+        while chunk := os.read(fd, 64):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _open_log(path: Path) -> Any:

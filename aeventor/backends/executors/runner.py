@@ -9,6 +9,11 @@ under another module name (as multiprocessing's spawn does), so code under
 ``if __name__ == "__main__":`` does not run again. A script that runs the program at module
 level without that guard is stopped at the ``run()`` call:
 if the function was defined above the call, the step still works (see ``_guard``).
+
+``--lifeline FD`` names the read end of the step's lifeline (see :mod:`._lifeline`): the
+runner arms it before it loads anything, so the step's process group dies with the worker.
+Over SSH, ``--lifeline 0`` makes the channel's stdin the lifeline: the spec is then read
+as its first line, and the channel closing (the agent or its connection gone) ends the step.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 from ...exceptions import UnguardedMainError
 from ...guard import MainImportStopped, importing_main
+from . import _lifeline
 
 __all__ = ("main",)
 
@@ -145,10 +151,30 @@ def _lead_session(pid_path: str) -> None:
     os.replace(tmp, pid_path)
 
 
+def _lifeline_fd(argv: list[str]) -> int | None:
+    if len(argv) == 2 and argv[0] == "--lifeline":
+        return int(argv[1])
+    if argv:
+        raise SystemExit(f"usage: {__spec__.name if __spec__ else 'runner'} [--lifeline FD]")
+    return None
+
+
 def main() -> int:
-    spec = json.loads(sys.stdin.read())
+    lifeline = lifeline_arg = _lifeline_fd(sys.argv[1:])
+    if lifeline == 0:
+        # The lifeline is stdin, kept open after the spec: one line of JSON.
+        spec = json.loads(sys.stdin.buffer.readline())
+        lifeline = os.dup(0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    else:
+        spec = json.loads(sys.stdin.read())
     if spec.get("pid_path"):
         _lead_session(spec["pid_path"])
+    if lifeline is not None:
+        # Over SSH (stdin), the channel closes as the step ends: no end byte can come.
+        _lifeline.hold(lifeline, ended_by_byte=lifeline_arg != 0)
     for entry in reversed(spec.get("sys_path", [])):
         if entry not in sys.path:
             sys.path.insert(0, entry)

@@ -26,9 +26,16 @@ signalling the command's pid alone.
 
 Cancelling a step signals its remote process group (``kill -TERM -- -PGID``), waits a grace
 period for the channel to close, then sends ``SIGKILL`` to the group (grandchildren may
-outlive the leader) and removes the step's temporary files. Remote processes are not killed
-when a channel closes, so this is what stops them. Control commands (reading a result,
-killing) use channels that steps never take (see ``_Host``).
+outlive the leader) and removes the step's temporary files. Control commands (reading a
+result, killing) use channels that steps never take (see ``_Host``).
+
+Remote processes are not killed when a channel closes, so each step holds a lifeline (see
+:mod:`._lifeline`): the channel's stdin, which is never closed from this side. When the
+agent dies, or its connection does, sshd closes it; if the step's leader still runs then,
+its process group is terminated (SIGTERM, a grace of :data:`._lifeline.GRACE` s, SIGKILL).
+A function step's runner reads its spec as the first line of stdin, then watches the rest
+(``--lifeline 0``); a command step's script starts a ``sh`` watcher first (``_WATCHER``),
+so commands still need no Python on their host.
 
 Differences from :class:`~aeventor.backends.executors.local.LocalExecutor`: a step ends when its
 output is closed by every process that holds it (a daemon it spawns with inherited stdout
@@ -61,6 +68,7 @@ import stamina
 
 from ...exceptions import ConfigurationError, ExecutorError, HostUnreachable
 from ...logs import get_logger
+from . import _lifeline
 from .local import (
     TERMINATE_GRACE,
     ExecResult,
@@ -258,15 +266,16 @@ class SshExecutor:
         if step.executor == "command":
             assert step.argv is not None
             argv = list(step.argv)
-            script = f"{_PRELUDE} exec {env}{shlex.join(argv)}"
-            returncode = await self._run_remote(host, launch, script, files, stdin_data=None)
+            script = f"{_PRELUDE} {_WATCHER} exec {env}{shlex.join(argv)} 3<&-"
+            returncode = await self._run_remote(host, launch, script, files, stdin_data=b"")
             return command_result(argv, returncode)
         spec = build_spec(
             launch, result_path=files.result, sys_path=self.sys_path, pid_path=files.pid
         )
-        script = f"{_PRELUDE} exec {env}{shlex.join([host.target.python, *_RUNNER])}"
+        runner = [host.target.python, *_RUNNER, "--lifeline", "0"]
+        script = f"{_PRELUDE} exec {env}{shlex.join(runner)}"
         returncode = await self._run_remote(
-            host, launch, script, files, stdin_data=json.dumps(spec).encode()
+            host, launch, script, files, stdin_data=json.dumps(spec).encode() + b"\n"
         )
         result = await self._control(
             host,
@@ -400,9 +409,13 @@ class SshExecutor:
         script: str,
         files: _StepFiles,
         *,
-        stdin_data: bytes | None,
+        stdin_data: bytes,
     ) -> int:
-        """Run ``script`` in a step channel, its output into the log; return its exit code."""
+        """Run ``script`` in a step channel, its output into the log; return its exit code.
+
+        ``stdin_data`` is written to the channel, which is then kept open: it is the step's
+        lifeline (see the module's docstring).
+        """
         command = f"exec sh -c {shlex.quote(script)}"
         async with host.steps:
             log_file = await asyncio.to_thread(_open_log, launch.log_path)
@@ -411,15 +424,14 @@ class SshExecutor:
                     host,
                     command,
                     abandon=functools.partial(self._stop, host, log_file, files),
-                    stdin=asyncssh.PIPE if stdin_data is not None else asyncssh.DEVNULL,
+                    stdin=asyncssh.PIPE,
                 )
                 output = _Output(host, process, log_file)
                 try:
-                    if stdin_data is not None:
+                    if stdin_data:
                         with _wrap_exceptions(host, "sending the step's spec"):
                             process.stdin.write(stdin_data)
                             await process.stdin.drain()
-                            process.stdin.write_eof()
                     pid = await output.wait_pid(launch)
                     await launch.on_started(pid)
                     await output.wait_closed()
@@ -489,12 +501,39 @@ class SshExecutor:
 
 # -- remote commands -------------------------------------------------------------------------
 
+
+def _kill_sh(pid: str, signal: str, *, dash: bool = False) -> str:
+    """``kill`` the group ``pid`` leads, or ``pid`` alone if it leads none.
+
+    Args:
+        dash: for ``sh`` scripts: dash's ``kill`` rejects ``--`` ("Illegal number"), and
+            takes ``-SIG -PGID`` as bash does.
+    """
+    group = f"-{pid}" if dash else f"-- -{pid}"
+    return f"{{ kill -{signal} {group} || kill -{signal} {pid}; }} 2>/dev/null; true"
+
+
 #: What every step's script does first: tell its pid on stderr (which carries nothing
 #: else), then send its stderr where its stdout goes (so the log keeps their order).
 #: ``$$`` is the step's pid: the script ``exec``-s it.
 _PID_MARK = b"aeventor-pid:"
 _PRELUDE = f"echo {_PID_MARK.decode()}$$ >&2; exec 2>&1;"
 _RUNNER = ("-m", "aeventor.backends.executors.runner")
+#: A command step's lifeline watcher (a function step's runner has its own, in Python; a
+#: command needs no Python on its host): a process of the step's group, orphaned at once
+#: (double fork: the command does not get a child it did not start), that reads the
+#: channel's stdin until it closes. If the step's shell (``$$``, which the command
+#: replaces) still exists then, the agent or its connection is gone: it terminates the
+#: group, as :mod:`._lifeline` does. It ignores SIGTERM (so does the ``cat`` it starts)
+#: and holds none of the channel's output. The command's stdin stays ``/dev/null``-like,
+#: as it was when the channel's stdin was closed at once.
+_WATCHER = (
+    "exec 3<&0 </dev/null; ( ( trap '' TERM INT HUP; cat <&3 >/dev/null 2>&1; "
+    "kill -0 $$ 2>/dev/null || exit 0; "
+    f"{_kill_sh('$$', 'TERM', dash=True)}; sleep {_lifeline.GRACE:g}; "
+    f"{_kill_sh('$$', 'KILL', dash=True)} "
+    ") >/dev/null 2>&1 & );"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,7 +575,7 @@ def _env_prefix(launch: StepLaunch) -> str:
 def _kill(pid: int, signal: str) -> str:
     """Signal the step's process group (or the step alone, on a server that did not make it
     lead one: sshd's other than OpenSSH's, before the runner's ``setsid``)."""
-    return f"{{ kill -{signal} -- -{pid} || kill -{signal} {pid}; }} 2>/dev/null; true"
+    return _kill_sh(str(pid), signal)
 
 
 async def _abandon(
