@@ -112,7 +112,7 @@ def _load_target(target: str) -> Any:
     import importlib.util
     from pathlib import Path
 
-    from .._eventor import Eventor
+    from .. import Eventor
     from ..guard import MainImportStopped, importing_main
 
     where, sep, name = target.rpartition(":")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...context import StepContext, _current
+from ...context import StepContext, bind_step
 from ...exceptions import ExecutorError
 from ...program.model import StepDef
 from ..stores.base import Claim
@@ -106,13 +106,11 @@ class LocalExecutor:
         kwargs = dict(launch.step.kwargs)
         if launch.step.sequence_arg_name:
             kwargs[launch.step.sequence_arg_name] = context.sequence
-        token = _current.set(context)
         try:
-            value = await func(*launch.step.args, **kwargs)
+            with bind_step(context):
+                value = await func(*launch.step.args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - whatever a step raises is its failure
             return ExecResult(ok=False, error="".join(traceback.format_exception(exc)).rstrip())
-        finally:
-            _current.reset(token)
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
