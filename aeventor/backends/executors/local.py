@@ -110,7 +110,9 @@ class LocalExecutor:
             with bind_step(context):
                 value = await func(*launch.step.args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - whatever a step raises is its failure
-            return ExecResult(ok=False, error="".join(traceback.format_exception(exc)).rstrip())
+            # Formatting reads the source files (linecache): off the loop.
+            error = await asyncio.to_thread(_format_exception, exc)
+            return ExecResult(ok=False, error=error)
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -279,3 +281,7 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
     # Grandchildren may outlive the leader; the group id is still theirs.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
