@@ -21,7 +21,7 @@ from ._signals import drain_on_sigterm
 from .backends.executors.local import LocalExecutor
 from .backends.stores import open_store
 from .backends.stores.base import Database
-from .dispatch._state import Graph
+from .dispatch import Graph
 from .dispatch.logs import RunLog
 from .dispatch.trust import OwnProgram
 from .dispatch.worker import Scope, Worker, WorkerConfig

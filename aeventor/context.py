@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -12,7 +13,7 @@ from .exceptions import AeventorError
 if TYPE_CHECKING:
     from .program.model import StepDef
 
-__all__ = ("StepContext", "current_step", "launch_env", "step_env")
+__all__ = ("StepContext", "bind_step", "current_step", "launch_env", "step_env")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,19 @@ def current_step() -> StepContext:
             "current_step() is only available inside an in-loop (async def) step; "
             "subprocess steps read the EVENTOR_* environment variables instead"
         ) from None
+
+
+@contextlib.contextmanager
+def bind_step(context: StepContext) -> Iterator[StepContext]:
+    """Make ``context`` what :func:`current_step` returns in this task, for the block.
+
+    Used by the executor around an in-loop step; the previous value is restored on exit.
+    """
+    token = _current.set(context)
+    try:
+        yield context
+    finally:
+        _current.reset(token)
 
 
 def step_env(

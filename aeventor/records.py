@@ -10,7 +10,7 @@ from typing import Any
 
 from .program.model import RunStatus, StepStatus
 
-__all__ = ("RunResult", "StepRun")
+__all__ = ("RunResult", "StepRun", "run_log_dir", "step_log_path")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +90,19 @@ class RunResult:
         """The log file of a step run (its stdout, stderr and log records)."""
         if self.log_dir is None:
             return None
-        from .dispatch.logs import step_log_path
-
         return step_log_path(self.log_dir, step_run.step, step_run.sequence, step_run.attempt)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def run_log_dir(log_dir: Path, program: str, run_id: str) -> Path:
+    """Where a run's logs go: ``<log_dir>/<program>/<run_id>``."""
+    return log_dir / _safe(program) / run_id
+
+
+def step_log_path(run_dir: Path, step: str, sequence: str, attempt: int) -> Path:
+    """A step run's log file in its run's directory (``.<attempt>`` after the first)."""
+    suffix = f".{attempt}" if attempt > 1 else ""
+    return run_dir / f"{_safe(step)}.{_safe(sequence)}{suffix}.log"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from . import signing as _signing
 from .backends.stores.base import Database
-from .dispatch._state import Graph
+from .dispatch import Graph
 from .program.hosts import assign_hosts
 from .program.model import ProgramDef, RunStatus
 from .records import RunResult

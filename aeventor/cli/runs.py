@@ -144,7 +144,7 @@ def _load_target(target: str) -> Any:
     import importlib.util
     from pathlib import Path
 
-    from .._eventor import Eventor
+    from .. import Eventor
     from ..guard import MainImportStopped, importing_main
 
     where, sep, name = target.rpartition(":")
@@ -188,7 +188,7 @@ def _submit_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int
 
 
 async def _submit(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from ..dispatch._state import Graph
+    from ..dispatch import Graph
     from ..signing import load_cluster_key
     from ..submission import follow, submit
 

@@ -13,20 +13,9 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-__all__ = ("RunLog", "step_log_path")
+from ..records import run_log_dir, step_log_path
 
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def run_log_dir(log_dir: Path, program: str, run_id: str) -> Path:
-    return log_dir / _safe(program) / run_id
-
-
-def step_log_path(run_dir: Path, step: str, sequence: str, attempt: int) -> Path:
-    suffix = f".{attempt}" if attempt > 1 else ""
-    return run_dir / f"{_safe(step)}.{_safe(sequence)}{suffix}.log"
+__all__ = ("RunLog", "run_log_dir", "step_log_path")
 
 
 class RunLog:

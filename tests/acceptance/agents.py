@@ -162,8 +162,8 @@ class Agents:
             argv += ["--allow", pattern]
         argv += list(args)
         log_path = self.log_dir / f"agent-{len(self.started)}-{'-'.join(hosts) or 'ssh'}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as log:  # noqa: ASYNC230 - opening the child's log file is instant
+        log = await asyncio.to_thread(_open_log, log_path)
+        with log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -191,6 +191,11 @@ class Agents:
                     errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def _open_log(path: Path) -> Any:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "wb")  # the caller closes it once the child has it
 
 
 # -- the store -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ async def test_concurrent_subprocess_steps_each_see_their_own_environment(
     make_eventor: MakeEventor, tmp_path: Path
 ) -> None:
     meeting = tmp_path / "meeting"
-    meeting.mkdir()
+    await asyncio.to_thread(meeting.mkdir)
     parties = len(NAMES) * len(SEQUENCES)
     environ_before = dict(os.environ)
 

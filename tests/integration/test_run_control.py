@@ -126,8 +126,12 @@ async def test_cancel_kills_the_step_and_its_grandchild(
     ev.trigger_event("start")
 
     handle = ev.start()
-    await wait_until(lambda: _read_pids(pid_file) is not None, what="the step's pid file")
-    pids = _read_pids(pid_file)
+
+    async def pids_written() -> bool:
+        return await asyncio.to_thread(_read_pids, pid_file) is not None
+
+    await wait_until(pids_written, what="the step's pid file")
+    pids = await asyncio.to_thread(_read_pids, pid_file)
     assert pids is not None
     leader, grandchild = pids
 

@@ -173,7 +173,7 @@ async def test_command_steps_exit_codes_and_output(make_eventor: MakeEventor) ->
     assert ok.result == 0
     log_path = result.log_path(ok)
     assert log_path is not None
-    assert log_path.read_text().splitlines() == ["out ok", "err 0"]
+    assert (await asyncio.to_thread(log_path.read_text)).splitlines() == ["out ok", "err 0"]
     exits = result.step("exits_3")
     assert exits.result == 3
     assert exits.error is not None and "exited with 3" in exits.error
@@ -193,7 +193,7 @@ async def test_subprocess_output_and_logging_go_to_the_step_log(
     assert result, result.reason
     log_path = result.log_path(result.step("talk"))
     assert log_path is not None
-    text = log_path.read_text()
+    text = await asyncio.to_thread(log_path.read_text)
     assert "printed by the step" in text
     assert re.search(r"INFO logprog\.step.*: logged by the step", text), text
 
@@ -233,7 +233,7 @@ async def test_deterministic_logs_diff_equal_except_run_ids(
     logs = []
     for result in results:
         assert result.log_dir is not None
-        files = _log_files(result.log_dir)
+        files = await asyncio.to_thread(_log_files, result.log_dir)
         assert set(files) == {"program.log", "a.0.log", "b.0.log"}
         for name, text in files.items():
             assert not TIMESTAMP.search(text), f"{name}: {text}"
@@ -247,7 +247,7 @@ async def test_deterministic_logs_diff_equal_except_run_ids(
 
     # The same program without deterministic_logs does stamp its lines: the checks above bite.
     assert plain.log_dir is not None
-    plain_files = _log_files(plain.log_dir)
+    plain_files = await asyncio.to_thread(_log_files, plain.log_dir)
     assert TIMESTAMP.search(plain_files["program.log"])
     assert PID.search(plain_files["program.log"])
     assert TIMESTAMP.search(plain_files["a.0.log"])
@@ -350,9 +350,13 @@ asyncio.run(main(work))
 )
 
 
+# Resolved at import, not in the event loop.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
 def with_project_on_path() -> dict[str, str]:
     """This process's environment, importing aeventor from this checkout (not site-packages)."""
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(PROJECT_ROOT)
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": root if not path else os.pathsep.join((root, path))}
 
@@ -360,7 +364,7 @@ def with_project_on_path() -> dict[str, str]:
 async def run_script(tmp_path: Path, text: str, store_url: str) -> tuple[int, list[str], str]:
     """Run ``text`` as a script in ``tmp_path``; return its exit code, stdout lines, stderr."""
     script = tmp_path / "user_script.py"
-    script.write_text(text)
+    await asyncio.to_thread(script.write_text, text)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         str(script),
@@ -413,7 +417,7 @@ async def test_unguarded_script_with_function_above_the_run_call_works(
     # The step's process stopped the script at its run call: no second, nested run.
     assert await count_runs(store_db) == 1
     log = tmp_path / "logs" / "unguarded" / summary["run_id"] / "work.0.log"
-    assert 'if __name__ == "__main__":' in log.read_text()
+    assert 'if __name__ == "__main__":' in await asyncio.to_thread(log.read_text)
 
 
 async def test_unguarded_script_with_function_below_the_run_call_fails_the_step(

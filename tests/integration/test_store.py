@@ -145,10 +145,9 @@ async def test_a_database_at_an_older_revision_is_upgraded_keeping_its_rows(
     store_url: str,
 ) -> None:
     """A store made by the first schema (0001) is brought to head on open; rows survive."""
-    from alembic import command
+    from aeventor.backends.stores.migrations import load_scripts, migrate
 
-    from aeventor.backends.stores.migrations import _config
-
+    scripts = await load_scripts()
     engine = open_store(store_url, program="old")._create_engine()
     try:
         async with engine.begin() as conn:
@@ -163,7 +162,7 @@ async def test_a_database_at_an_older_revision_is_upgraded_keeping_its_rows(
             ):
                 await conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
         async with engine.begin() as conn:
-            await conn.run_sync(lambda c: command.upgrade(_config(c), "0001"))
+            await conn.run_sync(lambda c: migrate(c, scripts, "0001"))
             await conn.execute(
                 sa.text(
                     "INSERT INTO aeventor_program (name, version, definition, created) "

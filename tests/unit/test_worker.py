@@ -8,15 +8,14 @@ beat directly (the heartbeat and reaper loops are configured far slower than any
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-from structlog.testing import capture_logs
 
 import aeventor as evr
 from aeventor import signing
@@ -131,18 +130,35 @@ async def running(
             await asyncio.gather(task, return_exceptions=True)
 
 
-def logged(name: str) -> asyncio.Event:
-    """An event set when the library logs ``name`` (structlog is reset after each test)."""
-    seen = asyncio.Event()
+class _Seen(logging.Handler):
+    """Sets an event when the library logs a given event name (``record.event``)."""
 
-    def processor(logger: Any, method: str, event_dict: Any) -> Any:
-        if event_dict.get("event") == name:
-            seen.set()
-        return event_dict
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.name_wanted = name
+        self.seen = asyncio.Event()
 
-    processors = structlog.get_config()["processors"]
-    structlog.configure(processors=[processor, *processors])
-    return seen
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", None) == self.name_wanted:
+            self.seen.set()
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[str], asyncio.Event]]:
+    """``logged(name)``: an event set when the library logs ``name``."""
+    caplog.set_level(logging.DEBUG, logger="aeventor")
+    handlers: list[_Seen] = []
+    logger = logging.getLogger("aeventor")
+
+    def make(name: str) -> asyncio.Event:
+        handler = _Seen(name)
+        handlers.append(handler)
+        logger.addHandler(handler)
+        return handler.seen
+
+    yield make
+    for handler in handlers:
+        logger.removeHandler(handler)
 
 
 def succeed(launch: Any) -> ExecResult:
@@ -287,12 +303,12 @@ async def test_a_lease_renewed_after_it_lapsed_is_not_reaped(
 
 
 async def test_stopping_lets_a_running_step_finish_within_grace(
-    store: InMemoryStore, tmp_path: Path
+    store: InMemoryStore, tmp_path: Path, logged: Callable[[str], asyncio.Event]
 ) -> None:
     graph = chain(2)
     run_id = await new_run(store, graph)
     fake = FakeExecutor()
-    draining = logged("worker.draining")  # before the worker binds its logger
+    draining = logged("worker.draining")
     worker = make_worker(store, graph, fake, tmp_path, run_id=run_id, grace=DEADLINE)
     stop = asyncio.Event()
     async with running(worker, stop):
@@ -365,20 +381,20 @@ async def test_a_run_cancelled_in_the_store_terminates_its_step_at_the_next_hear
 
 
 async def test_a_completion_after_its_run_was_cancelled_is_not_recorded(
-    store: InMemoryStore, tmp_path: Path
+    store: InMemoryStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     graph = chain(2)
     run_id = await new_run(store, graph)
     fake = FakeExecutor()
     worker = make_worker(store, graph, fake, tmp_path, run_id=run_id)
-    with capture_logs() as logs:
-        async with running(worker):
-            await fake.started("s0", deadline=DEADLINE)
-            await store.cancel_run(run_id, reason="cancelled")
-            fake.finish("s0")  # before any heartbeat told the worker
+    caplog.set_level(logging.DEBUG, logger="aeventor")
+    async with running(worker):
+        await fake.started("s0", deadline=DEADLINE)
+        await store.cancel_run(run_id, reason="cancelled")
+        fake.finish("s0")  # before any heartbeat told the worker
 
     assert fake.cancelled == []
-    assert any(e["event"] == "step.outcome_not_recorded" for e in logs)
+    assert any(getattr(r, "event", None) == "step.outcome_not_recorded" for r in caplog.records)
     result = await store.load_result(run_id)
     assert result.step("s0").status is StepStatus.cancelled
     assert [s.step for s in result] == ["s0"]  # s1 never became ready

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ...context import _current
+from ...context import bind_step
 from ...dispatch.executor import ExecResult, StepLaunch
 from ...exceptions import ExecutorError
 from . import _lifeline
@@ -89,13 +89,13 @@ class LocalExecutor:
         kwargs = dict(launch.step.kwargs)
         if launch.step.sequence_arg_name:
             kwargs[launch.step.sequence_arg_name] = context.sequence
-        token = _current.set(context)
         try:
-            value = await func(*launch.step.args, **kwargs)
+            with bind_step(context):
+                value = await func(*launch.step.args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - whatever a step raises is its failure
-            return ExecResult(ok=False, error="".join(traceback.format_exception(exc)).rstrip())
-        finally:
-            _current.reset(token)
+            # Formatting reads the source files (linecache): off the loop.
+            error = await asyncio.to_thread(_format_exception, exc)
+            return ExecResult(ok=False, error=error)
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -343,3 +343,7 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
     # Grandchildren may outlive the leader; the group id is still theirs.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
+import importlib
 import json
 import time
 from collections.abc import (
@@ -217,9 +218,7 @@ class Database(Store):
             raise
 
     async def _ensure_schema(self) -> None:
-        from .migrations import upgrade_to_head
-
-        await upgrade_to_head(self.engine)
+        await (await migrations_module()).upgrade_to_head(self.engine)
 
     async def aclose(self) -> None:
         engine, self._engine = self._engine, None
@@ -844,3 +843,9 @@ def _step_row(row: NewStepRun, now: datetime) -> dict[str, Any]:
         "created": now,
         "ended": ended,
     }
+
+
+async def migrations_module() -> Any:
+    """The migrations package, imported off the loop the first time (Alembic's import reads
+    its plugins' entry points from disk)."""
+    return await asyncio.to_thread(importlib.import_module, f"{__package__}.migrations")

@@ -11,21 +11,32 @@ database with an application that uses Alembic itself.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ....exceptions import SchemaVersionError
+from ..schema import metadata
 
-__all__ = ("VERSION_TABLE", "current_revision", "head_revision", "upgrade_to_head")
+__all__ = (
+    "VERSION_TABLE",
+    "current_revision",
+    "head_revision",
+    "load_scripts",
+    "migrate",
+    "run_migrations",
+    "upgrade_to_head",
+)
 
 VERSION_TABLE = "aeventor_alembic_version"
 _HERE = Path(__file__).parent
@@ -38,8 +49,22 @@ def _config(connection: Connection | None = None) -> Config:
     return cfg
 
 
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    # Reading and importing the migration files is file I/O: done once per process, and
+    # off the event loop (load_scripts), so opening a store never reads them in the loop.
+    script = ScriptDirectory.from_config(_config())
+    script.get_current_head()  # loads the revision map
+    return script
+
+
+async def load_scripts() -> ScriptDirectory:
+    """The shipped migrations, read once per process in a worker thread."""
+    return await asyncio.to_thread(_scripts)
+
+
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(_config()).get_current_head()
+    head = _scripts().get_current_head()
     assert head is not None
     return head
 
@@ -49,8 +74,34 @@ def current_revision(connection: Connection) -> str | None:
     return ctx.get_current_revision()
 
 
-def _upgrade(connection: Connection) -> None:
-    script = ScriptDirectory.from_config(_config())
+def run_migrations(context: EnvironmentContext, connection: Connection) -> None:
+    """Migrate on aeventor's connection and version table (what ``env.py`` does)."""
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        version_table=VERSION_TABLE,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def migrate(connection: Connection, script: ScriptDirectory, revision: str = "head") -> None:
+    """Upgrade to ``revision`` with already loaded scripts (no file is read).
+
+    This is alembic's ``command.upgrade`` without its re-reading of the scripts and env.py.
+    """
+
+    def upgrade(rev: Any, _context: Any) -> Any:
+        return script._upgrade_revs(revision, rev)
+
+    with EnvironmentContext(
+        _config(connection), script, fn=upgrade, destination_rev=revision
+    ) as context:
+        run_migrations(context, connection)
+
+
+def _upgrade(connection: Connection, script: ScriptDirectory) -> None:
     current = current_revision(connection)
     if current is not None:
         try:
@@ -63,7 +114,7 @@ def _upgrade(connection: Connection) -> None:
             ) from exc
         if current == script.get_current_head():
             return
-    command.upgrade(_config(connection), "head")
+    migrate(connection, script)
 
 
 async def upgrade_to_head(
@@ -81,9 +132,11 @@ async def upgrade_to_head(
         SchemaVersionError: the database was created by a newer aeventor.
     """
 
+    script = await load_scripts()
+
     def run(connection: Connection) -> None:
         with lock(connection) if lock is not None else nullcontext():
-            _upgrade(connection)
+            _upgrade(connection, script)
 
     async with engine.begin() as conn:
         await conn.run_sync(run)

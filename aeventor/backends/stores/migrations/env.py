@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from alembic import context
+from typing import cast
 
-from aeventor.backends.stores.migrations import VERSION_TABLE
-from aeventor.backends.stores.schema import metadata
+from alembic import context
+from alembic.runtime.environment import EnvironmentContext
+
+from aeventor.backends.stores.migrations import run_migrations
 
 connection = context.config.attributes.get("connection")
 if connection is None:
@@ -13,11 +15,5 @@ if connection is None:
         "aeventor's migrations run through aeventor (`aeventor db upgrade --store ...`), "
         "not the alembic command line"
     )
-context.configure(
-    connection=connection,
-    target_metadata=metadata,
-    version_table=VERSION_TABLE,
-    render_as_batch=connection.dialect.name == "sqlite",
-)
-with context.begin_transaction():
-    context.run_migrations()
+# alembic.context is a module proxying the current EnvironmentContext's methods.
+run_migrations(cast(EnvironmentContext, context), connection)
