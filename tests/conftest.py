@@ -77,6 +77,8 @@ def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
         # stats and reads the source files); format it in asyncio.to_thread.
         for func in ("os.stat", "io.BufferedReader.read", "io.TextIOWrapper.read"):
             allow[func].can_block_in("aeventor/dispatch/worker.py", "_execute")
+        # One byte into a pipe only the worker writes and nobody else fills: never waits.
+        allow["os.write"].can_block_in("aeventor/backends/executors/local.py", "_spawn")
         yield bb
 
 
