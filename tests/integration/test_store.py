@@ -42,8 +42,18 @@ async def test_racing_claimers_never_share_a_step_run(store_url: str) -> None:
     claimers = [open_store(store_url, program="race") for _ in range(6)]
     taken: list[list[Claim]] = [[] for _ in claimers]
 
+    opened = 0
+    all_open = asyncio.Event()
+
     async def claim_all(index: int, db: Database) -> None:
+        nonlocal opened
         async with db:
+            # Start together: opening a store (a Postgres listener, the schema check) takes
+            # longer than claiming every row in single-statement batches.
+            opened += 1
+            if opened == len(claimers):
+                all_open.set()
+            await all_open.wait()
             while batch := await db.claim(worker=f"w{index}", limit=7, run_id=run_id):
                 taken[index].extend(batch)
                 await asyncio.sleep(0)  # let the others interleave between batches
