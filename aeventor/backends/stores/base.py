@@ -729,11 +729,17 @@ class Database(abc.ABC):
                 # subquery (SKIP LOCKED passes over rows other claimers hold) and rechecks
                 # status = 'ready' on the row's latest version; sqlite has no FOR UPDATE,
                 # its write lock (BEGIN IMMEDIATE) serialises claimers.
+                picked = candidates(step_run.c.id)
+                # Postgres: "= ANY(ARRAY(subquery))", an InitPlan run once. With IN the
+                # planner may make a semi join that re-runs the locking subquery for every
+                # ready row of every run, and may then take more than ``limit`` rows.
+                chosen = (
+                    step_run.c.id == sa.any_(sa.func.array(picked.scalar_subquery()))
+                    if conn.dialect.name == "postgresql"
+                    else step_run.c.id.in_(picked)
+                )
                 taken = await conn.execute(
-                    step_run.update()
-                    .where(step_run.c.id.in_(candidates(step_run.c.id)), is_ready())
-                    .values(take)
-                    .returning(*columns)
+                    step_run.update().where(chosen, is_ready()).values(take).returning(*columns)
                 )
                 rows = sorted(taken.all(), key=lambda row: row.id)
             else:
