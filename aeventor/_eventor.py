@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import inspect
 import logging
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
@@ -28,67 +26,22 @@ from .dispatch.worker import Scope, Worker, WorkerConfig
 from .exceptions import AeventorError, ConfigurationError, NoResult, ProgramDefinitionError
 from .guard import check_not_importing
 from .logs import get_logger
-from .program import expr as _expr
-from .program.model import (
-    EXECUTORS,
-    TRIGGER_STATUSES,
-    EventDef,
-    GroupDef,
-    ProgramDef,
-    RunStatus,
-    StepDef,
-    StepStatus,
-    callable_target,
-    check_json,
+from .program.builder import (
+    Event,
+    Group,
+    ProgramBuilder,
+    Step,
+    check_name,
+    name_of,
 )
+from .program.model import EventDef, ProgramDef, RunStatus, StepDef, StepStatus
 from .records import RunResult
 from .signing import load_cluster_key
-from .submission import follow, resolve_hosts, submit
+from .submission import follow, submit
 
 __all__ = ("Event", "Eventor", "Group", "RunHandle", "Step", "attach")
 
 log = get_logger("aeventor")
-
-_NAME_MAX = 200
-_STEP_CONFIG_KEYS = {"executor", "sequence_arg_name", "task_construct"}
-# The original eventor's names for how a step runs.
-_TASK_CONSTRUCT = {"process": "process", "invoke": "inloop", "inloop": "inloop"}
-
-
-@dataclass(frozen=True, slots=True)
-class _Named:
-    """A named part of a program; prints as its name."""
-
-    name: str
-
-    def __str__(self) -> str:
-        return self.name
-
-
-@dataclass(frozen=True, slots=True)
-class Event(_Named):
-    """An event of a program (returned by :meth:`Eventor.add_event`).
-
-    .. versionadded:: 0.1
-    """
-
-    expr: _expr.Expr | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Group(_Named):
-    """A group of steps (returned by :meth:`Eventor.add_group`).
-
-    .. versionadded:: 0.1
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class Step(_Named):
-    """A step of a program (returned by :meth:`Eventor.add_step`).
-
-    .. versionadded:: 0.1
-    """
 
 
 def _program_name() -> str:
@@ -162,14 +115,14 @@ class Eventor:
         grace: float = 30.0,
     ) -> None:
         self.name = name if name is not None else _program_name()
-        _check_name(self.name, "program")
+        check_name(self.name, "program")
         if mode not in ("standalone", "distributed"):
             raise ConfigurationError(
                 f"mode={mode!r}: use 'standalone' (steps run here) or 'distributed' (steps run "
                 "on their hosts' agents)"
             )
         if default_host is not None:
-            _check_name(default_host, "default_host")
+            check_name(default_host, "default_host")
         self.mode = mode
         self.default_host = default_host
         self._cluster_key = cluster_key.encode() if isinstance(cluster_key, str) else cluster_key
@@ -188,14 +141,9 @@ class Eventor:
             raise ConfigurationError(f"grace={grace!r}: seconds, 0 or more (default 30)")
         self.max_concurrency = max_concurrency
         self.poll_interval = poll_interval
+        self._builder = ProgramBuilder()
         self.lease = float(lease)
         self.grace = float(grace)
-        self._events: dict[str, EventDef] = {}
-        self._steps: dict[str, StepDef] = {}
-        self._groups: dict[str, GroupDef] = {}
-        self._funcs: dict[str, Callable[..., Any]] = {}
-        self._assocs: dict[str, list[tuple[str, str]]] = {}
-        self._triggers: list[tuple[str, str]] = []
         self._db: Database | None = None
         self._opening: asyncio.Event | None = None
         #: Held open by ``async with``.
@@ -219,10 +167,7 @@ class Eventor:
         Raises:
             ProgramDefinitionError: a duplicate or bad name, or a malformed expression.
         """
-        self._check_new_name(name, "event")
-        normalized = None if expr is None else _expr.normalize(expr)
-        self._events[name] = EventDef(name, normalized)
-        return Event(name, normalized)
+        return self._builder.add_event(name, expr)
 
     def add_group(
         self,
@@ -241,18 +186,7 @@ class Eventor:
 
         .. versionadded:: 0.1
         """
-        _check_name(name, "group")
-        if name in self._groups:
-            raise ProgramDefinitionError(f"group {name!r} is already defined")
-        if host is not None:
-            _check_name(host, f"group {name!r}: host")
-        env = dict(env or {})
-        _check_env(env, f"group {name!r}")
-        config = dict(config or {})
-        _check_config(config, f"group {name!r}")
-        check_json(config, what=f"group {name!r}: config")
-        self._groups[name] = GroupDef(name, host, env, config)
-        return Group(name)
+        return self._builder.add_group(name, host=host, env=env, config=config)
 
     def add_step(
         self,
@@ -293,123 +227,20 @@ class Eventor:
                 be imported by path, or conflicting arguments.
             SerializationError: an argument that JSON cannot carry.
         """
-        self._check_new_name(name, "step")
-        group_name = None if group is None else _name_of(group)
-        group_def = None
-        if group_name is not None:
-            group_def = self._groups.get(group_name)
-            if group_def is None:
-                raise ProgramDefinitionError(
-                    f"step {name!r}: undefined group {group_name!r}; define it with "
-                    f"ev.add_group({group_name!r}, ...) first"
-                )
-        config = {**(group_def.config if group_def else {}), **(config or {})}
-        step_env_vars = {**(group_def.env if group_def else {}), **(env or {})}
-        _check_env(step_env_vars, f"step {name!r}")
-        _check_config(config, f"step {name!r}")
-        if "task_construct" in config:
-            construct = config["task_construct"]
-            if construct not in _TASK_CONSTRUCT:
-                raise ProgramDefinitionError(
-                    f"step {name!r}: config task_construct={construct!r} is not supported; "
-                    "use 'process' or 'invoke' (in the engine's loop)"
-                )
-            executor = executor or _TASK_CONSTRUCT[construct]
-        executor = executor or config.get("executor")
-        sequence_arg_name = sequence_arg_name or config.get("sequence_arg_name")
-        kwargs = dict(kwargs or {})
-        args = tuple(args)
-        if any(not isinstance(k, str) for k in kwargs):
-            raise ProgramDefinitionError(f"step {name!r}: kwargs keys must be strings")
-        check_json(list(args), what=f"step {name!r}: args")
-        check_json(kwargs, what=f"step {name!r}: kwargs")
-        if host is not None:
-            _check_name(host, f"step {name!r}: host")
-        step_triggers = self._normalize_triggers(name, triggers)
-
-        target = main_path = None
-        argv: tuple[str, ...] | None = None
-        local_only = False
-        if command is not None:
-            if func is not None:
-                raise ProgramDefinitionError(
-                    f"step {name!r}: give either func or command, not both"
-                )
-            if (
-                isinstance(command, str)
-                or not command
-                or not all(isinstance(a, str) for a in command)
-            ):
-                raise ProgramDefinitionError(
-                    f"step {name!r}: command must be a non-empty list of strings (an argv, "
-                    f"e.g. ['ls', '-l']); got {command!r}. For a shell line use "
-                    "['sh', '-c', 'line']"
-                )
-            if args or kwargs:
-                raise ProgramDefinitionError(
-                    f"step {name!r}: a command step takes no args/kwargs; put them in the argv"
-                )
-            if executor not in (None, "command"):
-                raise ProgramDefinitionError(
-                    f"step {name!r}: a command step runs as executor 'command', not {executor!r}"
-                )
-            executor, argv = "command", tuple(command)
-        elif func is not None:
-            if not callable(func):
-                raise ProgramDefinitionError(
-                    f"step {name!r}: func must be a callable, got {func!r}"
-                )
-            is_async = inspect.iscoroutinefunction(inspect.unwrap(func))
-            executor = executor or ("inloop" if is_async else "process")
-            if executor not in EXECUTORS - {"command"}:
-                raise ProgramDefinitionError(
-                    f"step {name!r}: executor={executor!r} is not one of 'process', 'inloop' "
-                    "(or pass command=[...] for a command step)"
-                )
-            if executor == "inloop" and not is_async:
-                raise ProgramDefinitionError(
-                    f"step {name!r}: executor 'inloop' needs an async def function; "
-                    f"{func.__qualname__} is a plain function (let it run as a 'process' step)"
-                )
-            target, main_path, importable = callable_target(func, step=name)
-            if not importable:
-                if executor == "process":
-                    raise ProgramDefinitionError(
-                        f"step {name!r}: func {target} cannot be imported by path, so a step "
-                        "subprocess cannot find it (a lambda, a nested function, or a script "
-                        "without a file). Define it with def at module level of an importable "
-                        "module or script"
-                    )
-                local_only = True
-            self._funcs[name] = func
-        else:
-            if args or kwargs:
-                raise ProgramDefinitionError(
-                    f"step {name!r}: args/kwargs given but no func to pass them to"
-                )
-            if executor not in (None, "process", "inloop"):
-                raise ProgramDefinitionError(
-                    f"step {name!r}: executor={executor!r} does not fit a no-op step (no func, "
-                    "no command); leave executor out, or pass func=... or command=[...]"
-                )
-            executor = executor or "process"
-
-        self._steps[name] = StepDef(
-            name=name,
+        return self._builder.add_step(
+            name,
+            func,
+            args,
+            kwargs,
+            triggers,
+            host,
+            command=command,
             executor=executor,
-            target=target,
-            main_path=main_path,
-            argv=argv,
-            args=args,
-            kwargs=kwargs,
-            triggers=step_triggers,
-            host=host,
             sequence_arg_name=sequence_arg_name,
-            local_only=local_only,
-            group=group_name,
-            env=step_env_vars,
+            config=config,
+            group=group,
+            env=env,
         )
-        return Step(name)
 
     def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:
         """Make ``event`` fan out to steps and/or other events.
@@ -418,21 +249,7 @@ class Eventor:
             ProgramDefinitionError: an unknown event or target, or a delay (durable delays
                 are not implemented yet).
         """
-        if delay:
-            raise ProgramDefinitionError(
-                f"add_assoc({_name_of(event)!r}, ..., delay={delay!r}): durable delays are "
-                "not implemented yet; fire the event from a step after waiting instead"
-            )
-        event_name = self._event_name(event, "add_assoc")
-        if not targets:
-            raise ProgramDefinitionError(
-                f"add_assoc({event_name!r}): name at least one step or event to associate"
-            )
-        resolved = self._assocs.setdefault(event_name, [])
-        for target in targets:
-            kind, name = self._target(target, event_name)
-            if (kind, name) not in resolved:
-                resolved.append((kind, name))
+        self._builder.add_assoc(event, *targets, delay=delay)
 
     def trigger_event(self, event: Event | str, sequence: str | int = 0) -> None:
         """Fire ``event`` for ``sequence`` when the next run starts (idempotent).
@@ -442,33 +259,45 @@ class Eventor:
         """
         if self._live:
             raise AeventorError(
-                f"trigger_event({_name_of(event)!r}) while a run is live: it would only apply "
+                f"trigger_event({name_of(event)!r}) while a run is live: it would only apply "
                 "to the next run. Use `await handle.trigger_event(...)` on the handle of the "
                 "live run, or `await aeventor.current_step().trigger(...)` inside a step"
             )
-        name = self._event_name(event, "trigger_event")
-        _check_name(str(sequence), "sequence")
-        self._triggers.append((name, str(sequence)))
+        self._builder.trigger_event(event, sequence)
 
     # -- program as data ----------------------------------------------------------------
 
     @property
     def program(self) -> ProgramDef:
-        """The program's definition as data (validated)."""
-        definition = ProgramDef(
+        """The program's definition as data (validated).
+
+        Built once after each change to the definition (any ``add_*``) and kept: reading it
+        again returns the same object, without building or validating it again.
+        """
+        return self._builder.program(
             name=self.name,
-            events=dict(self._events),
-            steps=dict(self._steps),
-            assocs={k: tuple(v) for k, v in self._assocs.items()},
             stop_on_exception=self.stop_on_exception,
-            groups=dict(self._groups),
+            distributed=self.mode == "distributed",
+            default_host=self.default_host,
         )
-        definition.validate()
-        if self.mode == "distributed":
-            # Every step's host decided by the host rules: an ambiguity fails here, before
-            # anything is submitted.
-            definition = resolve_hosts(definition, default_host=self.default_host)
-        return definition
+
+    # What the run code reads of the definition.
+
+    @property
+    def _events(self) -> Mapping[str, EventDef]:
+        return self._builder.events
+
+    @property
+    def _steps(self) -> Mapping[str, StepDef]:
+        return self._builder.steps
+
+    @property
+    def _funcs(self) -> Mapping[str, Callable[..., Any]]:
+        return self._builder.funcs
+
+    @property
+    def _triggers(self) -> Sequence[tuple[str, str]]:
+        return self._builder.triggers
 
     # -- running ------------------------------------------------------------------------
 
@@ -719,113 +548,6 @@ class Eventor:
         state.final = result
         return result
 
-    # -- helpers ------------------------------------------------------------------------
-
-    def _check_new_name(self, name: str, kind: str) -> None:
-        _check_name(name, kind)
-        if name in self._events or name in self._steps:
-            other = "an event" if name in self._events else "a step"
-            raise ProgramDefinitionError(
-                f"{kind} {name!r}: the name is already used by {other}; event and step "
-                "names must be unique within a program"
-            )
-
-    def _event_name(self, event: Event | str, where: str) -> str:
-        name = _name_of(event)
-        if name not in self._events:
-            raise ProgramDefinitionError(
-                f"{where}: undefined event {name!r}; define it with ev.add_event({name!r})"
-            )
-        return name
-
-    def _target(self, target: Step | Event | str, event: str) -> tuple[str, str]:
-        if isinstance(target, Step):
-            kind, name = "step", target.name
-        elif isinstance(target, Event):
-            kind, name = "event", target.name
-        elif isinstance(target, str):
-            name = target
-            kind = "step" if target in self._steps else "event"
-        else:
-            raise ProgramDefinitionError(
-                f"add_assoc({event!r}, ...): {target!r} is not a step or an event"
-            )
-        table: Mapping[str, object] = self._steps if kind == "step" else self._events
-        if name not in table:
-            raise ProgramDefinitionError(
-                f"add_assoc({event!r}, ...): undefined step or event {name!r}; define it "
-                f"with ev.add_step({name!r}, ...) or ev.add_event({name!r}) first"
-            )
-        return kind, name
-
-    def _normalize_triggers(
-        self, step: str, triggers: Mapping[StepStatus | str, Any] | None
-    ) -> dict[StepStatus, tuple[str, ...]]:
-        result: dict[StepStatus, tuple[str, ...]] = {}
-        for key, events in (triggers or {}).items():
-            try:
-                status = StepStatus(key)
-            except ValueError:
-                status = None
-            if status not in TRIGGER_STATUSES:
-                raise ProgramDefinitionError(
-                    f"step {step!r}: triggers key {key!r} is not a trigger status; use "
-                    "StepStatus.ready, active, success, failure or complete"
-                )
-            assert status is not None
-            if isinstance(events, Event | str):
-                items: Iterable[Any] = (events,)
-            elif isinstance(events, Iterable):
-                items = events
-            else:
-                raise ProgramDefinitionError(
-                    f"step {step!r}: triggers[{status.value}] must be an event or a tuple of "
-                    f"events, got {events!r}"
-                )
-            names = []
-            for item in items:
-                name = _name_of(item)
-                if name not in self._events:
-                    raise ProgramDefinitionError(
-                        f"step {step!r}: triggers[{status.value}] names undefined event "
-                        f"{name!r}; define it with ev.add_event({name!r}) first"
-                    )
-                names.append(name)
-            result[status] = tuple(dict.fromkeys(names))
-        return result
-
-
-def _name_of(value: Any) -> str:
-    name = getattr(value, "name", value)
-    if not isinstance(name, str):
-        raise ProgramDefinitionError(f"expected an event, a step or a name, got {value!r}")
-    return name
-
-
-def _check_config(config: Mapping[str, Any], where: str) -> None:
-    unknown = set(config) - _STEP_CONFIG_KEYS
-    if unknown:
-        raise ProgramDefinitionError(
-            f"{where}: unknown config key(s) {sorted(unknown)}; "
-            f"known keys are {sorted(_STEP_CONFIG_KEYS)}"
-        )
-
-
-def _check_env(env: Mapping[str, Any], where: str) -> None:
-    for key, value in env.items():
-        if not isinstance(key, str) or not key or "=" in key or not isinstance(value, str):
-            raise ProgramDefinitionError(
-                f"{where}: env must map variable names to strings; got {key!r}: {value!r}"
-            )
-
-
-def _check_name(name: Any, kind: str) -> None:
-    if not isinstance(name, str) or not name or len(name) > _NAME_MAX or name != name.strip():
-        raise ProgramDefinitionError(
-            f"{kind} name {name!r} is not valid: use a non-empty string of at most "
-            f"{_NAME_MAX} characters without surrounding spaces"
-        )
-
 
 class _RunState:
     """What a run shares with its handle."""
@@ -963,7 +685,7 @@ class RunHandle:
             ProgramDefinitionError: the run's program has no such event.
             AeventorError: the run has ended.
         """
-        name = _name_of(event)
+        name = name_of(event)
         state = self._state
         if not state.created.is_set() and not self._task.done():
             created = asyncio.ensure_future(state.created.wait())

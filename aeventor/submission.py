@@ -9,7 +9,6 @@ carry the run to its end. Following a run reads its status whenever the store sa
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import socket
 import uuid
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from . import signing as _signing
 from .backends.stores.base import Database
 from .dispatch import Graph
-from .program.hosts import assign_hosts
+from .program.hosts import resolve_hosts  # re-exported: it used to live here
 from .program.model import ProgramDef, RunStatus
 from .records import RunResult
 
@@ -25,15 +24,6 @@ __all__ = ("follow", "resolve_hosts", "submit")
 
 #: Longest wait between two looks at a followed run, whatever the store.
 FOLLOW_POLL = 1.0
-
-
-def resolve_hosts(program: ProgramDef, *, default_host: str | None) -> ProgramDef:
-    """The program with every step's host decided by the host rules."""
-    hosts = assign_hosts(program, default_host=default_host)
-    steps = {
-        name: dataclasses.replace(step, host=hosts[name]) for name, step in program.steps.items()
-    }
-    return dataclasses.replace(program, steps=steps)
 
 
 async def submit(

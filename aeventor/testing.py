@@ -207,7 +207,7 @@ class InMemoryStore(Store):
     changes nothing, and readers never see half a transaction. Copying costs time linear in
     the store's size, which suits tests, not production.
 
-    Commits wake :attr:`notifier` subscribers of the runs they changed, as Postgres NOTIFY
+    Commits wake :attr:`notifier` subscribers of the runs and queues they changed, as Postgres NOTIFY
     does, so several workers on one store (standing for several processes) wake each other
     and :attr:`poll_interval` is None.
 
@@ -253,8 +253,10 @@ class InMemoryStore(Store):
             value = await operation(tx)
             self._t = tx.tables
             self._changes.changed()
-        for run_id in tx.notifications:
+        for run_id, queues in tx.notifications.items():
             self.notifier.notify(run_id)
+            for queue in queues:
+                self.notifier.notify_queue(queue)
         return value
 
     # -- claims and leases ------------------------------------------------------------------

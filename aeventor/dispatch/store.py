@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
@@ -126,37 +126,80 @@ class StoreTx(Protocol):
 class Notifier:
     """Wake-ups from other processes (LISTEN/NOTIFY), keyed by run id or by queue.
 
-    Changes made by this process wake its workers directly (each transaction returns what it
-    changed), so only a listener calls :meth:`notify`. A subscriber with key None hears
-    everything.
+    Changes made by this process wake its workers directly (each transaction returns
+    what it changed), so only a listener calls :meth:`notify` and :meth:`notify_queue`.
+    A subscriber with key None hears every run. A queue subscriber (an agent) hears only
+    the queues it takes work from: a queue is a host name, None the standalone queue.
     """
 
     def __init__(self) -> None:
         self._waiters: dict[str | None, set[asyncio.Event]] = {}
+        self._queue_waiters: dict[str | None, set[asyncio.Event]] = {}
+        #: Called with the queues that gain their first subscriber, so that a store that
+        #: listens per queue starts listening there (Postgres: LISTEN on their channels).
+        self.on_new_queues: Callable[[Sequence[str | None]], None] | None = None
 
     @contextmanager
     def subscribe(self, key: str | None = None) -> Iterator[asyncio.Event]:
         event = asyncio.Event()
-        self._waiters.setdefault(key, set()).add(event)
-        try:
+        with self._registered(self._waiters, (key,), event):
             yield event
+
+    @contextmanager
+    def subscribe_queues(self, queues: Iterable[str | None]) -> Iterator[asyncio.Event]:
+        """An event set when another process makes work ready in one of ``queues``.
+
+        A store that must start listening for a new queue sets the event once it listens
+        (the work made meanwhile is found by the rescan that wake-up causes).
+        """
+        unique = tuple(dict.fromkeys(queues))
+        new = [queue for queue in unique if queue not in self._queue_waiters]
+        event = asyncio.Event()
+        with self._registered(self._queue_waiters, unique, event):
+            if new and self.on_new_queues is not None:
+                self.on_new_queues(new)
+            yield event
+
+    @contextmanager
+    def _registered(
+        self,
+        table: dict[str | None, set[asyncio.Event]],
+        keys: Sequence[str | None],
+        event: asyncio.Event,
+    ) -> Iterator[None]:
+        for key in keys:
+            table.setdefault(key, set()).add(event)
+        try:
+            yield
         finally:
-            waiters = self._waiters.get(key)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[key]
+            for key in keys:
+                waiters = table.get(key)
+                if waiters is not None:
+                    waiters.discard(event)
+                    if not waiters:
+                        del table[key]
+
+    @property
+    def queues(self) -> frozenset[str | None]:
+        """The queues someone is subscribed to."""
+        return frozenset(self._queue_waiters)
 
     def notify(self, key: str) -> None:
         """Wake the subscribers of ``key`` and those of every key."""
         for event in (*self._waiters.get(key, ()), *self._waiters.get(None, ())):
             event.set()
 
+    def notify_queue(self, queue: str | None) -> None:
+        """Wake the subscribers of ``queue``."""
+        for event in self._queue_waiters.get(queue, ()):
+            event.set()
+
     def notify_all(self) -> None:
         """Wake everyone (after a reconnect, when notifications may have been missed)."""
-        for waiters in self._waiters.values():
-            for event in waiters:
-                event.set()
+        for table in (self._waiters, self._queue_waiters):
+            for waiters in table.values():
+                for event in waiters:
+                    event.set()
 
 
 class Store(abc.ABC):

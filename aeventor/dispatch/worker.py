@@ -249,9 +249,15 @@ class Worker:
         """Work until ``stop`` is set (then drain) or, scoped to a run, until it ends."""
         if stop is not None:
             self._stop = stop
-        key = self.scope.run_id
+        notifier = self.store.notifier
+        # A run's worker hears its run; an agent's only the queues of its hosts.
+        wakeups = (
+            notifier.subscribe(self.scope.run_id)
+            if self.scope.hosts is None
+            else notifier.subscribe_queues(self.scope.hosts)
+        )
         try:
-            with self.store.notifier.subscribe(key) as remote:
+            with wakeups as remote:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
                     await self._beat()

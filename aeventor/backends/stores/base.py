@@ -385,49 +385,81 @@ class Database(Store):
         """
         if limit <= 0:
             return []
-        query = sa.select(
-            t.step_run.c.id,
-            t.step_run.c.run_id,
-            t.step_run.c.step,
-            t.step_run.c.sequence,
-            t.step_run.c.recovery,
-            t.step_run.c.attempt,
-        ).where(
+        step_run = t.step_run
+
+        def is_ready() -> sa.ColumnElement[bool]:
             # Inline, not a bound parameter: a prepared statement's generic plan could not
             # use the partial index on status = 'ready' (a full scan at a million rows).
-            t.step_run.c.status == sa.literal(StepStatus.ready.value, literal_execute=True)
+            return step_run.c.status == sa.literal(StepStatus.ready.value, literal_execute=True)
+
+        def candidates(*columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
+            query = sa.select(*columns).where(is_ready())
+            if run_id is not None:
+                query = query.where(step_run.c.run_id == run_id)
+            if hosts is not None:
+                query = query.where(step_run.c.queue.in_(list(hosts)))
+            return query.order_by(step_run.c.id).limit(limit).with_for_update(skip_locked=True)
+
+        now = t.utcnow()
+        take = {
+            "status": StepStatus.active.value,
+            "worker": worker,
+            "started": now,
+            "lease_until": now + lease,
+        }
+        columns = (
+            step_run.c.id,
+            step_run.c.run_id,
+            step_run.c.step,
+            step_run.c.sequence,
+            step_run.c.recovery,
+            step_run.c.attempt,
         )
-        if run_id is not None:
-            query = query.where(t.step_run.c.run_id == run_id)
-        if hosts is not None:
-            query = query.where(t.step_run.c.queue.in_(list(hosts)))
-        query = query.order_by(t.step_run.c.id).limit(limit)
-        query = query.with_for_update(skip_locked=True)
         async with self.transaction() as conn:
-            rows = (await conn.execute(query)).all()
-            if not rows:
-                return []
-            now = t.utcnow()
-            claimed: list[Claim] = []
-            for row in rows:
-                result = await conn.execute(
-                    t.step_run.update()
-                    .where(
-                        t.step_run.c.id == row.id,
-                        t.step_run.c.status == StepStatus.ready.value,
-                    )
-                    .values(
-                        status=StepStatus.active.value,
-                        worker=worker,
-                        started=now,
-                        lease_until=now + lease,
-                    )
+            if conn.dialect.update_returning:
+                # Postgres and sqlite: one statement. Postgres locks the candidates in the
+                # subquery (SKIP LOCKED passes over rows other claimers hold) and rechecks
+                # status = 'ready' on the row's latest version; sqlite has no FOR UPDATE,
+                # its write lock (BEGIN IMMEDIATE) serialises claimers.
+                picked = candidates(step_run.c.id)
+                # Postgres: "= ANY(ARRAY(subquery))", an InitPlan run once. With IN the
+                # planner may make a semi join that re-runs the locking subquery for every
+                # ready row of every run, and may then take more than ``limit`` rows.
+                chosen = (
+                    step_run.c.id == sa.any_(sa.func.array(picked.scalar_subquery()))
+                    if conn.dialect.name == "postgresql"
+                    else step_run.c.id.in_(picked)
                 )
-                if result.rowcount == 1:
-                    claimed.append(
-                        Claim(row.id, row.run_id, row.step, row.sequence, row.recovery, row.attempt)
+                taken = await conn.execute(
+                    step_run.update().where(chosen, is_ready()).values(take).returning(*columns)
+                )
+                rows = sorted(taken.all(), key=lambda row: row.id)
+            else:
+                # MariaDB/MySQL: no UPDATE ... RETURNING, and no LIMIT in an IN subquery.
+                # Lock the candidates, then take them all in one UPDATE.
+                rows = list((await conn.execute(candidates(*columns))).all())
+                if not rows:
+                    return []
+                ids = [row.id for row in rows]
+                result = await conn.execute(
+                    step_run.update().where(step_run.c.id.in_(ids), is_ready()).values(take)
+                )
+                if result.rowcount != len(ids):
+                    # Not expected (this transaction holds the rows' locks), but never hand
+                    # out a row that another claimer took: keep only those taken here.
+                    mine = set(
+                        (
+                            await conn.execute(
+                                sa.select(step_run.c.id).where(
+                                    step_run.c.id.in_(ids),
+                                    step_run.c.worker == worker,
+                                    step_run.c.started == now,
+                                )
+                            )
+                        ).scalars()
                     )
-        return claimed
+                    rows = [row for row in rows if row.id in mine]
+        return [Claim(r.id, r.run_id, r.step, r.sequence, r.recovery, r.attempt) for r in rows]
 
     @retry_on_disconnect
     async def heartbeat(

@@ -184,11 +184,44 @@ class PgListener:
         self._ever_connected = False
         self._reconnects = 0
         self._callback_error: Exception | None = None
+        #: The live connection, and channels added while it is live but not LISTENed yet.
+        self._link: _Link | None = None
+        self._pending: list[str] = []
 
     @property
     def connected(self) -> bool:
         """Whether a connection is open and ``LISTEN`` is active on every channel."""
         return self._connected
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels listened on (or about to be: see :meth:`add_channels`)."""
+        return self._channels
+
+    def add_channels(self, channels: Sequence[str]) -> None:
+        """Listen on ``channels`` too, from now on and after every reconnect.
+
+        Returns at once: a live connection issues ``LISTEN`` from :meth:`run`, then calls
+        ``on_connect`` (notifications sent before the ``LISTEN`` took effect are lost, so
+        the caller rescans, as after a reconnect). Channels already listened on are ignored.
+
+        Raises:
+            ConfigurationError: a channel name is empty, or ``channels`` is a string.
+        """
+        if isinstance(channels, str):
+            raise ConfigurationError(
+                f"channels: expected a sequence of channel names, got the string "
+                f"{channels!r}; pass [{channels!r}]"
+            )
+        if not all(channels):
+            raise ConfigurationError("channels: channel names must be non-empty")
+        new = [channel for channel in dict.fromkeys(channels) if channel not in self._channels]
+        if not new:
+            return
+        self._channels = (*self._channels, *new)
+        if self._link is not None:
+            self._pending.extend(new)
+            self._link.wake.set()
 
     @property
     def reconnects(self) -> int:
@@ -290,22 +323,28 @@ class PgListener:
                 conn = await self._connect(self._dsn)
         link = _Link(conn)
         lost = False
+        # Channels added from here on are LISTENed by _watch (see add_channels).
+        self._link, self._pending = link, []
         try:
             conn.add_termination_listener(lambda _conn: link.wake.set())
-            with _wrap_exceptions("LISTEN", self._redact):
-                async with asyncio.timeout(_CONNECT_TIMEOUT):
-                    for channel in self._channels:
-                        await conn.add_listener(channel, self._make_callback(link))
+            await self._listen(link, self._channels)
             yield link
         except ConnectionLost:
             lost = True
             raise
         finally:
             self._connected = False
+            self._link = None
             if lost:
                 conn.terminate()
             else:
                 await self._close(conn)
+
+    async def _listen(self, link: _Link, channels: Sequence[str]) -> None:
+        with _wrap_exceptions("LISTEN", self._redact):
+            async with asyncio.timeout(_CONNECT_TIMEOUT):
+                for channel in channels:
+                    await link.conn.add_listener(channel, self._make_callback(link))
 
     def _make_callback(self, link: _Link) -> Callable[[object, int, str, str], None]:
         def deliver(_conn: object, _pid: int, channel: str, payload: str) -> None:
@@ -323,7 +362,8 @@ class PgListener:
         return deliver
 
     async def _watch(self, link: _Link) -> None:
-        """Return never; raise when the connection is lost or a callback failed.
+        """Return never; raise when the connection is lost or a callback failed. Issue
+        ``LISTEN`` for the channels added meanwhile.
 
         Raises:
             ConnectionLost: the connection closed or failed its health check.
@@ -338,6 +378,14 @@ class PgListener:
                 continue
             if self._callback_error is not None:
                 raise self._callback_error
+            if self._pending and not link.conn.is_closed():
+                # Channels added while connected (a lost connection sets the event again).
+                link.wake.clear()
+                pending, self._pending = self._pending, []
+                await self._listen(link, pending)
+                if self._on_connect is not None:
+                    self._on_connect()
+                continue
             raise ConnectionLost("the connection was closed")
 
     async def _check_health(self, conn: Any) -> None:

@@ -4,14 +4,22 @@ State changes commit with a ``NOTIFY`` in the same transaction (delivered at com
 on rollback); one dedicated LISTEN connection per store object wakes this process's
 dispatchers within milliseconds. The payload is tiny: the run id and a sender token, so a
 process ignores its own notifications (it already knows what it changed).
+
+Channels: every change of a run is sent on :data:`CHANNEL` (dispatchers and followers of
+runs); work made ready for a host is also sent on that host's queue channel
+(:func:`queue_channel`), which only the agents taking that host's work listen on, so an
+agent wakes only for work it may take. The listener LISTENs on the queue channels of the
+queues subscribed to in this process (:meth:`~.base.Notifier.subscribe_queues`), adding
+them while connected and again after every reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,17 +37,32 @@ from .base import Database
 from .migrations import upgrade_to_head
 from .pg_listener import PgListener, asyncpg_dsn
 
-__all__ = ("CHANNEL", "PostgresDatabase", "backend_class")
+__all__ = ("CHANNEL", "PostgresDatabase", "backend_class", "queue_channel")
 
 log = get_logger("aeventor.store")
 
 CHANNEL = "aeventor"
+#: Prefix of the queue channels; see :func:`queue_channel`.
+QUEUE_CHANNEL_PREFIX = "aeventor_q_"
 #: Key of the advisory lock that serialises schema upgrades.
 MIGRATION_LOCK = 0x6165_7665  # "aeve"
 LISTENER_READY_TIMEOUT = 30.0
 #: ``application_name`` of the LISTEN connection, so that ``pg_stat_activity`` tells it
 #: apart from the pool's connections.
 LISTENER_APPLICATION_NAME = "aeventor listener"
+
+
+def queue_channel(queue: str | None) -> str:
+    """The channel that announces ready work for ``queue`` (a host name; None: standalone).
+
+    Host names may be up to 200 characters of anything, and a channel name is an identifier
+    of at most 63 bytes: hash the name. 64 bits of SHA-1 make a collision between two hosts
+    of one cluster improbable, and one would only cause spurious wake-ups.
+    """
+    if queue is None:
+        return f"{QUEUE_CHANNEL_PREFIX}standalone"  # not hex: no host hashes to it
+    digest = hashlib.sha1(queue.encode(), usedforsecurity=False).hexdigest()
+    return QUEUE_CHANNEL_PREFIX + digest[:16]
 
 
 class PostgresDatabase(Database):
@@ -50,6 +73,9 @@ class PostgresDatabase(Database):
         self._sender = uuid.uuid4().hex[:12]
         self._listener: PgListener | None = None
         self._listener_task: asyncio.Task[None] | None = None
+        #: The queue channels this process listens on, and the queues each stands for.
+        self._channel_queues: dict[str, set[str | None]] = {}
+        self.notifier.on_new_queues = self._listen_queues
 
     def _create_engine(self) -> AsyncEngine:
         return create_async_engine(self.url, pool_size=10, max_overflow=20)
@@ -68,7 +94,7 @@ class PostgresDatabase(Database):
         ready = asyncio.Event()
         self._listener = PgListener(
             dsn=asyncpg_dsn(self.url),
-            channels=[CHANNEL],
+            channels=[CHANNEL, *self._channel_queues],
             on_notify=self._on_notify,
             on_connect=self.notifier.notify_all,
             connect=functools.partial(
@@ -104,10 +130,23 @@ class PostgresDatabase(Database):
         self.poll_interval = 1.0
         self.notifier.notify_all()
 
-    def _on_notify(self, _channel: str, payload: str) -> None:
+    def _listen_queues(self, queues: Sequence[str | None]) -> None:
+        """Listen on the channels of ``queues`` (called when they gain a first subscriber)."""
+        for queue in queues:
+            self._channel_queues.setdefault(queue_channel(queue), set()).add(queue)
+        if self._listener is not None:
+            # LISTENs from the listener's task, then wakes every subscriber to rescan.
+            self._listener.add_channels([queue_channel(queue) for queue in queues])
+
+    def _on_notify(self, channel: str, payload: str) -> None:
         run_id, _, sender = payload.partition(" ")
-        if sender != self._sender:
+        if sender == self._sender:
+            return
+        if channel == CHANNEL:
             self.notifier.notify(run_id)
+            return
+        for queue in self._channel_queues.get(channel, ()):
+            self.notifier.notify_queue(queue)
 
     @property
     def listener(self) -> PgListener | None:
@@ -130,7 +169,13 @@ class PostgresDatabase(Database):
     async def _notify_work(
         self, conn: AsyncConnection, run_id: str, queues: Collection[str | None] = ()
     ) -> None:
-        await conn.execute(sa.select(sa.func.pg_notify(CHANNEL, f"{run_id} {self._sender}")))
+        """NOTIFY, at commit, the run's channel and the channel of each of ``queues``."""
+        payload = f"{run_id} {self._sender}"
+        channels = [CHANNEL, *dict.fromkeys(queue_channel(queue) for queue in queues)]
+        # One statement however many queues: pg_notify() per channel in one SELECT.
+        await conn.execute(
+            sa.select(*(sa.func.pg_notify(channel, payload) for channel in channels))
+        )
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         return pg_insert(table).on_conflict_do_nothing()
