@@ -150,11 +150,12 @@ async def test_cancel_kills_the_step_and_its_grandchild(
 
         # SIGKILL is delivered, not synchronous: the group is gone moments later.
         await wait_until(
-            lambda: not pid_alive(leader) and not pid_alive(grandchild),
-            what="the step and its grandchild to be gone",
+            lambda: not pid_alive(leader)
+            and not pid_alive(grandchild)
+            and session_members(leader) == [],
+            what="the step's whole session (grandchild and lifeline watcher too) to be gone",
             deadline=5,
         )
-        assert session_members(leader) == []
     finally:
         # Should the engine leave them behind, do not let them outlive the test.
         for pid in (leader, grandchild, *session_members(leader)):
