@@ -32,7 +32,7 @@ from .dispatch.executor import Executor
 from .dispatch.trust import Refused, SignedPrograms
 from .dispatch.worker import Scope, Worker, WorkerConfig
 from .logs import get_logger
-from .program.model import ProgramDef, StepDef
+from .program.model import StepDef
 
 __all__ = ("Agent", "AgentConfig", "Refused", "main", "run_agents")
 
@@ -98,9 +98,6 @@ class Agent:
         self.id = self.worker.id
         self.log = log.bind(agent=self.id, store=repr(db))
 
-    def _check_allowed(self, program: ProgramDef, step_name: str) -> None:
-        self.programs.check_step(program, step_name)
-
     def _route(self, step: StepDef) -> tuple[Executor, StepDef]:
         if step.executor == "inloop":
             # An agent has no loop of the defining process: async functions run in the step
@@ -137,7 +134,8 @@ async def run_agents(
     ready: asyncio.Event | None = None,
 ) -> None:
     """Serve every store until ``stop`` is set; one TaskGroup, one agent per store."""
-    dbs = [open_store(store, program="aeventor-agent") for store in stores]
+    # Resolving a named store reads the config file: off the loop.
+    dbs = [await asyncio.to_thread(open_store, store, program="aeventor-agent") for store in stores]
     readies = [asyncio.Event() for _ in dbs]
     async with asyncio.TaskGroup() as tg:
         for db, agent_ready in zip(dbs, readies, strict=True):

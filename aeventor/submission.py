@@ -14,8 +14,8 @@ import uuid
 from collections.abc import Sequence
 
 from . import signing as _signing
-from .backends.stores.base import Database
 from .dispatch import Graph
+from .dispatch.store import Store
 from .program.hosts import resolve_hosts  # re-exported: it used to live here
 from .program.model import ProgramDef, RunStatus
 from .records import RunResult
@@ -27,7 +27,7 @@ FOLLOW_POLL = 1.0
 
 
 async def submit(
-    db: Database,
+    db: Store,
     program: ProgramDef,
     triggers: Sequence[tuple[str, str]],
     *,
@@ -53,7 +53,7 @@ async def submit(
     return run_id
 
 
-async def follow(db: Database, run_id: str) -> RunResult:
+async def follow(db: Store, run_id: str) -> RunResult:
     """Wait until the run ends (whoever drives it) and return its result."""
     poll = min(db.poll_interval or FOLLOW_POLL, FOLLOW_POLL)
     with db.notifier.subscribe(run_id) as changed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import traceback
 
 __all__ = ("wait_any",)
 
@@ -19,3 +20,15 @@ async def wait_any(*events: asyncio.Event, poll: float | None) -> None:
         for waiter in waiters:
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def describe_exception(exc: BaseException) -> str:
+    """The exception with its traceback, as text (a step's recorded error).
+
+    Formatting reads the source files of every frame (linecache): done off the loop.
+    """
+    return await asyncio.to_thread(_describe, exc)
+
+
+def _describe(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()

@@ -75,16 +75,13 @@ def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
         # procfs reads by the test helpers that watch step processes: in memory, not disk.
         for func in ("io.TextIOWrapper.read", "io.BufferedReader.read", "os.listdir"):
             allow[func].can_block_in("tests/waiting.py", {"_stat", "session_members"})
-        # TODO(lead): Eventor.__init__ defaults log_dir to Path.cwd() (os.getcwd).
+        # Eventor(...) is built in coroutines; its default log_dir reads the working
+        # directory once (a getcwd system call, no disk access).
         allow["os.getcwd"].can_block_in("aeventor/_eventor.py", "__init__")
-        # TODO(lead): open_store() is sync and resolves a sqlite path (stat) when Eventor
-        # opens its store in the loop; call it through asyncio.to_thread there.
+        # Tests build stores with the sync open_store() inside their coroutines (it resolves
+        # a sqlite path); Eventor and the agent call it through asyncio.to_thread.
         for func in ("os.stat", "os.path.abspath"):
             allow[func].can_block_in("aeventor/backends/stores/__init__.py", "_sqlite_path")
-        # TODO(lead): the worker formats a failed step's traceback in the loop (linecache
-        # stats and reads the source files); format it in asyncio.to_thread.
-        for func in ("os.stat", "io.BufferedReader.read", "io.TextIOWrapper.read"):
-            allow[func].can_block_in("aeventor/dispatch/worker.py", "_execute")
         # One byte into a pipe only the worker writes and nobody else fills: never waits.
         allow["os.write"].can_block_in("aeventor/backends/executors/local.py", "_spawn")
         yield bb

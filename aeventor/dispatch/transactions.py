@@ -9,6 +9,7 @@ after a lost connection cannot apply twice (its writes are conditional).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import Iterable, Sequence
@@ -56,7 +57,9 @@ async def create_run(
     claims: list[Claim] = []
     queues: set[str | None] = set()
     for sequence, events in _group_by_sequence(triggers).items():
-        budget = None if take is None else _with_budget(take, take.budget - len(claims))
+        budget = (
+            None if take is None else dataclasses.replace(take, budget=take.budget - len(claims))
+        )
         more, taken, more_queues = await _fire(
             tx, graph, run_id, sequence, 0, events, stopped=False, take=budget, mode=mode
         )
@@ -285,7 +288,3 @@ def _group_by_sequence(triggers: Sequence[tuple[str, str]]) -> dict[str, list[st
     for event, sequence in triggers:
         grouped.setdefault(sequence, []).append(event)
     return grouped
-
-
-def _with_budget(take: Taker, budget: int) -> Taker:
-    return Taker(worker=take.worker, budget=budget, hosts=take.hosts, lease=take.lease)

@@ -29,7 +29,6 @@ import asyncio
 import logging
 import os
 import socket
-import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from ..context import StepContext, launch_env
 from ..exceptions import AeventorError, ExecutorError, NoResult
 from ..logs import get_logger
 from ..program.model import RunStatus, StepDef, StepStatus
-from ..utils import wait_any
+from ..utils import describe_exception, wait_any
 from ._state import Graph
 from .claims import Advance, Claim, Taker
 from .executor import ExecResult, Executor, StepLaunch
@@ -170,6 +169,8 @@ class Worker:
         self.status = RunStatus.running
         self._hosts = None if scope.hosts is None else frozenset[str | None](scope.hosts)
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        #: The claims of the tasks, by step run id.
+        self._claims: dict[int, Claim] = {}
         self._pending: list[Claim] = []
         self._cancelled: set[int] = set()
         self._run_logs: dict[str, RunLog] = {}
@@ -356,6 +357,7 @@ class Worker:
             # Claimed before the loop started (by the run's first transaction).
             self._pending.append(claim)
             return
+        self._claims[claim.id] = claim
         self._tasks[claim.id] = self._tg.create_task(
             self._execute(claim), name=f"aeventor step {claim.step}[{claim.sequence}]"
         )
@@ -400,8 +402,19 @@ class Worker:
             raise
         finally:
             self._tasks.pop(claim.id, None)
+            self._claims.pop(claim.id, None)
             self._cancelled.discard(claim.id)
             self._wake.set()
+            await asyncio.shield(self._forget_run_log(claim.run_id))
+
+    async def _forget_run_log(self, run_id: str) -> None:
+        """An agent serves runs for ever: keep a run's program log only while it has step
+        runs here (a run-scoped worker keeps its one log until it closes)."""
+        if run_id == self.scope.run_id or any(c.run_id == run_id for c in self._claims.values()):
+            return
+        run_log = self._run_logs.pop(run_id, None)
+        if run_log is not None:
+            await run_log.flush()
 
     async def _record_abandoned(self, graph: Graph, claim: Claim, bound: Any) -> None:
         if claim.id in self._cancelled:
@@ -470,7 +483,7 @@ class Worker:
         try:
             return await executor.run(launch)
         except ExecutorError as exc:
-            return ExecResult(ok=False, error="".join(traceback.format_exception(exc)))
+            return ExecResult(ok=False, error=await describe_exception(exc))
 
     # -- leases -----------------------------------------------------------------------------
 

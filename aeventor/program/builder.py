@@ -149,14 +149,7 @@ class ProgramBuilder:
         return definition
 
     def add_event(self, name: str, expr: Any = None) -> Event:
-        """Define an event; with ``expr``, a derived event.
-
-        A derived event fires for a sequence when its expression over other events holds
-        for that sequence: a tuple means AND, :func:`aeventor.or_` means OR, and they nest.
-
-        Raises:
-            ProgramDefinitionError: a duplicate or bad name, or a malformed expression.
-        """
+        """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_event` (see there)."""
         self._check_new_name(name, "event")
         normalized = None if expr is None else _expr.normalize(expr)
         self._changed()
@@ -171,15 +164,7 @@ class ProgramBuilder:
         env: Mapping[str, str] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> Group:
-        """Define a group of steps sharing properties.
-
-        Args:
-            host: the host of member steps that name none.
-            env: environment variables of member steps (a step's own ``env`` wins).
-            config: default step config of members (the keys :meth:`add_step` takes).
-
-        .. versionadded:: 0.1
-        """
+        """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_group` (see there)."""
         check_name(name, "group")
         if name in self.groups:
             raise ProgramDefinitionError(f"group {name!r} is already defined")
@@ -210,29 +195,7 @@ class ProgramBuilder:
         group: Group | str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> Step:
-        """Define a step.
-
-        Args:
-            func: what the step runs; None makes a no-op that succeeds. A plain function
-                runs in a subprocess that imports it by path (so it must be defined at
-                module level); an ``async def`` runs in the engine's loop by default.
-            args, kwargs: JSON-serialisable arguments.
-            triggers: ``{StepStatus.success: (event, ...), ...}`` for the statuses ready,
-                active, success, failure and complete (= success or failure).
-            host: the host the step is assigned to (recorded; used in distributed mode).
-            command: an argv to run instead of a function (exit code 0 is success).
-            executor: ``"process"``, ``"inloop"`` or ``"command"`` to override the default.
-            sequence_arg_name: pass the sequence to ``func`` as this keyword argument.
-            config: the original eventor's per-step config keys ``task_construct``
-                (``"process"`` or ``"invoke"``), ``executor`` and ``sequence_arg_name``.
-            group: a group (see :meth:`add_group`) whose host, env and config apply.
-            env: extra environment variables of the step.
-
-        Raises:
-            ProgramDefinitionError: a duplicate name, a bad trigger, a callable that cannot
-                be imported by path, or conflicting arguments.
-            SerializationError: an argument that JSON cannot carry.
-        """
+        """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_step` (see there)."""
         self._check_new_name(name, "step")
         group_name = None if group is None else name_of(group)
         group_def = None
@@ -354,12 +317,7 @@ class ProgramBuilder:
         return Step(name)
 
     def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:
-        """Make ``event`` fan out to steps and/or other events.
-
-        Raises:
-            ProgramDefinitionError: an unknown event or target, or a delay (durable delays
-                are not implemented yet).
-        """
+        """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_assoc` (see there)."""
         if delay:
             raise ProgramDefinitionError(
                 f"add_assoc({name_of(event)!r}, ..., delay={delay!r}): durable delays are "
@@ -378,11 +336,7 @@ class ProgramBuilder:
         self.assocs.setdefault(event_name, {}).update(dict.fromkeys(resolved))
 
     def trigger_event(self, event: Event | str, sequence: str | int = 0) -> None:
-        """Fire ``event`` for ``sequence`` when the next run starts (idempotent).
-
-        To fire an event into a live run, use :meth:`RunHandle.trigger_event` or
-        ``aeventor.current_step().trigger(...)`` from an in-loop step.
-        """
+        """The checks and bookkeeping behind :meth:`aeventor.Eventor.trigger_event` (see there)."""
         name = self._event_name(event, "trigger_event")
         check_name(str(sequence), "sequence")
         self.triggers.append((name, str(sequence)))

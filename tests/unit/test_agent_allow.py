@@ -40,7 +40,7 @@ def program() -> evr.ProgramDef:
     ],
 )
 def test_allow_patterns(allow: tuple[str, ...], step: str, allowed: bool) -> None:
-    check = agent(*allow)._check_allowed
+    check = agent(*allow).programs.check_step
     if allowed:
         check(program(), step)
     else:

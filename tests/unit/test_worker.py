@@ -24,6 +24,7 @@ from aeventor.dispatch.executor import ExecResult
 from aeventor.dispatch.trust import OwnProgram, Programs, SignedPrograms
 from aeventor.dispatch.worker import Scope, Worker, WorkerConfig
 from aeventor.program.model import RunStatus, StepStatus
+from aeventor.submission import submit
 from aeventor.testing import FakeClock, FakeExecutor, InMemoryStore
 
 #: Bounds every wait of a test.
@@ -441,6 +442,25 @@ async def test_concurrency_limits_a_fan_out(store: InMemoryStore, tmp_path: Path
 # -- trust ------------------------------------------------------------------------------------
 
 
+async def _on_agent(store: InMemoryStore, graph: Graph, tmp_path: Path, run_id: str) -> Any:
+    """Run ``run_id`` to its end on an agent-style worker of host ``h``; (result, executor)."""
+    fake = FakeExecutor(outcome=succeed)
+    worker = make_worker(
+        store,
+        graph,
+        fake,
+        tmp_path,
+        hosts=["h"],
+        programs=SignedPrograms(store, key=KEY, allow=["*"]),
+    )
+    stop = asyncio.Event()
+    async with running(worker, stop):
+        async with asyncio.timeout(DEADLINE):
+            result = await store.wait_for_run(run_id)
+        stop.set()
+    return result, fake
+
+
 @pytest.mark.parametrize("forged", ["program", "run"])
 async def test_a_program_or_run_that_fails_verification_is_refused(
     store: InMemoryStore, tmp_path: Path, forged: str
@@ -462,20 +482,7 @@ async def test_a_program_or_run_that_fails_verification_is_refused(
         mode="distributed",
         signature="0" * 64 if forged == "run" else run_signature,
     )
-    fake = FakeExecutor(outcome=succeed)
-    worker = make_worker(
-        store,
-        graph,
-        fake,
-        tmp_path,
-        hosts=["h"],
-        programs=SignedPrograms(store, key=KEY, allow=["*"]),
-    )
-    stop = asyncio.Event()
-    async with running(worker, stop):
-        async with asyncio.timeout(DEADLINE):
-            result = await store.wait_for_run("r1")
-        stop.set()
+    result, fake = await _on_agent(store, graph, tmp_path, "r1")
 
     assert fake.launches == []
     assert result.status is RunStatus.failure
@@ -487,33 +494,7 @@ async def test_a_program_or_run_that_fails_verification_is_refused(
 
 async def test_a_signed_run_runs_on_its_hosts_agent(store: InMemoryStore, tmp_path: Path) -> None:
     graph = fan_out(2, host="h")
-    program = graph.program
-    program_id = await store.register_program(
-        program, signature=signing.program_signature(KEY, program)
-    )
-    await store.create_run(
-        graph,
-        program_id=program_id,
-        triggers=[("start", "0")],
-        run_id="r2",
-        mode="distributed",
-        signature=signing.run_signature(
-            KEY, run_id="r2", program_id=program_id, version=program.version
-        ),
-    )
-    fake = FakeExecutor(outcome=succeed)
-    worker = make_worker(
-        store,
-        graph,
-        fake,
-        tmp_path,
-        hosts=["h"],
-        programs=SignedPrograms(store, key=KEY, allow=["*"]),
-    )
-    stop = asyncio.Event()
-    async with running(worker, stop):
-        async with asyncio.timeout(DEADLINE):
-            result = await store.wait_for_run("r2")
-        stop.set()
+    await submit(store, graph.program, [("start", "0")], key=KEY, run_id="r2")
+    result, fake = await _on_agent(store, graph, tmp_path, "r2")
     assert result.ok
     assert sorted(x.claim.step for x in fake.launches) == ["s0", "s1"]

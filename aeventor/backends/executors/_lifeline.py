@@ -225,6 +225,7 @@ def supervise(argv: list[str]) -> None:
 
 #: The ``-c`` program of ``python -I -S -c SUPERVISOR LIFELINE_FD ERR_FD ARGV...``.
 SUPERVISOR = (
-    f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+    # A module's __file__ is absolute (Python 3.9+): no lookup of the working directory.
+    f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
     "import _lifeline; _lifeline.supervise(sys.argv[1:])"
 )

@@ -22,7 +22,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 from ...context import bind_step
 from ...dispatch.executor import ExecResult, StepLaunch
 from ...exceptions import ExecutorError
+from ...utils import describe_exception
 from . import _lifeline
 
 __all__ = (
@@ -94,7 +94,7 @@ class LocalExecutor:
                 value = await func(*launch.step.args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - whatever a step raises is its failure
             # Formatting reads the source files (linecache): off the loop.
-            error = await asyncio.to_thread(_format_exception, exc)
+            error = await describe_exception(exc)
             return ExecResult(ok=False, error=error)
         try:
             json.dumps(value, allow_nan=False)
@@ -343,7 +343,3 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
     # Grandchildren may outlive the leader; the group id is still theirs.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _format_exception(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)).rstrip()
