@@ -701,8 +701,7 @@ class RunHandle:
             )
         graph = state.graph
         if graph is None:
-            program, _ = await db.run_provenance(self.run_id)
-            graph = state.graph = Graph(program)
+            graph = state.graph = Graph(await db.run_program(self.run_id))
         if name not in graph.program.events:
             raise ProgramDefinitionError(f"trigger_event: undefined event {name!r}")
         worker = state.worker

@@ -373,21 +373,6 @@ class InMemoryStore(Store):
         run = self._run(run_id)
         return RunOrigin(run.id, run.program_id, run.mode, run.signature)
 
-    async def run_provenance(self, run_id: str) -> tuple[ProgramDef, dict[str, Any]]:
-        """A run's program definition and what proves where it came from (as the SQL
-        stores return it)."""
-        run = self._run(run_id)
-        p = self._program(run.program_id)
-        return ProgramDef.from_json(json.loads(p.definition)), {
-            "program_id": run.program_id,
-            "mode": run.mode,
-            "run_signature": run.signature,
-            "name": p.name,
-            "version": p.version,
-            "definition": p.definition,
-            "program_signature": p.signature,
-        }
-
     async def run_status(self, run_id: str) -> RunStatus:
         return self._run(run_id).status
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -272,6 +273,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def register_program(self, program: ProgramDef, *, signature: str | None = None) -> int:
         """Store a program definition (once per version) and return its id."""
+
+    async def run_program(self, run_id: str) -> ProgramDef:
+        """The program definition a run was created with (NoResult if there is no run)."""
+        origin = await self.run_origin(run_id)
+        stored = await self.stored_program(origin.program_id)
+        return ProgramDef.from_json(json.loads(stored.definition))
 
     # -- transactions (written once, in dispatch.transactions) --------------------------
 

@@ -150,9 +150,11 @@ async def test_cancel_kills_the_step_and_its_grandchild(
 
         # SIGKILL is delivered, not synchronous: the group is gone moments later.
         await wait_until(
-            lambda: not pid_alive(leader)
-            and not pid_alive(grandchild)
-            and session_members(leader) == [],
+            lambda: (
+                not pid_alive(leader)
+                and not pid_alive(grandchild)
+                and session_members(leader) == []
+            ),
             what="the step's whole session (grandchild and lifeline watcher too) to be gone",
             deadline=5,
         )

@@ -535,33 +535,6 @@ class Database(Store):
             )
             return [Claim(r.id, r.run_id, r.step, r.sequence, r.recovery, r.attempt) for r in rows]
 
-    @retry_on_disconnect
-    async def run_provenance(self, run_id: str) -> tuple[ProgramDef, dict[str, Any]]:
-        """A run's program definition and what proves where it came from.
-
-        Returns the definition and a dict with the program id, name, version, stored
-        definition text, the program's and the run's signatures, and the run's mode.
-        """
-        async with self.reading() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(
-                        t.run.c.program_id,
-                        t.run.c.mode,
-                        t.run.c.signature.label("run_signature"),
-                        t.program.c.name,
-                        t.program.c.version,
-                        t.program.c.definition,
-                        t.program.c.signature.label("program_signature"),
-                    )
-                    .select_from(t.run.join(t.program, t.run.c.program_id == t.program.c.id))
-                    .where(t.run.c.id == run_id)
-                )
-            ).one_or_none()
-        if row is None:
-            raise NoResult(f"no run {run_id!r} in {self!r}")
-        return ProgramDef.from_json(json.loads(row.definition)), dict(row._mapping)
-
     # -- reading ------------------------------------------------------------------------
 
     @retry_on_disconnect
