@@ -272,7 +272,9 @@ class Worker:
                     if ready is not None:
                         ready.set()
                     await self._claim_loop(remote)
-                    await self._drain()
+                    if self._stop.is_set():
+                        await self._drain()
+                    # Else the run ended: its last step's task is only tidying up.
                     for task in side:
                         task.cancel()
         finally:
