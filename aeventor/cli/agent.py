@@ -19,8 +19,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from ..exceptions import ConfigurationError
 from ..logs import get_logger, stderr_handler
 
@@ -144,17 +142,6 @@ def _configure_logging(json_lines: bool) -> None:
     # where they go: stderr, as console lines or JSON lines.
     handler = stderr_handler(json_lines=json_lines, colors=sys.stderr.isatty())
     logging.basicConfig(handlers=[handler], level=logging.INFO, force=True)
-    # Other libraries' structlog loggers (stamina's retry messages) go the same way.
-    structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            structlog.contextvars.merge_contextvars,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
 
 
 def _agent_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -200,19 +200,7 @@ async def test_step_made_ready_by_another_process_runs(
         await prog.check_result(handle)
 
 
-@pytest.mark.parametrize(
-    "when",
-    [
-        "immediately",
-        pytest.param(
-            "while-disconnected",
-            marks=pytest.mark.skip(
-                reason="the listener's back-off moved to stamina: this test needs a new seam "
-                "to hold the listener disconnected (was listener._sleep)"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("when", ["immediately", "while-disconnected"])
 async def test_step_runs_after_listener_connection_is_terminated(
     url: str,
     other: PostgresDatabase,

@@ -315,7 +315,7 @@ async def test_closed_port_is_unreachable_quickly(
     executor = SshExecutor(targets={"dead": target})
     started = time.monotonic()
     try:
-        # Real back-off delays (stamina not in testing mode): they are part of "quickly".
+        # Real back-off delays (the default sleep): they are part of "quickly".
         with pytest.raises(HostUnreachable, match=rf"host 'dead' \(root@127\.0\.0\.5:{port}\)"):
             await executor.check("dead")
     finally:

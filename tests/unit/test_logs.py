@@ -74,6 +74,49 @@ def test_importing_aeventor_configures_nothing() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+_RETRY_ONCE = """
+import asyncio
+from aeventor.backends.stores.base import retry_on_disconnect
+from aeventor.exceptions import ConnectionLost
+
+class Store:
+    reconnect_deadline = 60.0
+    calls = 0
+
+    def clock(self):
+        return 0.0
+
+    async def sleep(self, delay):
+        pass
+
+    @retry_on_disconnect
+    async def work(self):
+        self.calls += 1
+        if self.calls == 1:
+            raise ConnectionLost("server closed the connection")
+        return "done"
+
+assert asyncio.run(Store().work()) == "done"
+"""
+
+
+def test_a_retry_in_an_unconfigured_program_prints_nothing_to_stdout() -> None:
+    """A program that configures neither logging nor structlog, with structlog installed.
+
+    The retry's warning reaches only Python's last-resort handler (stderr); stdout, which
+    belongs to the program, stays empty.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", _RETRY_ONCE],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout == ""
+    assert "store unreachable; retrying" in result.stderr
+
+
 @pytest.mark.parametrize("json_lines", [True, False])
 def test_stderr_handler_renders_event_and_fields(json_lines: bool) -> None:
     handler = stderr_handler(json_lines=json_lines)

@@ -1,8 +1,9 @@
-"""Retries through stamina: store operations, the Postgres listener, SSH connects, sqlite WAL.
+"""Retries through tenacity (:func:`aeventor.utils.backoff`): store operations, the Postgres
+listener, SSH connects, sqlite WAL.
 
-No test waits for a real back-off: ``stamina.set_testing`` takes the delays away (and sets
-the attempts), and deadlines are measured on injected clocks. No sockets: connections are
-fakes.
+No test waits for a real back-off: every retrier takes an injected ``sleep`` (here one that
+records the delays and returns), and deadlines are measured on injected clocks. No sockets:
+connections are fakes.
 """
 
 from __future__ import annotations
@@ -10,36 +11,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import asyncssh
 import pytest
-import stamina
-from stamina.instrumentation import LoggingOnRetryHook, set_on_retry_hooks
+import structlog
 
 from aeventor.backends.executors import ssh
-from aeventor.backends.stores import open_store
+from aeventor.backends.stores import base, open_store
 from aeventor.backends.stores.base import retry_on_disconnect
 from aeventor.backends.stores.pg_listener import PgListener
 from aeventor.exceptions import ConnectionLost, DatabaseError, HostUnreachable
+from aeventor.logs import get_logger
+from aeventor.utils import backoff
 
 ATTEMPTS = 1000
 
 
-@pytest.fixture(autouse=True)
-def _stamina_through_logging() -> Iterator[None]:
-    """What an application that configures only :mod:`logging` does with stamina.
+class Sleeps:
+    """An injectable ``sleep`` that records the delays and returns at once."""
 
-    stamina reports each scheduled retry itself, through structlog when it is installed;
-    unconfigured structlog prints to stdout. aeventor leaves that global choice to the
-    program (the agent routes structlog to logging), so these tests make it too.
-    """
-    set_on_retry_hooks([LoggingOnRetryHook])
-    yield
-    set_on_retry_hooks(None)
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+def _full_jitter(delays: list[float], *, initial: float, maximum: float) -> bool:
+    """Whether each delay lies in its full-jitter window, ``[0, min(maximum, initial * 2**n)]``."""
+    return all(0 <= d <= min(maximum, initial * 2**n) for n, d in enumerate(delays))
 
 
 class FakeClock:
@@ -55,6 +59,7 @@ class FakeStore:
 
     def __init__(self, operation: Callable[[FakeStore], Any], *, deadline: float) -> None:
         self.clock = FakeClock()
+        self.sleep = Sleeps()
         self.reconnect_deadline = deadline
         self.operation = operation
         self.calls = 0
@@ -69,6 +74,36 @@ def _store_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]
     return [r for r in caplog.records if r.name == "aeventor.store"]
 
 
+# -- the shared policy ------------------------------------------------------------------
+
+
+async def test_backoff_delays_are_full_jitter_capped() -> None:
+    sleeps = Sleeps()
+    failures = 0
+
+    async def flaky() -> str:
+        nonlocal failures
+        failures += 1
+        if failures <= 12:
+            raise ConnectionLost("down")
+        return "up"
+
+    retrying = backoff(
+        initial=0.5,
+        maximum=4.0,
+        stop=lambda _state: False,
+        retry_on=lambda exc: isinstance(exc, ConnectionLost),
+        sleep=sleeps,
+        log=get_logger("aeventor.test"),
+        event="test.retry",
+    )
+    async for attempt in retrying:
+        with attempt:
+            assert await flaky() == "up"
+    assert len(sleeps.delays) == 12
+    assert _full_jitter(sleeps.delays, initial=0.5, maximum=4.0)
+
+
 # -- store operations ---------------------------------------------------------------------
 
 
@@ -81,19 +116,46 @@ async def test_store_operation_retries_then_succeeds_printing_nothing(
         return "done"
 
     store = FakeStore(flaky, deadline=120.0)
-    with stamina.set_testing(True, attempts=ATTEMPTS):
-        assert await store.work() == "done"  # type: ignore[call-arg]
+    assert await store.work() == "done"  # type: ignore[call-arg]
 
     assert store.calls == 3
+    assert len(store.sleep.delays) == 2
+    assert _full_jitter(
+        store.sleep.delays, initial=base.RECONNECT_INITIAL_DELAY, maximum=base.RECONNECT_MAX_DELAY
+    )
     warnings = _store_warnings(caplog)
     assert [(r.levelno, r.event, r.fields) for r in warnings] == [  # type: ignore[attr-defined]
         (
             logging.WARNING,
             "store unreachable; retrying",
-            {"operation": "work", "attempt": n, "error": f"lost #{n}"},
+            {"operation": "work", "attempt": n, "delay": round(delay, 3), "error": f"lost #{n}"},
         )
-        for n in (1, 2)
+        for n, delay in zip((1, 2), store.sleep.delays, strict=True)
     ]
+    assert capsys.readouterr().out == ""
+
+
+async def test_unconfigured_store_retry_prints_nothing_to_stdout(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's promise: the library prints nothing, whatever (nothing) is configured.
+
+    No :mod:`logging` configuration and structlog at its defaults (the autouse fixture resets
+    it), where structlog's default logger would print to stdout: the warning still goes to
+    the standard library logger ``aeventor.store`` only.
+    """
+    assert not structlog.is_configured()
+    assert logging.getLogger("aeventor").handlers == []
+
+    async def flaky(store: FakeStore) -> str:
+        if store.calls == 1:
+            raise ConnectionLost("server closed the connection")
+        return "done"
+
+    store = FakeStore(flaky, deadline=120.0)
+    assert await store.work() == "done"  # type: ignore[call-arg]
+
+    assert [(r.name, r.levelno) for r in caplog.records] == [("aeventor.store", logging.WARNING)]
     assert capsys.readouterr().out == ""
 
 
@@ -105,12 +167,13 @@ async def test_store_operation_gives_up_after_the_deadline(
         raise ConnectionLost(f"still down at {store.clock.now}")
 
     store = FakeStore(down, deadline=5.0)
-    with stamina.set_testing(True, attempts=ATTEMPTS), pytest.raises(ConnectionLost) as info:
+    with pytest.raises(ConnectionLost) as info:
         await store.work()  # type: ignore[call-arg]
 
     assert store.calls == 5
     assert str(info.value) == "still down at 5.0"
     assert len(_store_warnings(caplog)) == 4
+    assert len(store.sleep.delays) == 4
 
 
 async def test_store_operation_without_deadline_tries_once() -> None:
@@ -121,6 +184,7 @@ async def test_store_operation_without_deadline_tries_once() -> None:
     with pytest.raises(ConnectionLost):
         await store.work()  # type: ignore[call-arg]
     assert store.calls == 1
+    assert store.sleep.delays == []
 
 
 async def test_other_errors_are_not_retried() -> None:
@@ -128,9 +192,10 @@ async def test_other_errors_are_not_retried() -> None:
         raise DatabaseError("syntax error")
 
     store = FakeStore(broken, deadline=120.0)
-    with stamina.set_testing(True, attempts=ATTEMPTS), pytest.raises(DatabaseError):
+    with pytest.raises(DatabaseError):
         await store.work()  # type: ignore[call-arg]
     assert store.calls == 1
+    assert store.sleep.delays == []
 
 
 async def test_a_cancelled_caller_lets_the_attempt_finish_and_is_not_retried() -> None:
@@ -144,16 +209,36 @@ async def test_a_cancelled_caller_lets_the_attempt_finish_and_is_not_retried() -
         raise ConnectionLost("lost while cancelled")
 
     store = FakeStore(slow, deadline=120.0)
-    with stamina.set_testing(True, attempts=ATTEMPTS):
-        task = asyncio.create_task(store.work())  # type: ignore[call-arg]
-        await started.wait()
-        task.cancel()
-        await asyncio.sleep(0)
-        assert not task.done()  # still waiting for its attempt
-        release.set()
-        await asyncio.wait([task])
+    task = asyncio.create_task(store.work())  # type: ignore[call-arg]
+    await started.wait()
+    task.cancel()
+    await asyncio.sleep(0)
+    assert not task.done()  # still waiting for its attempt
+    release.set()
+    await asyncio.wait([task])
     assert task.cancelled()
     assert finished == ["attempt"]
+    assert store.calls == 1
+    assert store.sleep.delays == []
+
+
+async def test_a_caller_cancelled_during_the_delay_is_not_retried() -> None:
+    sleeping = asyncio.Event()
+
+    async def held(_delay: float) -> None:
+        sleeping.set()
+        await asyncio.Event().wait()
+
+    async def down(store: FakeStore) -> None:
+        raise ConnectionLost("down")
+
+    store = FakeStore(down, deadline=120.0)
+    store.sleep = held  # type: ignore[assignment]
+    task = asyncio.create_task(store.work())  # type: ignore[call-arg]
+    await sleeping.wait()
+    task.cancel()
+    await asyncio.wait([task])
+    assert task.cancelled()
     assert store.calls == 1
 
 
@@ -223,7 +308,7 @@ def _listener(server: FlakyServer, **kwargs: Any) -> PgListener:
         channels=["jobs"],
         on_notify=lambda channel, payload: None,
         connect=server.connect,
-        **kwargs,
+        **{"sleep": Sleeps(), **kwargs},
     )
 
 
@@ -240,20 +325,27 @@ async def test_listener_backoff_grows_then_starts_over_after_a_connect(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="aeventor.pg_listener")
     server = FlakyServer(refusals=3)
-    listener = _listener(server)
-    with stamina.set_testing(True, attempts=ATTEMPTS):
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(listener.run())
-            first = await server.wait_connections(1)
-            first.drop()
-            await server.wait_connections(2)
-            assert listener.reconnects == 1
-            task.cancel()
+    sleeps = Sleeps()
+    listener = _listener(server, backoff_initial=0.5, backoff_max=1.0, sleep=sleeps)
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(listener.run())
+        first = await server.wait_connections(1)
+        first.drop()
+        await server.wait_connections(2)
+        assert listener.reconnects == 1
+        task.cancel()
 
     events = _listener_events(caplog)
-    backoffs = [fields["attempt"] for _, event, fields in events if event == "pg_listener.backoff"]
+    backoffs = [
+        (fields["attempt"], fields["delay"])
+        for _, event, fields in events
+        if event == "pg_listener.backoff"
+    ]
     # Three refusals (attempts 1-3), then the loss: a fresh back-off from attempt 1.
-    assert backoffs == [1, 2, 3, 1]
+    assert [attempt for attempt, _ in backoffs] == [1, 2, 3, 1]
+    assert [delay for _, delay in backoffs] == [round(d, 3) for d in sleeps.delays]
+    assert _full_jitter(sleeps.delays[:3], initial=0.5, maximum=1.0)
+    assert sleeps.delays[3] <= 0.5
     warnings = [(event, fields.get("attempt")) for level, event, fields in events if level >= 30]
     assert warnings == [
         ("pg_listener.connect_failed", 1),
@@ -261,19 +353,23 @@ async def test_listener_backoff_grows_then_starts_over_after_a_connect(
         ("pg_listener.connect_failed", 3),
         ("pg_listener.connection_lost", None),
     ]
-    # The password stays out of every record, stamina's included.
+    # The password stays out of every record.
     assert "hunter2" not in caplog.text
     assert capsys.readouterr().out == ""
 
 
 async def test_listener_cancelled_during_backoff_reraises() -> None:
     server = FlakyServer(refusals=ATTEMPTS)
-    # A real (not testing-mode) back-off of 60 s: the listener is asleep when cancelled.
-    listener = _listener(server, backoff_initial=60.0, backoff_max=60.0, backoff_jitter=0)
+    sleeping = asyncio.Event()
+
+    async def held(_delay: float) -> None:
+        sleeping.set()
+        await asyncio.Event().wait()
+
+    listener = _listener(server, sleep=held)
     task = asyncio.create_task(listener.run())
     async with asyncio.timeout(10):
-        await server.called.wait()
-    await asyncio.sleep(0)  # the refusal is logged and the back-off's sleep begins
+        await sleeping.wait()
     task.cancel()
     await asyncio.wait([task])
     assert task.cancelled()
@@ -283,8 +379,10 @@ async def test_listener_cancelled_during_backoff_reraises() -> None:
 # -- SSH connects --------------------------------------------------------------------------
 
 
-def _executor() -> tuple[ssh.SshExecutor, Any]:
-    executor = ssh.SshExecutor(targets={"dead": ssh.SshTarget(host="127.0.0.5", port=2222)})
+def _executor(sleeps: Sleeps) -> tuple[ssh.SshExecutor, Any]:
+    executor = ssh.SshExecutor(
+        targets={"dead": ssh.SshTarget(host="127.0.0.5", port=2222)}, sleep=sleeps
+    )
     return executor, executor._host("dead")
 
 
@@ -299,17 +397,18 @@ async def test_ssh_connect_retries_transient_errors_then_is_unreachable(
         raise ConnectionRefusedError(111, "Connection refused")
 
     monkeypatch.setattr(asyncssh, "connect", refuse)
-    executor, host = _executor()
-    with (
-        stamina.set_testing(True, attempts=ssh.CONNECT_ATTEMPTS),
-        pytest.raises(HostUnreachable, match=r"host 'dead' \(127\.0\.0\.5:2222\)"),
-    ):
+    sleeps = Sleeps()
+    executor, host = _executor(sleeps)
+    with pytest.raises(HostUnreachable, match=r"host 'dead' \(127\.0\.0\.5:2222\)"):
         await executor._connect(host)
     assert calls == ssh.CONNECT_ATTEMPTS
+    assert len(sleeps.delays) == ssh.CONNECT_ATTEMPTS - 1
+    assert _full_jitter(sleeps.delays, initial=ssh.BACKOFF_BASE, maximum=ssh.BACKOFF_CAP)
     retried = [r for r in caplog.records if r.name == "aeventor.ssh"]
     assert [r.fields["attempt"] for r in retried] == list(  # type: ignore[attr-defined]
         range(1, ssh.CONNECT_ATTEMPTS)
     )
+    assert all(r.fields["host"] == "dead" for r in retried)  # type: ignore[attr-defined]
 
 
 async def test_ssh_connect_does_not_retry_a_refused_login(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -321,13 +420,12 @@ async def test_ssh_connect_does_not_retry_a_refused_login(monkeypatch: pytest.Mo
         raise asyncssh.PermissionDenied("no")
 
     monkeypatch.setattr(asyncssh, "connect", deny)
-    executor, host = _executor()
-    with (
-        stamina.set_testing(True, attempts=ssh.CONNECT_ATTEMPTS),
-        pytest.raises(HostUnreachable),
-    ):
+    sleeps = Sleeps()
+    executor, host = _executor(sleeps)
+    with pytest.raises(HostUnreachable):
         await executor._connect(host)
     assert calls == 1
+    assert sleeps.delays == []
 
 
 # -- sqlite: switching to WAL --------------------------------------------------------------
@@ -357,11 +455,13 @@ async def test_wal_switch_retries_while_locked(
 ) -> None:
     seen = _locked_pragma(monkeypatch, failures=3)
     db = open_store(f"sqlite+aiosqlite:///{tmp_path}/s.db", program="p")
-    with stamina.set_testing(True, attempts=ATTEMPTS):
-        async with db, db.reading() as conn:
-            mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar()
+    db.sleep = sleeps = Sleeps()
+    async with db, db.reading() as conn:
+        mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar()
     assert len(seen) == 3
     assert mode == "wal"
+    assert len(sleeps.delays) == 3
+    assert _full_jitter(sleeps.delays, initial=0.01, maximum=0.2)
 
 
 async def test_wal_switch_gives_up_after_the_busy_timeout(
@@ -369,6 +469,7 @@ async def test_wal_switch_gives_up_after_the_busy_timeout(
 ) -> None:
     _locked_pragma(monkeypatch, failures=ATTEMPTS)
     db = open_store(f"sqlite+aiosqlite:///{tmp_path}/s.db", program="p")
+    db.sleep = Sleeps()
     clock = FakeClock()
 
     def ticking() -> float:
@@ -376,8 +477,5 @@ async def test_wal_switch_gives_up_after_the_busy_timeout(
         return clock.now
 
     db.clock = ticking
-    with (
-        stamina.set_testing(True, attempts=ATTEMPTS),
-        pytest.raises(DatabaseError, match="cannot switch to WAL: database is locked"),
-    ):
+    with pytest.raises(DatabaseError, match="cannot switch to WAL: database is locked"):
         await db.open()

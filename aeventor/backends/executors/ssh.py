@@ -64,10 +64,11 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import asyncssh
-import stamina
+import tenacity
 
 from ...exceptions import ConfigurationError, ExecutorError, HostUnreachable
 from ...logs import get_logger
+from ...utils import backoff
 from . import _lifeline
 from .local import (
     TERMINATE_GRACE,
@@ -85,10 +86,9 @@ log = get_logger("aeventor.ssh")
 
 #: Connection attempts per host before :class:`HostUnreachable` (transient errors only).
 CONNECT_ATTEMPTS = 3
-#: Back-off between connection attempts (:func:`stamina.retry_context`):
-#: ``BACKOFF_BASE * 2**(retry - 1)`` plus up to ``BACKOFF_JITTER``, capped at ``BACKOFF_CAP``.
+#: Back-off between connection attempts (:func:`aeventor.utils.backoff`): full jitter
+#: below ``BACKOFF_BASE * 2**(retry - 1)``, capped at ``BACKOFF_CAP``.
 BACKOFF_BASE = 0.1
-BACKOFF_JITTER = 0.1
 BACKOFF_CAP = 2.0
 #: Seconds a step's script may take to announce its pid once its channel is open.
 PID_DEADLINE = 10.0
@@ -193,6 +193,8 @@ class SshExecutor:
 
     Args:
         targets: host name -> how to reach it.
+        sleep: awaited for the delays between connection attempts (inject a no-op in
+            tests).
         sys_path: import path handed to function steps (default: this process's; the hosts
             are expected to share the software, at the same paths).
 
@@ -206,9 +208,11 @@ class SshExecutor:
         self,
         *,
         targets: Mapping[str, SshTarget],
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         sys_path: Sequence[str] | None = None,
     ) -> None:
         self._hosts = {name: _Host(name, target) for name, target in targets.items()}
+        self._sleep = sleep
         self.sys_path = list(sys.path if sys_path is None else sys_path)
         self.connections_opened = 0
 
@@ -323,36 +327,25 @@ class SshExecutor:
         if t.known_hosts is not None:
             # Left out, asyncssh reads ~/.ssh/known_hosts. Never None: that disables checking.
             options["known_hosts"] = t.known_hosts
-        failures = 0
-
-        def retry(exc: Exception) -> bool:
-            nonlocal failures
-            if not _transient(exc):
-                return False
-            failures += 1
-            if failures < CONNECT_ATTEMPTS:  # stamina re-raises after the last attempt
-                log.warning(
-                    "SSH connection failed; retrying",
-                    host=host.name,
-                    attempt=failures,
-                    error=str(exc),
-                )
-            return True
-
+        retrying = backoff(
+            initial=BACKOFF_BASE,
+            maximum=BACKOFF_CAP,
+            # Each attempt is bounded by connect_timeout. A refused login or an unknown host
+            # key is not retried.
+            stop=tenacity.stop_after_attempt(CONNECT_ATTEMPTS),
+            retry_on=_transient,
+            sleep=self._sleep,
+            log=log,
+            event="SSH connection failed; retrying",
+            host=host.name,
+        )
         try:
-            async for attempt in stamina.retry_context(
-                on=retry,
-                attempts=CONNECT_ATTEMPTS,
-                timeout=None,  # each attempt is bounded by connect_timeout
-                wait_initial=BACKOFF_BASE,
-                wait_max=BACKOFF_CAP,
-                wait_jitter=BACKOFF_JITTER,
-            ):
+            async for attempt in retrying:
                 with attempt:
                     return await asyncssh.connect(t.host, **options)
         except (asyncssh.Error, OSError, ValueError) as exc:
             raise _translate(host, exc, "connecting") from exc
-        raise AssertionError("unreachable: stamina re-raises the last error")
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _open(
         self,

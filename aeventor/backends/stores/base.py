@@ -33,7 +33,6 @@ from datetime import datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import sqlalchemy as sa
-import stamina
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -53,6 +52,7 @@ from ...exceptions import ConnectionLost, DatabaseError, NoResult, UniqueViolati
 from ...logs import get_logger
 from ...program.model import ProgramDef, RunStatus, StepStatus
 from ...records import RunResult, StepRun
+from ...utils import backoff, stop_at_deadline
 from . import schema as t
 
 __all__ = ("Database", "SqlTx", "retry_on_disconnect")
@@ -70,39 +70,26 @@ def retry_on_disconnect(
 
     Every operation is one transaction whose writes are conditional (a step run is completed
     only while active, a trigger inserted only once), so running it again after a lost
-    connection cannot apply it twice. :func:`stamina.retry_context` spaces the attempts:
-    exponential delays from ``RECONNECT_INITIAL_DELAY``, plus a random jitter of up to
-    ``RECONNECT_JITTER``, capped at ``RECONNECT_MAX_DELAY``. The deadline is measured on the
-    store's ``clock``, so tests can move time; ``stamina.set_testing(True, attempts=...)``
-    turns the delays off (and bounds the attempts).
+    connection cannot apply it twice. :func:`aeventor.utils.backoff` spaces the attempts
+    (full jitter from ``RECONNECT_INITIAL_DELAY``, capped at ``RECONNECT_MAX_DELAY``) with
+    the store's ``sleep``, and logs a warning before each delay. The deadline is measured on
+    the store's ``clock``, so tests can move time; past it the last :class:`ConnectionLost`
+    is re-raised.
     """
 
     @functools.wraps(method)
     async def wrapper(self: Database, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        deadline = self.clock() + self.reconnect_deadline
-        failures = 0
-
-        def retry(exc: Exception) -> bool:
-            nonlocal failures
-            if not isinstance(exc, ConnectionLost) or self.clock() >= deadline:
-                return False
-            failures += 1
-            log.warning(
-                "store unreachable; retrying",
-                operation=method.__name__,
-                attempt=failures,
-                error=str(exc),
-            )
-            return True
-
-        async for attempt in stamina.retry_context(
-            on=retry,
-            attempts=None,
-            timeout=None,  # the deadline above, on the injectable clock
-            wait_initial=RECONNECT_INITIAL_DELAY,
-            wait_max=RECONNECT_MAX_DELAY,
-            wait_jitter=RECONNECT_JITTER,
-        ):
+        retrying = backoff(
+            initial=RECONNECT_INITIAL_DELAY,
+            maximum=RECONNECT_MAX_DELAY,
+            stop=stop_at_deadline(self.clock, self.clock() + self.reconnect_deadline),
+            retry_on=lambda exc: isinstance(exc, ConnectionLost),
+            sleep=self.sleep,
+            log=log,
+            event="store unreachable; retrying",
+            operation=method.__name__,
+        )
+        async for attempt in retrying:
             with attempt:
                 # Run each attempt to its end even when the caller is cancelled: a transaction
                 # cut off mid-statement would leave its connection (and sqlite's write lock)
@@ -112,14 +99,21 @@ def retry_on_disconnect(
                     return await asyncio.shield(operation)
                 except asyncio.CancelledError:
                     await asyncio.wait([operation])
+                    if not operation.cancelled() and operation.exception() is not None:
+                        # The caller is gone; its cancellation wins. The attempt's own error
+                        # is retrieved here (asyncio would report it as never retrieved).
+                        log.debug(
+                            "store operation failed after its caller was cancelled",
+                            operation=method.__name__,
+                            error=str(operation.exception()),
+                        )
                     raise
-        raise AssertionError("unreachable: stamina re-raises the last error")
+        raise AssertionError("unreachable: tenacity re-raises the last error")
 
     return wrapper
 
 
 RECONNECT_INITIAL_DELAY = 0.05
-RECONNECT_JITTER = 0.25
 RECONNECT_MAX_DELAY = 2.0
 
 # Hot-path statements, built once: SQLAlchemy then only binds values (its compiled cache
@@ -185,8 +179,9 @@ class Database(Store):
 
     def __init__(self, *, url: URL, poll_interval: float | None = None) -> None:
         self.url = url
-        # Injectable for tests of the retry deadlines (stamina's testing mode takes the
-        # delays away: stamina.set_testing).
+        # Injectable for tests of the back-off: its delays are awaited with sleep, its
+        # deadlines measured on clock.
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.clock: Callable[[], float] = time.monotonic
         self.poll_interval = (
             poll_interval if poll_interval is not None else self.default_poll_interval

@@ -3,7 +3,7 @@
 :class:`PgListener` keeps one dedicated asyncpg connection per process ``LISTEN``-ing on a
 set of channels and hands every notification to a synchronous callback. It survives
 server restarts, terminated backends and half-open TCP connections by reconnecting with
-capped, jittered exponential back-off (:func:`stamina.retry_context`).
+capped, fully jittered exponential back-off (:func:`aeventor.utils.backoff`).
 
 Notifications sent while the listener is disconnected are lost (Postgres does not queue
 them for absent listeners), so the caller's ``on_connect`` callback runs after every
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -23,10 +24,11 @@ from typing import Any, Final
 import asyncpg
 import sqlalchemy.engine
 import sqlalchemy.exc
-import stamina
+import tenacity
 
 from aeventor.exceptions import ConfigurationError, ConnectionLost, StoreConfigError
 from aeventor.logs import get_logger
+from aeventor.utils import backoff
 
 __all__ = ("PgListener", "asyncpg_dsn")
 
@@ -92,7 +94,7 @@ def asyncpg_dsn(url: sqlalchemy.engine.URL | str) -> str:
 def _wrap_exceptions(what: str, redact: Callable[[str], str]) -> Iterator[None]:
     """Re-raise driver and socket errors as :class:`ConnectionLost`, chained.
 
-    The message goes through ``redact``: stamina's retry instrumentation logs it.
+    The message goes through ``redact``: the listener logs it.
     """
     try:
         yield
@@ -121,12 +123,12 @@ class PgListener:
             callback must stop its supervisor rather than fail silently.
         on_connect: called after every successful (re)connect, once ``LISTEN`` is active,
             so the caller can rescan for work whose notifications were lost meanwhile.
-        backoff_initial: the first reconnect delay, in seconds (before jitter).
+        backoff_initial: the ceiling of the first reconnect delay, in seconds.
         backoff_max: the cap on reconnect delays, in seconds.
-        backoff_jitter: the most random jitter added to a reconnect delay, in seconds.
         health_interval: seconds between health checks (``SELECT 1`` bounded by the same
             duration) that detect a half-open connection, which the termination listener
             cannot see.
+        sleep: awaited for the back-off delays; inject a no-op to test without waiting.
         connect: called as ``connect(dsn)`` to open a connection; defaults to
             :func:`asyncpg.connect`. Tests inject a wrapper to observe or break connections.
 
@@ -145,8 +147,8 @@ class PgListener:
         on_connect: Callable[[], None] | None = None,
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
-        backoff_jitter: float = 0.5,
         health_interval: float = 5.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         connect: Callable[..., Awaitable[asyncpg.Connection]] | None = None,
     ) -> None:
         if isinstance(channels, str):
@@ -163,8 +165,6 @@ class PgListener:
             raise ConfigurationError(
                 f"backoff_max: must be >= backoff_initial ({backoff_initial}), got {backoff_max}"
             )
-        if backoff_jitter < 0:
-            raise ConfigurationError(f"backoff_jitter: must be >= 0, got {backoff_jitter}")
         if health_interval <= 0:
             raise ConfigurationError(f"health_interval: must be > 0, got {health_interval}")
         self._dsn = dsn
@@ -173,8 +173,8 @@ class PgListener:
         self._on_connect = on_connect
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
-        self._backoff_jitter = backoff_jitter
         self._health_interval = health_interval
+        self._sleep = sleep
         self._connect: Callable[..., Awaitable[asyncpg.Connection]] = (
             asyncpg.connect if connect is None else connect
         )
@@ -234,10 +234,9 @@ class PgListener:
         Each cycle connects, issues ``LISTEN`` on every channel, calls ``on_connect`` and
         then watches the connection: asyncpg's termination listener reports a closed socket
         at once, and a ``SELECT 1`` every ``health_interval`` seconds catches a half-open
-        connection. Between cycles :func:`stamina.retry_context` waits, exponentially longer
-        while connecting fails; every successful connect starts the back-off over. Driver
-        and socket errors never escape (except under ``stamina.set_testing``, which bounds
-        the attempts and takes the delays away).
+        connection. Between cycles :func:`aeventor.utils.backoff` waits, exponentially longer
+        (full jitter, capped) while connecting fails; every successful connect starts the
+        back-off over. Driver and socket errors never escape.
 
         Args:
             task_status: set once, when ``LISTEN`` is first active (readiness handshake).
@@ -250,43 +249,48 @@ class PgListener:
         self._callback_error = None
         lost: ConnectionLost | None = None
         while True:
-            # One retry context per connection: the back-off starts over after each connect.
-            async for attempt in stamina.retry_context(
-                on=ConnectionLost,
-                attempts=None,
-                timeout=None,
-                wait_initial=self._backoff_initial,
-                wait_max=self._backoff_max,
-                wait_jitter=self._backoff_jitter,
-            ):
+            # A new back-off after each connection: it starts over from the first delay.
+            async for attempt in self._backoff():
                 with attempt:
                     if lost is not None:
-                        # An established connection was lost: wait the first delay before
-                        # reconnecting, so that a server dropping every connection at once
-                        # meets back-off, not a busy loop.
+                        # An established connection was lost: that counts as the first failed
+                        # attempt, so the first delay passes before reconnecting and a server
+                        # dropping every connection at once meets back-off, not a busy loop.
                         exc, lost = lost, None
-                        self._log_backoff(attempt)
                         raise exc
-                    established = False
-                    try:
-                        async with self._listening() as link:
-                            established = True
-                            await self._connected_cycle(link, task_status)
-                    except ConnectionLost as exc:
-                        error = self._redact(str(exc))
-                        if established:
-                            self._log.warning("pg_listener.connection_lost", error=error)
-                            lost = exc
-                        else:
-                            self._log.warning(
-                                "pg_listener.connect_failed", error=error, attempt=attempt.num
-                            )
-                            self._log_backoff(attempt)
-                            raise
+                    lost = await self._cycle(attempt.retry_state.attempt_number, task_status)
 
-    def _log_backoff(self, attempt: stamina.Attempt) -> None:
-        # next_wait is stamina's delay before the next attempt, jitter left out.
-        self._log.debug("pg_listener.backoff", attempt=attempt.num, min_delay=attempt.next_wait)
+    def _backoff(self) -> tenacity.AsyncRetrying:
+        return backoff(
+            initial=self._backoff_initial,
+            maximum=self._backoff_max,
+            stop=tenacity.stop_never,
+            retry_on=lambda exc: isinstance(exc, ConnectionLost),
+            sleep=self._sleep,
+            log=self._log,
+            event="pg_listener.backoff",
+            level=logging.DEBUG,
+        )
+
+    async def _cycle(self, attempt: int, task_status: asyncio.Event | None) -> ConnectionLost:
+        """Connect, listen and watch; return the error that ended an established connection.
+
+        Raises:
+            ConnectionLost: connecting or ``LISTEN`` failed.
+        """
+        established = False
+        try:
+            async with self._listening() as link:
+                established = True
+                await self._connected_cycle(link, task_status)
+        except ConnectionLost as exc:
+            error = self._redact(str(exc))
+            if not established:
+                self._log.warning("pg_listener.connect_failed", error=error, attempt=attempt)
+                raise
+            self._log.warning("pg_listener.connection_lost", error=error)
+            return exc
+        raise AssertionError("unreachable: the watch ends only by raising")
 
     async def _connected_cycle(self, link: _Link, task_status: asyncio.Event | None) -> None:
         """Note the connection, tell the caller, then watch it until it is lost."""

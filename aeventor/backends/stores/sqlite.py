@@ -10,12 +10,12 @@ from a read lock; WAL and a busy timeout let them wait for each other.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import stamina
 from sqlalchemy import event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
@@ -23,9 +23,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import StaticPool
 
 from ...exceptions import DatabaseError
+from ...logs import get_logger
+from ...utils import backoff, stop_at_deadline
 from .base import Database
 
 __all__ = ("SqliteDatabase", "backend_class")
+
+log = get_logger("aeventor.store")
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -85,32 +89,26 @@ class SqliteDatabase(Database):
 
         ``PRAGMA journal_mode = WAL`` fails at once with "database is locked" when another
         connection is switching the same new file; it does not wait on ``busy_timeout``, so
-        :func:`stamina.retry_context` retries it, with short jittered delays, for as long as
+        :func:`aeventor.utils.backoff` retries it, with short jittered delays, for as long as
         that timeout (measured on the store's ``clock``).
         """
-        deadline = self.clock() + BUSY_TIMEOUT_MS / 1000
-
-        def locked(exc: Exception) -> bool:
-            return (
-                isinstance(exc, sqlite3.OperationalError)
-                and "locked" in str(exc)
-                and self.clock() < deadline
-            )
-
+        retrying = backoff(
+            initial=0.01,
+            maximum=0.2,
+            stop=stop_at_deadline(self.clock, self.clock() + BUSY_TIMEOUT_MS / 1000),
+            retry_on=lambda exc: isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc),
+            sleep=self.sleep,
+            log=log,
+            event="WAL switch locked; retrying",
+            level=logging.DEBUG,
+        )
         async with self.engine.connect() as conn:
             # The driver connection, outside SQLAlchemy's BEGIN: the journal mode cannot
             # change inside a transaction.
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
             try:
-                async for attempt in stamina.retry_context(
-                    on=locked,
-                    attempts=None,
-                    timeout=None,  # the deadline above, on the injectable clock
-                    wait_initial=0.01,
-                    wait_max=0.2,
-                    wait_jitter=0.02,
-                ):
+                async for attempt in retrying:
                     with attempt:
                         await raw.execute("PRAGMA journal_mode = WAL")
             except sqlite3.OperationalError as exc:
