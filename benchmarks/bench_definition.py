@@ -7,7 +7,9 @@ Two shapes, through the public API only (so the same script times older versions
 - a fan-out of 10,000 steps from one event, inheriting the host of the step that fires it.
 
 Each is defined with ``Eventor(mode="distributed")``, then ``ev.program`` is read (which
-validates and assigns hosts), then read 100 times more.
+validates and assigns hosts), then read 100 times more. Beside each, in the same run, its
+floor: the same steps as plain dicts (name, host, trigger, association) and one linear pass
+that gives each its host; the ratio is the engine's total over that floor.
 
 Run: ``.venv/bin/python -m benchmarks.bench_definition`` (``--chain N``, ``--fan-out N``).
 """
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import aeventor as evr
+from benchmarks.bench_engine import machine
 
 S = evr.StepStatus
 
@@ -43,7 +46,31 @@ def define_fan_out(n: int) -> evr.Eventor:
     return ev
 
 
-def measure(label: str, define: Callable[[int], evr.Eventor], n: int) -> None:
+def floor(n: int, *, chain: bool) -> float:
+    """Seconds to hold ``n`` steps as plain dicts and give each its host in one pass."""
+    began = time.perf_counter()
+    steps = {
+        f"s{i}": {
+            "name": f"s{i}",
+            "host": "h1" if i == 0 or not chain else None,
+            "triggers": {"success": f"e{i + 1}"} if chain else {},
+        }
+        for i in range(n)
+    }
+    fired_by = {f"e{i}": [f"s{i}"] for i in range(n)} if chain else {"go": list(steps)}
+    if chain:
+        host = None
+        for i in range(n):
+            step = steps[f"s{i}"]
+            host = step["host"] = step["host"] or host
+    else:
+        for name in fired_by["go"]:
+            steps[name]["host"] = "h1"
+    assert all(step["host"] == "h1" for step in steps.values())
+    return time.perf_counter() - began
+
+
+def measure(label: str, define: Callable[[int], evr.Eventor], n: int, *, chain: bool) -> None:
     began = time.perf_counter()
     ev = define(n)
     defined = time.perf_counter()
@@ -54,10 +81,16 @@ def measure(label: str, define: Callable[[int], evr.Eventor], n: int) -> None:
     reread = time.perf_counter()
     assert len(program.steps) >= n
     assert all(step.host == "h1" for step in program.steps.values())
+    floors = sorted(floor(n, chain=chain) for _ in range(5))
+    base = floors[len(floors) // 2]
     print(
         f"{label:<28} define {defined - began:7.3f}s   program (validate + hosts) "
         f"{built - defined:7.3f}s   total {built - began:7.3f}s   100 more reads "
         f"{reread - built:7.3f}s"
+    )
+    print(
+        f"{'  floor: plain dicts + pass':<28} {base:7.4f}s (median of 5)   "
+        f"total / floor {(built - began) / base:6.1f}x"
     )
 
 
@@ -67,8 +100,10 @@ def main() -> None:
     parser.add_argument("--fan-out", type=int, default=10_000)
     args = parser.parse_args()
     evr.Eventor  # noqa: B018 - import the lazily loaded modules before anything is timed
-    measure(f"chain {args.chain:,} last-first", define_chain, args.chain)
-    measure(f"fan-out {args.fan_out:,}", define_fan_out, args.fan_out)
+    print("\n".join(machine()))
+    print()
+    measure(f"chain {args.chain:,} last-first", define_chain, args.chain, chain=True)
+    measure(f"fan-out {args.fan_out:,}", define_fan_out, args.fan_out, chain=False)
 
 
 if __name__ == "__main__":

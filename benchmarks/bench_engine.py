@@ -5,8 +5,11 @@
    (``python -c pass``), and the original eventor's figures on this kind of machine.
 2. Hop latency per backend: from one in-loop no-op step ending to the next one starting in
    a chain, median and p95, beside the bare Postgres NOTIFY round trip and ``SELECT 1``.
+3. With the servers: :mod:`benchmarks.bench_worker`, the worker in its agent role (a fan-out
+   of 1,000 no-op steps on Postgres, steps/s) beside a standalone run of the same fan-out.
 
-Run: ``.venv/bin/python -m benchmarks.bench_engine`` (``--skip-servers`` for sqlite only).
+Run: ``.venv/bin/python -m benchmarks.bench_engine`` (``--skip-servers`` for sqlite only,
+``--skip-worker`` without 3); ``python -m benchmarks`` runs this.
 """
 
 from __future__ import annotations
@@ -55,6 +58,37 @@ def machine() -> list[str]:
         f"cpu       {cpu}, {os.cpu_count()} cores{mem}",
         f"python    {sys.version.split()[0]}, aeventor {evr.__version__ if hasattr(evr, '__version__') else '?'}",
     ]
+
+
+async def server_versions(*, postgres: bool = True, mysql: bool = True) -> list[str]:
+    """The servers' versions, for the machine lines (a server that does not answer says so)."""
+    lines = []
+    if postgres:
+        try:
+            import asyncpg
+
+            conn = await asyncpg.connect(PG_ADMIN, timeout=5)
+            try:
+                lines.append(f"postgres  {await conn.fetchval('SHOW server_version')}")
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError) as exc:
+            lines.append(f"postgres  unavailable ({exc})")
+    if mysql:
+        try:
+            import aiomysql
+
+            my = await aiomysql.connect(host="127.0.0.1", port=3306, user="root")
+            try:
+                async with my.cursor() as cursor:
+                    await cursor.execute("SELECT version()")
+                    row = await cursor.fetchone()
+                lines.append(f"mariadb   {row[0] if row else '?'}")
+            finally:
+                my.close()
+        except (OSError, aiomysql.Error) as exc:
+            lines.append(f"mariadb   unavailable ({exc})")
+    return lines
 
 
 # -- 1. subprocess steps on sqlite ------------------------------------------------------
@@ -213,7 +247,12 @@ async def main_async(args: argparse.Namespace) -> None:
         if not args.skip_process:
             sections.append(await process_table(tmp, args.repeats))
         sections.append(await hop_table(tmp, args.hops, not args.skip_servers))
-    print("\n".join(machine()))
+        if not args.skip_servers and not args.skip_worker:
+            from benchmarks.bench_worker import worker_table
+
+            sections.append(await worker_table(tmp, args.worker_steps, args.worker_repeats))
+    versions = [] if args.skip_servers else await server_versions()
+    print("\n".join(machine() + versions))
     for lines in sections:
         print()
         print("\n".join(lines))
@@ -224,7 +263,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hops", type=int, default=200)
     parser.add_argument("--skip-servers", action="store_true", help="sqlite only")
-    parser.add_argument("--skip-process", action="store_true", help="hop latency only")
+    parser.add_argument("--skip-process", action="store_true", help="no subprocess steps")
+    parser.add_argument("--skip-worker", action="store_true", help="no agent-worker fan-out")
+    parser.add_argument("--worker-steps", type=int, default=1_000)
+    parser.add_argument("--worker-repeats", type=int, default=5)
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     asyncio.run(main_async(args))
