@@ -256,6 +256,10 @@ class Store(abc.ABC):
         """Active step runs whose lease ran out: their worker is gone or hung."""
 
     @abc.abstractmethod
+    async def active_claims(self, *, worker: str) -> list[Claim]:
+        """The step runs still active under ``worker``'s lease, whatever their lease says."""
+
+    @abc.abstractmethod
     async def run_status(self, run_id: str) -> RunStatus: ...
 
     @abc.abstractmethod

@@ -279,6 +279,8 @@ class Worker:
             await asyncio.shield(self._close())
 
     async def _close(self) -> None:
+        if self.config.record_abandoned:
+            await self._record_unrun()
         for run_log in self._run_logs.values():
             await run_log.flush()
         try:
@@ -414,6 +416,32 @@ class Worker:
         )
         bound.warning("step.terminated", reason=reason)
         await self.store.complete(graph, claim, status=StepStatus.failure, error=reason)
+
+    async def _record_unrun(self) -> None:
+        """Record as terminated the step runs still leased to us once none of ours runs.
+
+        A store operation runs to its end even when its caller is cancelled, so a cancel can
+        cost us the claims a committed transaction (a claim, a step's start or end) made for
+        us; and a step cancelled while its program loads has nothing to record its end with.
+        Such step runs would stay active, unrecorded, until a reaper finds their lease lapsed.
+        """
+        try:
+            for claim in await self.store.active_claims(worker=self.id):
+                reason = f"terminated: worker {self.id} stopped before it ran the step to its end"
+                self.log.warning(
+                    "step.terminated", run_id=claim.run_id, step=claim.step, reason=reason
+                )
+                try:
+                    graph = await self.programs.graph_for(claim.run_id)
+                except Refused:
+                    await self.store.fail_untrusted(claim, error=reason)
+                    continue
+                except NoResult:
+                    continue
+                await self.store.complete(graph, claim, status=StepStatus.failure, error=reason)
+        except AeventorError as exc:
+            # Their leases lapse, and a reaper records them lost.
+            self.log.warning("worker.unrun_not_recorded", error=str(exc))
 
     async def _launch(self, graph: Graph, claim: Claim, run_log: RunLog, bound: Any) -> ExecResult:
         executor, step = self.route(graph.program.steps[claim.step])
