@@ -334,6 +334,13 @@ class InMemoryStore(Store):
             and row.lease_until < now
         ][:limit]
 
+    async def active_claims(self, *, worker: str) -> list[Claim]:
+        return [
+            _claim(row)
+            for row in self._t.step_runs.values()
+            if row.status is StepStatus.active and row.worker == worker
+        ]
+
     # -- programs and runs ------------------------------------------------------------------
 
     async def register_program(self, program: ProgramDef, *, signature: str | None = None) -> int:

@@ -257,6 +257,10 @@ class Store(abc.ABC):
         """Active step runs whose lease ran out: their worker is gone or hung."""
 
     @abc.abstractmethod
+    async def active_claims(self, *, worker: str) -> list[Claim]:
+        """The step runs still active under ``worker``'s lease, whatever their lease says."""
+
+    @abc.abstractmethod
     async def run_status(self, run_id: str) -> RunStatus: ...
 
     @abc.abstractmethod
@@ -362,9 +366,15 @@ class Store(abc.ABC):
             )
         )
 
-    async def fail_untrusted(self, claim: Claim, *, error: str) -> Advance:
+    async def fail_untrusted(
+        self, claim: Claim, *, error: str, only_if_lapsed: bool = False
+    ) -> Advance:
         """Fail a step run whose program is not trusted, and stop its run (nothing fires)."""
-        return await self.write(lambda tx: transactions.fail_untrusted(tx, claim, error=error))
+        return await self.write(
+            lambda tx: transactions.fail_untrusted(
+                tx, claim, error=error, only_if_lapsed=only_if_lapsed
+            )
+        )
 
     async def cancel_run(self, run_id: str, *, reason: str) -> None:
         """Mark a run cancelled with its ready and active step runs (workers kill those)."""

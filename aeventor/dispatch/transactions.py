@@ -173,14 +173,24 @@ async def complete(
     return Advance(ready, run_status, tuple(claims))
 
 
-async def fail_untrusted(tx: StoreTx, claim: Claim, *, error: str) -> Advance:
+async def fail_untrusted(
+    tx: StoreTx, claim: Claim, *, error: str, only_if_lapsed: bool = False
+) -> Advance:
     """Fail a step run whose program is not trusted, and stop its run.
 
     No trigger fires: the program that would say what a failure causes is the one that
     failed verification.
     """
     run = await tx.lock_run(claim.run_id)
-    await tx.end_step(claim.id, status=StepStatus.failure, result=None, error=error)
+    ended = await tx.end_step(
+        claim.id,
+        status=StepStatus.failure,
+        result=None,
+        error=error,
+        only_if_lapsed=only_if_lapsed,
+    )
+    if not ended:
+        return Advance(0, run.status, recorded=False)
     if run.status is not RunStatus.running:
         return Advance(0, run.status)
     if not run.stopped:

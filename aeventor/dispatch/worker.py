@@ -282,6 +282,8 @@ class Worker:
             await asyncio.shield(self._close())
 
     async def _close(self) -> None:
+        if self.config.record_abandoned:
+            await self._record_unrun()
         for run_log in self._run_logs.values():
             await run_log.flush()
         try:
@@ -430,6 +432,25 @@ class Worker:
         bound.warning("step.terminated", reason=reason)
         await self.store.complete(graph, claim, status=StepStatus.failure, error=reason)
 
+    async def _record_unrun(self) -> None:
+        """Record as terminated the step runs still leased to us once none of ours runs.
+
+        A store operation runs to its end even when its caller is cancelled, so a cancel can
+        cost us the claims a committed transaction (a claim, a step's start or end) made for
+        us; and a step cancelled while its program loads has nothing to record its end with.
+        Such step runs would stay active, unrecorded, until a reaper finds their lease lapsed.
+        """
+        try:
+            for claim in await self.store.active_claims(worker=self.id):
+                reason = f"terminated: worker {self.id} stopped before it ran the step to its end"
+                self.log.warning(
+                    "step.terminated", run_id=claim.run_id, step=claim.step, reason=reason
+                )
+                await self._fail(claim, reason)
+        except AeventorError as exc:
+            # Their leases lapse, and a reaper records them lost.
+            self.log.warning("worker.unrun_not_recorded", error=str(exc))
+
     async def _launch(self, graph: Graph, claim: Claim, run_log: RunLog, bound: Any) -> ExecResult:
         executor, step = self.route(graph.program.steps[claim.step])
         program = graph.program.name
@@ -518,26 +539,31 @@ class Worker:
         """Record the step runs whose lease lapsed as lost failures; return how many."""
         reaped = 0
         for claim in await self.store.lapsed_leases():
-            error = "lost: the lease of its worker lapsed (the worker died or hung)"
-            try:
-                graph = await self.programs.graph_for(claim.run_id)
-            except Refused:
-                await self.store.fail_untrusted(claim, error=error)
-                reaped += 1
-                continue
-            except NoResult:
-                continue
             self.log.warning("step.lost", run_id=claim.run_id, step=claim.step)
-            advance = await self.store.complete(
-                graph,
+            reaped += await self._fail(
                 claim,
-                status=StepStatus.failure,
-                error=error,
+                "lost: the lease of its worker lapsed (the worker died or hung)",
                 only_if_lapsed=True,
             )
-            reaped += advance.recorded
-            if advance.ready:
-                # What the failure made ready may be ours; our own NOTIFY does not wake us.
-                self._maybe_work = True
-                self._wake.set()
         return reaped
+
+    async def _fail(self, claim: Claim, error: str, *, only_if_lapsed: bool = False) -> bool:
+        """Record a step run nobody will finish as failed (its failure triggers fire, unless
+        its program is not trusted: then its run stops); whether it was recorded."""
+        try:
+            graph = await self.programs.graph_for(claim.run_id)
+        except Refused:
+            refused = await self.store.fail_untrusted(
+                claim, error=error, only_if_lapsed=only_if_lapsed
+            )
+            return refused.recorded
+        except NoResult:
+            return False
+        advance = await self.store.complete(
+            graph, claim, status=StepStatus.failure, error=error, only_if_lapsed=only_if_lapsed
+        )
+        if advance.ready:
+            # What the failure made ready may be ours; our own NOTIFY does not wake us.
+            self._maybe_work = True
+            self._wake.set()
+        return advance.recorded

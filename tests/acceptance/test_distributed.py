@@ -565,3 +565,68 @@ async def test_lapsed_lease_of_a_killed_agent_is_reaped(
     assert sleep.error is not None and "lease" in sleep.error, sleep.error
     assert result.step("after_loss").status is evr.StepStatus.success
     assert result, result.reason
+
+
+# -- 10: a run cancelled from anywhere; its agent terminates the running step ----------------
+
+
+@pytest.mark.postgres
+async def test_cancelled_run_terminates_the_step_on_its_agent(
+    pg_store: str, agents: Agents, tmp_path: Path
+) -> None:
+    agent = await agents.start(pg_store, "s1")
+    report = tmp_path / "sleeper.json"
+    ev = evr.Eventor(name="cancel", store=pg_store, mode="distributed", cluster_key=CLUSTER_KEY)
+    start = ev.add_event("start")
+    ev.add_assoc(
+        start, ev.add_step("sleep", host="s1", func=distprog.sleep_long,
+                           kwargs={"report": str(report)})
+    )  # fmt: skip
+    ev.trigger_event(start)
+    handle = ev.start()
+    await wait_until(report.exists, what="the step to start sleeping")
+    pids = json.loads(report.read_text())
+    try:
+        # From another handle, as from another process: only the store tells the agent.
+        attached = evr.attach(pg_store, handle.run_id)
+        attached.cancel()
+        cancelled = await within(attached.wait(), what="the cancelled run")
+        # The agent terminates the step at its next heartbeat (every 0.5 s here).
+        await wait_until(
+            lambda: not pid_alive(pids["pid"]) and not pid_alive(pids["child"]),
+            what="the cancelled step's processes to be gone",
+            deadline=10,
+        )
+    finally:
+        for pid in (pids["child"], pids["pid"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert session_members(pids["pid"]) == []
+    assert cancelled.status is evr.RunStatus.cancelled, cancelled
+    result = await within(handle.wait(), what="the submitter's handle")
+    assert result.status is evr.RunStatus.cancelled, result
+    sleep = result.step("sleep")
+    # Recorded cancelled, not overwritten by the agent as it terminated the step.
+    assert sleep.status is evr.StepStatus.cancelled, (sleep.status, sleep.error)
+    assert agent.ran(sleep.worker) and sleep.pid == pids["pid"], sleep
+
+    async def logged() -> bool:
+        records = await asyncio.to_thread(agent.records)
+        return any(r["event"] == "step.cancelled" for r in records)
+
+    await wait_until(logged, what="the agent to log step.cancelled")
+    assert not agent.records("step.terminated"), agent.log()
+    assert not agent.records("step.ended"), agent.log()
+    # The agent lives on, and serves its host.
+    assert agent.proc.returncode is None, agent.log()
+    assert (await run_example_on_s1(pg_store)).ok
+
+
+async def run_example_on_s1(store: str) -> evr.RunResult:
+    ev = evr.Eventor(name="after_cancel", store=store, mode="distributed", cluster_key=CLUSTER_KEY)
+    start = ev.add_event("start")
+    ev.add_assoc(
+        start, ev.add_step("where", host="s1", func=distprog.where, kwargs={"progname": "p"})
+    )
+    ev.trigger_event(start)
+    return await within(ev.run(), what="a run after the cancelled one")

@@ -82,3 +82,25 @@ def spawn_and_sleep(pid_file: str) -> None:
     Path(tmp).write_text(f"{os.getpid()} {child.pid}")
     os.replace(tmp, pid_file)
     time.sleep(300)
+
+
+def hold(report: str, release: str) -> str:
+    """Start a grandchild, publish both pids in ``report``, and return once ``release`` exists.
+
+    Cancelled, the step must be terminated with its grandchild; released, it ends its
+    grandchild itself.
+    """
+    child = subprocess.Popen(["sleep", "300"])
+    tmp = f"{report}.tmp"
+    Path(tmp).write_text(f"{os.getpid()} {child.pid}")
+    os.replace(tmp, report)
+    deadline = time.monotonic() + DEADLINE
+    try:
+        while not Path(release).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{release} did not appear within {DEADLINE} s")
+            time.sleep(0.01)
+    finally:
+        child.kill()
+        child.wait()
+    return "released"

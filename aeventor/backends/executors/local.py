@@ -139,7 +139,15 @@ class LocalExecutor:
             supervise: start ``argv`` (a command) through the lifeline supervisor; if false,
                 ``argv`` is the function runner, which arms its lifeline itself.
         """
-        log_file = await asyncio.to_thread(_open_log, launch.log_path)
+        opening = asyncio.ensure_future(asyncio.to_thread(_open_log, launch.log_path))
+        try:
+            log_file = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The thread opens the file whatever happens to us: close what it opened.
+            await asyncio.wait([opening])
+            if not opening.cancelled() and opening.exception() is None:
+                opening.result().close()
+            raise
         # Both ends close-on-exec: the step gets the read end through pass_fds alone, and
         # no step (nor anything else this process runs) ever gets the write end.
         lifeline, lifeline_w = os.pipe()

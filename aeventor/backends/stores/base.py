@@ -530,6 +530,25 @@ class Database(Store):
             )
             return [Claim(r.id, r.run_id, r.step, r.sequence, r.recovery, r.attempt) for r in rows]
 
+    @retry_on_disconnect
+    async def active_claims(self, *, worker: str) -> list[Claim]:
+        """The step runs still active under ``worker``'s lease, whatever their lease says."""
+        async with self.reading() as conn:
+            rows = await conn.execute(
+                sa.select(
+                    t.step_run.c.id,
+                    t.step_run.c.run_id,
+                    t.step_run.c.step,
+                    t.step_run.c.sequence,
+                    t.step_run.c.recovery,
+                    t.step_run.c.attempt,
+                ).where(
+                    t.step_run.c.status == StepStatus.active.value,
+                    t.step_run.c.worker == worker,
+                )
+            )
+            return [Claim(r.id, r.run_id, r.step, r.sequence, r.recovery, r.attempt) for r in rows]
+
     # -- reading ------------------------------------------------------------------------
 
     @retry_on_disconnect
