@@ -452,9 +452,9 @@ AGENT = """\
 import asyncio, json, sys
 from pathlib import Path
 
-from aeventor.backends.executors.local import StepLaunch
+from aeventor.dispatch.executor import StepLaunch
 from aeventor.backends.executors.ssh import SshExecutor, SshTarget
-from aeventor.backends.stores.base import Claim
+from aeventor.dispatch.store import Claim
 from aeventor.program.model import StepDef
 
 
@@ -528,8 +528,13 @@ async def test_remote_steps_die_with_their_agent(
             what="both steps to report their pids",
         )
         leaders = [int(pid) for pid in started.read_text().split()]
-        # Function step: child, grandchild, sleeper; command step: its shell.
-        await wait_until(count(("-f", marker), 4), what="both steps' marked processes")
+
+        # Function step: child, grandchild, sleeper; command step: its shell, and (once it
+        # forked) its lifeline watcher, a subshell that carries the same command line.
+        async def all_marked() -> bool:
+            return len(await pgrep("-f", marker)) >= 4
+
+        await wait_until(all_marked, what="both steps' marked processes")
         # Each group holds its step and its lifeline's watcher (and the command's sleeps).
         for leader in leaders:
             assert len(await pgrep("-g", str(leader))) >= 3
