@@ -152,6 +152,21 @@ _END_STEP = (
     )
 )
 
+# Active step runs as claims (the reaper's and a stopping worker's reads).
+_ACTIVE_CLAIMS = sa.select(
+    t.step_run.c.id,
+    t.step_run.c.run_id,
+    t.step_run.c.step,
+    t.step_run.c.sequence,
+    t.step_run.c.recovery,
+    t.step_run.c.attempt,
+).where(t.step_run.c.status == StepStatus.active.value)
+
+
+def _claim(row: Any) -> Claim:
+    return Claim(row.id, row.run_id, row.step, row.sequence, row.recovery, row.attempt)
+
+
 # The reaper's variant: only while the lease is still lapsed (its worker did not come back).
 _END_LAPSED_STEP = _END_STEP.where(t.step_run.c.lease_until < sa.bindparam("now"))
 
@@ -454,7 +469,7 @@ class Database(Store):
                         ).scalars()
                     )
                     rows = [row for row in rows if row.id in mine]
-        return [Claim(r.id, r.run_id, r.step, r.sequence, r.recovery, r.attempt) for r in rows]
+        return [_claim(r) for r in rows]
 
     @retry_on_disconnect
     async def heartbeat(
@@ -514,40 +529,16 @@ class Database(Store):
         """Active step runs whose lease ran out: their worker is gone."""
         async with self.reading() as conn:
             rows = await conn.execute(
-                sa.select(
-                    t.step_run.c.id,
-                    t.step_run.c.run_id,
-                    t.step_run.c.step,
-                    t.step_run.c.sequence,
-                    t.step_run.c.recovery,
-                    t.step_run.c.attempt,
-                )
-                .where(
-                    t.step_run.c.status == StepStatus.active.value,
-                    t.step_run.c.lease_until < t.utcnow(),
-                )
-                .limit(limit)
+                _ACTIVE_CLAIMS.where(t.step_run.c.lease_until < t.utcnow()).limit(limit)
             )
-            return [Claim(r.id, r.run_id, r.step, r.sequence, r.recovery, r.attempt) for r in rows]
+            return [_claim(r) for r in rows]
 
     @retry_on_disconnect
     async def active_claims(self, *, worker: str) -> list[Claim]:
         """The step runs still active under ``worker``'s lease, whatever their lease says."""
         async with self.reading() as conn:
-            rows = await conn.execute(
-                sa.select(
-                    t.step_run.c.id,
-                    t.step_run.c.run_id,
-                    t.step_run.c.step,
-                    t.step_run.c.sequence,
-                    t.step_run.c.recovery,
-                    t.step_run.c.attempt,
-                ).where(
-                    t.step_run.c.status == StepStatus.active.value,
-                    t.step_run.c.worker == worker,
-                )
-            )
-            return [Claim(r.id, r.run_id, r.step, r.sequence, r.recovery, r.attempt) for r in rows]
+            rows = await conn.execute(_ACTIVE_CLAIMS.where(t.step_run.c.worker == worker))
+            return [_claim(r) for r in rows]
 
     # -- reading ------------------------------------------------------------------------
 
