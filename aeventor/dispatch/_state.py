@@ -53,11 +53,21 @@ class StepOutcome:
 # Which status may follow which. ``ready`` rows are created, never entered.
 _TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
     StepStatus.ready: frozenset({StepStatus.active, StepStatus.skipped, StepStatus.cancelled}),
-    StepStatus.active: frozenset({StepStatus.success, StepStatus.failure, StepStatus.cancelled}),
+    StepStatus.active: frozenset(
+        {
+            StepStatus.success,
+            StepStatus.failure,
+            StepStatus.cancelled,
+            StepStatus.lost,
+            # Claimed but never started (its worker stopped first): queued again.
+            StepStatus.ready,
+        }
+    ),
     StepStatus.success: frozenset(),
     StepStatus.failure: frozenset(),
     StepStatus.skipped: frozenset(),
     StepStatus.cancelled: frozenset(),
+    StepStatus.lost: frozenset(),
 }
 
 #: Step-run statuses that keep a run alive.
@@ -105,8 +115,11 @@ class Graph:
     def trigger_events(self, step: str, status: StepStatus) -> tuple[str, ...]:
         """The events a step's triggers fire when it enters ``status``.
 
-        Success and failure also fire the ``complete`` triggers.
+        Success and failure also fire the ``complete`` triggers; a lost step run fires what
+        a failure fires.
         """
+        if status is StepStatus.lost:
+            status = StepStatus.failure
         triggers = self.program.steps[step].triggers
         events = list(triggers.get(status, ()))
         if status in (StepStatus.success, StepStatus.failure):
@@ -117,7 +130,7 @@ class Graph:
         """What a step entering ``status`` fires, and whether it stops the run."""
         events = self.trigger_events(step, status)
         stop = (
-            status is StepStatus.failure
+            status in (StepStatus.failure, StepStatus.lost)
             and self.program.stop_on_exception
             and not self._handles_failure(step)
         )

@@ -52,6 +52,8 @@ class StepStatus(StrEnum):
     skipped = "skipped"
     #: Terminated or never started because the run was cancelled.
     cancelled = "cancelled"
+    #: Its worker died or hung past its lease while it ran; its failure triggers fire.
+    lost = "lost"
 
 
 #: The statuses a step's ``triggers`` may name.

@@ -497,7 +497,15 @@ def test_a_failure_stops_the_run_only_when_unhandled_and_stop_on_exception(
     assert outcome == StepOutcome(graph.trigger_events("s", S.failure), stop_run)
 
 
-@pytest.mark.parametrize("status", [s for s in StepStatus if s is not S.failure])
+@pytest.mark.parametrize("status", [S.failure, S.lost])
+def test_a_lost_step_run_fires_and_stops_as_a_failure(status: StepStatus) -> None:
+    graph = triggered({S.failure: ["f"], S.complete: ["c"]})
+    assert graph.step_outcome("s", status) == StepOutcome(("f", "c"), False)
+    bare = build(steps=["s"], stop_on_exception=True)
+    assert bare.step_outcome("s", status) == StepOutcome((), True)
+
+
+@pytest.mark.parametrize("status", [s for s in StepStatus if s not in (S.failure, S.lost)])
 def test_no_other_status_stops_the_run(status: StepStatus) -> None:
     graph = build(steps=["s"], stop_on_exception=True)
     assert graph.step_outcome("s", status) == StepOutcome((), False)
@@ -542,6 +550,8 @@ ALLOWED = {
     (S.active, S.success),
     (S.active, S.failure),
     (S.active, S.cancelled),
+    (S.active, S.lost),
+    (S.active, S.ready),  # requeued: claimed, never started
 }
 
 

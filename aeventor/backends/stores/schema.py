@@ -61,6 +61,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+#: Text of any size: MySQL's TEXT holds only 64 KiB (results, errors and definitions do not fit).
+LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
 # Autoincrementing 64-bit ids; sqlite only autoincrements INTEGER PRIMARY KEY.
 _BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -81,7 +84,7 @@ program = Table(
     Column("id", _BigId, primary_key=True, autoincrement=True),
     Column("name", String(NAME), nullable=False),
     Column("version", String(64), nullable=False),
-    Column("definition", Text, nullable=False),
+    Column("definition", LongText, nullable=False),
     Column("created", UTCDateTime, nullable=False),
     # HMAC of the definition with the cluster key (distributed mode).
     Column("signature", String(64), nullable=True),
@@ -98,7 +101,7 @@ run = Table(
     # An unhandled step failure stopped the run: nothing new starts, running steps finish.
     Column("stopped", Boolean, nullable=False, default=False),
     Column("recovery", Integer, nullable=False, default=0),
-    Column("reason", Text, nullable=True),
+    Column("reason", LongText, nullable=True),
     Column("created", UTCDateTime, nullable=False),
     Column("ended", UTCDateTime, nullable=True),
     # standalone: driven by the process that started it; distributed: by the host agents.
@@ -143,8 +146,14 @@ step_run = Table(
     Column("worker", String(NAME), nullable=True),
     Column("pid", Integer, nullable=True),
     Column("lease_until", UTCDateTime, nullable=True),
-    Column("result", Text, nullable=True),
-    Column("error", Text, nullable=True),
+    # The fencing token of the current claim: a new one at every claim, so a worker whose
+    # lease was taken cannot record anything over the new holder's (or the reaper's) outcome.
+    Column("token", String(32), nullable=True),
+    # HMAC (cluster key) over what decides what runs where: run, program version, step,
+    # sequence, recovery, attempt, host and queue (distributed runs).
+    Column("mac", String(64), nullable=True),
+    Column("result", LongText, nullable=True),
+    Column("error", LongText, nullable=True),
     Column("created", UTCDateTime, nullable=False),
     Column("started", UTCDateTime, nullable=True),
     Column("ended", UTCDateTime, nullable=True),
@@ -176,4 +185,7 @@ agent = Table(
     Column("started", UTCDateTime, nullable=False),
     Column("heartbeat", UTCDateTime, nullable=False),
     Column("stopped", UTCDateTime, nullable=True),
+    # The worker's own lease, on the database server's clock: its step runs are lost only
+    # when both their lease and this one lapsed.
+    Column("lease_until", UTCDateTime, nullable=True),
 )
