@@ -55,6 +55,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Self, TypeVar
 
 from .dispatch import PENDING
+from .dispatch.claims import new_token
 from .dispatch.executor import ExecResult, StepLaunch
 from .dispatch.store import (
     Claim,
@@ -162,6 +163,8 @@ class _StepRun:
     worker: str | None
     pid: int | None
     lease_until: datetime | None
+    token: str | None
+    mac: str | None
     result: str | None
     error: str | None
     created: datetime
@@ -275,6 +278,7 @@ class InMemoryStore(Store):
         async with self._lock:
             now = self.clock()
             claimed: list[Claim] = []
+            token = new_token()
             for row in self._t.step_runs.values():  # in id order
                 if len(claimed) == limit:
                     break
@@ -288,6 +292,7 @@ class InMemoryStore(Store):
                 row.worker = worker
                 row.started = now
                 row.lease_until = now + lease
+                row.token = token
                 claimed.append(_claim(row))
             if claimed:
                 self._changes.changed()
@@ -456,7 +461,18 @@ class InMemoryStore(Store):
 
 
 def _claim(row: _StepRun) -> Claim:
-    return Claim(row.id, row.run_id, row.step, row.sequence, row.recovery, row.attempt)
+    return Claim(
+        row.id,
+        row.run_id,
+        row.step,
+        row.sequence,
+        row.recovery,
+        row.attempt,
+        row.token,
+        row.host,
+        row.queue,
+        row.mac,
+    )
 
 
 class MemoryTx:
@@ -548,15 +564,16 @@ class MemoryTx:
             self._insert(row, now)
 
     async def add_claimed_step_runs(
-        self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta
-    ) -> list[tuple[int, str]]:
+        self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta, token: str
+    ) -> list[Claim]:
         now = self.clock()
-        inserted: list[tuple[int, str]] = []
+        inserted: list[Claim] = []
         for new in rows:
             row = self._insert(new, now)
             if row is not None:
                 row.worker, row.started, row.lease_until = worker, now, now + lease
-                inserted.append((row.id, row.step))
+                row.token = token
+                inserted.append(_claim(row))
         return inserted
 
     def _insert(self, new: NewStepRun, now: datetime) -> _StepRun | None:
@@ -578,6 +595,8 @@ class MemoryTx:
             worker=None,
             pid=None,
             lease_until=None,
+            token=None,
+            mac=new.mac,
             result=None,
             error=None,
             created=now,

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from ..program.model import RunStatus, StepStatus
 
-__all__ = ("Advance", "Claim", "NewStepRun", "RunLock", "RunOrigin", "StoredProgram", "Taker")
+__all__ = (
+    "Advance",
+    "Claim",
+    "NewStepRun",
+    "RunLock",
+    "RunOrigin",
+    "StoredProgram",
+    "Taker",
+    "new_token",
+)
+
+
+def new_token() -> str:
+    """A fencing token: names one claim (or one claiming transaction), never reused."""
+    return secrets.token_hex(16)
 
 
 @dataclass(slots=True)
@@ -23,17 +38,29 @@ class Taker:
         budget: how many step runs it may still take.
         hosts: only step runs assigned to these hosts (None: any).
         lease: how long the claim holds before it must be renewed.
+        token: the fencing token of the step runs it claims; one per transaction, so a
+            transaction retried after a lost acknowledgement finds what its first attempt
+            claimed.
     """
 
     worker: str
     budget: int
     hosts: frozenset[str | None] | None = None
     lease: timedelta = timedelta(seconds=30)
+    token: str = field(default_factory=new_token)
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """A step run a worker took: it is active and leased to that worker."""
+    """A step run a worker took: it is active and leased to that worker.
+
+    Attributes:
+        token: the fencing token of this claim. Only the holder of the current token can
+            record the step run's outcome; a worker whose lease was taken (reaped, requeued)
+            holds a stale one.
+        host, queue, mac: where the step run is assigned and who may claim it, and the MAC
+            of the row (distributed runs), which an agent verifies before it runs anything.
+    """
 
     id: int
     run_id: str
@@ -41,6 +68,10 @@ class Claim:
     sequence: str
     recovery: int
     attempt: int
+    token: str | None = None
+    host: str | None = None
+    queue: str | None = None
+    mac: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +114,7 @@ class NewStepRun:
     host: str | None
     queue: str | None
     attempt: int = 1
+    mac: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

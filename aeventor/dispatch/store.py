@@ -104,9 +104,9 @@ class StoreTx(Protocol):
         """Insert step runs (ready or skipped), skipping existing ones."""
 
     async def add_claimed_step_runs(
-        self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta
-    ) -> list[tuple[int, str]]:
-        """Insert step runs already active and leased to ``worker``; (id, step) of each."""
+        self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta, token: str
+    ) -> list[Claim]:
+        """Insert step runs already active, leased to ``worker`` under fencing ``token``."""
 
     async def pending(self, run_id: str) -> int:
         """How many step runs of the run are ready or active."""

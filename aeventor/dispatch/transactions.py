@@ -275,10 +275,12 @@ async def _fire(
     claims: list[Claim] = []
     if mine:
         assert take is not None
-        inserted = await tx.add_claimed_step_runs(
-            [row(s, StepStatus.active) for s in mine], worker=take.worker, lease=take.lease
+        claims = await tx.add_claimed_step_runs(
+            [row(s, StepStatus.active) for s in mine],
+            worker=take.worker,
+            lease=take.lease,
+            token=take.token,
         )
-        claims = [Claim(id_, run_id, step, sequence, recovery, 1) for id_, step in inserted]
     queues = {steps[s].host if distributed else None for s in rest}
     return len(rest), claims, queues
 

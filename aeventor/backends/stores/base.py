@@ -38,6 +38,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ...dispatch import PENDING
+from ...dispatch.claims import new_token
 from ...dispatch.store import (
     Claim,
     NewStepRun,
@@ -153,18 +154,37 @@ _END_STEP = (
 )
 
 # Active step runs as claims (the reaper's and a stopping worker's reads).
-_ACTIVE_CLAIMS = sa.select(
+#: The columns of a claim, in :class:`Claim`'s order.
+_CLAIM_COLUMNS = (
     t.step_run.c.id,
     t.step_run.c.run_id,
     t.step_run.c.step,
     t.step_run.c.sequence,
     t.step_run.c.recovery,
     t.step_run.c.attempt,
-).where(t.step_run.c.status == StepStatus.active.value)
+    t.step_run.c.token,
+    t.step_run.c.host,
+    t.step_run.c.queue,
+    t.step_run.c.mac,
+)
+_ACTIVE_CLAIMS = sa.select(*_CLAIM_COLUMNS).where(
+    t.step_run.c.status == StepStatus.active.value
+)
 
 
 def _claim(row: Any) -> Claim:
-    return Claim(row.id, row.run_id, row.step, row.sequence, row.recovery, row.attempt)
+    return Claim(
+        row.id,
+        row.run_id,
+        row.step,
+        row.sequence,
+        row.recovery,
+        row.attempt,
+        row.token,
+        row.host,
+        row.queue,
+        row.mac,
+    )
 
 
 # The reaper's variant: only while the lease is still lapsed (its worker did not come back).
@@ -416,15 +436,9 @@ class Database(Store):
             "worker": worker,
             "started": now,
             "lease_until": now + lease,
+            "token": new_token(),
         }
-        columns = (
-            step_run.c.id,
-            step_run.c.run_id,
-            step_run.c.step,
-            step_run.c.sequence,
-            step_run.c.recovery,
-            step_run.c.attempt,
-        )
+        columns = _CLAIM_COLUMNS
         async with self.transaction() as conn:
             if conn.dialect.update_returning:
                 # Postgres and sqlite: one statement. Postgres locks the candidates in the
@@ -783,18 +797,18 @@ class SqlTx:
             )
 
     async def add_claimed_step_runs(
-        self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta
-    ) -> list[tuple[int, str]]:
+        self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta, token: str
+    ) -> list[Claim]:
         now = t.utcnow()
         values = [
-            _step_row(r, now) | {"worker": worker, "started": now, "lease_until": now + lease}
+            _step_row(r, now)
+            | {"worker": worker, "started": now, "lease_until": now + lease, "token": token}
             for r in rows
         ]
         inserted = await self.conn.execute(
-            self.db._insert_ignore(t.step_run).returning(t.step_run.c.id, t.step_run.c.step),
-            values,
+            self.db._insert_ignore(t.step_run).returning(*_CLAIM_COLUMNS), values
         )
-        return [(int(r.id), r.step) for r in inserted.all()]
+        return [_claim(r) for r in inserted.all()]
 
     async def pending(self, run_id: str) -> int:
         return int((await self.conn.execute(_PENDING, {"run_id": run_id})).scalar_one())
@@ -847,6 +861,7 @@ def _step_row(row: NewStepRun, now: datetime) -> dict[str, Any]:
         "status": row.status.value,
         "host": row.host,
         "queue": row.queue,
+        "mac": row.mac,
         "worker": None,
         "started": None,
         "lease_until": None,
