@@ -561,7 +561,7 @@ async def test_lapsed_lease_of_a_killed_agent_is_reaped(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     sleep = result.step("sleep")
-    assert sleep.status is evr.StepStatus.failure
+    assert sleep.status is evr.StepStatus.lost
     assert sleep.error is not None and "lease" in sleep.error, sleep.error
     assert result.step("after_loss").status is evr.StepStatus.success
     assert result, result.reason

@@ -8,6 +8,7 @@ beat directly (the heartbeat and reaper loops are configured far slower than any
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -112,6 +113,7 @@ def make_worker(
         config=WorkerConfig(log_dir=log_dir, **config),
         programs=programs or OwnProgram(graph),
         route=lambda step: (fake, step),
+        monotonic=getattr(store.clock, "monotonic", time.monotonic),
     )
 
 
@@ -223,6 +225,52 @@ async def test_two_workers_never_run_the_same_step_run(
     assert {s.worker for s in result} == {w.id for w in workers}
 
 
+# -- lost acknowledgements: a retried write finds its own commit ------------------------------
+
+
+@pytest.mark.parametrize("lost", [1, 2, 3, 4], ids=["create", "s0", "s1", "s2"])
+async def test_a_lost_acknowledgement_of_any_write_strands_nothing(
+    store: InMemoryStore, tmp_path: Path, lost: int
+) -> None:
+    """The ``lost``-th write (run creation, claims, starts, completions) commits but its
+    acknowledgement is lost; the retry recognises the commit, so every step runs once and
+    the run ends."""
+    graph = chain(3)
+    fake = FakeExecutor(outcome=succeed)
+    # Made before its run, as Eventor makes it: the run's creation claims s0 for it.
+    worker = make_worker(store, graph, fake, tmp_path, run_id="not yet")
+    writes = 0
+    original = store.write
+
+    async def counting(operation: Any) -> Any:
+        nonlocal writes
+        writes += 1
+        if writes == lost:
+            store.lose_acknowledgements(1)
+        return await original(operation)
+
+    store.write = counting  # type: ignore[method-assign]
+    run_id = await new_run(store, graph, worker)
+    worker.scope = Scope(run_id=run_id)
+    async with asyncio.timeout(DEADLINE):
+        await worker.run()
+    result = await store.load_result(run_id)
+    assert result.ok, result
+    assert [launch.claim.step for launch in fake.launches] == ["s0", "s1", "s2"]
+    assert [s.status for s in result] == [StepStatus.success] * 3
+
+
+async def test_a_claim_whose_acknowledgement_was_lost_returns_what_it_took(
+    store: InMemoryStore,
+) -> None:
+    graph = fan_out(3)
+    run_id = await new_run(store, graph)
+    store.lose_acknowledgements(1)
+    claims = await store.claim(worker="w", limit=2, run_id=run_id)
+    assert len(claims) == 2 and len({c.token for c in claims}) == 1
+    assert len(await store.claim(worker="w", limit=5, run_id=run_id)) == 1
+
+
 # -- leases: renew and reap -------------------------------------------------------------------
 
 
@@ -257,10 +305,11 @@ async def test_a_lapsed_claim_is_reaped_as_lost_and_its_failure_trigger_fires(
 ) -> None:
     graph = with_recovery()
     run_id = await new_run(store, graph)
-    # A worker claims s0 and dies: nothing renews its lease.
+    # A worker claims s0, starts its process and dies: nothing renews its lease.
     [claim] = await store.claim(
         worker="gone", limit=1, run_id=run_id, lease=timedelta(seconds=LEASE)
     )
+    await store.started(graph, claim, pid=4242)
     fake = FakeExecutor(outcome=succeed)
     worker = make_worker(store, graph, fake, tmp_path, run_id=run_id)
     assert await worker.reap() == 0  # the lease holds: not lost yet
@@ -269,7 +318,7 @@ async def test_a_lapsed_claim_is_reaped_as_lost_and_its_failure_trigger_fires(
     assert [c.id for c in await store.lapsed_leases()] == [claim.id]
     assert await worker.reap() == 1
     lost = (await store.load_result(run_id)).step("s0")
-    assert lost.status is StepStatus.failure
+    assert lost.status is StepStatus.lost
     assert lost.error is not None and lost.error.startswith("lost: ")
     assert ("recover", "0") in await store.fired_events(run_id)
 
@@ -282,6 +331,55 @@ async def test_a_lapsed_claim_is_reaped_as_lost_and_its_failure_trigger_fires(
     assert [launch.claim.step for launch in fake.launches] == ["fix"]
 
 
+async def test_a_lapsed_claim_that_never_started_is_requeued_and_runs_once(
+    store: InMemoryStore, clock: FakeClock, tmp_path: Path
+) -> None:
+    graph = with_recovery()
+    run_id = await new_run(store, graph)
+    # A worker claims s0 and dies before it starts it: no pid was recorded.
+    await store.claim(worker="gone", limit=1, run_id=run_id, lease=timedelta(seconds=LEASE))
+    fake = FakeExecutor(outcome=succeed)
+    worker = make_worker(store, graph, fake, tmp_path, run_id=run_id)
+    clock.advance(LEASE + 1)
+    assert await worker.reap() == 1
+    requeued = (await store.load_result(run_id)).step("s0")
+    assert requeued.status is StepStatus.ready
+    assert requeued.worker is None and requeued.error is None
+    assert await store.fired_events(run_id) == [("start", "0")]  # no failure fired
+
+    async with asyncio.timeout(DEADLINE):
+        await worker.run()
+    result = await store.load_result(run_id)
+    assert result.ok
+    assert [launch.claim.step for launch in fake.launches] == ["s0"]
+
+
+async def test_a_reaper_waits_a_lease_after_its_own_heartbeats_stopped(
+    store: InMemoryStore, clock: FakeClock, tmp_path: Path
+) -> None:
+    """After an outage (or a freeze) every owner's lease lapsed; the reaper gives the live
+    ones a whole lease to renew theirs before it judges anyone lost."""
+    graph = with_recovery()
+    run_id = await new_run(store, graph)
+    lease = timedelta(seconds=LEASE)
+    [claim] = await store.claim(worker="owner", limit=1, run_id=run_id, lease=lease)
+    await store.started(graph, claim, pid=4242)
+    reaper = make_worker(store, graph, FakeExecutor(), tmp_path, hosts=["h"], reap=True)
+    clock.advance(LEASE + 1)
+    await reaper._beat()
+    clock.advance(3 * LEASE)  # the reaper's beats stopped too: an outage
+    await reaper._beat()
+    assert await store.lapsed_leases() != []
+    assert await reaper.reap() == 0
+    held = {claim.id: claim.token}
+    await store.heartbeat(worker="owner", hostname="h", pid=1, hosts=["h"], lease=lease, held=held)
+    clock.advance(LEASE)
+    await reaper._beat()
+    assert await store.lapsed_leases() == []  # the owner renewed in time
+    assert await reaper.reap() == 0
+    assert (await store.load_result(run_id)).step("s0").status is StepStatus.active
+
+
 async def test_a_lease_renewed_after_it_lapsed_is_not_reaped(
     store: InMemoryStore, clock: FakeClock
 ) -> None:
@@ -292,7 +390,9 @@ async def test_a_lease_renewed_after_it_lapsed_is_not_reaped(
     clock.advance(11)
     assert await store.lapsed_leases() != []
     # The worker was only slow: it renews before the reaper records the loss.
-    await store.heartbeat(worker="slow", hostname="h", pid=1, hosts=[], lease=lease)
+    await store.heartbeat(
+        worker="slow", hostname="h", pid=1, hosts=[], lease=lease, held={claim.id: claim.token}
+    )
     advance = await store.complete(
         graph, claim, status=StepStatus.failure, error="lost", only_if_lapsed=True
     )
@@ -395,7 +495,7 @@ async def test_a_completion_after_its_run_was_cancelled_is_not_recorded(
         fake.finish("s0")  # before any heartbeat told the worker
 
     assert fake.cancelled == []
-    assert any(getattr(r, "event", None) == "step.outcome_not_recorded" for r in caplog.records)
+    assert any(getattr(r, "event", None) == "step.outcome_refused" for r in caplog.records)
     result = await store.load_result(run_id)
     assert result.step("s0").status is StepStatus.cancelled
     assert [s.step for s in result] == ["s0"]  # s1 never became ready

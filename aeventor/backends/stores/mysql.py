@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ...exceptions import SchemaVersionError
 from .base import Database
 from .migrations import upgrade_to_head
+from .schema import UTCDateTime
 
 __all__ = ("MySQLDatabase", "backend_class")
 
@@ -55,6 +57,17 @@ class MySQLDatabase(Database):
         # Not INSERT IGNORE: that also turns truncation and other errors into warnings.
         # "id = id" leaves the existing row as it is.
         return mysql_insert(table).on_duplicate_key_update({"id": table.c.id})
+
+    def server_now(self) -> sa.ColumnElement[datetime]:
+        # Naive UTC, as every DATETIME column holds.
+        return sa.type_coerce(sa.literal_column("UTC_TIMESTAMP(6)"), UTCDateTime)
+
+    def server_now_plus(self, delta: timedelta) -> sa.ColumnElement[datetime]:
+        micros = delta // timedelta(microseconds=1)
+        added = sa.func.timestampadd(
+            sa.literal_column("MICROSECOND"), micros, sa.literal_column("UTC_TIMESTAMP(6)")
+        )
+        return sa.type_coerce(added, UTCDateTime)
 
     def _is_disconnect(self, exc: DBAPIError) -> bool:
         args: tuple[Any, ...] = getattr(exc.orig, "args", ())
