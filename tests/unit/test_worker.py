@@ -8,8 +8,8 @@ beat directly (the heartbeat and reaper loops are configured far slower than any
 from __future__ import annotations
 
 import asyncio
-import time
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
