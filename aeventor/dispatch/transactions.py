@@ -161,8 +161,10 @@ async def complete(
         only_if_lapsed=only_if_lapsed,
     )
     if not ended:
-        if tx.retried and await tx.step_state(claim.id) == (status, claim.token):
-            # Our first attempt committed; only its acknowledgement was lost.
+        if await tx.step_state(claim.id) == (status, claim.token):
+            # An earlier attempt committed; only its acknowledgement was lost. (Asked on
+            # every refusal, not only in a retried transaction: a worker that outlived the
+            # store's retries tries again with a new transaction.)
             return Advance(1, run.status, tuple(await _claimed_earlier(tx, take, [])))
         return Advance(0, run.status, recorded=False)
     if run.status is not RunStatus.running:
@@ -217,7 +219,7 @@ async def fail_untrusted(
         only_if_lapsed=only_if_lapsed,
     )
     if not ended:
-        mine = tx.retried and await tx.step_state(claim.id) == (status, claim.token)
+        mine = await tx.step_state(claim.id) == (status, claim.token)
         return Advance(0, run.status, recorded=mine)
     if run.status is not RunStatus.running:
         return Advance(0, run.status)

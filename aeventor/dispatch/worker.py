@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..context import StepContext, launch_env
-from ..exceptions import AeventorError, ExecutorError, NoResult
+from ..exceptions import AeventorError, ConnectionLost, ExecutorError, NoResult
 from ..logs import get_logger
 from ..program.model import RunStatus, StepDef, StepStatus
 from ..utils import describe_exception, wait_any
@@ -410,9 +410,7 @@ class Worker:
         graph: Graph | None = None
         try:
             try:
-                graph = await self.programs.graph_for(claim.run_id)
-                if claim.step not in graph.program.steps:
-                    raise Refused(f"step {claim.step!r} is not in program {graph.program.name!r}")
+                graph = await self._graph_for(claim)
                 self.programs.check_step(graph.program, claim.step)
             except (Refused, NoResult) as exc:
                 bound.error("step.refused", reason=str(exc))
@@ -422,14 +420,25 @@ class Worker:
             label = f"{claim.step}[{claim.sequence}]"
             result = await self._launch(graph, claim, run_log, bound)
             status = StepStatus.success if result.ok else StepStatus.failure
-            advance = await self.store.complete(
-                graph,
-                claim,
-                status=status,
-                result=result.value,
-                error=result.error,
-                take=self.taker(freeing=1),
-            )
+            take = self.taker(freeing=1)
+            while True:
+                try:
+                    advance = await self.store.complete(
+                        graph,
+                        claim,
+                        status=status,
+                        result=result.value,
+                        error=result.error,
+                        take=take,
+                    )
+                    break
+                except ConnectionLost as exc:
+                    # The database has been gone longer than the store retries. An agent
+                    # holds on to the outcome (and the lease, once the database is back)
+                    # and tries again; the retry recognises a commit it cannot have heard.
+                    if not self._serves or self._stop.is_set():
+                        raise
+                    await self._survive("complete", exc)
             if not advance.recorded:
                 # Cancelled meanwhile, or our lease was taken (reaped, requeued): the store
                 # keeps the outcome it has; ours came under a stale fencing token.
@@ -451,7 +460,7 @@ class Worker:
             if graph is not None and self.config.record_abandoned:
                 await asyncio.shield(self._record_abandoned(graph, claim, bound))
             raise
-        except AeventorError as exc:
+        except Exception as exc:
             if not self._serves:
                 raise
             # The store failed us for this step run only (a value it cannot hold, a row it
@@ -465,6 +474,21 @@ class Worker:
             self._revoked.discard(claim.id)
             self._wake.set()
             await asyncio.shield(self._forget_run_log(claim.run_id))
+
+    async def _graph_for(self, claim: Claim) -> Graph:
+        """The program of a claim; :class:`Refused` if it cannot be trusted or read, or
+        does not have the claimed step (one bad row fails its step run, nothing more)."""
+        try:
+            graph = await self.programs.graph_for(claim.run_id)
+        except (Refused, NoResult, AeventorError):
+            raise
+        except Exception as exc:
+            raise Refused(
+                f"run {claim.run_id}: its program cannot be loaded ({type(exc).__name__}: {exc})"
+            ) from exc
+        if claim.step not in graph.program.steps:
+            raise Refused(f"step {claim.step!r} is not in program {graph.program.name!r}")
+        return graph
 
     async def _forget_run_log(self, run_id: str) -> None:
         """An agent serves runs for ever: keep a run's program log only while it has step
@@ -684,9 +708,7 @@ class Worker:
         unless its program cannot be trusted or read: then its run stops); whether it was
         recorded."""
         try:
-            graph = await self.programs.graph_for(claim.run_id)
-            if claim.step not in graph.program.steps:
-                raise Refused(f"step {claim.step!r} is not in program {graph.program.name!r}")
+            graph = await self._graph_for(claim)
         except Refused:
             refused = await self.store.fail_untrusted(
                 claim, error=error, status=status, only_if_lapsed=only_if_lapsed

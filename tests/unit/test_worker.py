@@ -481,6 +481,59 @@ async def test_a_run_cancelled_in_the_store_terminates_its_step_at_the_next_hear
     assert [s.step for s in result] == ["s0"]
 
 
+async def test_a_worker_whose_lease_was_taken_terminates_its_step_and_records_nothing(
+    store: InMemoryStore, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Fencing: a worker frozen past its lease is reaped by another; when it beats again it
+    learns its token is stale, terminates its step, and its late outcome is refused."""
+    graph = with_recovery()
+    fake = FakeExecutor()
+    run_id = await new_run(store, graph)
+    owner = make_worker(store, graph, fake, tmp_path, run_id=run_id, record_abandoned=True)
+    reaper = make_worker(store, graph, FakeExecutor(), tmp_path, run_id=run_id)
+    async with running(owner):
+        launch = await fake.started("s0", deadline=DEADLINE)
+        await store.started(graph, launch.claim, pid=4242)
+        # The owner is frozen: its beats stop and its leases lapse; the reaper, beating all
+        # along, records the step run lost (its failure trigger makes "fix" ready).
+        for _ in range(3):
+            clock.advance(LEASE / 2 - 0.1)
+            await reaper._beat()
+        assert await reaper.reap() == 1
+        assert (await store.load_result(run_id)).step("s0").status is StepStatus.lost
+        await owner._beat()  # it thaws, and hears its lease was taken
+        await fake.wait_for(lambda: fake.cancelled == [launch], deadline=DEADLINE)
+        await fake.started("fix", deadline=DEADLINE)
+        fake.finish("fix")
+
+    result = await store.load_result(run_id)
+    s0 = result.step("s0")
+    assert s0.status is StepStatus.lost
+    assert s0.error is not None and s0.error.startswith("lost")
+    assert result.step("fix").status is StepStatus.success
+    assert result.ok
+
+
+async def test_a_stale_completion_is_refused_and_the_reapers_outcome_stays(
+    store: InMemoryStore, clock: FakeClock
+) -> None:
+    graph = with_recovery()
+    run_id = await new_run(store, graph)
+    lease = timedelta(seconds=LEASE)
+    [claim] = await store.claim(worker="frozen", limit=1, run_id=run_id, lease=lease)
+    await store.started(graph, claim, pid=4242)
+    clock.advance(LEASE + 1)
+    [lapsed] = await store.lapsed_leases()
+    reaped = await store.complete(
+        graph, lapsed, status=StepStatus.lost, error="lost: test", only_if_lapsed=True
+    )
+    assert reaped.recorded
+    late = await store.complete(graph, claim, status=StepStatus.success, result=1)
+    assert not late.recorded
+    s0 = (await store.load_result(run_id)).step("s0")
+    assert (s0.status, s0.result, s0.error) == (StepStatus.lost, None, "lost: test")
+
+
 async def test_a_completion_after_its_run_was_cancelled_is_not_recorded(
     store: InMemoryStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
