@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fnmatch
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..context import DEFAULT_PASS_ENV, SECRET_ENV
 from ..exceptions import ConfigurationError
 from ..logs import get_logger, stderr_handler
 
@@ -71,6 +73,17 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help=(
             "fnmatch pattern of the modules, script paths and commands (argv[0]) whose "
             "steps may run (repeatable)"
+        ),
+    )
+    parser.add_argument(
+        "--pass-env",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help=(
+            "fnmatch pattern of this agent's environment variables its steps inherit "
+            "(repeatable; sent to SSH hosts too). Without it, local steps inherit only "
+            f"{' '.join(DEFAULT_PASS_ENV)}; never {', '.join(sorted(SECRET_ENV))}"
         ),
     )
     parser.add_argument("--max-concurrency", type=int, default=8)
@@ -165,6 +178,7 @@ async def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
         else ([] if ssh_targets else [socket.gethostname()]),
         cluster_key=load_cluster_key(environ=environ),
         allow=args.allow,
+        pass_env=args.pass_env,
         ssh_targets=ssh_targets,
         max_concurrency=args.max_concurrency,
         heartbeat=args.heartbeat,
@@ -177,6 +191,14 @@ async def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
             "agent.nothing_allowed",
             hint="no --allow pattern: every step will be refused; pass --allow 'mypkg.*'",
         )
+    for pattern in args.pass_env:
+        secrets = sorted(name for name in SECRET_ENV if fnmatch.fnmatchcase(name, pattern))
+        if secrets:
+            log.warning(
+                "agent.secret_not_passed",
+                pattern=pattern,
+                hint=f"steps never inherit {', '.join(secrets)}, whatever --pass-env says",
+            )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -373,6 +373,7 @@ class Worker:
         try:
             try:
                 graph = await self.programs.graph_for(claim.run_id)
+                self.programs.check_claim(graph, claim)
                 self.programs.check_step(graph.program, claim.step)
             except Refused as exc:
                 bound.error("step.refused", reason=str(exc))
@@ -552,6 +553,9 @@ class Worker:
         its program is not trusted: then its run stops); whether it was recorded."""
         try:
             graph = await self.programs.graph_for(claim.run_id)
+            # A row nobody signed must not make us fire its failure triggers (and sign what
+            # they make ready).
+            self.programs.check_claim(graph, claim)
         except Refused:
             refused = await self.store.fail_untrusted(
                 claim, error=error, only_if_lapsed=only_if_lapsed
