@@ -53,9 +53,14 @@ class Programs(Protocol):
     async def graph_for(self, run_id: str) -> Graph:
         """The run's program; :class:`Refused` if it cannot be trusted."""
 
-    def check_claim(self, graph: Graph, claim: Claim) -> None:
-        """Raise :class:`Refused` unless ``claim`` is a step run this worker may take as it
-        is (its row verifies); ``graph`` is the run's, from :meth:`graph_for`."""
+    def check_claim(self, graph: Graph, claim: Claim, *, executing: bool = True) -> None:
+        """Raise :class:`Refused` unless ``claim`` is a step run as its creator made it (its
+        row verifies); ``graph`` is the run's, from :meth:`graph_for`.
+
+        Args:
+            executing: this worker is to execute it, so it must be queued for one of its
+                hosts (a reaper recording another host's step run lost passes False).
+        """
 
     def check_step(self, program: ProgramDef, step: str) -> None:
         """Raise :class:`Refused` if this worker may not execute ``step``."""
@@ -70,7 +75,7 @@ class OwnProgram:
     async def graph_for(self, run_id: str) -> Graph:
         return self.graph
 
-    def check_claim(self, graph: Graph, claim: Claim) -> None:
+    def check_claim(self, graph: Graph, claim: Claim, *, executing: bool = True) -> None:
         # The defining process made every step run of its run itself.
         return None
 
@@ -138,7 +143,7 @@ class SignedPrograms:
         self._loading.pop(program_id, None)
         return cached
 
-    def check_claim(self, graph: Graph, claim: Claim) -> None:
+    def check_claim(self, graph: Graph, claim: Claim, *, executing: bool = True) -> None:
         program = graph.program
         what = (
             f"step run {claim.id} ({claim.step}[{claim.sequence}] recovery {claim.recovery} "
@@ -150,7 +155,7 @@ class SignedPrograms:
                 f"{what}: program {program.name!r} version {program.version} has no such "
                 "step (a row written into the database by hand?)"
             )
-        if self.hosts is not None and claim.queue not in self.hosts:
+        if executing and self.hosts is not None and claim.queue not in self.hosts:
             raise Refused(f"{what}: queued for a host this agent does not serve")
         if claim.queue != claim.host or claim.host != step.host:
             raise Refused(

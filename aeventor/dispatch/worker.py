@@ -555,7 +555,7 @@ class Worker:
             graph = await self.programs.graph_for(claim.run_id)
             # A row nobody signed must not make us fire its failure triggers (and sign what
             # they make ready).
-            self.programs.check_claim(graph, claim)
+            self.programs.check_claim(graph, claim, executing=False)
         except Refused:
             refused = await self.store.fail_untrusted(
                 claim, error=error, only_if_lapsed=only_if_lapsed
