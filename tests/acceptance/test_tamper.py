@@ -380,3 +380,44 @@ async def test_standalone_steps_inherit_the_environment_but_the_secrets(
     assert env["USERS_OWN"] == "kept"
     assert "AEVENTOR_CLUSTER_KEY" not in env and "AEVENTOR_KEY" not in env
     assert CLUSTER_KEY not in "\n".join(env.values())
+
+
+# -- events triggered into a distributed run --------------------------------------------------
+
+
+async def test_events_triggered_into_a_distributed_run_make_signed_step_runs(
+    store: str, agents: Agents, tmp_path: Path
+) -> None:
+    agent = await agents.start(store, "s1")
+    ev = evr.Eventor(name="triggered", store=store, mode="distributed", cluster_key=CLUSTER_KEY)
+    start, extra = ev.add_event("start"), ev.add_event("extra")
+    # Host s2 has no agent: its step run keeps the run alive, ready.
+    ev.add_assoc(start, ev.add_step("hold", host="s2"))
+    ev.add_assoc(
+        extra,
+        ev.add_step(
+            "count",
+            host="s1",
+            func=distprog.tally,
+            kwargs={"directory": str(tmp_path)},
+            sequence_arg_name="sequence",
+        ),
+    )
+    ev.trigger_event(start)
+    async with ev:
+        run_id = await ev.submit()
+    # From a handle of another "process" (its key from the environment, as the CLI's).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AEVENTOR_CLUSTER_KEY", CLUSTER_KEY)
+        handle = evr.attach(store, run_id)
+        await handle.trigger_event("extra", "x")
+
+        async def counted() -> bool:
+            rows = await rows_of(store, step_run.c.run_id == run_id, step_run.c.step == "count")
+            return bool(rows) and rows[0].status == "success"
+
+        await wait_until(counted, what="the triggered step to run")
+        handle.cancel()
+        await within(handle.wait(), what="the cancelled run")
+    assert len(tally(tmp_path, "x")) == 1
+    assert agent.records("step.refused") == [], agent.log()
