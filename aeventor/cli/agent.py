@@ -120,7 +120,10 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="append",
         default=[],
         metavar="NAME",
-        help="pass this environment variable to the agent (repeatable)",
+        help=(
+            "pass this environment variable to the agent (repeatable; sent over the SSH "
+            "channel, never on a command line)"
+        ),
     )
     start.add_argument("--log", help="the agent's log file there")
     start.add_argument("agent_args", nargs=argparse.REMAINDER)
@@ -209,24 +212,44 @@ async def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
 # -- aeventor agent start ---------------------------------------------------------------------
 
 
+#: Run by the remote ``python`` (standard library only): reads the forwarded variables as a
+#: JSON line on stdin, starts the agent detached (a session of its own, output to the log
+#: file), prints its pid. The variables travel on the channel's stdin, never on a command
+#: line, which any user of the host can read in its process list (the cluster key among them).
+_LAUNCHER = (
+    "import json, os, subprocess, sys\n"
+    "env = {**os.environ, **json.loads(sys.stdin.readline() or '{}')}\n"
+    "with open(sys.argv[1], 'wb') as log:\n"
+    "    agent = subprocess.Popen(sys.argv[2:], env=env, stdin=subprocess.DEVNULL,\n"
+    "                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)\n"
+    "print(f'aeventor-agent-pid={agent.pid}', flush=True)\n"
+)
+
+
 async def start_remote(
     target: Any, agent_args: Sequence[str], *, env: Mapping[str, str], log_file: str
 ) -> int:
-    """Start ``python -m aeventor.agent`` on an SSH host, detached; return its pid there."""
+    """Start ``python -m aeventor.agent`` on an SSH host, detached; return its pid there.
+
+    ``env`` is sent over the channel's stdin, so no value (a cluster key) shows in the
+    remote host's process list.
+    """
+    import json
     import shlex
 
     from ..backends.executors.ssh import SshExecutor
 
     executor = SshExecutor(targets={"target": target})
     try:
-        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        command = (
-            f"{'env ' + assignments + ' ' if assignments else ''}nohup "
-            f"{shlex.quote(target.python)} -m aeventor.agent "
-            + " ".join(shlex.quote(a) for a in agent_args)
-            + f" > {shlex.quote(log_file)} 2>&1 < /dev/null & echo aeventor-agent-pid=$!"
+        python = shlex.quote(target.python)
+        command = " ".join(
+            [python, "-c", shlex.quote(_LAUNCHER), shlex.quote(log_file)]
+            + [python, "-m", "aeventor.agent"]
+            + [shlex.quote(a) for a in agent_args]
         )
-        status, out, err = await executor.shell("target", command)
+        status, out, err = await executor.shell(
+            "target", command, input=json.dumps(dict(env)).encode() + b"\n"
+        )
         if status != 0:
             raise ConfigurationError(f"starting the agent over SSH failed ({status}): {err}")
         # Found by its tag: SshExecutor.shell() returns str(bytes) ("b'123\\n'"), not text.

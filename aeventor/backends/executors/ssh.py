@@ -245,14 +245,22 @@ class SshExecutor:
                 f"{h.label}: `true` exited with {result.returncode}: {result.stderr!r}"
             )
 
-    async def shell(self, host: str, command: str) -> tuple[int, str, str]:
+    async def shell(
+        self, host: str, command: str, *, input: bytes | None = None
+    ) -> tuple[int, str, str]:
         """Run a short shell command on ``host`` over its connection.
+
+        Args:
+            input: written to the command's stdin, which is then closed (default: none).
+                Unlike the command, it shows in no process list on the host.
 
         Returns:
             The exit status, stdout and stderr.
         """
         h = self._host(host)
-        result = await self._control(h, command, doing=f"running {command.split()[0]!r}")
+        result = await self._control(
+            h, command, doing=f"running {command.split()[0]!r}", input=input
+        )
         return result.returncode or 0, _text(result.stdout), _text(result.stderr)
 
     async def run(self, launch: StepLaunch) -> ExecResult:
@@ -388,14 +396,19 @@ class SshExecutor:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _control(
-        self, host: _Host, command: str, *, doing: str
+        self, host: _Host, command: str, *, doing: str, input: bytes | None = None
     ) -> asyncssh.SSHCompletedProcess:
         """Run a short control command to its end on a control channel."""
         async with host.control:
-            process = await self._open(host, command, stdin=asyncssh.DEVNULL)
+            process = await self._open(
+                host, command, stdin=asyncssh.DEVNULL if input is None else asyncssh.PIPE
+            )
             try:
                 with _wrap_exceptions(host, doing):
                     async with asyncio.timeout(CONTROL_TIMEOUT):
+                        if input is not None:
+                            process.stdin.write(input)
+                            process.stdin.write_eof()
                         return await process.wait()
             finally:
                 process.close()
