@@ -292,6 +292,22 @@ async def _fire(
 
     def row(step: str, status: StepStatus) -> NewStepRun:
         host = steps[step].host
+        queue = host if distributed else None
+        # The MAC agents verify before they run it: only a holder of the cluster key makes
+        # work for them (attempt 1: the only attempt _fire creates).
+        mac = (
+            graph.sign(
+                run_id=run_id,
+                step=step,
+                sequence=sequence,
+                recovery=recovery,
+                attempt=1,
+                host=host,
+                queue=queue,
+            )
+            if distributed
+            else None
+        )
         return NewStepRun(
             run_id=run_id,
             step=step,
@@ -299,7 +315,9 @@ async def _fire(
             recovery=recovery,
             status=status,
             host=host,
-            queue=host if distributed else None,
+            queue=queue,
+            attempt=1,
+            mac=mac,
         )
 
     if stopped:

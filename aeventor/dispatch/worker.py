@@ -411,6 +411,7 @@ class Worker:
         try:
             try:
                 graph = await self._graph_for(claim)
+                self.programs.check_claim(graph, claim)
                 self.programs.check_step(graph.program, claim.step)
             except (Refused, NoResult) as exc:
                 bound.error("step.refused", reason=str(exc))
@@ -709,6 +710,9 @@ class Worker:
         recorded."""
         try:
             graph = await self._graph_for(claim)
+            # A row nobody signed must not make us fire its failure triggers (and sign what
+            # they make ready).
+            self.programs.check_claim(graph, claim, executing=False)
         except Refused:
             refused = await self.store.fail_untrusted(
                 claim, error=error, status=status, only_if_lapsed=only_if_lapsed

@@ -481,6 +481,8 @@ async def test_agent_started_over_ssh(
         "--store", pg_store, "--json-logs",
         "--heartbeat", "0.5", "--lease", "5",
         "--log-dir", str(tmp_path / "remote-steps"),
+        # Its steps inherit SSH_CONNECTION (the agent's sshd session) only when told so.
+        "--pass-env", "SSH_*",
         *[arg for pattern in ALLOW for arg in ("--allow", pattern)],
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
