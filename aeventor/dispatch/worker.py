@@ -324,16 +324,25 @@ class Worker:
         worker fails its run with it instead (after the store's own retries)."""
         return self.scope.hosts is not None
 
-    async def _survive(self, what: str, exc: AeventorError) -> None:
-        """Log a store error of a serving worker and back off before its loop goes on."""
-        self.log.error(f"worker.{what}_failed", error=str(exc), error_type=type(exc).__name__)
+    async def _survive(self, what: str, exc: Exception) -> None:
+        """Log an error of a serving worker's loop and back off before the loop goes on.
+
+        A store error is expected (an outage, a deadlock past its retries); anything else is
+        a bad row or a bug, logged with its traceback, and still never stops the agent.
+        """
+        self.log.error(
+            f"worker.{what}_failed",
+            error=str(exc),
+            error_type=type(exc).__name__,
+            exc_info=not isinstance(exc, AeventorError),
+        )
         await wait_any(self._stop, poll=min(5.0, self.config.lease / 4))
 
     async def _claim_loop(self, remote: asyncio.Event) -> None:
         while not self._done():
             try:
                 await self._claim_once(remote)
-            except AeventorError as exc:
+            except Exception as exc:
                 if not self._serves:
                     raise
                 self._maybe_work = True
@@ -633,7 +642,7 @@ class Worker:
             await asyncio.sleep(self.config.beat_every)
             try:
                 await self._beat()
-            except AeventorError as exc:
+            except Exception as exc:
                 if not self._serves:
                     raise
                 await self._survive("heartbeat", exc)
@@ -643,7 +652,7 @@ class Worker:
             await asyncio.sleep(self.config.lease / 2)
             try:
                 await self.reap()
-            except AeventorError as exc:
+            except Exception as exc:
                 if not self._serves:
                     raise
                 await self._survive("reap", exc)
@@ -669,13 +678,27 @@ class Worker:
             self.log.warning(
                 "step.lost", run_id=claim.run_id, step=claim.step, started=claim.pid is not None
             )
-            reaped += await self._give_up(
-                claim,
-                "lost: its worker stopped renewing its lease (it died, hung or lost the "
-                "database) while the step ran",
-                status=StepStatus.lost,
-                only_if_lapsed=True,
-            )
+            try:
+                reaped += await self._give_up(
+                    claim,
+                    "lost: its worker stopped renewing its lease (it died, hung or lost the "
+                    "database) while the step ran",
+                    status=StepStatus.lost,
+                    only_if_lapsed=True,
+                )
+            except ConnectionLost:
+                raise
+            except Exception as exc:
+                if not self._serves:
+                    raise
+                # One step run that cannot be recorded does not keep the others lapsed.
+                self.log.error(
+                    "step.loss_not_recorded",
+                    run_id=claim.run_id,
+                    step=claim.step,
+                    error=str(exc),
+                    exc_info=not isinstance(exc, AeventorError),
+                )
         return reaped
 
     async def _give_up(

@@ -24,6 +24,7 @@ from aeventor.dispatch import Graph
 from aeventor.dispatch.executor import ExecResult
 from aeventor.dispatch.trust import OwnProgram, Programs, SignedPrograms
 from aeventor.dispatch.worker import Scope, Worker, WorkerConfig
+from aeventor.exceptions import DatabaseError
 from aeventor.program.model import RunStatus, StepStatus
 from aeventor.submission import submit
 from aeventor.testing import FakeClock, FakeExecutor, InMemoryStore
@@ -269,6 +270,34 @@ async def test_a_claim_whose_acknowledgement_was_lost_returns_what_it_took(
     claims = await store.claim(worker="w", limit=2, run_id=run_id)
     assert len(claims) == 2 and len({c.token for c in claims}) == 1
     assert len(await store.claim(worker="w", limit=5, run_id=run_id)) == 1
+
+
+async def test_an_agents_worker_serves_through_store_errors(
+    store: InMemoryStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    graph = fan_out(2, host="h")
+    fake = FakeExecutor(outcome=succeed)
+    worker = make_worker(store, graph, fake, tmp_path, hosts=["h"], lease=0.4)
+    failures = 2
+    claim = store.claim
+
+    async def failing_claim(**kwargs: Any) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise DatabaseError("deadlock detected (the test's)")
+        return await claim(**kwargs)
+
+    store.claim = failing_claim  # type: ignore[method-assign]
+    run_id = await new_run(store, graph, mode="distributed")
+    async with running(worker, stop := asyncio.Event()):
+        async with asyncio.timeout(DEADLINE):
+            result = await store.wait_for_run(run_id)
+        stop.set()
+    assert result.ok
+    assert failures == 0
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "worker.claim_failed"]
+    assert len(logged) == 2
 
 
 # -- leases: renew and reap -------------------------------------------------------------------

@@ -47,7 +47,7 @@ TERMINATE_GRACE = 5.0
 #: Where this aeventor is imported from: the function runner finds it there even when this
 #: process found it through a variable its steps do not inherit (``PYTHONPATH``, on agents).
 #: Appended, so an aeventor installed for the step's interpreter comes first.
-_AEVENTOR_ROOT = str(Path(__file__).resolve().parents[3])
+_AEVENTOR_ROOT = str(Path(__file__).parents[3])  # __file__ is absolute: no syscall at import
 #: ``python -c`` starting the function runner (``python -m aeventor.backends.executors.runner``,
 #: but with the path above); its arguments stay those the runner parses.
 _RUNNER_BOOT = (

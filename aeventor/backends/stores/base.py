@@ -1003,7 +1003,10 @@ def _revoked(
     """Which held step runs are no longer the worker's (a deleted one counts as cancelled)."""
     revoked = dict.fromkeys(held, StepStatus.cancelled)
     for row in rows:
-        status = StepStatus(row.status)
+        try:
+            status = StepStatus(row.status)
+        except ValueError:  # a status nobody wrote: not ours to run either
+            continue
         if status is StepStatus.active and row.worker == worker and row.token == held[row.id]:
             del revoked[row.id]
         else:
