@@ -378,32 +378,38 @@ class Database(Store):
 
     def _translate(self, exc: DBAPIError) -> DatabaseError:
         kind = self._classify(exc)
+        reason = self._reason(exc)
         if kind is None and exc.connection_invalidated:
             kind = "disconnect"
         if kind == "auth":
             return AuthenticationError(
-                f"{self!r}: the server refused the login ({exc.orig}); check the user name "
+                f"{self!r}: the server refused the login: {reason}; check the user name "
                 "and password in the store URL (or the named store's encrypted password) "
                 "and that this user may connect to this database"
             )
         if kind == "disconnect":
-            return ConnectionLost(f"lost the connection to {self!r}: {exc.orig}")
+            return ConnectionLost(f"lost the connection to {self!r}: {reason}")
         if kind == "transient":
-            return TransientError(f"{self!r}: {exc.orig}")
+            return TransientError(f"{self!r}: {reason}")
         if kind == "timeout":
+            limit = "none" if self.statement_timeout is None else f"{self.statement_timeout:g} s"
             return StatementTimeout(
-                f"{self!r}: a statement ran past the store's statement_timeout of "
-                f"{self.statement_timeout:g} s and the server cancelled it ({exc.orig}); "
+                f"{self!r}: a statement ran past the store's statement_timeout ({limit}) "
+                f"and the server cancelled it ({reason}); "
                 "raise the timeout with ?statement_timeout=SECONDS in the store URL "
                 "(0: no limit), or find what held it up"
             )
         if kind == "too_large":
             return ValueTooLarge(
-                f"{self!r}: a statement was larger than the server accepts ({exc.orig}); "
+                f"{self!r}: a statement was larger than the server accepts ({reason}); "
                 f"{self.describe_limit()}",
                 limit=self.max_value_bytes,
             )
-        return DatabaseError(f"{self!r}: {exc.orig}")
+        return DatabaseError(f"{self!r}: {reason}")
+
+    def _reason(self, exc: DBAPIError) -> str:
+        """The driver's message, for ours."""
+        return str(exc.orig)
 
     def _classify(self, exc: DBAPIError) -> ErrorKind | None:
         """What a driver error means (None: a plain :class:`DatabaseError`); per backend."""

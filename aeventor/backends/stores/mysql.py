@@ -29,7 +29,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ...exceptions import SchemaVersionError
+from ...exceptions import SchemaVersionError, ValueTooLarge
 from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind
 from .migrations import upgrade_to_head
 
@@ -92,7 +92,50 @@ class MySQLDatabase(Database):
             finally:
                 cursor.close()
 
+        @event.listens_for(engine.sync_engine, "before_cursor_execute")
+        def _check_size(
+            _conn: Any,
+            _cursor: Any,
+            statement: str,
+            parameters: Any,
+            _context: Any,
+            executemany: bool,
+        ) -> None:
+            self._check_statement(statement, parameters, executemany)
+
         return engine
+
+    def _check_statement(self, statement: str, parameters: Any, executemany: bool) -> None:
+        """Refuse a statement larger than ``max_allowed_packet`` before it is sent.
+
+        The server answers one by dropping the connection, often before the client reads
+        its "packet too big" error: the driver then reports a lost connection, which would
+        be retried until the reconnect deadline. Nothing is sent; the transaction rolls
+        back on a healthy connection.
+        """
+        packet = self.max_allowed_packet
+        if packet is None:
+            return
+        rows = parameters if executemany else (parameters,)
+        # pymysql batches an executemany INSERT into statements it keeps far below any
+        # packet limit, so each row is checked as a statement of its own.
+        for row in rows or ((),):
+            values = row.values() if isinstance(row, dict) else (row or ())
+            texts = [v for v in values if isinstance(v, str | bytes)]
+            quick = len(statement) + sum(len(v) for v in texts)
+            # A character takes at most 4 bytes, escaped at most 2: measure only when close.
+            if quick * 4 < packet:
+                continue
+            size = len(statement.encode()) + sum(
+                self.value_size(v) if isinstance(v, str) else 2 * len(v) for v in texts
+            )
+            if size > packet:
+                raise ValueTooLarge(
+                    f"{self!r}: a statement of {size:,} bytes was not sent: "
+                    f"{self.describe_limit()}",
+                    size=size,
+                    limit=self.max_value_bytes,
+                )
 
     async def open(self) -> None:
         if self._engine is not None:
@@ -130,6 +173,13 @@ class MySQLDatabase(Database):
         # Not INSERT IGNORE: that also turns truncation and other errors into warnings.
         # "id = id" leaves the existing row as it is.
         return mysql_insert(table).on_duplicate_key_update({"id": table.c.id})
+
+    def _reason(self, exc: DBAPIError) -> str:
+        # pymysql's errors are (code, message) pairs: "message (MySQL error code)".
+        args: tuple[Any, ...] = getattr(exc.orig, "args", ())
+        if len(args) == 2 and isinstance(args[0], int):
+            return f"{args[1]} (error {args[0]})"
+        return str(exc.orig)
 
     def _classify(self, exc: DBAPIError) -> ErrorKind | None:
         args: tuple[Any, ...] = getattr(exc.orig, "args", ())
