@@ -95,6 +95,13 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=BACKEND_PARAMS[1:])
+def server_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty store on each database server (Postgres, MariaDB): not sqlite."""
+    with backend_url(request.param, tmp_path) as url:
+        yield url
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
 def empty_store_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """Two fresh databases with no aeventor table yet (not even on Postgres), on each

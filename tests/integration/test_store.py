@@ -139,9 +139,7 @@ async def test_stores_opened_at_once_on_fresh_databases(
     urls = empty_store_urls
     stores = [open_store(url, program="fresh") for url in urls for _ in range(4)]
     try:
-        await within(
-            asyncio.gather(*(db.open() for db in stores)), what="eight stores to open"
-        )
+        await within(asyncio.gather(*(db.open() for db in stores)), what="eight stores to open")
     finally:
         for db in stores:
             await db.aclose()
@@ -189,7 +187,9 @@ async def test_processes_opening_a_fresh_database_at_once_migrate_it_once(
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-    errors = [err.decode() for (_, err), proc in zip(outcomes, procs, strict=True) if proc.returncode]
+    errors = [
+        err.decode() for (_, err), proc in zip(outcomes, procs, strict=True) if proc.returncode
+    ]
     assert errors == []
     assert await _schema_diff(url) == ([], head_revision())
 
