@@ -449,8 +449,11 @@ def _fit(text: str, limit: int, size: Callable[[str], int], limit_text: str) -> 
         )
 
     budget = limit - size(note(len(text)))
-    if budget <= 0:
-        return note(len(text))[: max(limit, 0)]
+    if budget <= 0:  # a tiny limit: as much of the note as fits
+        short = note(len(text)).strip()
+        while short and size(short) > limit:
+            short = short[:-1]
+        return short
 
     def ends(keep: int) -> tuple[str, str]:
         return text[: keep // 2], text[len(text) - (keep - keep // 2) :]
