@@ -102,6 +102,13 @@ def server_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
         yield url
 
 
+@pytest.fixture(params=BACKEND_PARAMS[1:])
+def empty_server_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database with no aeventor table yet on each server (Postgres, MariaDB)."""
+    with backend_url(request.param, tmp_path, migrated=False) as url:
+        yield url
+
+
 @pytest.fixture(params=BACKEND_PARAMS)
 def empty_store_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """Two fresh databases with no aeventor table yet (not even on Postgres), on each

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,47 @@ async def test_processes_opening_a_fresh_database_at_once_migrate_it_once(
     ]
     assert errors == []
     assert await _schema_diff(url) == ([], head_revision())
+
+
+async def test_the_upgrade_lock_is_held_until_the_upgrade_has_committed(
+    empty_server_url: str,
+) -> None:
+    """The cross-process lock spans the upgrade's commit.
+
+    Released earlier (as MySQL's named lock once was, before the final commit), the next
+    process could read the revision before the last one and apply a migration twice.
+    """
+    from aeventor.backends.stores import mysql, postgres
+    from aeventor.backends.stores.migrations import upgrade_to_head
+
+    db = open_store(empty_server_url, program="lock")
+    if isinstance(db, mysql.MySQLDatabase):
+        real = db._named_lock
+        held = sa.select(
+            sa.func.is_used_lock(mysql._lock_name(db.url.database or "")) == sa.func.connection_id()
+        )
+    else:
+        real = postgres._advisory_lock
+        held = sa.text(
+            "SELECT count(*) = 1 FROM pg_locks "
+            "WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted"
+        )
+    observed: list[tuple[bool, bool]] = []
+
+    @contextlib.contextmanager
+    def spy(connection: sa.Connection) -> Iterator[None]:
+        with real(connection):
+            yield
+            # The upgrade's transaction has ended: the lock must still be held.
+            observed.append((connection.in_transaction(), bool(connection.execute(held).scalar())))
+
+    engine = db._create_engine()
+    try:
+        await upgrade_to_head(engine, lock=spy)
+    finally:
+        await engine.dispose()
+    assert observed == [(False, True)]
+    assert await _schema_diff(empty_server_url) == ([], head_revision())
 
 
 async def test_a_newer_schema_is_refused(store_url: str) -> None:

@@ -6,6 +6,7 @@ store whose :attr:`~aeventor.dispatch.store.Store.max_value_bytes` is small.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -220,3 +221,31 @@ async def test_other_database_errors_are_not_retried(error: DatabaseError) -> No
 def test_a_lost_connection_is_a_transient_error() -> None:
     assert issubclass(ConnectionLost, TransientError)
     assert not issubclass(AuthenticationError, TransientError)
+
+
+# -- Alembic's proxies belong to one migration at a time --------------------------------------
+
+
+async def test_a_cancelled_wait_for_the_alembic_lock_leaves_it_free() -> None:
+    """A migration cancelled while it waits for the lock releases it once its thread gets it."""
+    from aeventor.backends.stores.migrations import ALEMBIC_LOCK, _alembic_proxies
+
+    entered = asyncio.Event()
+
+    async def migrate() -> None:
+        async with _alembic_proxies():
+            entered.set()
+
+    assert ALEMBIC_LOCK.acquire(blocking=False)
+    try:
+        task = asyncio.create_task(migrate())
+        await asyncio.sleep(0)  # let it start waiting in its thread
+        task.cancel()
+        await asyncio.wait([task])
+    finally:
+        ALEMBIC_LOCK.release()
+    assert task.cancelled()
+    assert not entered.is_set()
+    # Its thread takes the lock and a callback on this loop gives it back.
+    assert await asyncio.to_thread(ALEMBIC_LOCK.acquire, True, 10)
+    ALEMBIC_LOCK.release()
