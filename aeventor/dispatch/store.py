@@ -231,10 +231,14 @@ class Store(abc.ABC):
         return len(text.encode())
 
     def describe_limit(self) -> str:
-        """What sets :attr:`max_value_bytes` (and how to raise it), for error messages."""
+        """What sets :attr:`max_value_bytes`, for error messages."""
         if self.max_value_bytes is None:
             return "this store has no value size limit"
         return f"this store takes at most {self.max_value_bytes:,} bytes per value"
+
+    def how_to_raise_limit(self) -> str | None:
+        """How to raise :attr:`max_value_bytes`, for error messages (None: it cannot be)."""
+        return None
 
     def oversize(self, what: str, text: str, *, fix: str) -> str | None:
         """None when ``text`` fits in :attr:`max_value_bytes`; else why it does not.
@@ -249,7 +253,10 @@ class Store(abc.ABC):
         size = self.value_size(text)
         if size <= limit:
             return None
-        return f"{what} is {size:,} bytes; {self.describe_limit()}: {fix}"
+        how = self.how_to_raise_limit()
+        return f"{what} is {size:,} bytes; {self.describe_limit()}: {fix}" + (
+            f", or {how}" if how else ""
+        )
 
     # -- primitives ---------------------------------------------------------------------
 

@@ -402,7 +402,8 @@ class Database(Store):
         if kind == "too_large":
             return ValueTooLarge(
                 f"{self!r}: a statement was larger than the server accepts ({reason}); "
-                f"{self.describe_limit()}",
+                f"{self.describe_limit()}; make it smaller"
+                + (f", or {how}" if (how := self.how_to_raise_limit()) else ""),
                 limit=self.max_value_bytes,
             )
         return DatabaseError(f"{self!r}: {reason}")

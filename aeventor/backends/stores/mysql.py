@@ -132,7 +132,7 @@ class MySQLDatabase(Database):
             if size > packet:
                 raise ValueTooLarge(
                     f"{self!r}: a statement of {size:,} bytes was not sent: "
-                    f"{self.describe_limit()}",
+                    f"{self.describe_limit()}; make it smaller, or {self.how_to_raise_limit()}",
                     size=size,
                     limit=self.max_value_bytes,
                 )
@@ -159,12 +159,14 @@ class MySQLDatabase(Database):
 
     def describe_limit(self) -> str:
         if self.max_allowed_packet is None:
-            return "the server's max_allowed_packet limits each statement; raise it"
+            return f"{self.server}'s max_allowed_packet limits each statement"
         return (
-            f"{self.server}'s max_allowed_packet is {self.max_allowed_packet:,} bytes, which "
-            f"leaves {self.max_value_bytes:,} per value: make it smaller, or raise "
-            "max_allowed_packet on the server"
+            f"{self.server}'s max_allowed_packet is {self.max_allowed_packet:,} bytes "
+            f"(at most {self.max_value_bytes:,} per value)"
         )
+
+    def how_to_raise_limit(self) -> str:
+        return "raise max_allowed_packet on the server"
 
     async def _ensure_schema(self) -> None:
         await upgrade_to_head(self.engine, lock=self._named_lock)
