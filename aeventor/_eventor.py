@@ -36,7 +36,7 @@ from .program.builder import (
 )
 from .program.model import EventDef, ProgramDef, RunStatus, StepDef, StepStatus
 from .records import RunResult
-from .signing import load_cluster_key
+from .signing import load_cluster_key, step_run_signer
 from .submission import follow, submit
 
 __all__ = ("Event", "Eventor", "Group", "RunHandle", "Step", "attach")
@@ -391,6 +391,7 @@ class Eventor:
         distributed = self.mode == "distributed"
         # A standalone run lives in this process: if its task is cancelled, so is the run.
         state = _RunState(uuid.uuid4().hex, cancel_on_cancel=not distributed)
+        state.cluster_key = self._key
         state.follows = distributed
         runner = self._run_distributed if distributed else self._run
         task = asyncio.create_task(runner(state, program), name=f"aeventor run {state.run_id}")
@@ -571,6 +572,9 @@ class _RunState:
         self.graph: Graph | None = None
         #: The worker driving a standalone run, while it does.
         self.worker: Worker | None = None
+        #: Where the cluster key comes from, to sign the step runs that events triggered
+        #: into a distributed run make ready (agents run no others).
+        self.cluster_key: Callable[[], bytes] | None = None
 
     def set_status(self, status: RunStatus) -> None:
         self.status = status
@@ -701,7 +705,13 @@ class RunHandle:
             )
         graph = state.graph
         if graph is None:
-            graph = state.graph = Graph(await db.run_program(self.run_id))
+            program = await db.run_program(self.run_id)
+            signer = None
+            if state.cluster_key is not None and state.follows:
+                origin = await db.run_origin(self.run_id)
+                if origin.mode == "distributed":
+                    signer = step_run_signer(state.cluster_key())
+            graph = state.graph = Graph(program, signer=signer)
         if name not in graph.program.events:
             raise ProgramDefinitionError(f"trigger_event: undefined event {name!r}")
         worker = state.worker
@@ -760,6 +770,7 @@ def attach(
         if isinstance(store, Eventor)
         else Eventor(name="attached", store=store, poll_interval=poll_interval)
     )
+    state.cluster_key = eventor._key
 
     async def follow_it() -> RunResult:
         async with eventor._run_store() as db:

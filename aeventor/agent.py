@@ -6,7 +6,10 @@ child that crashes stops the agent (nothing dies silently). It claims step runs 
 hosts (woken by LISTEN/NOTIFY on Postgres, by polling on MySQL), checks where each came from
 (signed program and run, allowed module), runs it as a subprocess (locally, or over SSH for
 hosts configured as SSH targets), and records the outcome together with everything it causes
-in one transaction.
+in one transaction. Before it runs a step run it verifies the row's MAC (made with the cluster
+key by whoever created it): rows inserted, copied or re-routed in the database are refused.
+Its steps inherit only an allow-list of its environment variables (see :mod:`aeventor.context`):
+never the cluster key nor the store's URL.
 
 Heartbeats are one batched update per agent (its row and the leases of all its step runs). A
 step run whose lease lapses (its agent died) is recorded as a failure by any agent's reaper,
@@ -28,6 +31,7 @@ from typing import Any
 from .backends.executors.local import LocalExecutor
 from .backends.stores import open_store
 from .backends.stores.base import Database
+from .context import EnvPolicy
 from .dispatch.executor import Executor
 from .dispatch.trust import Refused, SignedPrograms
 from .dispatch.worker import Scope, Worker, WorkerConfig
@@ -47,12 +51,16 @@ class AgentConfig:
         hosts: host names whose steps it runs locally.
         ssh_targets: host names whose steps it runs over SSH (name -> SshTarget).
         allow: fnmatch patterns; a step's module (or script path) must match one.
-        cluster_key: the HMAC key that signed programs and runs must verify with.
+        cluster_key: the HMAC key that signed programs, runs and step runs must verify with.
+        pass_env: fnmatch patterns of this process's environment variables its steps
+            inherit besides :data:`~aeventor.context.DEFAULT_PASS_ENV` (and that are sent to
+            SSH hosts); aeventor's secrets never are.
     """
 
     hosts: Sequence[str]
     cluster_key: bytes
     allow: Sequence[str] = ()
+    pass_env: Sequence[str] = ()
     ssh_targets: Mapping[str, Any] = field(default_factory=dict)
     max_concurrency: int = 8
     heartbeat: float = 5.0
@@ -73,13 +81,16 @@ class Agent:
     def __init__(self, *, db: Database, config: AgentConfig) -> None:
         self.db = db
         self.config = config
-        self._local = LocalExecutor()
+        env = EnvPolicy.agent(config.pass_env)
+        self._local = LocalExecutor(env=env)
         self._ssh: Any = None
         if config.ssh_targets:
             from .backends.executors.ssh import SshExecutor
 
-            self._ssh = SshExecutor(targets=config.ssh_targets)
-        self.programs = SignedPrograms(db, key=config.cluster_key, allow=config.allow)
+            self._ssh = SshExecutor(targets=config.ssh_targets, env=env)
+        self.programs = SignedPrograms(
+            db, key=config.cluster_key, allow=config.allow, hosts=config.all_hosts
+        )
         self.worker = Worker(
             store=db,
             scope=Scope(hosts=tuple(config.all_hosts)),

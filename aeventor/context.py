@@ -1,11 +1,32 @@
-"""The context a running step sees: who it is, and (in-loop) how to fire events."""
+"""The context a running step sees: who it is, its environment, and (in-loop) how to fire
+events.
+
+What a step's process inherits from the process that starts it is decided here, once, for
+every executor (:class:`EnvPolicy`, :func:`process_env`):
+
+- the steps of a standalone run (``Eventor`` in the user's own process) inherit that
+  process's environment, except aeventor's secrets (:data:`SECRET_ENV`: the cluster key and
+  the key of the encrypted store passwords, and the files they are read from);
+- the local steps of an agent inherit only :data:`DEFAULT_PASS_ENV` of the agent's
+  variables, plus those the operator names (``aeventor agent --pass-env PATTERN``), never a
+  secret: not the cluster key, not the store's URL or password, nothing else of the agent's;
+- a step on an SSH host starts with the login environment that host's sshd gives it; of the
+  agent's variables it is sent only those named by ``--pass-env`` (the agent's ``PATH`` or
+  ``HOME`` mean nothing there).
+
+On top of what it inherits, every step gets its group's and its own ``env=`` variables and
+the ``EVENTOR_*`` ones (:func:`launch_env`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+import fnmatch
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from .exceptions import AeventorError
@@ -13,7 +34,113 @@ from .exceptions import AeventorError
 if TYPE_CHECKING:
     from .program.model import StepDef
 
-__all__ = ("StepContext", "bind_step", "current_step", "launch_env", "step_env")
+__all__ = (
+    "DEFAULT_PASS_ENV",
+    "SECRET_ENV",
+    "EnvPolicy",
+    "StepContext",
+    "bind_step",
+    "current_step",
+    "launch_env",
+    "process_env",
+    "step_env",
+)
+
+#: The agent's variables its local steps inherit without being told: what a program needs to
+#: find commands, its home, its user, its locale, time zone, temporary directory and terminal.
+DEFAULT_PASS_ENV: tuple[str, ...] = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TZ",
+    "TMPDIR",
+    "TERM",
+)
+
+#: aeventor's secrets, never inherited by a step whatever a pattern says: the cluster key
+#: (which signs work for every agent) and the key of the stores' encrypted passwords, and the
+#: variables naming the files they are read from.
+SECRET_ENV: frozenset[str] = frozenset(
+    {"AEVENTOR_CLUSTER_KEY", "AEVENTOR_CLUSTER_KEY_FILE", "AEVENTOR_KEY", "AEVENTOR_KEY_FILE"}
+)
+
+
+def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """One compiled regular expression for case-sensitive fnmatch ``patterns``."""
+    translated = [fnmatch.translate(p) for p in patterns]
+    return re.compile("|".join(f"(?:{t})" for t in translated)) if translated else None
+
+
+@dataclass(frozen=True, slots=True)
+class EnvPolicy:
+    """Which of the starting process's environment variables its steps inherit.
+
+    Args:
+        local: fnmatch patterns (case-sensitive) of the variables a local step inherits;
+            None: all of them (a standalone run).
+        remote: those sent to a step on an SSH host, whose sshd gives it a login
+            environment of its own.
+
+    :data:`SECRET_ENV` is never inherited. The default is a standalone run's policy;
+    :meth:`agent` makes an agent's.
+
+    .. versionadded:: 0.1
+    """
+
+    local: tuple[str, ...] | None = None
+    remote: tuple[str, ...] = ()
+    _local: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    _remote: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_local", None if self.local is None else _matcher(self.local))
+        object.__setattr__(self, "_remote", _matcher(self.remote))
+
+    @classmethod
+    def agent(cls, pass_env: Iterable[str] = ()) -> EnvPolicy:
+        """An agent's: :data:`DEFAULT_PASS_ENV` and ``pass_env`` locally, ``pass_env`` alone
+        to SSH hosts."""
+        extra = tuple(pass_env)
+        return cls(local=(*DEFAULT_PASS_ENV, *extra), remote=extra)
+
+    def inherited(self, environ: Mapping[str, str], *, remote: bool = False) -> dict[str, str]:
+        """The variables of ``environ`` a step inherits (locally, or on an SSH host)."""
+        if remote:
+            matcher = self._remote
+            if matcher is None:
+                return {}
+        elif self.local is None:
+            return {k: v for k, v in environ.items() if k not in SECRET_ENV}
+        else:
+            matcher = self._local
+            if matcher is None:
+                return {}
+        return {k: v for k, v in environ.items() if k not in SECRET_ENV and matcher.fullmatch(k)}
+
+
+def process_env(
+    env: Mapping[str, str],
+    policy: EnvPolicy,
+    *,
+    remote: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a step's process: what it inherits, then its own ``env``.
+
+    Args:
+        env: the step run's own variables (:func:`launch_env`); they win.
+        policy: what it inherits of ``environ``.
+        remote: for a step on an SSH host: what is sent there (on top of the login
+            environment sshd gives it).
+        environ: the starting process's environment (default :data:`os.environ`).
+    """
+    source = os.environ if environ is None else environ
+    return {**policy.inherited(source, remote=remote), **env}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,11 @@
 """Signed programs and runs: write access to the database alone must not run code.
 
 An agent executes a step only if the program's definition carries a valid HMAC-SHA256 made
-with the cluster key, and the run carries one binding its id to that program's version. Only
-holders of the cluster key (submitters and agents) can make either. Step arguments are JSON,
-never unpickled, and a step's callable must come from a module the agent allows.
+with the cluster key, the run carries one binding its id to that program's version, and the
+step run carries one (:func:`step_run_mac`) binding it to that run, program version, step,
+sequence, recovery, attempt, host and queue. Only holders of the cluster key (submitters and
+agents) can make any of them. Step arguments are JSON, never unpickled, and a step's callable
+must come from a module the agent allows.
 
 The key: ``$AEVENTOR_CLUSTER_KEY`` (any string of 32+ characters), else the file
 ``$AEVENTOR_CLUSTER_KEY_FILE``, else ``$XDG_CONFIG_HOME/aeventor/cluster.key``; a key file must
@@ -12,8 +14,10 @@ not be accessible by group or others. ``aeventor config genkey --key-file PATH``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import json
 import os
 import stat
 from collections.abc import Mapping
@@ -30,6 +34,8 @@ __all__ = (
     "load_cluster_key",
     "program_signature",
     "run_signature",
+    "step_run_mac",
+    "step_run_signer",
     "verify",
 )
 
@@ -101,5 +107,46 @@ def run_signature(key: bytes, *, run_id: str, program_id: int, version: str) -> 
     return _mac(key, "run", run_id, str(program_id), version)
 
 
+def step_run_mac(
+    key: bytes,
+    *,
+    run_id: str,
+    version: str,
+    step: str,
+    sequence: str,
+    recovery: int,
+    attempt: int,
+    host: str | None,
+    queue: str | None,
+) -> str:
+    """The MAC of a step run: exactly what decides what runs, and where.
+
+    Made by the worker (or submitter) whose transaction creates the step run, verified by
+    the agent that claims it. A row inserted without the key, copied from another step run
+    (another run, sequence, recovery or attempt), or re-routed (host or queue changed) does
+    not verify. The fields are encoded as a JSON array, so no choice of names or sequences
+    can make two different step runs encode alike.
+    """
+    message = json.dumps(
+        ["step-run", run_id, version, step, sequence, recovery, attempt, host, queue],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+
+
+def step_run_signer(key: bytes) -> functools.partial[str]:
+    """:func:`step_run_mac` with ``key`` bound: what a signing
+    :class:`~aeventor.dispatch.Graph` is given (``Graph(program, signer=...)``)."""
+    return functools.partial(step_run_mac, key)
+
+
 def verify(expected: str | None, actual: str) -> bool:
-    return expected is not None and hmac.compare_digest(expected, actual)
+    """Whether the stored signature ``expected`` is ``actual``, in constant time.
+
+    A stored value is whatever the database holds: compared as UTF-8 bytes, since
+    :func:`hmac.compare_digest` raises on strings with non-ASCII characters.
+    """
+    if expected is None:
+        return False
+    return hmac.compare_digest(expected.encode(errors="surrogatepass"), actual.encode())

@@ -1,7 +1,8 @@
 """Submitting a program to the host agents, and following a run from anywhere.
 
 Submission registers the program (signed with the cluster key), creates the run (signed too)
-and fires its initial events, in two transactions; the submitter may then exit: the agents
+and fires its initial events (each step run it makes ready carries its MAC), in two
+transactions; the submitter may then exit: the agents
 carry the run to its end. Following a run reads its status whenever the store says it changed
 (NOTIFY on Postgres) or the poll interval passes.
 """
@@ -40,7 +41,8 @@ async def submit(
         program, signature=_signing.program_signature(key, program)
     )
     await db.create_run(
-        Graph(program),
+        # Signs the step runs the initial events make ready: agents run no unsigned row.
+        Graph(program, signer=_signing.step_run_signer(key)),
         program_id=program_id,
         triggers=list(triggers),
         run_id=run_id,

@@ -49,7 +49,7 @@ import asyncio
 import copy
 import json
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self, TypeVar
@@ -88,7 +88,7 @@ class FakeClock:
     """
 
     def __init__(self, start: datetime | None = None) -> None:
-        self.now = start or datetime(2026, 1, 1, tzinfo=UTC)
+        self.now = self.start = start or datetime(2026, 1, 1, tzinfo=UTC)
         if self.now.tzinfo is None:
             raise ValueError(f"start={start!r}: pass an aware datetime (tzinfo=UTC)")
 
@@ -98,6 +98,10 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         """Move the clock forward by ``seconds``."""
         self.now += timedelta(seconds=seconds)
+
+    def monotonic(self) -> float:
+        """Seconds since the start, as :func:`time.monotonic` (a worker's ``monotonic``)."""
+        return (self.now - self.start).total_seconds()
 
 
 class _Changes:
@@ -181,6 +185,7 @@ class _Agent:
     started: datetime
     heartbeat: datetime
     stopped: datetime | None = None
+    lease_until: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -228,6 +233,7 @@ class InMemoryStore(Store):
         self.poll_interval = None
         self.notifier = Notifier()
         self._lock = asyncio.Lock()
+        self._lost_acks = 0
         self._changes = _Changes()
         self._t = _Tables()
 
@@ -250,12 +256,25 @@ class InMemoryStore(Store):
 
     # -- transactions ---------------------------------------------------------------------
 
+    def lose_acknowledgements(self, count: int = 1) -> None:
+        """Make the next ``count`` writes (transactions and claims) commit, then lose their
+        acknowledgement: each runs again as a retry after a lost connection would (the
+        transaction with ``tx.retried``), and its caller gets what the retry returns."""
+        self._lost_acks += count
+
     async def write(self, operation: Callable[[StoreTx], Awaitable[_T]]) -> _T:
         async with self._lock:
             tx = MemoryTx(copy.deepcopy(self._t), self.clock)
             value = await operation(tx)
             self._t = tx.tables
             self._changes.changed()
+            if self._lost_acks:
+                self._lost_acks -= 1
+                first = tx
+                tx = MemoryTx(copy.deepcopy(self._t), self.clock, retried=True)
+                value = await operation(tx)
+                self._t = tx.tables
+                tx.notifications = first.notifications | tx.notifications
         for run_id, queues in tx.notifications.items():
             self.notifier.notify(run_id)
             for queue in queues:
@@ -296,47 +315,80 @@ class InMemoryStore(Store):
                 claimed.append(_claim(row))
             if claimed:
                 self._changes.changed()
+            if self._lost_acks:
+                # The retry finds what the first attempt claimed by its token.
+                self._lost_acks -= 1
+                claimed = [
+                    _claim(row)
+                    for row in self._t.step_runs.values()
+                    if row.status is StepStatus.active
+                    and row.worker == worker
+                    and row.token == token
+                ]
         return claimed
 
     async def heartbeat(
-        self, *, worker: str, hostname: str, pid: int, hosts: Sequence[str], lease: timedelta
-    ) -> set[int]:
+        self,
+        *,
+        worker: str,
+        hostname: str,
+        pid: int,
+        hosts: Sequence[str],
+        lease: timedelta,
+        held: Mapping[int, str | None],
+    ) -> dict[int, StepStatus]:
         async with self._lock:
             now = self.clock()
             agent = self._t.agents.get(worker)
             if agent is None:
-                self._t.agents[worker] = _Agent(worker, hostname, pid, list(hosts), now, now)
+                agent = self._t.agents[worker] = _Agent(
+                    worker, hostname, pid, list(hosts), now, now
+                )
             else:
                 agent.heartbeat, agent.hosts, agent.stopped = now, list(hosts), None
-            cancelled: set[int] = set()
-            for row in self._t.step_runs.values():
-                if row.worker != worker:
-                    continue
-                if row.status is StepStatus.active:
-                    row.lease_until = now + lease
+            agent.lease_until = now + lease
+            revoked: dict[int, StepStatus] = {}
+            for id_, token in held.items():
+                row = self._t.step_runs.get(id_)
+                if row is None:
+                    revoked[id_] = StepStatus.cancelled
                 elif (
-                    row.status is StepStatus.cancelled
-                    and row.ended is not None
-                    and row.ended >= now - 2 * lease
+                    row.status is StepStatus.active and row.worker == worker and row.token == token
                 ):
-                    cancelled.add(row.id)
+                    row.lease_until = now + lease
+                else:
+                    revoked[id_] = row.status
             self._changes.changed()
-        return cancelled
+        return revoked
 
     async def worker_stopped(self, worker: str) -> None:
         async with self._lock:
             agent = self._t.agents.get(worker)
             if agent is not None:
-                agent.stopped = self.clock()
+                agent.stopped, agent.lease_until = self.clock(), None
 
-    async def lapsed_leases(self, *, limit: int = 100) -> list[Claim]:
+    async def lapsed_leases(
+        self, *, limit: int = 100, run_id: str | None = None, worker: str | None = None
+    ) -> list[Claim]:
         now = self.clock()
+
+        def alive(row: _StepRun) -> bool:
+            agent = self._t.agents.get(row.worker or "")
+            return (
+                agent is not None
+                and agent.stopped is None
+                and agent.lease_until is not None
+                and agent.lease_until >= now
+            )
+
         return [
             _claim(row)
             for row in self._t.step_runs.values()
             if row.status is StepStatus.active
             and row.lease_until is not None
             and row.lease_until < now
+            and (run_id is None or row.run_id == run_id)
+            and (not alive(row) or (worker is not None and row.worker == worker))
         ][:limit]
 
     async def active_claims(self, *, worker: str) -> list[Claim]:
@@ -472,6 +524,7 @@ def _claim(row: _StepRun) -> Claim:
         row.host,
         row.queue,
         row.mac,
+        row.pid,
     )
 
 
@@ -480,9 +533,12 @@ class MemoryTx:
 
     claims_on_insert = True
 
-    def __init__(self, tables: _Tables, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, tables: _Tables, clock: Callable[[], datetime], *, retried: bool = False
+    ) -> None:
         self.tables = tables
         self.clock = clock
+        self.retried = retried
         #: run ids to wake at commit
         self.notifications: dict[str, set[str | None]] = {}
 
@@ -521,29 +577,58 @@ class MemoryTx:
             signature=signature,
         )
 
+    def _held(self, claim_id: int, token: str | None, only_if_lapsed: bool) -> _StepRun | None:
+        row = self.tables.step_runs.get(claim_id)
+        if row is None or row.status is not StepStatus.active or row.token != token:
+            return None
+        if only_if_lapsed and not (row.lease_until is not None and row.lease_until < self.clock()):
+            return None
+        return row
+
     async def end_step(
         self,
         claim_id: int,
         *,
+        token: str | None,
         status: StepStatus,
         result: str | None,
         error: str | None,
         only_if_lapsed: bool = False,
     ) -> bool:
-        row = self.tables.step_runs.get(claim_id)
-        now = self.clock()
-        if row is None or row.status is not StepStatus.active:
-            return False
-        if only_if_lapsed and not (row.lease_until is not None and row.lease_until < now):
+        row = self._held(claim_id, token, only_if_lapsed)
+        if row is None:
             return False
         row.status, row.result, row.error = status, result, error
-        row.ended, row.lease_until = now, None
+        row.ended, row.lease_until = self.clock(), None
         return True
 
-    async def set_pid(self, step_run_id: int, pid: int) -> None:
+    async def requeue_step(
+        self, claim_id: int, *, token: str | None, only_if_lapsed: bool = False
+    ) -> bool:
+        row = self._held(claim_id, token, only_if_lapsed)
+        if row is None:
+            return False
+        row.status, row.worker, row.token, row.pid = StepStatus.ready, None, None, None
+        row.started, row.lease_until = None, None
+        return True
+
+    async def step_state(self, step_run_id: int) -> tuple[StepStatus, str | None] | None:
         row = self.tables.step_runs.get(step_run_id)
-        if row is not None:
-            row.pid = pid
+        return None if row is None else (row.status, row.token)
+
+    async def claimed(self, *, worker: str, token: str) -> list[Claim]:
+        return [
+            _claim(row)
+            for row in self.tables.step_runs.values()
+            if row.status is StepStatus.active and row.worker == worker and row.token == token
+        ]
+
+    async def set_pid(self, step_run_id: int, pid: int, *, token: str | None) -> bool:
+        row = self._held(step_run_id, token, False)
+        if row is None:
+            return False
+        row.pid = pid
+        return True
 
     async def fired(
         self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
@@ -612,10 +697,12 @@ class MemoryTx:
             1 for r in self.tables.step_runs.values() if r.run_id == run_id and r.status in PENDING
         )
 
-    async def stop_run(self, run_id: str, reason: str) -> None:
+    async def stop_run(self, run_id: str, reason: str | None) -> None:
         run = self.tables.runs.get(run_id)
         if run is not None:
-            run.stopped, run.reason = True, reason
+            run.stopped = True
+            if reason is not None:
+                run.reason = reason
         now = self.clock()
         for row in self.tables.step_runs.values():
             if row.run_id == run_id and row.status is StepStatus.ready:

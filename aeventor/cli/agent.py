@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fnmatch
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..context import DEFAULT_PASS_ENV, SECRET_ENV
 from ..exceptions import ConfigurationError
 from ..logs import get_logger, stderr_handler
 
@@ -73,6 +75,17 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
             "steps may run (repeatable)"
         ),
     )
+    parser.add_argument(
+        "--pass-env",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help=(
+            "fnmatch pattern of this agent's environment variables its steps inherit "
+            "(repeatable; sent to SSH hosts too). Without it, local steps inherit only "
+            f"{' '.join(DEFAULT_PASS_ENV)}; never {', '.join(sorted(SECRET_ENV))}"
+        ),
+    )
     parser.add_argument("--max-concurrency", type=int, default=8)
     parser.add_argument("--heartbeat", type=float, default=5.0)
     parser.add_argument("--lease", type=float, default=30.0)
@@ -107,7 +120,10 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         action="append",
         default=[],
         metavar="NAME",
-        help="pass this environment variable to the agent (repeatable)",
+        help=(
+            "pass this environment variable to the agent (repeatable; sent over the SSH "
+            "channel, never on a command line)"
+        ),
     )
     start.add_argument("--log", help="the agent's log file there")
     start.add_argument("agent_args", nargs=argparse.REMAINDER)
@@ -167,6 +183,7 @@ async def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
         else ([] if ssh_targets else [socket.gethostname()]),
         cluster_key=load_cluster_key(environ=environ),
         allow=args.allow,
+        pass_env=args.pass_env,
         ssh_targets=ssh_targets,
         max_concurrency=args.max_concurrency,
         heartbeat=args.heartbeat,
@@ -179,6 +196,14 @@ async def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
             "agent.nothing_allowed",
             hint="no --allow pattern: every step will be refused; pass --allow 'mypkg.*'",
         )
+    for pattern in args.pass_env:
+        secrets = sorted(name for name in SECRET_ENV if fnmatch.fnmatchcase(name, pattern))
+        if secrets:
+            log.warning(
+                "agent.secret_not_passed",
+                pattern=pattern,
+                hint=f"steps never inherit {', '.join(secrets)}, whatever --pass-env says",
+            )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -189,24 +214,44 @@ async def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
 # -- aeventor agent start ---------------------------------------------------------------------
 
 
+#: Run by the remote ``python`` (standard library only): reads the forwarded variables as a
+#: JSON line on stdin, starts the agent detached (a session of its own, output to the log
+#: file), prints its pid. The variables travel on the channel's stdin, never on a command
+#: line, which any user of the host can read in its process list (the cluster key among them).
+_LAUNCHER = (
+    "import json, os, subprocess, sys\n"
+    "env = {**os.environ, **json.loads(sys.stdin.readline() or '{}')}\n"
+    "with open(sys.argv[1], 'wb') as log:\n"
+    "    agent = subprocess.Popen(sys.argv[2:], env=env, stdin=subprocess.DEVNULL,\n"
+    "                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)\n"
+    "print(f'aeventor-agent-pid={agent.pid}', flush=True)\n"
+)
+
+
 async def start_remote(
     target: Any, agent_args: Sequence[str], *, env: Mapping[str, str], log_file: str
 ) -> int:
-    """Start ``python -m aeventor.agent`` on an SSH host, detached; return its pid there."""
+    """Start ``python -m aeventor.agent`` on an SSH host, detached; return its pid there.
+
+    ``env`` is sent over the channel's stdin, so no value (a cluster key) shows in the
+    remote host's process list.
+    """
+    import json
     import shlex
 
     from ..backends.executors.ssh import SshExecutor
 
     executor = SshExecutor(targets={"target": target})
     try:
-        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        command = (
-            f"{'env ' + assignments + ' ' if assignments else ''}nohup "
-            f"{shlex.quote(target.python)} -m aeventor.agent "
-            + " ".join(shlex.quote(a) for a in agent_args)
-            + f" > {shlex.quote(log_file)} 2>&1 < /dev/null & echo aeventor-agent-pid=$!"
+        python = shlex.quote(target.python)
+        command = " ".join(
+            [python, "-c", shlex.quote(_LAUNCHER), shlex.quote(log_file)]
+            + [python, "-m", "aeventor.agent"]
+            + [shlex.quote(a) for a in agent_args]
         )
-        status, out, err = await executor.shell("target", command)
+        status, out, err = await executor.shell(
+            "target", command, input=json.dumps(dict(env)).encode() + b"\n"
+        )
         if status != 0:
             raise ConfigurationError(f"starting the agent over SSH failed ({status}): {err}")
         # Found by its tag: SshExecutor.shell() returns str(bytes) ("b'123\\n'"), not text.

@@ -5,13 +5,22 @@ executes and records step runs in every mode.
 Nothing here imports a concrete store, an executor, the command line or the agent.
 """
 
-from ._state import PENDING, FirePlan, Graph, StepOutcome, check_transition, final_run_status
+from ._state import (
+    PENDING,
+    FirePlan,
+    Graph,
+    StepOutcome,
+    StepRunSigner,
+    check_transition,
+    final_run_status,
+)
 
 __all__ = (
     "PENDING",
     "FirePlan",
     "Graph",
     "StepOutcome",
+    "StepRunSigner",
     "check_transition",
     "final_run_status",
 )

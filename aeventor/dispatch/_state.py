@@ -16,11 +16,36 @@ from collections import deque
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..program import expr as _expr
 from ..program.model import ProgramDef, RunStatus, StepStatus
 
-__all__ = ("FirePlan", "Graph", "StepOutcome", "check_transition", "final_run_status")
+__all__ = (
+    "FirePlan",
+    "Graph",
+    "StepOutcome",
+    "StepRunSigner",
+    "check_transition",
+    "final_run_status",
+)
+
+
+class StepRunSigner(Protocol):
+    """Makes the MAC of a step run (:func:`aeventor.signing.step_run_signer`)."""
+
+    def __call__(
+        self,
+        *,
+        run_id: str,
+        version: str,
+        step: str,
+        sequence: str,
+        recovery: int,
+        attempt: int,
+        host: str | None,
+        queue: str | None,
+    ) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +119,18 @@ def final_run_status(*, pending: int, stopped: bool, cancelled: bool) -> RunStat
 
 
 class Graph:
-    """Indexes of a program for the state machine; immutable once built."""
+    """Indexes of a program for the state machine; immutable once built.
 
-    def __init__(self, program: ProgramDef) -> None:
+    Args:
+        program: the program.
+        signer: makes the MAC of each step run a transaction creates for a distributed run
+            (the cluster key's holders: submitters and agents). Without one, such step runs
+            carry no MAC, and agents refuse them.
+    """
+
+    def __init__(self, program: ProgramDef, *, signer: StepRunSigner | None = None) -> None:
         self.program = program
+        self._signer = signer
         self._fanout: dict[str, tuple[tuple[str, str], ...]] = dict(program.assocs)
         dependents: dict[str, list[str]] = {}
         self._exprs: dict[str, _expr.Expr] = {}
@@ -109,6 +142,36 @@ class Graph:
                 dependents.setdefault(ref, []).append(event.name)
         self._dependents = {k: tuple(v) for k, v in dependents.items()}
         self._facts_cache: dict[str, frozenset[str]] = {}
+
+    @property
+    def signs(self) -> bool:
+        """Whether this graph signs the step runs it makes (it holds the cluster key)."""
+        return self._signer is not None
+
+    def sign(
+        self,
+        *,
+        run_id: str,
+        step: str,
+        sequence: str,
+        recovery: int,
+        attempt: int,
+        host: str | None,
+        queue: str | None,
+    ) -> str | None:
+        """The MAC of a new step run of this program version (None without a signer)."""
+        if self._signer is None:
+            return None
+        return self._signer(
+            run_id=run_id,
+            version=self.program.version,
+            step=step,
+            sequence=sequence,
+            recovery=recovery,
+            attempt=attempt,
+            host=host,
+            queue=queue,
+        )
 
     # -- triggers -----------------------------------------------------------------------
 

@@ -60,6 +60,8 @@ class Claim:
             holds a stale one.
         host, queue, mac: where the step run is assigned and who may claim it, and the MAC
             of the row (distributed runs), which an agent verifies before it runs anything.
+        pid: the step's process once it started (None: it never started, so a worker that
+            gives it up requeues it).
     """
 
     id: int
@@ -72,6 +74,7 @@ class Claim:
     host: str | None = None
     queue: str | None = None
     mac: str | None = None
+    pid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

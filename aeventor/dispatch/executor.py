@@ -35,6 +35,8 @@ class StepLaunch:
     claim: Claim
     step: StepDef
     program: str
+    #: The step run's own variables (:func:`~aeventor.context.launch_env`); an executor adds
+    #: what its process inherits with :func:`~aeventor.context.process_env`.
     env: Mapping[str, str]
     log_path: Path
     deterministic_logs: bool

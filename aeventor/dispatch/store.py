@@ -19,7 +19,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+import uuid
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
@@ -63,6 +72,9 @@ class StoreTx(Protocol):
 
     #: Whether inserted step runs can be claimed in the same statement (RETURNING).
     claims_on_insert: bool
+    #: True when this transaction runs again after a lost connection: the first attempt may
+    #: have committed unacknowledged, and the transaction returns what that commit did.
+    retried: bool
 
     async def lock_run(self, run_id: str) -> RunLock:
         """Lock the run row for the rest of the transaction; NoResult if there is none."""
@@ -82,14 +94,29 @@ class StoreTx(Protocol):
         self,
         claim_id: int,
         *,
+        token: str | None,
         status: StepStatus,
         result: str | None,
         error: str | None,
         only_if_lapsed: bool = False,
     ) -> bool:
-        """End an active step run; False if it was not active (or its lease holds)."""
+        """End a step run active under fencing ``token``; False if it is not (cancelled,
+        taken from the claimer, already ended), or if ``only_if_lapsed`` and its lease holds
+        on the server's clock."""
 
-    async def set_pid(self, step_run_id: int, pid: int) -> None: ...
+    async def requeue_step(
+        self, claim_id: int, *, token: str | None, only_if_lapsed: bool = False
+    ) -> bool:
+        """Put a claimed step run that never started back to ready; False as for end_step."""
+
+    async def step_state(self, step_run_id: int) -> tuple[StepStatus, str | None] | None:
+        """A step run's status and fencing token (None if there is no such step run)."""
+
+    async def claimed(self, *, worker: str, token: str) -> list[Claim]:
+        """The step runs active under ``worker`` with fencing ``token``, by id."""
+
+    async def set_pid(self, step_run_id: int, pid: int, *, token: str | None) -> bool:
+        """Record a claimed step's process, while the claim is still the caller's."""
 
     async def fired(
         self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
@@ -111,8 +138,8 @@ class StoreTx(Protocol):
     async def pending(self, run_id: str) -> int:
         """How many step runs of the run are ready or active."""
 
-    async def stop_run(self, run_id: str, reason: str) -> None:
-        """Mark the run stopped and its ready step runs skipped."""
+    async def stop_run(self, run_id: str, reason: str | None) -> None:
+        """Mark the run stopped and its ready step runs skipped (None keeps its reason)."""
 
     async def end_run(self, run_id: str, status: RunStatus, reason: str | None = None) -> None:
         """Set the final status of a running run."""
@@ -285,18 +312,24 @@ class Store(abc.ABC):
         pid: int,
         hosts: Sequence[str],
         lease: timedelta,
-    ) -> set[int]:
-        """Record the worker alive and renew the leases of all its active step runs.
+        held: Mapping[int, str | None],
+    ) -> dict[int, StepStatus]:
+        """Renew the worker's lease and those of the step runs it holds (id -> token).
 
-        Returns the ids of its step runs that were cancelled meanwhile (to terminate).
+        Leases are set on the store's clock (the database server's). Returns the held step
+        runs that are no longer the worker's, with their status (cancelled from anywhere,
+        or taken from it while it could not renew them), for it to terminate.
         """
 
     @abc.abstractmethod
     async def worker_stopped(self, worker: str) -> None: ...
 
     @abc.abstractmethod
-    async def lapsed_leases(self, *, limit: int = 100) -> list[Claim]:
-        """Active step runs whose lease ran out: their worker is gone or hung."""
+    async def lapsed_leases(
+        self, *, limit: int = 100, run_id: str | None = None, worker: str | None = None
+    ) -> list[Claim]:
+        """Active step runs nobody will finish: their lease and their worker's lapsed (or,
+        ``worker`` being the caller, the caller no longer holds them)."""
 
     @abc.abstractmethod
     async def active_claims(self, *, worker: str) -> list[Claim]:
@@ -347,6 +380,8 @@ class Store(abc.ABC):
                 (step runs are queued for their hosts' agents).
             signature: the run's HMAC with the cluster key (distributed mode).
         """
+        # The id is chosen before the first attempt, so a retry finds the run it created.
+        run_id = run_id or uuid.uuid4().hex
         return await self.write(
             lambda tx: transactions.create_run(
                 tx,
@@ -425,13 +460,26 @@ class Store(abc.ABC):
             )
         )
 
+    async def requeue(self, claim: Claim, *, only_if_lapsed: bool = False) -> Advance:
+        """Put a claimed step run that never started back to ready (or skipped, its run
+        stopped); ``recorded`` is False when the claim was no longer held."""
+        return await self.write(
+            lambda tx: transactions.requeue(tx, claim, only_if_lapsed=only_if_lapsed)
+        )
+
     async def fail_untrusted(
-        self, claim: Claim, *, error: str, only_if_lapsed: bool = False
+        self,
+        claim: Claim,
+        *,
+        error: str,
+        status: StepStatus = StepStatus.failure,
+        only_if_lapsed: bool = False,
     ) -> Advance:
-        """Fail a step run whose program is not trusted, and stop its run (nothing fires)."""
+        """Fail a step run whose program is not trusted (``status``: failure, or lost), and
+        stop its run (nothing fires)."""
         return await self.write(
             lambda tx: transactions.fail_untrusted(
-                tx, claim, error=error, only_if_lapsed=only_if_lapsed
+                tx, claim, error=error, status=status, only_if_lapsed=only_if_lapsed
             )
         )
 

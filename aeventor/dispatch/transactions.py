@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..exceptions import NoResult
 from ..program.model import RunStatus, StepStatus
 from ._state import Graph, final_run_status
 from .claims import Advance, Claim, NewStepRun, Taker
@@ -27,6 +28,7 @@ __all__ = (
     "complete",
     "create_run",
     "fail_untrusted",
+    "requeue",
     "started",
     "trigger",
 )
@@ -45,6 +47,15 @@ async def create_run(
     signature: str | None,
 ) -> tuple[str, Advance]:
     run_id = run_id or uuid.uuid4().hex
+    if tx.retried:
+        # The first attempt may have created the run before its acknowledgement was lost.
+        try:
+            run = await tx.lock_run(run_id)
+        except NoResult:
+            pass
+        else:
+            earlier = await _claimed_earlier(tx, take, [])
+            return run_id, Advance(1, run.status, tuple(earlier))
     await tx.insert_run(
         run_id=run_id,
         program_id=program_id,
@@ -89,13 +100,17 @@ async def trigger(
     )
     if ready:
         tx.notify(run_id, queues)
+    if tx.retried:
+        claims = await _claimed_earlier(tx, take, claims)
+        ready = ready or 1  # what the first attempt made ready: look for it
     return Advance(ready, RunStatus.running, tuple(claims))
 
 
 async def started(tx: StoreTx, graph: Graph, claim: Claim, *, pid: int | None) -> Advance:
     """Record a claimed step's process and fire its ``active`` triggers."""
-    if pid is not None:
-        await tx.set_pid(claim.id, pid)
+    if pid is not None and not await tx.set_pid(claim.id, pid, token=claim.token):
+        # No longer ours (cancelled, or taken): its active triggers are not ours to fire.
+        return Advance(0, RunStatus.running, recorded=False)
     events = graph.trigger_events(claim.step, StepStatus.active)
     if not events:
         return Advance(0, RunStatus.running)
@@ -130,19 +145,27 @@ async def complete(
 ) -> Advance:
     """Record a step's end and everything it causes.
 
-    A step run that is no longer active (its run was cancelled, or a reaper recorded it
-    lost) is left as it is, and the advance says ``recorded=False``.
+    Only the holder of the claim's fencing token can: a step run that is no longer active
+    under it (its run was cancelled, a reaper recorded it lost, it was requeued and claimed
+    again) is left as it is, and the advance says ``recorded=False``. Retried after a lost
+    connection, a completion that finds its own earlier commit returns what it claimed.
     """
     outcome = graph.step_outcome(claim.step, status)
     run = await tx.lock_run(claim.run_id)
     ended = await tx.end_step(
         claim.id,
+        token=claim.token,
         status=status,
         result=None if result is None else json.dumps(result),
         error=error,
         only_if_lapsed=only_if_lapsed,
     )
     if not ended:
+        if await tx.step_state(claim.id) == (status, claim.token):
+            # An earlier attempt committed; only its acknowledgement was lost. (Asked on
+            # every refusal, not only in a retried transaction: a worker that outlived the
+            # store's retries tries again with a new transaction.)
+            return Advance(1, run.status, tuple(await _claimed_earlier(tx, take, [])))
         return Advance(0, run.status, recorded=False)
     if run.status is not RunStatus.running:
         return Advance(0, run.status)
@@ -174,7 +197,12 @@ async def complete(
 
 
 async def fail_untrusted(
-    tx: StoreTx, claim: Claim, *, error: str, only_if_lapsed: bool = False
+    tx: StoreTx,
+    claim: Claim,
+    *,
+    error: str,
+    status: StepStatus = StepStatus.failure,
+    only_if_lapsed: bool = False,
 ) -> Advance:
     """Fail a step run whose program is not trusted, and stop its run.
 
@@ -184,18 +212,39 @@ async def fail_untrusted(
     run = await tx.lock_run(claim.run_id)
     ended = await tx.end_step(
         claim.id,
-        status=StepStatus.failure,
+        token=claim.token,
+        status=status,
         result=None,
         error=error,
         only_if_lapsed=only_if_lapsed,
     )
     if not ended:
-        return Advance(0, run.status, recorded=False)
+        mine = await tx.step_state(claim.id) == (status, claim.token)
+        return Advance(0, run.status, recorded=mine)
     if run.status is not RunStatus.running:
         return Advance(0, run.status)
     if not run.stopped:
         await tx.stop_run(claim.run_id, f"step {claim.step}[{claim.sequence}]: {error}")
     return Advance(0, await _settle(tx, claim.run_id, stopped=True))
+
+
+async def requeue(tx: StoreTx, claim: Claim, *, only_if_lapsed: bool = False) -> Advance:
+    """Put a claimed step run that never started back to ready, for any claimer.
+
+    Its worker stopped (or died) before it launched the step. In a run that stopped
+    meanwhile, it is skipped instead, as the run's other ready step runs were.
+    """
+    run = await tx.lock_run(claim.run_id)
+    if not await tx.requeue_step(claim.id, token=claim.token, only_if_lapsed=only_if_lapsed):
+        mine = tx.retried and await tx.step_state(claim.id) == (StepStatus.ready, None)
+        return Advance(0, run.status, recorded=mine)
+    if run.status is not RunStatus.running:
+        return Advance(0, run.status)
+    if run.stopped:
+        await tx.stop_run(claim.run_id, None)
+        return Advance(0, await _settle(tx, claim.run_id, stopped=True))
+    tx.notify(claim.run_id, {claim.queue})
+    return Advance(1, RunStatus.running)
 
 
 async def cancel_run(tx: StoreTx, run_id: str, *, reason: str) -> None:
@@ -243,6 +292,22 @@ async def _fire(
 
     def row(step: str, status: StepStatus) -> NewStepRun:
         host = steps[step].host
+        queue = host if distributed else None
+        # The MAC agents verify before they run it: only a holder of the cluster key makes
+        # work for them (attempt 1: the only attempt _fire creates).
+        mac = (
+            graph.sign(
+                run_id=run_id,
+                step=step,
+                sequence=sequence,
+                recovery=recovery,
+                attempt=1,
+                host=host,
+                queue=queue,
+            )
+            if distributed
+            else None
+        )
         return NewStepRun(
             run_id=run_id,
             step=step,
@@ -250,7 +315,9 @@ async def _fire(
             recovery=recovery,
             status=status,
             host=host,
-            queue=host if distributed else None,
+            queue=queue,
+            attempt=1,
+            mac=mac,
         )
 
     if stopped:
@@ -293,6 +360,15 @@ async def _settle(tx: StoreTx, run_id: str, *, stopped: bool) -> RunStatus:
         await tx.end_run(run_id, status)
         tx.notify(run_id)
     return status
+
+
+async def _claimed_earlier(tx: StoreTx, take: Taker | None, claims: list[Claim]) -> list[Claim]:
+    """``claims`` and what an earlier attempt of this transaction claimed for ``take``."""
+    if take is None:
+        return claims
+    known = {claim.id for claim in claims}
+    earlier = await tx.claimed(worker=take.worker, token=take.token)
+    return claims + [claim for claim in earlier if claim.id not in known]
 
 
 def _group_by_sequence(triggers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:

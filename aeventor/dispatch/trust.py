@@ -6,6 +6,14 @@ A standalone run's worker was handed its program by the process that defined it
 (a verified :class:`~._state.Graph` per program version, not per run), the verification of a
 definition (parse, canonical form, HMAC) runs off the event loop, and a step's module, script
 or command must match the agent's ``--allow`` patterns.
+
+Every claimed step run is checked too (:meth:`Programs.check_claim`), before anything runs:
+its MAC (:func:`aeventor.signing.step_run_mac`, one HMAC of a short string, cheap enough for
+the loop) must verify over its run, program version, step, sequence, recovery, attempt, host
+and queue, and its queue must be one of the agent's hosts and its host's. So a row inserted
+into the database, copied from another step run or re-routed to another host is refused,
+whatever the program and run it names. The graphs of :class:`SignedPrograms` hold the key:
+the step runs that an agent's transactions create are signed in turn.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from ..program.model import ProgramDef
 from ._state import Graph
 
 if TYPE_CHECKING:
+    from .claims import Claim
     from .store import Store, StoredProgram
 
 __all__ = ("OwnProgram", "Programs", "Refused", "SignedPrograms")
@@ -44,6 +53,15 @@ class Programs(Protocol):
     async def graph_for(self, run_id: str) -> Graph:
         """The run's program; :class:`Refused` if it cannot be trusted."""
 
+    def check_claim(self, graph: Graph, claim: Claim, *, executing: bool = True) -> None:
+        """Raise :class:`Refused` unless ``claim`` is a step run as its creator made it (its
+        row verifies); ``graph`` is the run's, from :meth:`graph_for`.
+
+        Args:
+            executing: this worker is to execute it, so it must be queued for one of its
+                hosts (a reaper recording another host's step run lost passes False).
+        """
+
     def check_step(self, program: ProgramDef, step: str) -> None:
         """Raise :class:`Refused` if this worker may not execute ``step``."""
 
@@ -57,6 +75,10 @@ class OwnProgram:
     async def graph_for(self, run_id: str) -> Graph:
         return self.graph
 
+    def check_claim(self, graph: Graph, claim: Claim, *, executing: bool = True) -> None:
+        # The defining process made every step run of its run itself.
+        return None
+
     def check_step(self, program: ProgramDef, step: str) -> None:
         return None
 
@@ -68,12 +90,22 @@ class SignedPrograms:
         store: where runs and programs are read.
         key: the cluster key.
         allow: fnmatch patterns; a step's module (or script path, or command) must match one.
+        hosts: the hosts this worker serves: a claimed step run must be queued for one of
+            them (None: not checked; the MAC still binds the step run to its host).
     """
 
-    def __init__(self, store: Store, *, key: bytes, allow: Sequence[str]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        key: bytes,
+        allow: Sequence[str],
+        hosts: Sequence[str] | None = None,
+    ) -> None:
         self.store = store
         self.key = key
         self.allow = tuple(allow)
+        self.hosts = None if hosts is None else frozenset(hosts)
         self._graphs: OrderedDict[int, Graph] = OrderedDict()
         self._runs: OrderedDict[str, int] = OrderedDict()
         self._loading: dict[int, asyncio.Lock] = {}
@@ -110,6 +142,47 @@ class SignedPrograms:
                 _remember(self._graphs, program_id, cached)
         self._loading.pop(program_id, None)
         return cached
+
+    def check_claim(self, graph: Graph, claim: Claim, *, executing: bool = True) -> None:
+        program = graph.program
+        what = (
+            f"step run {claim.id} ({claim.step}[{claim.sequence}] recovery {claim.recovery} "
+            f"attempt {claim.attempt}, host {claim.host!r}, queue {claim.queue!r})"
+        )
+        step = program.steps.get(claim.step)
+        if step is None:
+            raise Refused(
+                f"{what}: program {program.name!r} version {program.version} has no such "
+                "step (a row written into the database by hand?)"
+            )
+        if executing and self.hosts is not None and claim.queue not in self.hosts:
+            raise Refused(f"{what}: queued for a host this agent does not serve")
+        if claim.queue != claim.host or claim.host != step.host:
+            raise Refused(
+                f"{what}: the program assigns the step to host {step.host!r}; the row was "
+                "re-routed in the database"
+            )
+        expected = signing.step_run_mac(
+            self.key,
+            run_id=claim.run_id,
+            version=program.version,
+            step=claim.step,
+            sequence=claim.sequence,
+            recovery=claim.recovery,
+            attempt=claim.attempt,
+            host=claim.host,
+            queue=claim.queue,
+        )
+        if claim.mac is None:
+            raise Refused(
+                f"{what}: it carries no MAC; only holders of the cluster key create step runs "
+                "(a row written into the database by hand?)"
+            )
+        if not signing.verify(claim.mac, expected):
+            raise Refused(
+                f"{what}: its MAC does not verify with this agent's cluster key (a row "
+                "inserted, copied from another step run, or re-routed in the database)"
+            )
 
     def check_step(self, program: ProgramDef, step: str) -> None:
         definition = program.steps[step]
@@ -154,7 +227,8 @@ def _verified_graph(stored: StoredProgram, key: bytes) -> Graph:
             f"program {stored.name!r} version {stored.version}: its signature does not "
             "verify with this agent's cluster key (tampered, or submitted with another key)"
         )
-    return Graph(program)
+    # The agent's transactions sign the step runs they create with the same key.
+    return Graph(program, signer=signing.step_run_signer(key))
 
 
 def _remember(cache: OrderedDict[_K, _V], key: _K, value: _V) -> None:

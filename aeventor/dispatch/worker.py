@@ -11,12 +11,20 @@ loop never sleeps on a fixed interval: it wakes when a step of its own ends (eac
 says how many step runs it made ready), when another process NOTIFYs, or when the store's
 poll interval passes for stores that cannot push wake-ups.
 
-Leases: every claimed step run is leased to the worker for ``lease`` seconds, and the
-heartbeat (one batched update: the worker's row and all its leases) renews them every
-``heartbeat`` seconds, so any process can tell a dead worker's step runs from live ones. A
-reaper (agents) records a step run whose lease lapsed as a lost failure, and its failure
-triggers fire. The heartbeat also returns the worker's step runs that were cancelled from
-anywhere, and the worker terminates them.
+Leases: every claimed step run is leased to the worker for ``lease`` seconds under a fencing
+token of its own, and the heartbeat (one transaction: the worker's row and lease, and the
+leases of the step runs it holds) renews them every ``heartbeat`` seconds. Leases are set and
+judged on the database server's clock. A step run is lost only when its lease and its
+worker's lapsed: a reaper (every agent; a run's own worker for that run) then records it
+``lost`` and its failure triggers fire, or requeues it when it never started (no pid). A
+reaper acts only after a full lease of uninterrupted heartbeats of its own, so after a
+database outage every live owner renews what it holds before anyone reaps. The heartbeat
+returns the held step runs that are no longer the worker's (cancelled from anywhere, or
+taken while it could not renew them); the worker terminates those, and a completion under a
+stale token is refused by the store and logged.
+
+Faults: an agent's worker serves through store errors (it logs them and backs off); a claim
+it cannot load or verify fails that step run alone, with the reason recorded.
 
 Stopping: when ``stop`` is set the worker stops claiming, lets running steps finish for
 ``grace`` seconds, then terminates them. An agent records each terminated step as a failure
@@ -29,6 +37,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..context import StepContext, launch_env
-from ..exceptions import AeventorError, ExecutorError, NoResult
+from ..exceptions import AeventorError, ConnectionLost, ExecutorError, NoResult
 from ..logs import get_logger
 from ..program.model import RunStatus, StepDef, StepStatus
 from ..utils import describe_exception, wait_any
@@ -140,6 +149,7 @@ class Worker:
         on_status: called with a run's status whenever it is known to change (a run-scoped
             worker's own run).
         worker_id: default :func:`new_worker_id`.
+        monotonic: the clock of the worker's own timing (tests pass a fake one).
 
     .. versionadded:: 0.1
     """
@@ -155,6 +165,7 @@ class Worker:
         funcs: Mapping[str, Callable[..., Any]] | None = None,
         on_status: Callable[[RunStatus], None] | None = None,
         worker_id: str | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.scope = scope
@@ -172,7 +183,12 @@ class Worker:
         #: The claims of the tasks, by step run id.
         self._claims: dict[int, Claim] = {}
         self._pending: list[Claim] = []
-        self._cancelled: set[int] = set()
+        #: Step runs no longer ours (cancelled, or taken): terminated, nothing recorded.
+        self._revoked: set[int] = set()
+        #: When the heartbeats became regular again (monotonic): the reaper waits a lease.
+        self._monotonic = monotonic
+        self._healthy_since = monotonic()
+        self._last_beat: float | None = None
         self._run_logs: dict[str, RunLog] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._stopping = False
@@ -262,9 +278,10 @@ class Worker:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
                     await self._beat()
-                    side = [tg.create_task(self._heartbeat_loop(), name="aeventor heartbeat")]
-                    if self.config.reap:
-                        side.append(tg.create_task(self._reaper_loop(), name="aeventor reaper"))
+                    side = [
+                        tg.create_task(self._heartbeat_loop(), name="aeventor heartbeat"),
+                        tg.create_task(self._reaper_loop(), name="aeventor reaper"),
+                    ]
                     pending, self._pending = self._pending, []
                     for claim in pending:
                         self._start(claim)
@@ -301,32 +318,53 @@ class Worker:
             return _UNLIMITED
         return self.config.concurrency - self.running
 
+    @property
+    def _serves(self) -> bool:
+        """An agent's worker serves for ever: a store error is logged, never fatal. A run's
+        worker fails its run with it instead (after the store's own retries)."""
+        return self.scope.hosts is not None
+
+    async def _survive(self, what: str, exc: AeventorError) -> None:
+        """Log a store error of a serving worker and back off before its loop goes on."""
+        self.log.error(f"worker.{what}_failed", error=str(exc), error_type=type(exc).__name__)
+        await wait_any(self._stop, poll=min(5.0, self.config.lease / 4))
+
     async def _claim_loop(self, remote: asyncio.Event) -> None:
         while not self._done():
-            free = self._free()
-            if free > 0 and self._maybe_work:
-                self._maybe_work = False
-                claims = await self.store.claim(
-                    worker=self.id,
-                    limit=free,
-                    run_id=self.scope.run_id,
-                    hosts=self.scope.hosts,
-                    lease=timedelta(seconds=self.config.lease),
-                )
-                if len(claims) == free:
-                    self._maybe_work = True
-                for claim in claims:
-                    self._start(claim)
-                if self.scope.run_id is not None and not claims and not self._tasks:
-                    # Nothing runs and nothing is ready: the run may have ended in a
-                    # transaction we did not see (cancelled, or advanced by another
-                    # process). Read it back.
-                    status = await self.store.run_status(self.scope.run_id)
-                    self.apply(self.scope.run_id, Advance(0, status))
-                    continue
-                if self._maybe_work:
-                    continue
-            await self._wait(remote)
+            try:
+                await self._claim_once(remote)
+            except AeventorError as exc:
+                if not self._serves:
+                    raise
+                self._maybe_work = True
+                await self._survive("claim", exc)
+
+    async def _claim_once(self, remote: asyncio.Event) -> None:
+        """Claim what there is room for, or wait for a reason to look again."""
+        free = self._free()
+        if free > 0 and self._maybe_work:
+            self._maybe_work = False
+            claims = await self.store.claim(
+                worker=self.id,
+                limit=free,
+                run_id=self.scope.run_id,
+                hosts=self.scope.hosts,
+                lease=timedelta(seconds=self.config.lease),
+            )
+            if len(claims) == free:
+                self._maybe_work = True
+            for claim in claims:
+                self._start(claim)
+            if self.scope.run_id is not None and not claims and not self._tasks:
+                # Nothing runs and nothing is ready: the run may have ended in a
+                # transaction we did not see (cancelled, or advanced by another
+                # process). Read it back.
+                status = await self.store.run_status(self.scope.run_id)
+                self.apply(self.scope.run_id, Advance(0, status))
+                return
+            if self._maybe_work:
+                return
+        await self._wait(remote)
 
     async def _wait(self, remote: asyncio.Event) -> None:
         poll = self.store.poll_interval
@@ -372,9 +410,10 @@ class Worker:
         graph: Graph | None = None
         try:
             try:
-                graph = await self.programs.graph_for(claim.run_id)
+                graph = await self._graph_for(claim)
+                self.programs.check_claim(graph, claim)
                 self.programs.check_step(graph.program, claim.step)
-            except Refused as exc:
+            except (Refused, NoResult) as exc:
                 bound.error("step.refused", reason=str(exc))
                 await self.store.fail_untrusted(claim, error=f"refused by worker {self.id}: {exc}")
                 return
@@ -382,16 +421,34 @@ class Worker:
             label = f"{claim.step}[{claim.sequence}]"
             result = await self._launch(graph, claim, run_log, bound)
             status = StepStatus.success if result.ok else StepStatus.failure
-            advance = await self.store.complete(
-                graph,
-                claim,
-                status=status,
-                result=result.value,
-                error=result.error,
-                take=self.taker(freeing=1),
-            )
+            take = self.taker(freeing=1)
+            while True:
+                try:
+                    advance = await self.store.complete(
+                        graph,
+                        claim,
+                        status=status,
+                        result=result.value,
+                        error=result.error,
+                        take=take,
+                    )
+                    break
+                except ConnectionLost as exc:
+                    # The database has been gone longer than the store retries. An agent
+                    # holds on to the outcome (and the lease, once the database is back)
+                    # and tries again; the retry recognises a commit it cannot have heard.
+                    if not self._serves or self._stop.is_set():
+                        raise
+                    await self._survive("complete", exc)
             if not advance.recorded:
-                bound.warning("step.outcome_not_recorded", status=status.value)
+                # Cancelled meanwhile, or our lease was taken (reaped, requeued): the store
+                # keeps the outcome it has; ours came under a stale fencing token.
+                bound.warning(
+                    "step.outcome_refused",
+                    status=status.value,
+                    reason="the step run is no longer this worker's (cancelled, or its "
+                    "lease was taken)",
+                )
             bound.info("step.ended", status=status.value)
             if result.ok:
                 run_log.info(f"step {label} success")
@@ -404,12 +461,35 @@ class Worker:
             if graph is not None and self.config.record_abandoned:
                 await asyncio.shield(self._record_abandoned(graph, claim, bound))
             raise
+        except Exception as exc:
+            if not self._serves:
+                raise
+            # The store failed us for this step run only (a value it cannot hold, a row it
+            # cannot read): record that, and serve on. If even that fails, the step run is
+            # no longer held, its lease lapses and the reaper records it lost.
+            bound.error("step.unrecorded", error=str(exc), error_type=type(exc).__name__)
+            await asyncio.shield(self._fail_quietly(claim, f"{type(exc).__name__}: {exc}"))
         finally:
             self._tasks.pop(claim.id, None)
             self._claims.pop(claim.id, None)
-            self._cancelled.discard(claim.id)
+            self._revoked.discard(claim.id)
             self._wake.set()
             await asyncio.shield(self._forget_run_log(claim.run_id))
+
+    async def _graph_for(self, claim: Claim) -> Graph:
+        """The program of a claim; :class:`Refused` if it cannot be trusted or read, or
+        does not have the claimed step (one bad row fails its step run, nothing more)."""
+        try:
+            graph = await self.programs.graph_for(claim.run_id)
+        except (Refused, NoResult, AeventorError):
+            raise
+        except Exception as exc:
+            raise Refused(
+                f"run {claim.run_id}: its program cannot be loaded ({type(exc).__name__}: {exc})"
+            ) from exc
+        if claim.step not in graph.program.steps:
+            raise Refused(f"step {claim.step!r} is not in program {graph.program.name!r}")
+        return graph
 
     async def _forget_run_log(self, run_id: str) -> None:
         """An agent serves runs for ever: keep a run's program log only while it has step
@@ -421,8 +501,8 @@ class Worker:
             await run_log.flush()
 
     async def _record_abandoned(self, graph: Graph, claim: Claim, bound: Any) -> None:
-        if claim.id in self._cancelled:
-            return  # cancelled in the store: nothing more to record
+        if claim.id in self._revoked:
+            return  # cancelled in the store, or taken from us: nothing of ours to record
         reason = (
             f"terminated: worker {self.id} shut down and the step outlived the "
             f"{self.config.grace:g}s grace period"
@@ -446,7 +526,7 @@ class Worker:
                 self.log.warning(
                     "step.terminated", run_id=claim.run_id, step=claim.step, reason=reason
                 )
-                await self._fail(claim, reason)
+                await self._give_up(claim, reason, status=StepStatus.failure)
         except AeventorError as exc:
             # Their leases lapse, and a reaper records them lost.
             self.log.warning("worker.unrun_not_recorded", error=str(exc))
@@ -510,57 +590,138 @@ class Worker:
 
     # -- leases -----------------------------------------------------------------------------
 
+    def _held(self) -> dict[int, str | None]:
+        """The step runs this worker holds (running, or about to), by id, with their token."""
+        held = {claim.id: claim.token for claim in self._claims.values()}
+        held.update((claim.id, claim.token) for claim in self._pending)
+        return held
+
     async def _beat(self) -> None:
-        cancelled = await self.store.heartbeat(
+        revoked = await self.store.heartbeat(
             worker=self.id,
             hostname=socket.gethostname(),
             pid=os.getpid(),
             hosts=list(self.scope.hosts or ()),
             lease=timedelta(seconds=self.config.lease),
+            held=self._held(),
         )
-        for step_run_id in cancelled:
+        now = self._monotonic()
+        if self._last_beat is not None and now - self._last_beat > self.config.lease / 2:
+            # Our beats stopped for a while (a database outage, or this process was frozen):
+            # others' leases could not be renewed either. Let their owners renew them first.
+            self._healthy_since = now
+        self._last_beat = now
+        for step_run_id, status in revoked.items():
             task = self._tasks.get(step_run_id)
-            if task is not None and step_run_id not in self._cancelled:
-                self._cancelled.add(step_run_id)
+            if task is None or step_run_id in self._revoked:
+                continue
+            self._revoked.add(step_run_id)
+            if status is StepStatus.cancelled:
                 self.log.info("step.cancelled", step_run_id=step_run_id)
-                task.cancel()
+            else:
+                self.log.warning(
+                    "step.lease_lost",
+                    step_run_id=step_run_id,
+                    status=status.value,
+                    reason="its lease was taken while this worker could not renew it; "
+                    "terminating the step",
+                )
+            task.cancel()
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.beat_every)
-            await self._beat()
+            try:
+                await self._beat()
+            except AeventorError as exc:
+                if not self._serves:
+                    raise
+                await self._survive("heartbeat", exc)
 
     async def _reaper_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.lease / 2)
-            await self.reap()
+            try:
+                await self.reap()
+            except AeventorError as exc:
+                if not self._serves:
+                    raise
+                await self._survive("reap", exc)
 
     async def reap(self) -> int:
-        """Record the step runs whose lease lapsed as lost failures; return how many."""
+        """Deal with the step runs nobody will finish; return how many were recorded.
+
+        An agent (``reap``) looks at every worker's; a run's worker at its run's, which can
+        only be its own (or a dead predecessor's). A step run that started is recorded
+        ``lost`` (its failure triggers fire); one that never started is requeued. Nothing
+        is reaped until this worker has beaten regularly for a whole lease (see
+        :meth:`_beat`).
+        """
+        if self.scope.run_id is None and not self.config.reap:
+            return 0
+        if self._monotonic() - self._healthy_since < self.config.lease:
+            return 0
+        held = self._held()
         reaped = 0
-        for claim in await self.store.lapsed_leases():
-            self.log.warning("step.lost", run_id=claim.run_id, step=claim.step)
-            reaped += await self._fail(
+        for claim in await self.store.lapsed_leases(run_id=self.scope.run_id, worker=self.id):
+            if claim.id in held:
+                continue  # ours and running: the next beat renews it
+            self.log.warning(
+                "step.lost", run_id=claim.run_id, step=claim.step, started=claim.pid is not None
+            )
+            reaped += await self._give_up(
                 claim,
-                "lost: the lease of its worker lapsed (the worker died or hung)",
+                "lost: its worker stopped renewing its lease (it died, hung or lost the "
+                "database) while the step ran",
+                status=StepStatus.lost,
                 only_if_lapsed=True,
             )
         return reaped
 
-    async def _fail(self, claim: Claim, error: str, *, only_if_lapsed: bool = False) -> bool:
-        """Record a step run nobody will finish as failed (its failure triggers fire, unless
-        its program is not trusted: then its run stops); whether it was recorded."""
+    async def _give_up(
+        self, claim: Claim, error: str, *, status: StepStatus, only_if_lapsed: bool = False
+    ) -> bool:
+        """A step run its worker will not finish: requeued if it never started (no pid),
+        else recorded with ``status`` (its failure triggers fire)."""
+        if claim.pid is None:
+            advance = await self.store.requeue(claim, only_if_lapsed=only_if_lapsed)
+            if advance.ready:
+                self._maybe_work = True
+                self._wake.set()
+            return advance.recorded
+        return await self._fail(claim, error, status=status, only_if_lapsed=only_if_lapsed)
+
+    async def _fail_quietly(self, claim: Claim, error: str) -> None:
         try:
-            graph = await self.programs.graph_for(claim.run_id)
+            await self._fail(claim, error)
+        except AeventorError as exc:
+            self.log.error("step.failure_not_recorded", step_run_id=claim.id, error=str(exc))
+
+    async def _fail(
+        self,
+        claim: Claim,
+        error: str,
+        *,
+        status: StepStatus = StepStatus.failure,
+        only_if_lapsed: bool = False,
+    ) -> bool:
+        """Record a step run nobody will finish with ``status`` (its failure triggers fire,
+        unless its program cannot be trusted or read: then its run stops); whether it was
+        recorded."""
+        try:
+            graph = await self._graph_for(claim)
+            # A row nobody signed must not make us fire its failure triggers (and sign what
+            # they make ready).
+            self.programs.check_claim(graph, claim, executing=False)
         except Refused:
             refused = await self.store.fail_untrusted(
-                claim, error=error, only_if_lapsed=only_if_lapsed
+                claim, error=error, status=status, only_if_lapsed=only_if_lapsed
             )
             return refused.recorded
         except NoResult:
             return False
         advance = await self.store.complete(
-            graph, claim, status=StepStatus.failure, error=error, only_if_lapsed=only_if_lapsed
+            graph, claim, status=status, error=error, only_if_lapsed=only_if_lapsed
         )
         if advance.ready:
             # What the failure made ready may be ours; our own NOTIFY does not wake us.

@@ -145,12 +145,14 @@ class Agents:
         args: Sequence[str] = (),
         key: str = CLUSTER_KEY,
         ready: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> AgentProcess:
         """Start ``python -m aeventor.agent`` serving ``hosts`` on ``store``; wait until ready.
 
         Args:
             ssh_hosts: host name -> ``[USER@]ADDRESS[:PORT]`` served over SSH (``args`` must
                 then carry ``--known-hosts`` and ``--client-key``).
+            env: more environment variables of the agent.
         """
         argv = ["--store", store, "--json-logs", *AGENT_TIMING]
         argv += ["--log-dir", str(self.log_dir / "steps")]
@@ -172,7 +174,7 @@ class Agents:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env=subprocess_env(key),
+                env=subprocess_env(key, **(env or {})),
                 cwd=ROOT,
             )
         agent = AgentProcess(proc, log_path, argv)

@@ -102,3 +102,17 @@ def example(
 def build() -> evr.Eventor:
     """For ``aeventor submit distprog.py:build --store URL``."""
     return example()
+
+
+def tally(directory: str, sequence: str) -> int:
+    """Append a line to ``directory/<sequence>.tally`` each time it runs (its attempt and
+    pid); return how many lines it has: the proof of how often the step ran."""
+    path = Path(directory) / f"{sequence}.tally"
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(f"attempt={os.environ.get('EVENTOR_STEP_ATTEMPT')} pid={os.getpid()}\n")
+    return len(path.read_text(encoding="utf-8").splitlines())
+
+
+def environment() -> dict[str, str]:
+    """The step's whole environment."""
+    return dict(os.environ)

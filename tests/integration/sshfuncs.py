@@ -49,3 +49,8 @@ def spawn_and_sleep(marker: str, report: str) -> None:
     tmp.write_text(json.dumps({"pid": os.getpid(), "children": [child.pid, sleeper.pid]}))
     tmp.rename(report)
     child.wait()
+
+
+def environment() -> dict[str, str]:
+    """The step's whole environment."""
+    return dict(os.environ)

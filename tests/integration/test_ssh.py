@@ -26,7 +26,7 @@ import pytest
 
 from aeventor.backends.executors.local import StepLaunch, build_spec
 from aeventor.backends.executors.ssh import CONNECT_ATTEMPTS, SshExecutor, SshTarget
-from aeventor.context import step_env
+from aeventor.context import EnvPolicy, step_env
 from aeventor.dispatch.store import Claim
 from aeventor.exceptions import HostUnreachable
 from aeventor.program.model import StepDef
@@ -169,6 +169,67 @@ async def test_remote_step_gets_the_launch_environment(
         "EVENTOR_STEP_NAME",
         "EVENTOR_STEP_SEQUENCE",
     }
+
+
+def env_lines(text: str) -> dict[str, str]:
+    """``env``'s output (one NAME=value a line) as a dict."""
+    found = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.isidentifier():
+            found[name] = value
+    return found
+
+
+#: What the login shell of a session adds to sshd's environment, or sets for its command.
+SHELL_VARS = {"PWD", "OLDPWD", "SHLVL", "_"}
+
+
+async def test_remote_steps_get_no_secret_of_the_agent(
+    ssh_hosts: Mapping[str, SshTarget], launches: Launches, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The agent's environment: secrets, a private variable, and what --pass-env names.
+    secrets = {
+        "AEVENTOR_CLUSTER_KEY": "cluster-key-0123456789abcdef-0123456789",
+        "AEVENTOR_CLUSTER_KEY_FILE": "/nonexistent/cluster.key",
+        "AEVENTOR_KEY": "fernet-key-of-the-store-passwords",
+        "PGPASSWORD": "s3cret-pw-7f1c",
+        "AGENT_PRIVATE": "not for steps",
+    }
+    for name, value in {**secrets, "PROJECT_FLAG": "yes"}.items():
+        monkeypatch.setenv(name, value)
+    executor = SshExecutor(
+        targets=ssh_hosts, env=EnvPolicy.agent(["PROJECT_*", "AEVENTOR_CLUSTER_KEY"])
+    )
+    try:
+        # What sshd gives any session on that host, without aeventor.
+        status, out, _ = await executor.shell("s1", "env")
+        assert status == 0, out
+        login = env_lines(out).keys()
+        function = launches(function_step("environment", "environment"))
+        command = launches(command_step("printenv", ["env"]))
+        result = await executor.run(function)
+        printed = await executor.run(command)
+    finally:
+        await executor.aclose()
+
+    assert result.ok and printed.ok, (result.error, printed.error)
+    for launch, env in (
+        (function, result.value),
+        (command, env_lines(command.log_path.read_text())),
+    ):
+        sent = set(launch.env) | {"PROJECT_FLAG"}
+        if launch is function:
+            # Python coerces a C locale to UTF-8 by setting LC_CTYPE (PEP 538).
+            sent.add("LC_CTYPE")
+        assert env["PROJECT_FLAG"] == "yes"
+        assert {k: env[k] for k in launch.env} == dict(launch.env)
+        # Only sshd's login environment and what aeventor sent.
+        assert env.keys() - login - sent <= SHELL_VARS, env.keys() - login - sent
+        text = "\n".join(f"{k}={v}" for k, v in env.items())
+        for value in secrets.values():
+            assert value not in text, (value, env)
+        assert not [k for k in env if k.startswith("AEVENTOR_")], env
 
 
 async def test_function_step_failure_carries_the_traceback(

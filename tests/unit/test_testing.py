@@ -16,7 +16,7 @@ from aeventor.dispatch.store import StoreTx
 from aeventor.dispatch.trust import OwnProgram
 from aeventor.dispatch.worker import Scope, Worker, WorkerConfig
 from aeventor.exceptions import NoResult, UniqueViolation
-from aeventor.program.model import RunStatus
+from aeventor.program.model import RunStatus, StepStatus
 from aeventor.testing import FakeClock, FakeExecutor, InMemoryStore
 
 
@@ -105,18 +105,45 @@ async def test_leases_follow_the_injected_clock() -> None:
     assert await store.lapsed_leases() == [claim]
 
 
-async def test_heartbeat_returns_recently_cancelled_step_runs() -> None:
+async def test_heartbeat_returns_held_step_runs_that_are_no_longer_the_workers() -> None:
+    clock = FakeClock()
+    store = InMemoryStore(clock=clock)
+    ev = evr.Eventor(name="pair", store=":memory:")
+    ev.add_event("start")
+    ev.add_step("a")
+    ev.add_step("b")
+    ev.add_assoc("start", "a", "b")
+    run_id = await new_run(store, Graph(ev.program))
+    first, second = await store.claim(worker="w", limit=2, run_id=run_id)
+    lease = timedelta(seconds=10)
+    beat: dict[str, Any] = {"worker": "w", "hostname": "h", "pid": 1, "hosts": []}
+    held = {first.id: first.token, second.id: second.token}
+    assert await store.heartbeat(**beat, lease=lease, held=held) == {}
+    # A stale token (the step run was taken and claimed again) is not ours any more.
+    stale = {first.id: "0" * 32, second.id: second.token}
+    assert await store.heartbeat(**beat, lease=lease, held=stale) == {first.id: StepStatus.active}
+    await store.cancel_run(run_id, reason="stop")
+    assert await store.heartbeat(**beat, lease=lease, held=held) == {
+        first.id: StepStatus.cancelled,
+        second.id: StepStatus.cancelled,
+    }
+    assert await store.run_status(run_id) is RunStatus.cancelled
+
+
+async def test_a_live_workers_step_runs_are_not_lapsed_even_when_their_lease_is() -> None:
     clock = FakeClock()
     store = InMemoryStore(clock=clock)
     run_id = await new_run(store, graph())
-    [claim] = await store.claim(worker="w", limit=1, run_id=run_id)
-    await store.cancel_run(run_id, reason="stop")
     lease = timedelta(seconds=10)
+    [claim] = await store.claim(worker="w", limit=1, run_id=run_id, lease=lease)
     beat: dict[str, Any] = {"worker": "w", "hostname": "h", "pid": 1, "hosts": []}
-    assert await store.heartbeat(**beat, lease=lease) == {claim.id}
-    clock.advance(21)  # older than two leases: forgotten
-    assert await store.heartbeat(**beat, lease=lease) == set()
-    assert await store.run_status(run_id) is RunStatus.cancelled
+    clock.advance(5)
+    await store.heartbeat(**beat, lease=lease, held={})  # alive, but not holding it
+    clock.advance(6)
+    assert await store.lapsed_leases() == []  # its worker is alive: the worker decides
+    assert await store.lapsed_leases(worker="w") == [claim]  # ... and the worker sees it
+    clock.advance(10)
+    assert await store.lapsed_leases() == [claim]  # the worker's lease lapsed too
 
 
 async def test_wait_for_run_returns_once_it_ended() -> None:

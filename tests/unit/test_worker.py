@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -112,6 +113,7 @@ def make_worker(
         config=WorkerConfig(log_dir=log_dir, **config),
         programs=programs or OwnProgram(graph),
         route=lambda step: (fake, step),
+        monotonic=getattr(store.clock, "monotonic", time.monotonic),
     )
 
 
@@ -223,6 +225,52 @@ async def test_two_workers_never_run_the_same_step_run(
     assert {s.worker for s in result} == {w.id for w in workers}
 
 
+# -- lost acknowledgements: a retried write finds its own commit ------------------------------
+
+
+@pytest.mark.parametrize("lost", [1, 2, 3, 4], ids=["create", "s0", "s1", "s2"])
+async def test_a_lost_acknowledgement_of_any_write_strands_nothing(
+    store: InMemoryStore, tmp_path: Path, lost: int
+) -> None:
+    """The ``lost``-th write (run creation, claims, starts, completions) commits but its
+    acknowledgement is lost; the retry recognises the commit, so every step runs once and
+    the run ends."""
+    graph = chain(3)
+    fake = FakeExecutor(outcome=succeed)
+    # Made before its run, as Eventor makes it: the run's creation claims s0 for it.
+    worker = make_worker(store, graph, fake, tmp_path, run_id="not yet")
+    writes = 0
+    original = store.write
+
+    async def counting(operation: Any) -> Any:
+        nonlocal writes
+        writes += 1
+        if writes == lost:
+            store.lose_acknowledgements(1)
+        return await original(operation)
+
+    store.write = counting  # type: ignore[method-assign]
+    run_id = await new_run(store, graph, worker)
+    worker.scope = Scope(run_id=run_id)
+    async with asyncio.timeout(DEADLINE):
+        await worker.run()
+    result = await store.load_result(run_id)
+    assert result.ok, result
+    assert [launch.claim.step for launch in fake.launches] == ["s0", "s1", "s2"]
+    assert [s.status for s in result] == [StepStatus.success] * 3
+
+
+async def test_a_claim_whose_acknowledgement_was_lost_returns_what_it_took(
+    store: InMemoryStore,
+) -> None:
+    graph = fan_out(3)
+    run_id = await new_run(store, graph)
+    store.lose_acknowledgements(1)
+    claims = await store.claim(worker="w", limit=2, run_id=run_id)
+    assert len(claims) == 2 and len({c.token for c in claims}) == 1
+    assert len(await store.claim(worker="w", limit=5, run_id=run_id)) == 1
+
+
 # -- leases: renew and reap -------------------------------------------------------------------
 
 
@@ -257,10 +305,11 @@ async def test_a_lapsed_claim_is_reaped_as_lost_and_its_failure_trigger_fires(
 ) -> None:
     graph = with_recovery()
     run_id = await new_run(store, graph)
-    # A worker claims s0 and dies: nothing renews its lease.
+    # A worker claims s0, starts its process and dies: nothing renews its lease.
     [claim] = await store.claim(
         worker="gone", limit=1, run_id=run_id, lease=timedelta(seconds=LEASE)
     )
+    await store.started(graph, claim, pid=4242)
     fake = FakeExecutor(outcome=succeed)
     worker = make_worker(store, graph, fake, tmp_path, run_id=run_id)
     assert await worker.reap() == 0  # the lease holds: not lost yet
@@ -269,7 +318,7 @@ async def test_a_lapsed_claim_is_reaped_as_lost_and_its_failure_trigger_fires(
     assert [c.id for c in await store.lapsed_leases()] == [claim.id]
     assert await worker.reap() == 1
     lost = (await store.load_result(run_id)).step("s0")
-    assert lost.status is StepStatus.failure
+    assert lost.status is StepStatus.lost
     assert lost.error is not None and lost.error.startswith("lost: ")
     assert ("recover", "0") in await store.fired_events(run_id)
 
@@ -282,6 +331,55 @@ async def test_a_lapsed_claim_is_reaped_as_lost_and_its_failure_trigger_fires(
     assert [launch.claim.step for launch in fake.launches] == ["fix"]
 
 
+async def test_a_lapsed_claim_that_never_started_is_requeued_and_runs_once(
+    store: InMemoryStore, clock: FakeClock, tmp_path: Path
+) -> None:
+    graph = with_recovery()
+    run_id = await new_run(store, graph)
+    # A worker claims s0 and dies before it starts it: no pid was recorded.
+    await store.claim(worker="gone", limit=1, run_id=run_id, lease=timedelta(seconds=LEASE))
+    fake = FakeExecutor(outcome=succeed)
+    worker = make_worker(store, graph, fake, tmp_path, run_id=run_id)
+    clock.advance(LEASE + 1)
+    assert await worker.reap() == 1
+    requeued = (await store.load_result(run_id)).step("s0")
+    assert requeued.status is StepStatus.ready
+    assert requeued.worker is None and requeued.error is None
+    assert await store.fired_events(run_id) == [("start", "0")]  # no failure fired
+
+    async with asyncio.timeout(DEADLINE):
+        await worker.run()
+    result = await store.load_result(run_id)
+    assert result.ok
+    assert [launch.claim.step for launch in fake.launches] == ["s0"]
+
+
+async def test_a_reaper_waits_a_lease_after_its_own_heartbeats_stopped(
+    store: InMemoryStore, clock: FakeClock, tmp_path: Path
+) -> None:
+    """After an outage (or a freeze) every owner's lease lapsed; the reaper gives the live
+    ones a whole lease to renew theirs before it judges anyone lost."""
+    graph = with_recovery()
+    run_id = await new_run(store, graph)
+    lease = timedelta(seconds=LEASE)
+    [claim] = await store.claim(worker="owner", limit=1, run_id=run_id, lease=lease)
+    await store.started(graph, claim, pid=4242)
+    reaper = make_worker(store, graph, FakeExecutor(), tmp_path, hosts=["h"], reap=True)
+    clock.advance(LEASE + 1)
+    await reaper._beat()
+    clock.advance(3 * LEASE)  # the reaper's beats stopped too: an outage
+    await reaper._beat()
+    assert await store.lapsed_leases() != []
+    assert await reaper.reap() == 0
+    held = {claim.id: claim.token}
+    await store.heartbeat(worker="owner", hostname="h", pid=1, hosts=["h"], lease=lease, held=held)
+    clock.advance(LEASE)
+    await reaper._beat()
+    assert await store.lapsed_leases() == []  # the owner renewed in time
+    assert await reaper.reap() == 0
+    assert (await store.load_result(run_id)).step("s0").status is StepStatus.active
+
+
 async def test_a_lease_renewed_after_it_lapsed_is_not_reaped(
     store: InMemoryStore, clock: FakeClock
 ) -> None:
@@ -292,7 +390,9 @@ async def test_a_lease_renewed_after_it_lapsed_is_not_reaped(
     clock.advance(11)
     assert await store.lapsed_leases() != []
     # The worker was only slow: it renews before the reaper records the loss.
-    await store.heartbeat(worker="slow", hostname="h", pid=1, hosts=[], lease=lease)
+    await store.heartbeat(
+        worker="slow", hostname="h", pid=1, hosts=[], lease=lease, held={claim.id: claim.token}
+    )
     advance = await store.complete(
         graph, claim, status=StepStatus.failure, error="lost", only_if_lapsed=True
     )
@@ -381,6 +481,59 @@ async def test_a_run_cancelled_in_the_store_terminates_its_step_at_the_next_hear
     assert [s.step for s in result] == ["s0"]
 
 
+async def test_a_worker_whose_lease_was_taken_terminates_its_step_and_records_nothing(
+    store: InMemoryStore, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Fencing: a worker frozen past its lease is reaped by another; when it beats again it
+    learns its token is stale, terminates its step, and its late outcome is refused."""
+    graph = with_recovery()
+    fake = FakeExecutor()
+    run_id = await new_run(store, graph)
+    owner = make_worker(store, graph, fake, tmp_path, run_id=run_id, record_abandoned=True)
+    reaper = make_worker(store, graph, FakeExecutor(), tmp_path, run_id=run_id)
+    async with running(owner):
+        launch = await fake.started("s0", deadline=DEADLINE)
+        await store.started(graph, launch.claim, pid=4242)
+        # The owner is frozen: its beats stop and its leases lapse; the reaper, beating all
+        # along, records the step run lost (its failure trigger makes "fix" ready).
+        for _ in range(3):
+            clock.advance(LEASE / 2 - 0.1)
+            await reaper._beat()
+        assert await reaper.reap() == 1
+        assert (await store.load_result(run_id)).step("s0").status is StepStatus.lost
+        await owner._beat()  # it thaws, and hears its lease was taken
+        await fake.wait_for(lambda: fake.cancelled == [launch], deadline=DEADLINE)
+        await fake.started("fix", deadline=DEADLINE)
+        fake.finish("fix")
+
+    result = await store.load_result(run_id)
+    s0 = result.step("s0")
+    assert s0.status is StepStatus.lost
+    assert s0.error is not None and s0.error.startswith("lost")
+    assert result.step("fix").status is StepStatus.success
+    assert result.ok
+
+
+async def test_a_stale_completion_is_refused_and_the_reapers_outcome_stays(
+    store: InMemoryStore, clock: FakeClock
+) -> None:
+    graph = with_recovery()
+    run_id = await new_run(store, graph)
+    lease = timedelta(seconds=LEASE)
+    [claim] = await store.claim(worker="frozen", limit=1, run_id=run_id, lease=lease)
+    await store.started(graph, claim, pid=4242)
+    clock.advance(LEASE + 1)
+    [lapsed] = await store.lapsed_leases()
+    reaped = await store.complete(
+        graph, lapsed, status=StepStatus.lost, error="lost: test", only_if_lapsed=True
+    )
+    assert reaped.recorded
+    late = await store.complete(graph, claim, status=StepStatus.success, result=1)
+    assert not late.recorded
+    s0 = (await store.load_result(run_id)).step("s0")
+    assert (s0.status, s0.result, s0.error) == (StepStatus.lost, None, "lost: test")
+
+
 async def test_a_completion_after_its_run_was_cancelled_is_not_recorded(
     store: InMemoryStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -395,7 +548,7 @@ async def test_a_completion_after_its_run_was_cancelled_is_not_recorded(
         fake.finish("s0")  # before any heartbeat told the worker
 
     assert fake.cancelled == []
-    assert any(getattr(r, "event", None) == "step.outcome_not_recorded" for r in caplog.records)
+    assert any(getattr(r, "event", None) == "step.outcome_refused" for r in caplog.records)
     result = await store.load_result(run_id)
     assert result.step("s0").status is StepStatus.cancelled
     assert [s.step for s in result] == ["s0"]  # s1 never became ready

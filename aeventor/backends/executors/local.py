@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ...context import bind_step
+from ...context import EnvPolicy, bind_step, process_env
 from ...dispatch.executor import ExecResult, StepLaunch
 from ...exceptions import ExecutorError
 from ...utils import describe_exception
@@ -44,6 +44,17 @@ __all__ = (
 #: Seconds a terminated step gets to exit before it is killed.
 TERMINATE_GRACE = 5.0
 
+#: Where this aeventor is imported from: the function runner finds it there even when this
+#: process found it through a variable its steps do not inherit (``PYTHONPATH``, on agents).
+#: Appended, so an aeventor installed for the step's interpreter comes first.
+_AEVENTOR_ROOT = str(Path(__file__).resolve().parents[3])
+#: ``python -c`` starting the function runner (``python -m aeventor.backends.executors.runner``,
+#: but with the path above); its arguments stay those the runner parses.
+_RUNNER_BOOT = (
+    "import sys; sys.path.append(sys.argv.pop(1)); "
+    "from aeventor.backends.executors.runner import main; sys.exit(main())"
+)
+
 
 class LocalExecutor:
     """Runs steps on this host.
@@ -51,13 +62,23 @@ class LocalExecutor:
     Args:
         python: the interpreter for function steps (default: this one).
         sys_path: import path handed to function steps (default: this process's).
+        env: which of this process's environment variables the steps inherit (default: a
+            standalone run's, all but aeventor's secrets; agents pass
+            :meth:`EnvPolicy.agent <aeventor.context.EnvPolicy.agent>`).
 
     .. versionadded:: 0.1
     """
 
-    def __init__(self, *, python: str | None = None, sys_path: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        python: str | None = None,
+        sys_path: list[str] | None = None,
+        env: EnvPolicy | None = None,
+    ) -> None:
         self.python = python or sys.executable
         self.sys_path = list(sys.path if sys_path is None else sys_path)
+        self.env_policy = EnvPolicy() if env is None else env
         self._tmpdir: str | None = None
 
     async def aclose(self) -> None:
@@ -118,7 +139,7 @@ class LocalExecutor:
         tmpdir = await self._ensure_tmpdir()
         result_path = os.path.join(tmpdir, f"{launch.claim.id}-{launch.claim.attempt}.json")
         spec = build_spec(launch, result_path=result_path, sys_path=self.sys_path)
-        argv = [self.python, "-m", "aeventor.backends.executors.runner"]
+        argv = [self.python, "-c", _RUNNER_BOOT, _AEVENTOR_ROOT]
         returncode = await self._spawn(
             launch, argv, stdin_data=json.dumps(spec).encode(), supervise=False
         )
@@ -227,7 +248,7 @@ class LocalExecutor:
                     else asyncio.subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT,
-                    env={**os.environ, **launch.env},
+                    env=process_env(launch.env, self.env_policy),
                     start_new_session=True,
                     pass_fds=fds,
                 )

@@ -39,9 +39,11 @@ so commands still need no Python on their host.
 
 Differences from :class:`~aeventor.backends.executors.local.LocalExecutor`: a step ends when its
 output is closed by every process that holds it (a daemon it spawns with inherited stdout
-keeps the step running); only ``launch.env`` reaches the remote environment (passed as
-``env K=V``, not through sshd's ``AcceptEnv``), as the local environment means nothing
-there; the remote host needs ``python`` with aeventor importable, at the paths of this
+keeps the step running); a step's environment there is the login environment sshd gives it,
+plus ``launch.env`` and the agent's variables its policy sends (``--pass-env``; see
+:func:`aeventor.context.process_env`), passed as ``env K=V`` (not through sshd's
+``AcceptEnv``), so they show on the remote host's process list while the step's shell starts;
+nothing else of the agent's environment (no secret) is sent; the remote host needs ``python`` with aeventor importable, at the paths of this
 process's ``sys.path``, for function steps.
 
 .. versionadded:: 0.1
@@ -66,6 +68,7 @@ from typing import IO, Any
 import asyncssh
 import tenacity
 
+from ...context import EnvPolicy, process_env
 from ...exceptions import ConfigurationError, ExecutorError, HostUnreachable
 from ...logs import get_logger
 from ...utils import backoff
@@ -197,6 +200,8 @@ class SshExecutor:
             tests).
         sys_path: import path handed to function steps (default: this process's; the hosts
             are expected to share the software, at the same paths).
+        env: which of this process's environment variables are sent to the steps (its
+            ``remote`` patterns; default: none).
 
     Attributes:
         connections_opened: how many SSH connections this executor opened so far.
@@ -210,8 +215,10 @@ class SshExecutor:
         targets: Mapping[str, SshTarget],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         sys_path: Sequence[str] | None = None,
+        env: EnvPolicy | None = None,
     ) -> None:
         self._hosts = {name: _Host(name, target) for name, target in targets.items()}
+        self.env_policy = EnvPolicy() if env is None else env
         self._sleep = sleep
         self.sys_path = list(sys.path if sys_path is None else sys_path)
         self.connections_opened = 0
@@ -238,14 +245,22 @@ class SshExecutor:
                 f"{h.label}: `true` exited with {result.returncode}: {result.stderr!r}"
             )
 
-    async def shell(self, host: str, command: str) -> tuple[int, str, str]:
+    async def shell(
+        self, host: str, command: str, *, input: bytes | None = None
+    ) -> tuple[int, str, str]:
         """Run a short shell command on ``host`` over its connection.
+
+        Args:
+            input: written to the command's stdin, which is then closed (default: none).
+                Unlike the command, it shows in no process list on the host.
 
         Returns:
             The exit status, stdout and stderr.
         """
         h = self._host(host)
-        result = await self._control(h, command, doing=f"running {command.split()[0]!r}")
+        result = await self._control(
+            h, command, doing=f"running {command.split()[0]!r}", input=input
+        )
         return result.returncode or 0, _text(result.stdout), _text(result.stderr)
 
     async def run(self, launch: StepLaunch) -> ExecResult:
@@ -266,7 +281,7 @@ class SshExecutor:
             raise ExecutorError(f"step {step.name!r} names no host to run on over SSH")
         host = self._host(step.host)
         files = _StepFiles.new(host.target.tmpdir)
-        env = _env_prefix(launch)
+        env = _env_prefix(launch, process_env(launch.env, self.env_policy, remote=True))
         if step.executor == "command":
             assert step.argv is not None
             argv = list(step.argv)
@@ -381,14 +396,19 @@ class SshExecutor:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _control(
-        self, host: _Host, command: str, *, doing: str
+        self, host: _Host, command: str, *, doing: str, input: bytes | None = None
     ) -> asyncssh.SSHCompletedProcess:
         """Run a short control command to its end on a control channel."""
         async with host.control:
-            process = await self._open(host, command, stdin=asyncssh.DEVNULL)
+            process = await self._open(
+                host, command, stdin=asyncssh.DEVNULL if input is None else asyncssh.PIPE
+            )
             try:
                 with _wrap_exceptions(host, doing):
                     async with asyncio.timeout(CONTROL_TIMEOUT):
+                        if input is not None:
+                            process.stdin.write(input)
+                            process.stdin.write_eof()
                         return await process.wait()
             finally:
                 process.close()
@@ -552,17 +572,17 @@ class _StepFiles:
         return f"rm -f {shlex.quote(self.stem)}.*"
 
 
-def _env_prefix(launch: StepLaunch) -> str:
+def _env_prefix(launch: StepLaunch, env: Mapping[str, str]) -> str:
     """``env K=V ...`` for the step's variables (sshd's AcceptEnv is not relied upon)."""
-    for name in launch.env:
+    for name in env:
         if not _ENV_NAME.match(name):
             raise ExecutorError(
                 f"step {launch.step.name!r}: environment variable name {name!r} cannot be "
                 "passed to a remote command"
             )
-    if not launch.env:
+    if not env:
         return ""
-    return "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in launch.env.items()) + " "
+    return "env " + " ".join(shlex.quote(f"{k}={v}") for k, v in env.items()) + " "
 
 
 def _kill(pid: int, signal: str) -> str:

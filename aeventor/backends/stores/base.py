@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import functools
 import importlib
+import inspect
 import json
 import time
 from collections.abc import (
@@ -26,6 +28,7 @@ from collections.abc import (
     Collection,
     Coroutine,
     Iterator,
+    Mapping,
     Sequence,
 )
 from contextlib import asynccontextmanager, contextmanager
@@ -89,14 +92,21 @@ def retry_transient(
     Transient: the server is unreachable (:class:`ConnectionLost`), rolled the transaction
     back for a deadlock or a serialization failure, timed out a lock wait, or has no
     connection left. Every operation is one transaction whose writes are conditional (a
-    step run is completed only while active, a trigger inserted only once), so running it
-    again after a lost connection cannot apply it twice. :func:`aeventor.utils.backoff`
-    spaces the attempts (full jitter from ``RECONNECT_INITIAL_DELAY``, capped at
-    ``RECONNECT_MAX_DELAY``) with the store's ``sleep``, and logs a warning before each
-    delay. The deadline is measured on the store's ``clock``, so tests can move time; past
-    it the last error is re-raised. Nothing else is retried: a refused login, a statement
-    timeout or a value too large for the server fails at once.
+    step run is completed only while active under the caller's fencing token, a trigger
+    inserted only once), so running it again after a lost connection cannot apply it twice;
+    an operation whose first attempt may have committed unacknowledged (it takes an
+    ``attempt`` argument) recognises that commit and returns what it did.
+    :func:`aeventor.utils.backoff` spaces the attempts (full jitter from
+    ``RECONNECT_INITIAL_DELAY``, capped at ``RECONNECT_MAX_DELAY``) with the store's
+    ``sleep``, and logs a warning before each delay. The deadline is measured on the store's
+    ``clock``, so tests can move time; past it the last error is re-raised. Nothing else is
+    retried: a refused login, a statement timeout or a value too large for the server fails
+    at once.
     """
+
+    # A method that takes ``attempt`` is told which attempt it is (1, 2, ...): from the
+    # second on, it first looks for what an earlier attempt may have committed.
+    counts = "attempt" in inspect.signature(method).parameters
 
     @functools.wraps(method)
     async def wrapper(self: Database, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -115,6 +125,8 @@ def retry_transient(
                 # Run each attempt to its end even when the caller is cancelled: a transaction
                 # cut off mid-statement would leave its connection (and sqlite's write lock)
                 # behind. The caller's cancellation is re-raised once the attempt is over.
+                if counts:
+                    kwargs["attempt"] = attempt.retry_state.attempt_number
                 operation = asyncio.ensure_future(method(self, *args, **kwargs))
                 try:
                     return await asyncio.shield(operation)
@@ -178,12 +190,16 @@ _PENDING = (
         t.step_run.c.status.in_([sa.literal(s.value, literal_execute=True) for s in PENDING]),
     )
 )
+#: The step run is active under this claim: its fencing token is the claimer's. A worker
+#: whose lease was taken (reaped, requeued, claimed again) holds a stale token.
+_HELD = (
+    t.step_run.c.id == sa.bindparam("claim_id"),
+    t.step_run.c.status == StepStatus.active.value,
+    t.step_run.c.token.is_not_distinct_from(sa.bindparam("held_token", type_=sa.String(32))),
+)
 _END_STEP = (
     t.step_run.update()
-    .where(
-        t.step_run.c.id == sa.bindparam("claim_id"),
-        t.step_run.c.status == StepStatus.active.value,
-    )
+    .where(*_HELD)
     .values(
         status=sa.bindparam("new_status"),
         result=sa.bindparam("new_result"),
@@ -206,6 +222,7 @@ _CLAIM_COLUMNS = (
     t.step_run.c.host,
     t.step_run.c.queue,
     t.step_run.c.mac,
+    t.step_run.c.pid,
 )
 _ACTIVE_CLAIMS = sa.select(*_CLAIM_COLUMNS).where(t.step_run.c.status == StepStatus.active.value)
 
@@ -222,11 +239,22 @@ def _claim(row: Any) -> Claim:
         row.host,
         row.queue,
         row.mac,
+        row.pid,
     )
 
 
-# The reaper's variant: only while the lease is still lapsed (its worker did not come back).
-_END_LAPSED_STEP = _END_STEP.where(t.step_run.c.lease_until < sa.bindparam("now"))
+_REQUEUE_STEP = (
+    t.step_run.update()
+    .where(*_HELD)
+    .values(
+        status=StepStatus.ready.value,
+        worker=None,
+        token=None,
+        pid=None,
+        started=None,
+        lease_until=None,
+    )
+)
 
 
 class Database(Store):
@@ -346,10 +374,15 @@ class Database(Store):
         """
 
     @retry_transient
-    async def write(self, operation: Callable[[StoreTx], Awaitable[_T]]) -> _T:
-        """Run ``operation`` in one write transaction, retried whole on a lost connection."""
+    async def write(self, operation: Callable[[StoreTx], Awaitable[_T]], attempt: int = 1) -> _T:
+        """Run ``operation`` in one write transaction, retried whole on a lost connection.
+
+        From the second attempt on, the transaction says it is a retry (``tx.retried``): the
+        first may have committed before its acknowledgement was lost, and the operation
+        then returns what that commit did.
+        """
         async with self.transaction() as conn:
-            tx = SqlTx(self, conn)
+            tx = SqlTx(self, conn, retried=attempt > 1)
             value = await operation(tx)
             for run_id, queues in tx.notifications.items():
                 await self._notify_work(conn, run_id, queues)
@@ -418,6 +451,18 @@ class Database(Store):
 
     def _constraint_name(self, exc: IntegrityError) -> str | None:
         return getattr(exc.orig, "constraint_name", None)
+
+    def server_now(self) -> sa.ColumnElement[datetime]:
+        """The database server's clock, in SQL: leases are set and judged on it alone, so
+        clients whose clocks disagree still agree on whose lease lapsed.
+
+        sqlite runs in the client's process: its clock is the client's.
+        """
+        return sa.literal(t.utcnow(), t.UTCDateTime)
+
+    def server_now_plus(self, delta: timedelta) -> sa.ColumnElement[datetime]:
+        """``delta`` after :meth:`server_now`, in SQL."""
+        return sa.literal(t.utcnow() + delta, t.UTCDateTime)
 
     # -- programs and runs --------------------------------------------------------------
 
@@ -499,7 +544,6 @@ class Database(Store):
             raise NoResult(f"no program {name!r} is registered in {self!r}")
         return ProgramDef.from_json(json.loads(row.definition))
 
-    @retry_on_disconnect
     async def claim(
         self,
         *,
@@ -515,9 +559,28 @@ class Database(Store):
         where the server has it, and the update is conditional on the row still being ready.
         The claimed rows' ``active`` triggers are fired by :meth:`started`, in a transaction
         of its own, so that a claim never waits on a run lock while holding row locks.
+
+        Every claim gets a new fencing token; a claim retried after a lost connection
+        finds what its first attempt committed by that token.
         """
         if limit <= 0:
             return []
+        return await self._claim_ready(
+            worker=worker, limit=limit, run_id=run_id, hosts=hosts, lease=lease, token=new_token()
+        )
+
+    @retry_on_disconnect
+    async def _claim_ready(
+        self,
+        *,
+        worker: str,
+        limit: int,
+        run_id: str | None,
+        hosts: Sequence[str] | None,
+        lease: timedelta,
+        token: str,
+        attempt: int = 1,
+    ) -> list[Claim]:
         step_run = t.step_run
 
         def is_ready() -> sa.ColumnElement[bool]:
@@ -538,11 +601,21 @@ class Database(Store):
             "status": StepStatus.active.value,
             "worker": worker,
             "started": now,
-            "lease_until": now + lease,
-            "token": new_token(),
+            "lease_until": self.server_now_plus(lease),
+            "token": token,
         }
         columns = _CLAIM_COLUMNS
         async with self.transaction() as conn:
+            if attempt > 1:
+                # An earlier attempt may have committed before its connection was lost: what
+                # it claimed carries our token. Hand that out, or it would stay active,
+                # leased to us and run by nobody.
+                earlier = await conn.execute(
+                    _ACTIVE_CLAIMS.where(step_run.c.worker == worker, step_run.c.token == token)
+                )
+                rows = sorted(earlier.all(), key=lambda row: row.id)
+                if rows:
+                    return [_claim(r) for r in rows]
             if conn.dialect.update_returning:
                 # Postgres and sqlite: one statement. Postgres locks the candidates in the
                 # subquery (SKIP LOCKED passes over rows other claimers hold) and rechecks
@@ -578,76 +651,118 @@ class Database(Store):
                         (
                             await conn.execute(
                                 sa.select(step_run.c.id).where(
-                                    step_run.c.id.in_(ids),
-                                    step_run.c.worker == worker,
-                                    step_run.c.started == now,
+                                    step_run.c.id.in_(ids), step_run.c.token == token
                                 )
                             )
                         ).scalars()
                     )
                     rows = [row for row in rows if row.id in mine]
+                # The rows were read before the update gave them our token.
+                return [dataclasses.replace(_claim(r), token=token) for r in rows]
         return [_claim(r) for r in rows]
 
     @retry_on_disconnect
     async def heartbeat(
-        self, *, worker: str, hostname: str, pid: int, hosts: Sequence[str], lease: timedelta
-    ) -> set[int]:
-        """One batched beat: the worker's row, and the leases of all its active step runs.
+        self,
+        *,
+        worker: str,
+        hostname: str,
+        pid: int,
+        hosts: Sequence[str],
+        lease: timedelta,
+        held: Mapping[int, str | None],
+    ) -> dict[int, StepStatus]:
+        """One batched beat: the worker's row and lease, and the leases of what it holds.
 
-        Returns the ids of this worker's step runs that were cancelled meanwhile, so the
-        worker can terminate them.
+        Returns the step runs of ``held`` (id -> fencing token) that are no longer the
+        worker's, with their status: cancelled from anywhere, or taken from it (recorded
+        lost, requeued, claimed by another worker) while it could not renew them. The
+        worker terminates those.
         """
-        agent_id = worker
-        now = t.utcnow()
+        until = self.server_now_plus(lease)
+        step_run = t.step_run
         async with self.transaction() as conn:
+            now = t.utcnow()
             updated = await conn.execute(
                 t.agent.update()
-                .where(t.agent.c.id == agent_id)
-                .values(heartbeat=now, hosts=json.dumps(list(hosts)), stopped=None)
+                .where(t.agent.c.id == worker)
+                .values(
+                    heartbeat=now, lease_until=until, hosts=json.dumps(list(hosts)), stopped=None
+                )
             )
             if updated.rowcount == 0:
                 await conn.execute(
                     t.agent.insert().values(
-                        id=agent_id,
+                        id=worker,
                         hostname=hostname,
                         pid=pid,
                         hosts=json.dumps(list(hosts)),
                         started=now,
                         heartbeat=now,
+                        lease_until=until,
                     )
                 )
+            if not held:
+                return {}
+            ids = list(held)
             await conn.execute(
-                t.step_run.update()
+                step_run.update()
                 .where(
-                    t.step_run.c.worker == agent_id,
-                    t.step_run.c.status == StepStatus.active.value,
+                    step_run.c.id.in_(ids),
+                    step_run.c.worker == worker,
+                    step_run.c.status == StepStatus.active.value,
                 )
-                .values(lease_until=now + lease)
+                .values(lease_until=until)
             )
-            cancelled = await conn.execute(
-                sa.select(t.step_run.c.id).where(
-                    t.step_run.c.worker == agent_id,
-                    t.step_run.c.status == StepStatus.cancelled.value,
-                    t.step_run.c.ended >= now - 2 * lease,
+            rows = (
+                await conn.execute(
+                    sa.select(
+                        step_run.c.id, step_run.c.status, step_run.c.worker, step_run.c.token
+                    ).where(step_run.c.id.in_(ids))
                 )
-            )
-            return {r.id for r in cancelled}
+            ).all()
+        return _revoked(held, worker, rows)
 
     @retry_on_disconnect
     async def worker_stopped(self, worker: str) -> None:
-        agent_id = worker
         async with self.transaction() as conn:
             await conn.execute(
-                t.agent.update().where(t.agent.c.id == agent_id).values(stopped=t.utcnow())
+                t.agent.update()
+                .where(t.agent.c.id == worker)
+                .values(stopped=t.utcnow(), lease_until=None)
             )
 
     @retry_on_disconnect
-    async def lapsed_leases(self, *, limit: int = 100) -> list[Claim]:
-        """Active step runs whose lease ran out: their worker is gone."""
-        async with self.reading() as conn:
-            rows = await conn.execute(
-                _ACTIVE_CLAIMS.where(t.step_run.c.lease_until < t.utcnow()).limit(limit)
+    async def lapsed_leases(
+        self, *, limit: int = 100, run_id: str | None = None, worker: str | None = None
+    ) -> list[Claim]:
+        """Active step runs nobody will finish: their lease lapsed and their worker's too.
+
+        Both are judged on the server's clock. A worker that is alive renews what it holds;
+        what it no longer holds (``worker``: the caller's own step runs) lapses and is
+        returned as well.
+
+        Args:
+            run_id: only this run's step runs.
+            worker: the caller's id.
+        """
+        step_run, agent = t.step_run, t.agent
+        now = self.server_now()
+        alive = (
+            sa.exists()
+            .where(
+                agent.c.id == step_run.c.worker,
+                agent.c.stopped.is_(None),
+                agent.c.lease_until >= now,
             )
+            .correlate(step_run)
+        )
+        orphaned = ~alive if worker is None else sa.or_(~alive, step_run.c.worker == worker)
+        query = _ACTIVE_CLAIMS.where(step_run.c.lease_until < now, orphaned)
+        if run_id is not None:
+            query = query.where(step_run.c.run_id == run_id)
+        async with self.reading() as conn:
+            rows = await conn.execute(query.order_by(step_run.c.id).limit(limit))
             return [_claim(r) for r in rows]
 
     @retry_on_disconnect
@@ -801,10 +916,11 @@ class Database(Store):
 class SqlTx:
     """:class:`~aeventor.dispatch.store.StoreTx` on one SQLAlchemy connection."""
 
-    def __init__(self, db: Database, conn: AsyncConnection) -> None:
+    def __init__(self, db: Database, conn: AsyncConnection, *, retried: bool = False) -> None:
         self.db = db
         self.conn = conn
         self.claims_on_insert = db.claims_on_insert
+        self.retried = retried
         #: run id -> queues to NOTIFY at commit
         self.notifications: dict[str, set[str | None]] = {}
 
@@ -843,15 +959,20 @@ class SqlTx:
         self,
         claim_id: int,
         *,
+        token: str | None,
         status: StepStatus,
         result: str | None,
         error: str | None,
         only_if_lapsed: bool = False,
     ) -> bool:
+        statement = _END_STEP
+        if only_if_lapsed:
+            statement = statement.where(t.step_run.c.lease_until < self.db.server_now())
         updated = await self.conn.execute(
-            _END_LAPSED_STEP if only_if_lapsed else _END_STEP,
+            statement,
             {
                 "claim_id": claim_id,
+                "held_token": token,
                 "new_status": status.value,
                 "new_result": result,
                 "new_error": error,
@@ -860,10 +981,37 @@ class SqlTx:
         )
         return bool(updated.rowcount == 1)
 
-    async def set_pid(self, step_run_id: int, pid: int) -> None:
-        await self.conn.execute(
-            t.step_run.update().where(t.step_run.c.id == step_run_id).values(pid=pid)
+    async def requeue_step(
+        self, claim_id: int, *, token: str | None, only_if_lapsed: bool = False
+    ) -> bool:
+        statement = _REQUEUE_STEP
+        if only_if_lapsed:
+            statement = statement.where(t.step_run.c.lease_until < self.db.server_now())
+        updated = await self.conn.execute(statement, {"claim_id": claim_id, "held_token": token})
+        return bool(updated.rowcount == 1)
+
+    async def step_state(self, step_run_id: int) -> tuple[StepStatus, str | None] | None:
+        row = (
+            await self.conn.execute(
+                sa.select(t.step_run.c.status, t.step_run.c.token).where(
+                    t.step_run.c.id == step_run_id
+                )
+            )
+        ).one_or_none()
+        return None if row is None else (StepStatus(row.status), row.token)
+
+    async def claimed(self, *, worker: str, token: str) -> list[Claim]:
+        rows = await self.conn.execute(
+            _ACTIVE_CLAIMS.where(t.step_run.c.worker == worker, t.step_run.c.token == token)
         )
+        return sorted((_claim(r) for r in rows), key=lambda claim: claim.id)
+
+    async def set_pid(self, step_run_id: int, pid: int, *, token: str | None) -> bool:
+        updated = await self.conn.execute(
+            t.step_run.update().where(*_HELD).values(pid=pid),
+            {"claim_id": step_run_id, "held_token": token},
+        )
+        return bool(updated.rowcount == 1)
 
     async def fired(
         self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
@@ -904,22 +1052,24 @@ class SqlTx:
     ) -> list[Claim]:
         now = t.utcnow()
         values = [
-            _step_row(r, now)
-            | {"worker": worker, "started": now, "lease_until": now + lease, "token": token}
-            for r in rows
+            _step_row(r, now) | {"worker": worker, "started": now, "token": token} for r in rows
         ]
-        inserted = await self.conn.execute(
-            self.db._insert_ignore(t.step_run).returning(*_CLAIM_COLUMNS), values
+        for row in values:
+            del row["lease_until"]  # set by the statement, on the server's clock
+        statement = self.db._insert_ignore(t.step_run).values(
+            lease_until=self.db.server_now_plus(lease)
         )
+        inserted = await self.conn.execute(statement.returning(*_CLAIM_COLUMNS), values)
         return [_claim(r) for r in inserted.all()]
 
     async def pending(self, run_id: str) -> int:
         return int((await self.conn.execute(_PENDING, {"run_id": run_id})).scalar_one())
 
-    async def stop_run(self, run_id: str, reason: str) -> None:
-        await self.conn.execute(
-            t.run.update().where(t.run.c.id == run_id).values(stopped=True, reason=reason)
-        )
+    async def stop_run(self, run_id: str, reason: str | None) -> None:
+        values: dict[str, Any] = {"stopped": True}
+        if reason is not None:
+            values["reason"] = reason
+        await self.conn.execute(t.run.update().where(t.run.c.id == run_id).values(**values))
         await self.conn.execute(
             t.step_run.update()
             .where(
@@ -951,6 +1101,20 @@ class SqlTx:
 
     def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
         self.notifications.setdefault(run_id, set()).update(queues)
+
+
+def _revoked(
+    held: Mapping[int, str | None], worker: str, rows: Sequence[Any]
+) -> dict[int, StepStatus]:
+    """Which held step runs are no longer the worker's (a deleted one counts as cancelled)."""
+    revoked = dict.fromkeys(held, StepStatus.cancelled)
+    for row in rows:
+        status = StepStatus(row.status)
+        if status is StepStatus.active and row.worker == worker and row.token == held[row.id]:
+            del revoked[row.id]
+        else:
+            revoked[row.id] = status
+    return revoked
 
 
 def _step_row(row: NewStepRun, now: datetime) -> dict[str, Any]:

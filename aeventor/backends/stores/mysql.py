@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ...exceptions import SchemaVersionError, ValueTooLarge
 from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind
 from .migrations import upgrade_to_head
+from .schema import UTCDateTime
 
 __all__ = ("MySQLDatabase", "backend_class")
 
@@ -175,6 +177,17 @@ class MySQLDatabase(Database):
         # Not INSERT IGNORE: that also turns truncation and other errors into warnings.
         # "id = id" leaves the existing row as it is.
         return mysql_insert(table).on_duplicate_key_update({"id": table.c.id})
+
+    def server_now(self) -> sa.ColumnElement[datetime]:
+        # Naive UTC, as every DATETIME column holds.
+        return sa.type_coerce(sa.literal_column("UTC_TIMESTAMP(6)"), UTCDateTime)
+
+    def server_now_plus(self, delta: timedelta) -> sa.ColumnElement[datetime]:
+        micros = delta // timedelta(microseconds=1)
+        added = sa.func.timestampadd(
+            sa.literal_column("MICROSECOND"), micros, sa.literal_column("UTC_TIMESTAMP(6)")
+        )
+        return sa.type_coerce(added, UTCDateTime)
 
     def _reason(self, exc: DBAPIError) -> str:
         # pymysql's errors are (code, message) pairs: "message (MySQL error code)".

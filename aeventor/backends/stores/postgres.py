@@ -21,6 +21,7 @@ import hashlib
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -36,6 +37,7 @@ from ...logs import get_logger
 from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind
 from .migrations import upgrade_to_head
 from .pg_listener import PgListener, asyncpg_dsn
+from .schema import UTCDateTime
 
 __all__ = ("CHANNEL", "PostgresDatabase", "backend_class", "queue_channel")
 
@@ -212,6 +214,14 @@ class PostgresDatabase(Database):
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         return pg_insert(table).on_conflict_do_nothing()
+
+    def server_now(self) -> sa.ColumnElement[datetime]:
+        # The transaction's start on the server's clock: one instant for all its rows.
+        return sa.type_coerce(sa.func.now(), UTCDateTime)
+
+    def server_now_plus(self, delta: timedelta) -> sa.ColumnElement[datetime]:
+        interval = sa.func.make_interval(0, 0, 0, 0, 0, 0, delta.total_seconds())
+        return sa.type_coerce(sa.func.now() + interval, UTCDateTime)
 
     def _constraint_name(self, exc: IntegrityError) -> str | None:
         return getattr(getattr(exc.orig, "__cause__", None), "constraint_name", None)
