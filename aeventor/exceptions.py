@@ -5,7 +5,11 @@ caller does about it:
 
 - :class:`ConfigurationError`: the program or its configuration is wrong; fix the code or
   the config file (the message names the thing and the fix).
-- :class:`DatabaseError`: the store failed; :class:`ConnectionLost` may be retried.
+- :class:`DatabaseError`: the store failed. A :class:`TransientError` (a lost connection, a
+  deadlock, a serialization failure, a lock wait timeout, a server out of connections) may
+  succeed when tried again, and store operations retry it themselves; every other
+  :class:`DatabaseError` fails at once (:class:`AuthenticationError`,
+  :class:`StatementTimeout` and :class:`ValueTooLarge` among them: retrying cannot help).
 - :class:`ExecutorError`: a step could not be launched or supervised.
 
 Driver exceptions (asyncpg, aiosqlite, aiomysql, SQLAlchemy, asyncssh) never leak: each
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 __all__ = (
     "AeventorError",
+    "AuthenticationError",
     "ConfigurationError",
     "ConnectionLost",
     "DatabaseError",
@@ -28,9 +33,12 @@ __all__ = (
     "ProgramDefinitionError",
     "SchemaVersionError",
     "SerializationError",
+    "StatementTimeout",
     "StoreConfigError",
+    "TransientError",
     "UnguardedMainError",
     "UniqueViolation",
+    "ValueTooLarge",
 )
 
 
@@ -62,8 +70,53 @@ class DatabaseError(AeventorError):
     """The store failed to carry out an operation."""
 
 
-class ConnectionLost(DatabaseError):
+class TransientError(DatabaseError):
+    """A failure that trying the operation again may cure.
+
+    A deadlock or serialization failure (the server rolled the transaction back), a lock
+    wait timeout, a server with no connection left, or a lost connection
+    (:class:`ConnectionLost`). Store operations retry these with back-off for up to the
+    store's ``reconnect_deadline``, then re-raise the last one.
+
+    .. versionadded:: 0.1
+    """
+
+
+class ConnectionLost(TransientError):
     """The connection to the database server was lost; the operation may be retried."""
+
+
+class AuthenticationError(DatabaseError):
+    """The database server refused the store's credentials (user, password or role).
+
+    Never retried: the server is up and answered; the store URL or its password is wrong.
+
+    .. versionadded:: 0.1
+    """
+
+
+class StatementTimeout(DatabaseError):
+    """A statement ran past the store's ``statement_timeout`` and the server cancelled it.
+
+    .. versionadded:: 0.1
+    """
+
+
+class ValueTooLarge(DatabaseError):
+    """A value is larger than the store can carry in one statement (MySQL's
+    ``max_allowed_packet``).
+
+    Args:
+        size: the value's size in bytes, when known.
+        limit: the store's limit in bytes, when known.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, message: str, *, size: int | None = None, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
 
 
 class UniqueViolation(DatabaseError):

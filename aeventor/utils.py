@@ -36,7 +36,7 @@ def backoff(
     retry_on: Callable[[BaseException], bool],
     sleep: Callable[[float], Awaitable[None]],
     log: structlog.stdlib.BoundLogger,
-    event: str,
+    event: str | Callable[[BaseException], str],
     level: int = logging.WARNING,
     **fields: Any,
 ) -> tenacity.AsyncRetrying:
@@ -63,20 +63,22 @@ def backoff(
         retry_on: whether an error is worth another attempt.
         sleep: awaited for each delay (inject a no-op in tests).
         log: where the record before each delay goes.
-        event: that record's event.
+        event: that record's event, or a function of the error that returns it.
         level: that record's level.
         fields: more key/value pairs for that record.
     """
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         assert state.outcome is not None and state.next_action is not None
+        error = state.outcome.exception()
+        assert error is not None
         log.log(
             level,
-            event,
+            event if isinstance(event, str) else event(error),
             **fields,
             attempt=state.attempt_number,
             delay=round(state.next_action.sleep, 3),
-            error=str(state.outcome.exception()),
+            error=str(error),
         )
 
     return tenacity.AsyncRetrying(

@@ -105,18 +105,22 @@ def mysql_admin(*statements: str) -> None:
 
 
 @contextmanager
-def backend_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    """A URL of a fresh, empty (migrated for Postgres) database on ``backend``."""
-    if backend == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
-        return
+def backend_url(backend: str, tmp_path: Path, *, migrated: bool = True) -> Iterator[str]:
+    """A URL of a fresh database on ``backend``: without rows (and migrated, for Postgres),
+    or with nothing at all when ``migrated`` is False (no aeventor table on any backend)."""
     name = f"{_PREFIX}_{next(_counter)}"
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / f'{name}.db'}"
+        return
     if backend == "postgres":
         try:
-            template = _pg_template()
+            template = _pg_template() if migrated else "template0"
         except (OSError, ConnectionError) as exc:
             _unavailable("PostgreSQL on 127.0.0.1:5432", PG_START, exc)
-        pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        try:
+            pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        except (OSError, ConnectionError) as exc:
+            _unavailable("PostgreSQL on 127.0.0.1:5432", PG_START, exc)
         try:
             yield pg_url(name)
         finally:

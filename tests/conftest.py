@@ -7,6 +7,7 @@ own.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from collections.abc import Callable, Iterator
@@ -92,6 +93,31 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty store on each backend."""
     with backend_url(request.param, tmp_path) as url:
         yield url
+
+
+@pytest.fixture(params=BACKEND_PARAMS[1:])
+def server_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty store on each database server (Postgres, MariaDB): not sqlite."""
+    with backend_url(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture(params=BACKEND_PARAMS[1:])
+def empty_server_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database with no aeventor table yet on each server (Postgres, MariaDB)."""
+    with backend_url(request.param, tmp_path, migrated=False) as url:
+        yield url
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def empty_store_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two fresh databases with no aeventor table yet (not even on Postgres), on each
+    backend; dropped at the end of the test."""
+    with contextlib.ExitStack() as stack:
+        yield (
+            stack.enter_context(backend_url(request.param, tmp_path, migrated=False)),
+            stack.enter_context(backend_url(request.param, tmp_path, migrated=False)),
+        )
 
 
 @pytest.fixture

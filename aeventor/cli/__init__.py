@@ -18,7 +18,12 @@ import os
 import sys
 from collections.abc import Mapping
 
-from ..exceptions import ConfigurationError, DatabaseError, ExecutorError, NoResult
+from ..exceptions import (
+    ConfigurationError,
+    DatabaseError,
+    ExecutorError,
+    NoResult,
+)
 
 __all__ = (
     "EXIT_BAD_INPUT",
@@ -43,7 +48,9 @@ exit codes:
   1  a run that did not succeed (show, submit --wait)
   2  bad input: wrong arguments or configuration, an unknown run or program, a missing
      key, an SSH host that agent start cannot reach
-  3  a database error
+  3  a database error: the server refused the store's user or password (check the store
+     URL or the named store's password), is unreachable, or failed; one line on stderr
+     names the store (password hidden)
 
 Each command has its own --help, e.g. `aeventor agent --help`, `aeventor agent start --help`.
 """
@@ -88,18 +95,33 @@ def main(argv: list[str] | None = None, *, environ: Mapping[str, str] | None = N
     env = os.environ if environ is None else environ
     try:
         code: int = args.handler(args, env)
-    # NoResult is a DatabaseError, but an unknown run id is the caller's input.
-    except (ConfigurationError, ExecutorError, NoResult) as exc:
-        _error(args, exc)
-        return EXIT_BAD_INPUT
-    except DatabaseError as exc:
-        _error(args, exc)
-        return EXIT_DATABASE
+    except (*_REPORTED, ExceptionGroup) as exc:
+        # A TaskGroup (the agent's, one task per store) raises its children's errors as a
+        # group: each error in it gets its line; anything else is a bug, re-raised.
+        errors = _leaves(exc)
+        if not all(isinstance(error, _REPORTED) for error in errors):
+            raise
+        for error in dict.fromkeys(str(error) for error in errors):
+            print(f"{args.error_prefix}: {error}", file=sys.stderr)
+        return min(_exit_code(error) for error in errors)
     return code
 
 
-def _error(args: argparse.Namespace, exc: Exception) -> None:
-    print(f"{args.error_prefix}: {exc}", file=sys.stderr)
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+#: The errors a command reports in one line on stderr (with an exit code), not a traceback.
+_REPORTED = (ConfigurationError, ExecutorError, DatabaseError)
+
+
+def _exit_code(exc: BaseException) -> int:
+    # NoResult is a DatabaseError, but an unknown run id is the caller's input.
+    if isinstance(exc, DatabaseError) and not isinstance(exc, NoResult):
+        return EXIT_DATABASE
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

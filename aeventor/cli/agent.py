@@ -158,6 +158,8 @@ def _configure_logging(json_lines: bool) -> None:
     # where they go: stderr, as console lines or JSON lines.
     handler = stderr_handler(json_lines=json_lines, colors=sys.stderr.isatty())
     logging.basicConfig(handlers=[handler], level=logging.INFO, force=True)
+    # Alembic announces each plugin it loads at INFO when the migrations are imported.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _agent_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -243,6 +243,48 @@ class Store(abc.ABC):
     poll_interval: float | None
     notifier: Notifier
 
+    #: The largest text value one statement can carry (a step's JSON result or error text,
+    #: a program definition), in bytes as :meth:`value_size` counts them; None: no
+    #: practical limit. MariaDB/MySQL set it from the server's ``max_allowed_packet`` when
+    #: they open. :meth:`complete` never sends a larger value: an oversized result is
+    #: recorded as the step's failure, an oversized error text is truncated.
+    #:
+    #: .. versionadded:: 0.1
+    max_value_bytes: int | None = None
+
+    def value_size(self, text: str) -> int:
+        """The bytes ``text`` takes against :attr:`max_value_bytes`: its UTF-8 length here;
+        a store that escapes values into the statement's text counts the escapes too."""
+        return len(text.encode())
+
+    def describe_limit(self) -> str:
+        """What sets :attr:`max_value_bytes`, for error messages."""
+        if self.max_value_bytes is None:
+            return "this store has no value size limit"
+        return f"this store takes at most {self.max_value_bytes:,} bytes per value"
+
+    def how_to_raise_limit(self) -> str | None:
+        """How to raise :attr:`max_value_bytes`, for error messages (None: it cannot be)."""
+        return None
+
+    def oversize(self, what: str, text: str, *, fix: str) -> str | None:
+        """None when ``text`` fits in :attr:`max_value_bytes`; else why it does not.
+
+        Args:
+            what: the value, for the message ("step s1[0]'s result").
+            fix: what the user can do besides raising the limit ("return less").
+        """
+        limit = self.max_value_bytes
+        if limit is None:
+            return None
+        size = self.value_size(text)
+        if size <= limit:
+            return None
+        how = self.how_to_raise_limit()
+        return f"{what} is {size:,} bytes; {self.describe_limit()}: {fix}" + (
+            f", or {how}" if how else ""
+        )
+
     # -- primitives ---------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -387,7 +429,24 @@ class Store(abc.ABC):
         take: Taker | None = None,
         only_if_lapsed: bool = False,
     ) -> Advance:
-        """Record a step's end and everything it causes, in one transaction."""
+        """Record a step's end and everything it causes, in one transaction.
+
+        A result larger than :attr:`max_value_bytes` once encoded is not sent: the step is
+        recorded as a failure whose error says why; an error text too large is truncated.
+        """
+        if self.max_value_bytes is not None:
+            # The result is JSON-encoded here to be measured, and again by the transaction
+            # (transactions.complete): twice for now, and only on stores with a limit.
+            if result is not None:
+                too_large = self.oversize(
+                    f"step {claim.step}[{claim.sequence}]'s result",
+                    json.dumps(result),
+                    fix="return less (write large data to a file and return its path)",
+                )
+                if too_large is not None:
+                    status, result, error = StepStatus.failure, None, too_large
+            if error is not None:
+                error = _fit(error, self.max_value_bytes, self.value_size, self.describe_limit())
         return await self.write(
             lambda tx: transactions.complete(
                 tx,
@@ -427,3 +486,45 @@ class Store(abc.ABC):
     async def cancel_run(self, run_id: str, *, reason: str) -> None:
         """Mark a run cancelled with its ready and active step runs (workers kill those)."""
         await self.write(lambda tx: transactions.cancel_run(tx, run_id, reason=reason))
+
+
+def _fit(text: str, limit: int, size: Callable[[str], int], limit_text: str) -> str:
+    """``text`` if it fits in ``limit`` bytes (as ``size`` counts them), else its start and
+    end around a note that says how much was cut and why.
+
+    A traceback's start names where it began and its end names the exception: both stay.
+    """
+    total = size(text)
+    if total <= limit:
+        return text
+
+    def note(cut: int) -> str:
+        return (
+            f"\n[... {cut:,} characters cut: the error text is {total:,} bytes; {limit_text} ...]\n"
+        )
+
+    budget = limit - size(note(len(text)))
+    if budget <= 0:  # a tiny limit: as much of the note as fits
+        short = note(len(text)).strip()
+        while short and size(short) > limit:
+            short = short[:-1]
+        return short
+
+    def ends(keep: int) -> tuple[str, str]:
+        return text[: keep // 2], text[len(text) - (keep - keep // 2) :]
+
+    def cost(keep: int) -> int:
+        head, tail = ends(keep)
+        return size(head) + size(tail)
+
+    # A character takes at most 4 bytes (UTF-8; an escaped one 2): start from the share
+    # that surely fits, then grow towards the budget in a few measured steps.
+    keep = budget // 4
+    for _ in range(4):
+        used = cost(keep)
+        grown = int(keep * budget / max(used, 1) * 0.97)
+        if used >= budget * 0.9 or grown <= keep or cost(grown) > budget:
+            break
+        keep = grown
+    head, tail = ends(keep)
+    return head + note(len(text) - keep) + tail

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ from aeventor.backends.stores.migrations import VERSION_TABLE, head_revision
 from aeventor.dispatch._state import Graph
 from aeventor.dispatch.store import Claim
 from aeventor.exceptions import SchemaVersionError, UniqueViolation
+
+from ..waiting import within
 
 
 def fan_out_program(width: int) -> evr.ProgramDef:
@@ -105,6 +109,131 @@ async def test_opening_again_and_concurrently_is_harmless(store_url: str) -> Non
         await db.aclose()
     async with open_store(store_url, program="schema"):
         pass
+
+
+async def _schema_diff(url: str) -> tuple[list[object], str]:
+    """The differences between the database's schema and the declared one, and its revision."""
+    async with open_store(url, program="schema") as db, db.engine.connect() as conn:
+
+        def diff(connection: sa.Connection) -> list[object]:
+            context = MigrationContext.configure(
+                connection, opts={"version_table": VERSION_TABLE, "compare_type": False}
+            )
+            return list(compare_metadata(context, _schema.metadata))
+
+        differences = await conn.run_sync(diff)
+        version = (
+            await conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))
+        ).scalar_one()
+    return differences, version
+
+
+async def test_stores_opened_at_once_on_fresh_databases(
+    empty_store_urls: tuple[str, str],
+) -> None:
+    """Four stores on each of two new databases, opened at the same moment in one process.
+
+    Each database is migrated once, whatever the interleaving: Alembic's module-level
+    proxies belong to one migration at a time (two databases migrating at once used to run
+    each other's operations: ``KeyError: 'config'``, "table already exists").
+    """
+    urls = empty_store_urls
+    stores = [open_store(url, program="fresh") for url in urls for _ in range(4)]
+    try:
+        await within(asyncio.gather(*(db.open() for db in stores)), what="eight stores to open")
+    finally:
+        for db in stores:
+            await db.aclose()
+    for url in urls:
+        assert await _schema_diff(url) == ([], head_revision())
+
+
+async def test_processes_opening_a_fresh_database_at_once_migrate_it_once(
+    empty_store_urls: tuple[str, str],
+) -> None:
+    """Four processes open the same new database at the same moment: each succeeds.
+
+    The cross-process lock (Postgres advisory lock, MySQL named lock, sqlite's write lock)
+    spans reading the revision and the upgrade's commit: no process reads the revision of
+    a half-applied upgrade and applies a migration again.
+    """
+    url = empty_store_urls[0]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.integration.storeproc",
+            url,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=Path(__file__).parents[2],
+        )
+        for _ in range(4)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            line = await within(proc.stdout.readline(), what="a store process to be ready")
+            assert line == b"ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+        outcomes = await within(
+            asyncio.gather(*(proc.communicate() for proc in procs)),
+            what="four store processes to open the database",
+        )
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    errors = [
+        err.decode() for (_, err), proc in zip(outcomes, procs, strict=True) if proc.returncode
+    ]
+    assert errors == []
+    assert await _schema_diff(url) == ([], head_revision())
+
+
+async def test_the_upgrade_lock_is_held_until_the_upgrade_has_committed(
+    empty_server_url: str,
+) -> None:
+    """The cross-process lock spans the upgrade's commit.
+
+    Released earlier (as MySQL's named lock once was, before the final commit), the next
+    process could read the revision before the last one and apply a migration twice.
+    """
+    from aeventor.backends.stores import mysql, postgres
+    from aeventor.backends.stores.migrations import upgrade_to_head
+
+    db = open_store(empty_server_url, program="lock")
+    if isinstance(db, mysql.MySQLDatabase):
+        real = db._named_lock
+        held = sa.select(
+            sa.func.is_used_lock(mysql._lock_name(db.url.database or "")) == sa.func.connection_id()
+        )
+    else:
+        real = postgres._advisory_lock
+        held = sa.text(
+            "SELECT count(*) = 1 FROM pg_locks "
+            "WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted"
+        )
+    observed: list[tuple[bool, bool]] = []
+
+    @contextlib.contextmanager
+    def spy(connection: sa.Connection) -> Iterator[None]:
+        with real(connection):
+            yield
+            # The upgrade's transaction has ended: the lock must still be held.
+            observed.append((connection.in_transaction(), bool(connection.execute(held).scalar())))
+
+    engine = db._create_engine()
+    try:
+        await upgrade_to_head(engine, lock=spy)
+    finally:
+        await engine.dispose()
+    assert observed == [(False, True)]
+    assert await _schema_diff(empty_server_url) == ([], head_revision())
 
 
 async def test_a_newer_schema_is_refused(store_url: str) -> None:

@@ -33,7 +33,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
@@ -52,14 +52,30 @@ from ...dispatch.store import (
     StoredProgram,
     StoreTx,
 )
-from ...exceptions import ConnectionLost, DatabaseError, NoResult, UniqueViolation
+from ...exceptions import (
+    AuthenticationError,
+    ConnectionLost,
+    DatabaseError,
+    NoResult,
+    StatementTimeout,
+    TransientError,
+    UniqueViolation,
+    ValueTooLarge,
+)
 from ...logs import get_logger
 from ...program.model import ProgramDef, RunStatus, StepStatus
 from ...records import RunResult, StepRun
 from ...utils import backoff, stop_at_deadline
 from . import schema as t
 
-__all__ = ("Database", "SqlTx", "retry_on_disconnect")
+__all__ = (
+    "DEFAULT_STATEMENT_TIMEOUT",
+    "Database",
+    "ErrorKind",
+    "SqlTx",
+    "retry_on_disconnect",
+    "retry_transient",
+)
 
 log = get_logger("aeventor.store")
 
@@ -67,20 +83,25 @@ _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
 
-def retry_on_disconnect(
+def retry_transient(
     method: Callable[Concatenate[Database, _P], Coroutine[Any, Any, _T]],
 ) -> Callable[Concatenate[Database, _P], Coroutine[Any, Any, _T]]:
-    """Retry a store operation while the server is unreachable, up to ``reconnect_deadline``.
+    """Retry a store operation on a :class:`~aeventor.exceptions.TransientError`, up to
+    ``reconnect_deadline``.
 
-    Every operation is one transaction whose writes are conditional (a step run is completed
-    only while active under the caller's fencing token, a trigger inserted only once), so
-    running it again after a lost connection cannot apply it twice; an operation whose
-    first attempt may have committed unacknowledged (it takes an ``attempt`` argument)
-    recognises that commit and returns what it did. :func:`aeventor.utils.backoff` spaces the attempts
-    (full jitter from ``RECONNECT_INITIAL_DELAY``, capped at ``RECONNECT_MAX_DELAY``) with
-    the store's ``sleep``, and logs a warning before each delay. The deadline is measured on
-    the store's ``clock``, so tests can move time; past it the last :class:`ConnectionLost`
-    is re-raised.
+    Transient: the server is unreachable (:class:`ConnectionLost`), rolled the transaction
+    back for a deadlock or a serialization failure, timed out a lock wait, or has no
+    connection left. Every operation is one transaction whose writes are conditional (a
+    step run is completed only while active under the caller's fencing token, a trigger
+    inserted only once), so running it again after a lost connection cannot apply it twice;
+    an operation whose first attempt may have committed unacknowledged (it takes an
+    ``attempt`` argument) recognises that commit and returns what it did.
+    :func:`aeventor.utils.backoff` spaces the attempts (full jitter from
+    ``RECONNECT_INITIAL_DELAY``, capped at ``RECONNECT_MAX_DELAY``) with the store's
+    ``sleep``, and logs a warning before each delay. The deadline is measured on the store's
+    ``clock``, so tests can move time; past it the last error is re-raised. Nothing else is
+    retried: a refused login, a statement timeout or a value too large for the server fails
+    at once.
     """
 
     # A method that takes ``attempt`` is told which attempt it is (1, 2, ...): from the
@@ -93,10 +114,10 @@ def retry_on_disconnect(
             initial=RECONNECT_INITIAL_DELAY,
             maximum=RECONNECT_MAX_DELAY,
             stop=stop_at_deadline(self.clock, self.clock() + self.reconnect_deadline),
-            retry_on=lambda exc: isinstance(exc, ConnectionLost),
+            retry_on=lambda exc: isinstance(exc, TransientError),
             sleep=self.sleep,
             log=log,
-            event="store unreachable; retrying",
+            event=_retry_event,
             operation=method.__name__,
         )
         async for attempt in retrying:
@@ -125,8 +146,28 @@ def retry_on_disconnect(
     return wrapper
 
 
+#: The former name of :func:`retry_transient` (it retried lost connections only), still
+#: used by the claim and lease operations until they move to the new name.
+retry_on_disconnect = retry_transient
+
+
+def _retry_event(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionLost):
+        return "store unreachable; retrying"
+    return "store operation failed transiently; retrying"
+
+
 RECONNECT_INITIAL_DELAY = 0.05
 RECONNECT_MAX_DELAY = 2.0
+#: Seconds a statement may run before the server cancels it, unless the store sets its own.
+DEFAULT_STATEMENT_TIMEOUT = 60.0
+
+#: What a driver error means for the caller (see :meth:`Database._classify`):
+#: ``auth`` the login was refused; ``disconnect`` the connection is gone; ``transient`` a
+#: deadlock, serialization failure, lock wait timeout or a server out of connections;
+#: ``timeout`` the statement timeout cancelled a statement; ``too_large`` a statement was
+#: larger than the server accepts.
+ErrorKind = Literal["auth", "disconnect", "transient", "timeout", "too_large"]
 
 # Hot-path statements, built once: SQLAlchemy then only binds values (its compiled cache
 # makes building them per call pay off little; constructing them is most of the cost).
@@ -223,6 +264,10 @@ class Database(Store):
         url: the SQLAlchemy URL (driver included); its password is never logged.
         poll_interval: seconds between polls for work made by other processes, or None
             when wake-ups always arrive (sqlite in one process, Postgres LISTEN).
+        statement_timeout: seconds any one statement may run before the server cancels it
+            (:class:`~aeventor.exceptions.StatementTimeout`); None: no limit. Postgres and
+            MariaDB/MySQL apply it to every connection of the store; sqlite has no such
+            setting (its writers wait for the write lock for its busy timeout).
 
     .. versionadded:: 0.1
     """
@@ -237,8 +282,15 @@ class Database(Store):
     #: Seconds a store operation keeps retrying while the server is unreachable.
     reconnect_deadline: float = 120.0
 
-    def __init__(self, *, url: URL, poll_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        url: URL,
+        poll_interval: float | None = None,
+        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+    ) -> None:
         self.url = url
+        self.statement_timeout = statement_timeout
         # Injectable for tests of the back-off: its delays are awaited with sleep, its
         # deadlines measured on clock.
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -321,7 +373,7 @@ class Database(Store):
         A no-op by default: only Postgres can push wake-ups.
         """
 
-    @retry_on_disconnect
+    @retry_transient
     async def write(self, operation: Callable[[StoreTx], Awaitable[_T]], attempt: int = 1) -> _T:
         """Run ``operation`` in one write transaction, retried whole on a lost connection.
 
@@ -338,7 +390,12 @@ class Database(Store):
 
     @contextmanager
     def wrap_exceptions(self) -> Iterator[None]:
-        """Translate SQLAlchemy and driver errors into aeventor errors, chained."""
+        """Translate SQLAlchemy and driver errors into aeventor errors, chained.
+
+        What an error means comes first from :meth:`_classify` (a refused login is not a
+        lost connection, even where the driver dropped the connection with it); then a
+        connection SQLAlchemy invalidated is a lost one.
+        """
         try:
             yield
         except IntegrityError as exc:
@@ -346,16 +403,51 @@ class Database(Store):
                 f"duplicate row: {exc.orig}", constraint=self._constraint_name(exc)
             ) from exc
         except DBAPIError as exc:
-            if exc.connection_invalidated or self._is_disconnect(exc):
-                raise ConnectionLost(f"lost the connection to {self!r}: {exc.orig}") from exc
-            raise DatabaseError(f"{self!r}: {exc.orig}") from exc
+            raise self._translate(exc) from exc
         except OSError as exc:
             raise ConnectionLost(f"cannot reach {self!r}: {exc}") from exc
         except SQLAlchemyError as exc:
             raise DatabaseError(f"{self!r}: {exc}") from exc
 
-    def _is_disconnect(self, exc: DBAPIError) -> bool:
-        return False
+    def _translate(self, exc: DBAPIError) -> DatabaseError:
+        kind = self._classify(exc)
+        reason = self._reason(exc)
+        if kind is None and exc.connection_invalidated:
+            kind = "disconnect"
+        if kind == "auth":
+            return AuthenticationError(
+                f"{self!r}: the server refused the login: {reason}; check the user name "
+                "and password in the store URL (or the named store's encrypted password) "
+                "and that this user may connect to this database"
+            )
+        if kind == "disconnect":
+            return ConnectionLost(f"lost the connection to {self!r}: {reason}")
+        if kind == "transient":
+            return TransientError(f"{self!r}: {reason}")
+        if kind == "timeout":
+            limit = "none" if self.statement_timeout is None else f"{self.statement_timeout:g} s"
+            return StatementTimeout(
+                f"{self!r}: a statement ran past the store's statement_timeout ({limit}) "
+                f"and the server cancelled it ({reason}); "
+                "raise the timeout with ?statement_timeout=SECONDS in the store URL "
+                "(0: no limit), or find what held it up"
+            )
+        if kind == "too_large":
+            return ValueTooLarge(
+                f"{self!r}: a statement was larger than the server accepts ({reason}); "
+                f"{self.describe_limit()}; make it smaller"
+                + (f", or {how}" if (how := self.how_to_raise_limit()) else ""),
+                limit=self.max_value_bytes,
+            )
+        return DatabaseError(f"{self!r}: {reason}")
+
+    def _reason(self, exc: DBAPIError) -> str:
+        """The driver's message, for ours."""
+        return str(exc.orig)
+
+    def _classify(self, exc: DBAPIError) -> ErrorKind | None:
+        """What a driver error means (None: a plain :class:`DatabaseError`); per backend."""
+        return None
 
     def _constraint_name(self, exc: IntegrityError) -> str | None:
         return getattr(exc.orig, "constraint_name", None)
@@ -374,19 +466,33 @@ class Database(Store):
 
     # -- programs and runs --------------------------------------------------------------
 
-    @retry_on_disconnect
+    @retry_transient
     async def register_program(self, program: ProgramDef, *, signature: str | None = None) -> int:
         """Store a program definition (once per version) and return its id.
 
         A signature given for a version stored unsigned is added to it.
+
+        Raises:
+            ValueTooLarge: the definition is larger than the store can take
+                (:attr:`max_value_bytes`).
         """
         version = program.version
+        definition = program.canonical_json()
+        too_large = self.oversize(
+            f"program {program.name!r}'s definition",
+            definition,
+            fix="define fewer or smaller steps",
+        )
+        if too_large is not None:
+            raise ValueTooLarge(
+                too_large, size=self.value_size(definition), limit=self.max_value_bytes
+            )
         async with self.transaction() as conn:
             await conn.execute(
                 self._insert_ignore(t.program).values(
                     name=program.name,
                     version=version,
-                    definition=program.canonical_json(),
+                    definition=definition,
                     created=t.utcnow(),
                     signature=signature,
                 )
@@ -410,7 +516,7 @@ class Database(Store):
             ).one()
         return int(row.id)
 
-    @retry_on_disconnect
+    @retry_transient
     async def load_program(self, program_id: int) -> ProgramDef:
         async with self.reading() as conn:
             row = (
@@ -422,7 +528,7 @@ class Database(Store):
             raise NoResult(f"no program with id {program_id} in {self!r}")
         return ProgramDef.from_json(json.loads(row.definition))
 
-    @retry_on_disconnect
+    @retry_transient
     async def latest_program(self, name: str) -> ProgramDef:
         """The newest registered version of program ``name``."""
         async with self.reading() as conn:
@@ -668,7 +774,7 @@ class Database(Store):
 
     # -- reading ------------------------------------------------------------------------
 
-    @retry_on_disconnect
+    @retry_transient
     async def run_status(self, run_id: str) -> RunStatus:
         async with self.reading() as conn:
             status = (
@@ -678,7 +784,7 @@ class Database(Store):
             raise NoResult(f"no run {run_id!r} in {self!r}")
         return RunStatus(status)
 
-    @retry_on_disconnect
+    @retry_transient
     async def load_result(self, run_id: str) -> RunResult:
         """The run and every step run it made, in creation order."""
         async with self.reading() as conn:
@@ -722,7 +828,7 @@ class Database(Store):
             steps=steps,
         )
 
-    @retry_on_disconnect
+    @retry_transient
     async def fired_events(self, run_id: str) -> list[tuple[str, str]]:
         """Every ``(event, sequence)`` fired in a run, in firing order."""
         async with self.reading() as conn:
@@ -733,7 +839,7 @@ class Database(Store):
             )
             return [(r.event, r.sequence) for r in rows]
 
-    @retry_on_disconnect
+    @retry_transient
     async def run_origin(self, run_id: str) -> RunOrigin:
         async with self.reading() as conn:
             row = (
@@ -747,7 +853,7 @@ class Database(Store):
             raise NoResult(f"no run {run_id!r} in {self!r}")
         return RunOrigin(run_id, int(row.program_id), row.mode, row.signature)
 
-    @retry_on_disconnect
+    @retry_transient
     async def list_runs(self, *, program: str | None = None, limit: int = 20) -> list[RunResult]:
         """The newest runs first, without their step runs (each ``steps`` is empty).
 
@@ -789,7 +895,7 @@ class Database(Store):
             for r in rows
         ]
 
-    @retry_on_disconnect
+    @retry_transient
     async def stored_program(self, program_id: int) -> StoredProgram:
         async with self.reading() as conn:
             row = (

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ...exceptions import ConnectionLost
 from ...logs import get_logger
-from .base import Database
+from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind
 from .migrations import upgrade_to_head
 from .pg_listener import PgListener, asyncpg_dsn
 from .schema import UTCDateTime
@@ -70,8 +70,14 @@ def queue_channel(queue: str | None) -> str:
 class PostgresDatabase(Database):
     """A Postgres database; LISTEN/NOTIFY carries wake-ups between processes."""
 
-    def __init__(self, *, url: URL, poll_interval: float | None = None) -> None:
-        super().__init__(url=url, poll_interval=poll_interval)
+    def __init__(
+        self,
+        *,
+        url: URL,
+        poll_interval: float | None = None,
+        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+    ) -> None:
+        super().__init__(url=url, poll_interval=poll_interval, statement_timeout=statement_timeout)
         self._sender = uuid.uuid4().hex[:12]
         self._listener: PgListener | None = None
         self._listener_task: asyncio.Task[None] | None = None
@@ -80,7 +86,14 @@ class PostgresDatabase(Database):
         self.notifier.on_new_queues = self._listen_queues
 
     def _create_engine(self) -> AsyncEngine:
-        return create_async_engine(self.url, pool_size=10, max_overflow=20)
+        # The statement timeout is a setting of every pooled session, sent at connect.
+        timeout_ms = round((self.statement_timeout or 0) * 1000)
+        return create_async_engine(
+            self.url,
+            pool_size=10,
+            max_overflow=20,
+            connect_args={"server_settings": {"statement_timeout": str(timeout_ms)}},
+        )
 
     async def open(self) -> None:
         if self._engine is not None:
@@ -168,6 +181,26 @@ class PostgresDatabase(Database):
     async def _ensure_schema(self) -> None:
         await upgrade_to_head(self.engine, lock=_advisory_lock)
 
+    def _classify(self, exc: DBAPIError) -> ErrorKind | None:
+        for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
+            state = getattr(error, "sqlstate", None)
+            if not isinstance(state, str):
+                continue
+            # 28000 (invalid authorization: no such role, pg_hba refused), 28P01 (password).
+            if state.startswith("28"):
+                return "auth"
+            # Deadlock, serialization failure, lock not available, too many connections.
+            if state in ("40P01", "40001", "55P03", "53300"):
+                return "transient"
+            # query_canceled: by the statement timeout (else by a user: not ours to retry).
+            if state == "57014" and "statement timeout" in str(error):
+                return "timeout"
+            # Class 08 (connection exception) and 57P01-57P03 (admin shutdown, crash
+            # shutdown, cannot connect now: a server restarting).
+            if state.startswith("08") or state[:4] == "57P0":
+                return "disconnect"
+        return None
+
     async def _notify_work(
         self, conn: AsyncConnection, run_id: str, queues: Collection[str | None] = ()
     ) -> None:
@@ -190,24 +223,28 @@ class PostgresDatabase(Database):
         interval = sa.func.make_interval(0, 0, 0, 0, 0, 0, delta.total_seconds())
         return sa.type_coerce(sa.func.now() + interval, UTCDateTime)
 
-    def _is_disconnect(self, exc: DBAPIError) -> bool:
-        # SQLSTATE class 08 (connection exception) and 57P01-57P03 (admin shutdown, crash
-        # shutdown, cannot connect now: a server restarting).
-        for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
-            state = getattr(error, "sqlstate", None)
-            if isinstance(state, str) and (state.startswith("08") or state[:4] == "57P0"):
-                return True
-        return False
-
     def _constraint_name(self, exc: IntegrityError) -> str | None:
         return getattr(getattr(exc.orig, "__cause__", None), "constraint_name", None)
 
 
 @contextmanager
 def _advisory_lock(connection: Connection) -> Iterator[None]:
-    # Transaction-scoped: released at the migration's commit or rollback.
-    connection.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
-    yield
+    """Serialise schema upgrades of this database (advisory locks are per database).
+
+    A session lock, taken before the migration's transaction begins and released after it
+    ends: the next upgrader reads the committed revision. Waited for without the statement
+    timeout (a long migration elsewhere may exceed it); a session that dies releases it.
+    """
+    connection.exec_driver_sql("SET statement_timeout = 0")
+    connection.execute(sa.select(sa.func.pg_advisory_lock(MIGRATION_LOCK)))
+    connection.commit()  # ends the transaction those statements began
+    try:
+        yield
+    finally:
+        if not connection.invalidated:
+            connection.execute(sa.select(sa.func.pg_advisory_unlock(MIGRATION_LOCK)))
+            connection.exec_driver_sql("RESET statement_timeout")
+            connection.commit()
 
 
 backend_class = PostgresDatabase

@@ -25,7 +25,7 @@ from sqlalchemy.pool import StaticPool
 from ...exceptions import DatabaseError
 from ...logs import get_logger
 from ...utils import backoff, stop_at_deadline
-from .base import Database
+from .base import DEFAULT_STATEMENT_TIMEOUT, Database
 
 __all__ = ("SqliteDatabase", "backend_class")
 
@@ -37,8 +37,15 @@ BUSY_TIMEOUT_MS = 30_000
 class SqliteDatabase(Database):
     """A sqlite file, or ``:memory:`` (private to this store object)."""
 
-    def __init__(self, *, url: URL, poll_interval: float | None = None) -> None:
-        super().__init__(url=url, poll_interval=poll_interval)
+    def __init__(
+        self,
+        *,
+        url: URL,
+        poll_interval: float | None = None,
+        statement_timeout: float | None = DEFAULT_STATEMENT_TIMEOUT,
+    ) -> None:
+        # sqlite has no statement timeout; kept for messages (busy_timeout bounds lock waits).
+        super().__init__(url=url, poll_interval=poll_interval, statement_timeout=statement_timeout)
         self._lock = asyncio.Lock()
 
     @property

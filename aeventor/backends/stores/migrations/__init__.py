@@ -2,8 +2,26 @@
 
 :func:`upgrade_to_head` runs on first use of a store (and from ``aeventor db upgrade``): a new
 database gets the whole schema, an older one is upgraded, a newer one (created by a later
-aeventor) is refused. Each backend serialises concurrent upgrades (a Postgres advisory lock,
-a MySQL named lock, sqlite's write lock), so processes that start together do not race.
+aeventor) is refused.
+
+Stores that open at the same moment must not race, in one process or across processes:
+
+- Alembic runs a migration through module-level proxies (``alembic.context``,
+  ``alembic.op``) that point at one migration at a time: two migrations interleaved on one
+  event loop (or in two threads) run each other's operations on the wrong connection and
+  fail (``KeyError: 'config'``). :func:`upgrade_to_head` therefore migrates only while it
+  holds the process's :data:`ALEMBIC_LOCK`, awaited without blocking the loop.
+- Across processes each backend passes a lock that is taken *before* the migration's
+  transaction begins and released only *after* it has committed (a Postgres session
+  advisory lock, a MySQL named lock; sqlite's ``BEGIN IMMEDIATE`` is its write lock), so
+  the check of the current revision and the upgrade are one step: the next process reads
+  the committed version. MySQL commits every DDL statement at once, which a transaction
+  cannot hide: releasing its lock before the final commit would let another process read
+  the version of the previous revision and apply the last migration a second time.
+- The unlocked fast path (the schema is already at head) is safe everywhere: a revision
+  is recorded only after its migration's statements (in the same transaction on Postgres
+  and sqlite), so a reader that sees the head revision sees the whole schema, and a reader
+  of a half-made schema sees an older revision (or none) and takes the lock.
 
 aeventor keeps its own version table, ``aeventor_alembic_version``, so it can share a
 database with an application that uses Alembic itself.
@@ -13,8 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +48,7 @@ from ....exceptions import SchemaVersionError
 from ..schema import metadata
 
 __all__ = (
+    "ALEMBIC_LOCK",
     "VERSION_TABLE",
     "current_revision",
     "head_revision",
@@ -40,6 +60,10 @@ __all__ = (
 
 VERSION_TABLE = "aeventor_alembic_version"
 _HERE = Path(__file__).parent
+
+#: Held by the migration that owns Alembic's module-level proxies; process-wide, whatever
+#: the thread or event loop (a ``threading.Lock``, awaited through :func:`_alembic_proxies`).
+ALEMBIC_LOCK = threading.Lock()
 
 
 def _config(connection: Connection | None = None) -> Config:
@@ -101,8 +125,7 @@ def migrate(connection: Connection, script: ScriptDirectory, revision: str = "he
         run_migrations(context, connection)
 
 
-def _upgrade(connection: Connection, script: ScriptDirectory) -> None:
-    current = current_revision(connection)
+def _check_known(current: str | None, script: ScriptDirectory) -> None:
     if current is not None:
         try:
             script.get_revision(current)
@@ -112,9 +135,38 @@ def _upgrade(connection: Connection, script: ScriptDirectory) -> None:
                 f"(head {script.get_current_head()!r}) does not know: it was created by a "
                 "newer aeventor. Upgrade aeventor on this host, or use another database"
             ) from exc
-        if current == script.get_current_head():
-            return
-    migrate(connection, script)
+
+
+def _upgrade(connection: Connection, script: ScriptDirectory) -> None:
+    current = current_revision(connection)
+    _check_known(current, script)
+    if current != script.get_current_head():
+        migrate(connection, script)
+
+
+@asynccontextmanager
+async def _alembic_proxies() -> AsyncIterator[None]:
+    """Hold :data:`ALEMBIC_LOCK` without blocking the event loop.
+
+    Taken at once when it is free; else a worker thread waits for it. A caller cancelled
+    meanwhile leaves that thread to release the lock as soon as it gets it.
+    """
+    if not ALEMBIC_LOCK.acquire(blocking=False):
+        acquiring = asyncio.ensure_future(asyncio.to_thread(ALEMBIC_LOCK.acquire))
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            acquiring.add_done_callback(_release_when_acquired)
+            raise
+    try:
+        yield
+    finally:
+        ALEMBIC_LOCK.release()
+
+
+def _release_when_acquired(acquiring: asyncio.Future[bool]) -> None:
+    if not acquiring.cancelled() and acquiring.exception() is None and acquiring.result():
+        ALEMBIC_LOCK.release()
 
 
 async def upgrade_to_head(
@@ -125,18 +177,25 @@ async def upgrade_to_head(
     """Bring the schema to this aeventor's head revision (a no-op when it is there).
 
     Args:
-        lock: a context manager entered around the upgrade, on the migration's
-            connection, to serialise concurrent upgraders.
+        lock: a context manager that serialises upgraders across processes, entered on
+            the migration's connection before its transaction begins and left after that
+            transaction has ended (committed or rolled back). None: the transaction's
+            own begin locks the database (sqlite's ``BEGIN IMMEDIATE``).
 
     Raises:
         SchemaVersionError: the database was created by a newer aeventor.
     """
 
     script = await load_scripts()
+    async with engine.connect() as conn:
+        current = await conn.run_sync(current_revision)
+    _check_known(current, script)
+    if current == script.get_current_head():
+        return
 
     def run(connection: Connection) -> None:
-        with lock(connection) if lock is not None else nullcontext():
+        with lock(connection) if lock is not None else nullcontext(), connection.begin():
             _upgrade(connection, script)
 
-    async with engine.begin() as conn:
+    async with _alembic_proxies(), engine.connect() as conn:
         await conn.run_sync(run)
