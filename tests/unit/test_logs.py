@@ -76,7 +76,7 @@ def test_importing_aeventor_configures_nothing() -> None:
 
 _RETRY_ONCE = """
 import asyncio
-from aeventor.backends.stores.base import retry_on_disconnect
+from aeventor.backends.stores.base import retry_transient
 from aeventor.exceptions import ConnectionLost
 
 class Store:
@@ -89,7 +89,7 @@ class Store:
     async def sleep(self, delay):
         pass
 
-    @retry_on_disconnect
+    @retry_transient
     async def work(self):
         self.calls += 1
         if self.calls == 1:

@@ -22,7 +22,7 @@ import structlog
 
 from aeventor.backends.executors import ssh
 from aeventor.backends.stores import base, open_store
-from aeventor.backends.stores.base import retry_on_disconnect
+from aeventor.backends.stores.base import retry_transient
 from aeventor.backends.stores.pg_listener import PgListener
 from aeventor.exceptions import ConnectionLost, DatabaseError, HostUnreachable
 from aeventor.logs import get_logger
@@ -55,7 +55,7 @@ class FakeClock:
 
 
 class FakeStore:
-    """What :func:`retry_on_disconnect` needs of a store."""
+    """What :func:`retry_transient` needs of a store."""
 
     def __init__(self, operation: Callable[[FakeStore], Any], *, deadline: float) -> None:
         self.clock = FakeClock()
@@ -64,7 +64,7 @@ class FakeStore:
         self.operation = operation
         self.calls = 0
 
-    @retry_on_disconnect
+    @retry_transient
     async def work(self) -> Any:
         self.calls += 1
         return await self.operation(self)

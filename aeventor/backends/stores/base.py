@@ -73,7 +73,6 @@ __all__ = (
     "Database",
     "ErrorKind",
     "SqlTx",
-    "retry_on_disconnect",
     "retry_transient",
 )
 
@@ -144,11 +143,6 @@ def retry_transient(
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     return wrapper
-
-
-#: The former name of :func:`retry_transient` (it retried lost connections only), still
-#: used by the claim and lease operations until they move to the new name.
-retry_on_disconnect = retry_transient
 
 
 def _retry_event(exc: BaseException) -> str:
@@ -569,7 +563,7 @@ class Database(Store):
             worker=worker, limit=limit, run_id=run_id, hosts=hosts, lease=lease, token=new_token()
         )
 
-    @retry_on_disconnect
+    @retry_transient
     async def _claim_ready(
         self,
         *,
@@ -661,7 +655,7 @@ class Database(Store):
                 return [dataclasses.replace(_claim(r), token=token) for r in rows]
         return [_claim(r) for r in rows]
 
-    @retry_on_disconnect
+    @retry_transient
     async def heartbeat(
         self,
         *,
@@ -723,7 +717,7 @@ class Database(Store):
             ).all()
         return _revoked(held, worker, rows)
 
-    @retry_on_disconnect
+    @retry_transient
     async def worker_stopped(self, worker: str) -> None:
         async with self.transaction() as conn:
             await conn.execute(
@@ -732,7 +726,7 @@ class Database(Store):
                 .values(stopped=t.utcnow(), lease_until=None)
             )
 
-    @retry_on_disconnect
+    @retry_transient
     async def lapsed_leases(
         self, *, limit: int = 100, run_id: str | None = None, worker: str | None = None
     ) -> list[Claim]:
@@ -765,7 +759,7 @@ class Database(Store):
             rows = await conn.execute(query.order_by(step_run.c.id).limit(limit))
             return [_claim(r) for r in rows]
 
-    @retry_on_disconnect
+    @retry_transient
     async def active_claims(self, *, worker: str) -> list[Claim]:
         """The step runs still active under ``worker``'s lease, whatever their lease says."""
         async with self.reading() as conn:
