@@ -131,6 +131,7 @@ class Graph:
     def __init__(self, program: ProgramDef, *, signer: StepRunSigner | None = None) -> None:
         self.program = program
         self._signer = signer
+        self._version: str | None = None
         self._fanout: dict[str, tuple[tuple[str, str], ...]] = dict(program.assocs)
         dependents: dict[str, list[str]] = {}
         self._exprs: dict[str, _expr.Expr] = {}
@@ -142,6 +143,14 @@ class Graph:
                 dependents.setdefault(ref, []).append(event.name)
         self._dependents = {k: tuple(v) for k, v in dependents.items()}
         self._facts_cache: dict[str, frozenset[str]] = {}
+
+    @property
+    def version(self) -> str:
+        """The program's version, hashed once (:attr:`ProgramDef.version` hashes the whole
+        definition at each use: never per step run)."""
+        if self._version is None:
+            self._version = self.program.version
+        return self._version
 
     @property
     def signs(self) -> bool:
@@ -164,7 +173,7 @@ class Graph:
             return None
         return self._signer(
             run_id=run_id,
-            version=self.program.version,
+            version=self.version,
             step=step,
             sequence=sequence,
             recovery=recovery,

@@ -118,7 +118,7 @@ class SignedPrograms:
         origin = await self.store.run_origin(run_id)
         graph = await self._graph(origin.program_id)
         expected = signing.run_signature(
-            self.key, run_id=run_id, program_id=origin.program_id, version=graph.program.version
+            self.key, run_id=run_id, program_id=origin.program_id, version=graph.version
         )
         if not signing.verify(origin.signature, expected):
             raise Refused(
@@ -152,7 +152,7 @@ class SignedPrograms:
         step = program.steps.get(claim.step)
         if step is None:
             raise Refused(
-                f"{what}: program {program.name!r} version {program.version} has no such "
+                f"{what}: program {program.name!r} version {graph.version} has no such "
                 "step (a row written into the database by hand?)"
             )
         if executing and self.hosts is not None and claim.queue not in self.hosts:
@@ -165,7 +165,7 @@ class SignedPrograms:
         expected = signing.step_run_mac(
             self.key,
             run_id=claim.run_id,
-            version=program.version,
+            version=graph.version,
             step=claim.step,
             sequence=claim.sequence,
             recovery=claim.recovery,
