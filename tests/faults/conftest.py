@@ -139,7 +139,9 @@ def _private_template(pg_cluster: PrivateCluster) -> str:
 
 
 @pytest.fixture
-async def private_pg_store(pg_cluster: PrivateCluster, _private_template: str) -> AsyncIterator[str]:
+async def private_pg_store(
+    pg_cluster: PrivateCluster, _private_template: str
+) -> AsyncIterator[str]:
     """A fresh, migrated database on the private cluster (whose server may be down now and
     then: the test brings it back before it ends)."""
     name = f"aev_f{os.getpid()}_{next(_databases)}"

@@ -67,6 +67,5 @@ class LostAckSqlite(SqliteDatabase):
         if self.rules.pick(statements):
             self.cuts += 1
             raise ConnectionLost(
-                f"{self!r}: injected fault: the commit succeeded but its acknowledgement was "
-                "lost"
+                f"{self!r}: injected fault: the commit succeeded but its acknowledgement was lost"
             )

@@ -47,9 +47,7 @@ class ClusterUnavailable(Exception):
 
 def find_bin_dir() -> Path:
     """The directory of ``initdb`` and ``pg_ctl`` (raises :class:`ClusterUnavailable`)."""
-    candidates = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
-    )
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
     for directory in reversed(candidates):
         if (directory / "initdb").is_file() and (directory / "pg_ctl").is_file():
             return directory
@@ -115,12 +113,18 @@ class PrivateCluster:
             conf.write(SETTINGS.format(port=self.port, socket_dir=self.root))
 
     def start_sync(self) -> None:
-        subprocess.run(self._ctl_argv("start"), check=True, capture_output=True)
+        subprocess.run(
+            self._ctl_argv("start"), check=True, capture_output=True, timeout=PG_CTL_TIMEOUT + 10
+        )
 
     def destroy(self) -> None:
         """Stop the server if it runs, and delete the cluster."""
         if (self.data / "postmaster.pid").exists():
-            subprocess.run(self._ctl_argv("stop"), capture_output=True, timeout=PG_CTL_TIMEOUT)
+            # Best effort: the directory goes either way, and a server left running on it
+            # exits on its own once its data directory is gone.
+            subprocess.run(
+                self._ctl_argv("stop"), check=False, capture_output=True, timeout=PG_CTL_TIMEOUT
+            )
         shutil.rmtree(self.root, ignore_errors=True)
 
     # -- async, for the tests -----------------------------------------------------------------

@@ -39,7 +39,7 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Self
 
 from .cuts import Cut, Rules, Statement
 
@@ -144,7 +144,6 @@ class PgFrontend(_Frontend):
                 self.prepared.pop(body[1:].split(b"\0", 1)[0], None)
             messages.append((message, sql))
         return messages
-
 
     def reply(self, data: bytes) -> None:
         # Backend messages: type byte, int32 length. CommandComplete ('C') carries the tag,
@@ -251,7 +250,7 @@ class FaultProxy:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def __aenter__(self) -> FaultProxy:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

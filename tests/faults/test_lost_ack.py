@@ -135,9 +135,7 @@ async def test_agents_survive_lost_ack(
     journal = tmp_path / "journal"
     # Two agents serve the chain's host through the proxy; the submitter goes direct.
     for _ in range(2):
-        await agents.start(
-            via_proxy, "h1", allow=["tests.faults.*"], args=["--lease", str(LEASE)]
-        )
+        await agents.start(via_proxy, "h1", allow=["tests.faults.*"], args=["--lease", str(LEASE)])
     cut = proxy.cut_after_commit(TRANSACTIONS[transaction])
     ev = chain(
         store,
