@@ -75,7 +75,10 @@ class PrivateCluster:
     def __init__(self, bin_dir: Path) -> None:
         self.bin_dir = bin_dir
         self.port = free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="aeventor-pg-"))
+        # As root, under /tmp itself: the postgres user must reach it, and $TMPDIR may be a
+        # directory only root can enter.
+        parent = "/tmp" if os.geteuid() == 0 else None
+        self.root = Path(tempfile.mkdtemp(prefix="aeventor-pg-", dir=parent))
         self.data = self.root / "data"
         self.log = self.root / "server.log"
         self._runas: list[str] = []
