@@ -40,8 +40,12 @@ class Cut:
         nth: cut every nth matching commit (1: the next one).
         times: how many cuts the rule makes before it disarms itself.
         seen: matching commits seen so far; made: cuts made so far.
+        hold: instead of cutting the connection, hold the server's acknowledgement of the
+            COMMIT until :meth:`release` (the TCP proxy only): the client stays blocked
+            with its transaction committed, for as long as the test wants.
         statements: the SQL of each transaction that was cut (for failure messages).
         done: set once the rule has made all its cuts.
+        committed: set once the server acknowledged a picked COMMIT (the proxy only).
     """
 
     after: re.Pattern[str] | None = None
@@ -50,8 +54,15 @@ class Cut:
     times: int = 1
     seen: int = 0
     made: int = 0
+    hold: bool = False
     statements: list[list[Statement]] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    committed: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        """Let a held acknowledgement through."""
+        self.released.set()
 
     def matches(self, transaction: list[Statement]) -> bool:
         if self.after is None:
@@ -67,7 +78,8 @@ class Cut:
             if self.after is None
             else f"a transaction where /{self.after.pattern}/ changed rows"
         )
-        return f"cut after every {self.nth} COMMIT of {what} ({self.made}/{self.times} made)"
+        action = "hold the ack of" if self.hold else "cut after"
+        return f"{action} every {self.nth} COMMIT of {what} ({self.made}/{self.times} made)"
 
 
 class Rules:
@@ -77,17 +89,23 @@ class Rules:
         self.armed: list[Cut] = []
 
     def arm(
-        self, after: str | None = None, *, nth: int = 1, times: int = 1, changed: bool = True
+        self,
+        after: str | None = None,
+        *,
+        nth: int = 1,
+        times: int = 1,
+        changed: bool = True,
+        hold: bool = False,
     ) -> Cut:
         if nth < 1 or times < 1:
             raise ValueError(f"nth={nth} and times={times} must be at least 1")
         pattern = None if after is None else re.compile(after)
-        rule = Cut(after=pattern, changed=changed, nth=nth, times=times)
+        rule = Cut(after=pattern, changed=changed, nth=nth, times=times, hold=hold)
         self.armed.append(rule)
         return rule
 
-    def pick(self, transaction: list[Statement]) -> bool:
-        """Whether the commit of ``transaction`` (its statements) is to lose its ack."""
+    def pick(self, transaction: list[Statement]) -> Cut | None:
+        """The rule that picks the commit of ``transaction`` (its statements), if any."""
         for rule in self.armed:
             if rule.made >= rule.times or not rule.matches(transaction):
                 continue
@@ -98,5 +116,5 @@ class Rules:
             rule.statements.append(list(transaction))
             if rule.made >= rule.times:
                 rule.done.set()
-            return True
-        return False
+            return rule
+        return None

@@ -38,7 +38,7 @@ import re
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Self
 
 from .cuts import Cut, Rules, Statement
@@ -216,9 +216,9 @@ class _Connection:
     client: asyncio.StreamWriter
     server: asyncio.StreamWriter
     frontend: _Frontend
-    #: Set when the proxy forwarded a COMMIT it will cut after: the server's next bytes
-    #: acknowledge it, and are dropped.
-    cutting: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The rule of a COMMIT the proxy forwarded and acts on: the server's next bytes
+    #: acknowledge it; they are dropped (and the connection cut), or held.
+    picked: Cut | None = None
 
 
 class FaultProxy:
@@ -264,6 +264,8 @@ class FaultProxy:
             self._server.close()
         self._refusing = True
         self._open.set()
+        for rule in self.rules.armed:
+            rule.release()
         self.drop_all()
         # Not cancelled: with their sockets aborted, the connections' tasks end by themselves.
         if self._tasks:
@@ -282,7 +284,13 @@ class FaultProxy:
     # -- faults ----------------------------------------------------------------------------
 
     def cut_after_commit(
-        self, after: str | None = None, *, nth: int = 1, times: int = 1, changed: bool = True
+        self,
+        after: str | None = None,
+        *,
+        nth: int = 1,
+        times: int = 1,
+        changed: bool = True,
+        hold: bool = False,
     ) -> Cut:
         """Arm a rule: let the chosen COMMIT reach the server, then cut its connection.
 
@@ -294,8 +302,9 @@ class FaultProxy:
             times: how many cuts before the rule disarms itself.
             changed: only when the matching statement affected at least one row (the
                 server's reply says how many).
+            hold: hold the acknowledgement until ``rule.release()`` instead of cutting.
         """
-        return self.rules.arm(after, nth=nth, times=times, changed=changed)
+        return self.rules.arm(after, nth=nth, times=times, changed=changed, hold=hold)
 
     def drop_all(self) -> None:
         """Cut every connection through the proxy now (both sides)."""
@@ -367,35 +376,34 @@ class FaultProxy:
                     frontend.replies.clear()
                 if not message:
                     continue
-                cut = False
+                rule = None
                 if sql is not None:
                     commits, transaction = frontend.statement(sql)
                     if commits:
                         self.commits += 1
-                        cut = self._should_cut(transaction)
-                if cut:
-                    # The server's reply to this COMMIT is dropped; then both sides go.
-                    conn.cutting.set()
-                    conn.server.write(message)
-                    await conn.server.drain()
-                    return
+                        rule = self.rules.pick(transaction)
+                if rule is not None:
+                    # Before the COMMIT goes: its reply is the next thing the server sends.
+                    conn.picked = rule
                 conn.server.write(message)
+                if rule is not None and not rule.hold:
+                    self.cuts += 1
+                    await conn.server.drain()
+                    return  # _server_to_client cuts both sides at the acknowledgement
             await conn.server.drain()
         # The client closed its side: pass that on.
         conn.server.write_eof()
 
-    def _should_cut(self, transaction: list[Statement]) -> bool:
-        if self.rules.pick(transaction):
-            self.cuts += 1
-            return True
-        return False
-
     async def _server_to_client(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
         while data := await reader.read(65536):
-            if conn.cutting.is_set():
-                # The acknowledgement of the cut COMMIT: the server has committed.
-                self._abort(conn)
-                return
+            rule, conn.picked = conn.picked, None
+            if rule is not None:
+                # The acknowledgement of the picked COMMIT: the server has committed.
+                rule.committed.set()
+                if not rule.hold:
+                    self._abort(conn)
+                    return
+                await rule.released.wait()
             # Row counts first, then forward: the client's next statement comes after.
             conn.frontend.reply(data)
             conn.client.write(data)

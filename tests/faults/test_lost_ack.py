@@ -50,6 +50,8 @@ RUN_DEADLINE = 20.0
 LEASE = 3.0
 
 TRANSACTIONS = {"claim": sql.CLAIM, "started": sql.STARTED, "complete": sql.COMPLETE}
+#: A standalone run's own first transaction too (the submitter goes direct in agents' tests).
+STANDALONE = {"create": sql.CREATE_RUN, **TRANSACTIONS}
 STEPS = ("s0", "s1", "s2")
 
 Proxies = Callable[[str], Awaitable[tuple[FaultProxy, str]]]
@@ -83,7 +85,7 @@ def three_at_a_time(store: str, journal: Path, log_dir: Path) -> evr.Eventor:
 # -- standalone: `await ev.run()` through the proxy --------------------------------------------
 
 
-@pytest.mark.parametrize("transaction", list(TRANSACTIONS))
+@pytest.mark.parametrize("transaction", list(STANDALONE))
 async def test_standalone_run_survives_lost_ack(
     server_store: str, proxies: Proxies, tmp_path: Path, transaction: str
 ) -> None:
@@ -92,7 +94,7 @@ async def test_standalone_run_survives_lost_ack(
     journal = tmp_path / "journal"
     ev = standalone(via_proxy, journal, tmp_path / "logs", transaction)
     async with ev:  # opened (and migrated) before the fault is armed
-        cut = proxy.cut_after_commit(TRANSACTIONS[transaction])
+        cut = proxy.cut_after_commit(STANDALONE[transaction])
         handle = ev.start()
         result = await finish(handle, store=store, fault=cut, deadline=RUN_DEADLINE)
     assert cut.done.is_set(), f"the fault was never injected: {cut}"
@@ -104,7 +106,7 @@ async def test_standalone_run_survives_lost_ack(
 # -- sqlite: the commit happens, then ConnectionLost ------------------------------------------
 
 
-@pytest.mark.parametrize("transaction", list(TRANSACTIONS))
+@pytest.mark.parametrize("transaction", list(STANDALONE))
 async def test_sqlite_run_survives_lost_ack(tmp_path: Path, transaction: str) -> None:
     path = tmp_path / "store.db"
     journal = tmp_path / "journal"
@@ -114,7 +116,7 @@ async def test_sqlite_run_survives_lost_ack(tmp_path: Path, transaction: str) ->
     # The Eventor drives its runs through the store it holds (opened above).
     ev._db = db
     async with ev:
-        cut = db.cut_after_commit(TRANSACTIONS[transaction])
+        cut = db.cut_after_commit(STANDALONE[transaction])
         handle = ev.start()
         result = await finish(handle, store=str(path), fault=cut, deadline=RUN_DEADLINE)
     assert cut.done.is_set(), f"the fault was never injected: {cut}"
