@@ -79,7 +79,8 @@ async def test_claim_of_a_frozen_agent_is_requeued(
             async def beat_since_resumed() -> bool:
                 rows = await agent_rows(store)
                 return any(
-                    r.pid == frozen.pid and r.heartbeat >= resumed + timedelta(seconds=1) for r in rows
+                    r.pid == frozen.pid and r.heartbeat >= resumed + timedelta(seconds=1)
+                    for r in rows
                 )
 
             await wait_until(beat_since_resumed, what="the resumed agent A to beat again")
