@@ -82,13 +82,15 @@ async def test_refused_and_stalled_connections(pg_store: str, proxies: Proxies) 
     await db.aclose()
 
 
-async def test_private_cluster_stops_and_starts(
+async def test_private_cluster_stops_starts_and_restarts(
     pg_cluster: PrivateCluster, private_pg_store: str
 ) -> None:
     assert await pg_cluster.is_up()
     await pg_cluster.stop()
     assert not await pg_cluster.is_up()
     await pg_cluster.start()
+    assert await pg_cluster.is_up()
+    await pg_cluster.restart()
     assert await pg_cluster.is_up()
     assert await _agent_ids(private_pg_store) == []
 
