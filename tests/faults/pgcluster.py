@@ -100,8 +100,12 @@ class PrivateCluster:
     def _ctl_argv(self, action: str) -> list[str]:
         argv = [*self._runas, str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-w"]
         argv += ["-t", str(PG_CTL_TIMEOUT)]
+        if action in ("start", "restart"):
+            # The server's output goes to the log, never to pg_ctl's own stdout: the server
+            # would hold that pipe open for ever, and a caller reading it to the end hangs.
+            argv += ["-l", str(self.log)]
         if action == "start":
-            return [*argv, "-l", str(self.log), "start"]
+            return [*argv, "start"]
         # fast: active transactions are rolled back and clients disconnected at once.
         return [*argv, "-m", "fast", action]
 
