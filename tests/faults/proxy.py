@@ -18,12 +18,19 @@ with just enough of the wire protocol to know which statements it carries:
   payload byte says which: ``COM_QUERY`` (0x03) carries the SQL text, values already
   inlined by aiomysql, ``COMMIT`` included.
 
-A :class:`Cut` rule, once armed, picks a ``COMMIT``: the Nth one from now, or the next one on
-a connection whose transaction ran a statement matching a regular expression. The proxy
+It also reads the server's replies for row counts (Postgres ``CommandComplete`` tags such as
+``UPDATE 1``; the affected rows of MySQL's OK packets), so that a rule can pick only a
+transaction whose statement actually changed rows (a claim that took a step run, not one
+that found nothing).
+
+A :class:`~.cuts.Cut` rule, once armed, picks a ``COMMIT``: every Nth one, or every Nth one
+of a transaction in which a statement matching a regular expression changed rows. The proxy
 forwards that ``COMMIT`` to the server, waits for the server's first reply bytes (proof that
-the server has executed it: the transaction is durable), drops those bytes and closes both
+the server has executed it: the transaction is durable), drops those bytes and aborts both
 sides of the connection. The client sees its connection die with its commit unacknowledged,
-which is what a network partition at the wrong moment does.
+which is what a network partition at the wrong moment does. With ``hold=True`` the proxy
+holds the acknowledgement instead, until the test calls ``rule.release()``: the test can
+act (freeze the client, say) between the commit and the moment the client hears of it.
 
 New connections can also be refused (accepted and closed at once) or stalled (held, not yet
 connected to the server) for a while: :meth:`FaultProxy.refuse` and :meth:`FaultProxy.stall`.
