@@ -353,9 +353,18 @@ class InMemoryStore(Store):
                 if row is None:
                     revoked[id_] = StepStatus.cancelled
                 elif (
-                    row.status is StepStatus.active and row.worker == worker and row.token == token
+                    row.worker == worker
+                    and row.token == token
+                    and row.status
+                    in (
+                        StepStatus.active,
+                        StepStatus.success,
+                        StepStatus.failure,
+                    )
                 ):
-                    row.lease_until = now + lease
+                    # Active (renewed), or ended by the worker's own completion.
+                    if row.status is StepStatus.active:
+                        row.lease_until = now + lease
                 else:
                     revoked[id_] = row.status
             self._changes.changed()
@@ -606,7 +615,7 @@ class MemoryTx:
         self, claim_id: int, *, token: str | None, only_if_lapsed: bool = False
     ) -> bool:
         row = self._held(claim_id, token, only_if_lapsed)
-        if row is None:
+        if row is None or row.pid is not None:
             return False
         row.status, row.worker, row.token, row.pid = StepStatus.ready, None, None, None
         row.started, row.lease_until = None, None

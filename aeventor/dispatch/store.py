@@ -107,7 +107,8 @@ class StoreTx(Protocol):
     async def requeue_step(
         self, claim_id: int, *, token: str | None, only_if_lapsed: bool = False
     ) -> bool:
-        """Put a claimed step run that never started back to ready; False as for end_step."""
+        """Put a claimed step run that never started (no pid, not even the 0 of
+        :meth:`Store.launching`) back to ready; False as for end_step."""
 
     async def step_state(self, step_run_id: int) -> tuple[StepStatus, str | None] | None:
         """A step run's status and fencing token (None if there is no such step run)."""
@@ -459,6 +460,14 @@ class Store(abc.ABC):
                 only_if_lapsed=only_if_lapsed,
             )
         )
+
+    async def launching(self, claim: Claim) -> bool:
+        """Mark a claimed step run as starting (pid 0 until its process is known), while
+        the claim is still the caller's; False if it is not (then it must not start).
+
+        From then on it is never requeued: had it started, it would run twice.
+        """
+        return await self.write(lambda tx: tx.set_pid(claim.id, 0, token=claim.token))
 
     async def requeue(self, claim: Claim, *, only_if_lapsed: bool = False) -> Advance:
         """Put a claimed step run that never started back to ready (or skipped, its run

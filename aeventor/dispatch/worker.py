@@ -429,6 +429,14 @@ class Worker:
             run_log = self.run_log(graph.program.name, claim.run_id)
             label = f"{claim.step}[{claim.sequence}]"
             result = await self._launch(graph, claim, run_log, bound)
+            if result is None:
+                # Taken from us before we could start it (requeued or reaped while we
+                # were cut off): whoever holds it now runs it. Nothing ran, nothing to record.
+                bound.warning(
+                    "step.not_started",
+                    reason="the step run is no longer this worker's; it was not started",
+                )
+                return
             status = StepStatus.success if result.ok else StepStatus.failure
             take = self.taker(freeing=1)
             while True:
@@ -540,7 +548,10 @@ class Worker:
             # Their leases lapse, and a reaper records them lost.
             self.log.warning("worker.unrun_not_recorded", error=str(exc))
 
-    async def _launch(self, graph: Graph, claim: Claim, run_log: RunLog, bound: Any) -> ExecResult:
+    async def _launch(
+        self, graph: Graph, claim: Claim, run_log: RunLog, bound: Any
+    ) -> ExecResult | None:
+        """Run the step; None if it was not started because the claim is no longer ours."""
         executor, step = self.route(graph.program.steps[claim.step])
         program = graph.program.name
         label = f"{claim.step}[{claim.sequence}]"
@@ -576,6 +587,11 @@ class Worker:
             bound.info("step.started", host=step.host)
             run_log.info(f"step {label} started")
             self.apply(claim.run_id, await self.store.started(graph, claim))
+        elif not await self.store.launching(claim):
+            # Fencing at the start: only while the claim is still ours does the store mark
+            # it started (before the process exists), so a reaper records it lost instead
+            # of requeueing it, and a worker whose claim was taken never starts it.
+            return None
         launch = StepLaunch(
             claim=claim,
             step=step,
@@ -668,12 +684,16 @@ class Worker:
         """
         if self.scope.run_id is None and not self.config.reap:
             return 0
-        if self._monotonic() - self._healthy_since < self.config.lease:
+        if not self._may_reap():
             return 0
-        held = self._held()
         reaped = 0
-        for claim in await self.store.lapsed_leases(run_id=self.scope.run_id, worker=self.id):
-            if claim.id in held:
+        lapsed = await self.store.lapsed_leases(run_id=self.scope.run_id, worker=self.id)
+        for claim in lapsed:
+            # Asked again for each: the query may have waited out an outage, during which
+            # nobody could renew anything.
+            if not self._may_reap():
+                break
+            if claim.id in self._held():
                 continue  # ours and running: the next beat renews it
             self.log.warning(
                 "step.lost", run_id=claim.run_id, step=claim.step, started=claim.pid is not None
@@ -700,6 +720,16 @@ class Worker:
                     exc_info=not isinstance(exc, AeventorError),
                 )
         return reaped
+
+    def _may_reap(self) -> bool:
+        """Whether this worker's own heartbeats have been regular for a whole lease, up to
+        now: only then can it tell a dead owner from one that could not renew either."""
+        now = self._monotonic()
+        return (
+            self._last_beat is not None
+            and now - self._last_beat < self.config.lease / 2
+            and now - self._healthy_since >= self.config.lease
+        )
 
     async def _give_up(
         self, claim: Claim, error: str, *, status: StepStatus, only_if_lapsed: bool = False

@@ -345,6 +345,7 @@ async def test_a_lapsed_claim_is_reaped_as_lost_and_its_failure_trigger_fires(
 
     clock.advance(LEASE + 1)
     assert [c.id for c in await store.lapsed_leases()] == [claim.id]
+    await worker._beat()  # a reaper judges only while its own beats are regular
     assert await worker.reap() == 1
     lost = (await store.load_result(run_id)).step("s0")
     assert lost.status is StepStatus.lost
@@ -370,6 +371,7 @@ async def test_a_lapsed_claim_that_never_started_is_requeued_and_runs_once(
     fake = FakeExecutor(outcome=succeed)
     worker = make_worker(store, graph, fake, tmp_path, run_id=run_id)
     clock.advance(LEASE + 1)
+    await worker._beat()  # a reaper judges only while its own beats are regular
     assert await worker.reap() == 1
     requeued = (await store.load_result(run_id)).step("s0")
     assert requeued.status is StepStatus.ready
@@ -397,6 +399,7 @@ async def test_a_reaper_waits_a_lease_after_its_own_heartbeats_stopped(
     clock.advance(LEASE + 1)
     await reaper._beat()
     clock.advance(3 * LEASE)  # the reaper's beats stopped too: an outage
+    assert await reaper.reap() == 0  # its last beat is old: it cannot judge anyone
     await reaper._beat()
     assert await store.lapsed_leases() != []
     assert await reaper.reap() == 0
@@ -541,6 +544,25 @@ async def test_a_worker_whose_lease_was_taken_terminates_its_step_and_records_no
     assert s0.error is not None and s0.error.startswith("lost")
     assert result.step("fix").status is StepStatus.success
     assert result.ok
+
+
+async def test_a_stale_claim_is_never_started(store: InMemoryStore, tmp_path: Path) -> None:
+    """Fencing at the start: a claim taken from its worker before the step started (here
+    requeued) is not started by it; whoever holds the step run now runs it, once."""
+    graph = chain(1, process=True)
+    run_id = await new_run(store, graph)
+    fake = FakeExecutor(outcome=succeed)
+    worker = make_worker(store, graph, fake, tmp_path, run_id=run_id)
+    [stale] = await store.claim(worker=worker.id, limit=1, run_id=run_id)
+    assert (await store.requeue(stale)).recorded
+    async with running(worker):
+        await fake.started("s0", deadline=DEADLINE)  # claimed again, under a new token
+        worker._start(stale)  # the stale claim turns up late (a lost acknowledgement)
+
+    result = await store.load_result(run_id)
+    assert result.ok
+    assert len(fake.launches) == 1
+    assert fake.launches[0].claim.token != stale.token
 
 
 async def test_a_stale_completion_is_refused_and_the_reapers_outcome_stays(

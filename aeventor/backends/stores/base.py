@@ -239,7 +239,7 @@ def _claim(row: Any) -> Claim:
 
 _REQUEUE_STEP = (
     t.step_run.update()
-    .where(*_HELD)
+    .where(*_HELD, t.step_run.c.pid.is_(None))
     .values(
         status=StepStatus.ready.value,
         worker=None,
@@ -1107,11 +1107,18 @@ def _revoked(
             status = StepStatus(row.status)
         except ValueError:  # a status nobody wrote: not ours to run either
             continue
-        if status is StepStatus.active and row.worker == worker and row.token == held[row.id]:
+        ours = row.worker == worker and row.token == held[row.id]
+        if ours and status in _OWN_STATUSES:
+            # Still ours, or ended by our own completion (which raced this beat).
             del revoked[row.id]
         else:
             revoked[row.id] = status
     return revoked
+
+
+#: The statuses a held step run can have while its claim is still the holder's: active, or
+#: ended by the holder itself.
+_OWN_STATUSES = frozenset({StepStatus.active, StepStatus.success, StepStatus.failure})
 
 
 def _step_row(row: NewStepRun, now: datetime) -> dict[str, Any]:
