@@ -123,6 +123,7 @@ async def test_sigkilled_controller_leaves_leases_that_lapse_and_are_reaped(
                 monotonic=lambda: elapsed[0],
             )
             elapsed[0] = reaper.config.lease
+            await reaper._beat()  # and its last beat is recent
             assert await reaper.reap() == 1
             (run,) = await db.list_runs()
             result = await db.load_result(run.run_id)
