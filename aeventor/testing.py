@@ -312,14 +312,14 @@ class InMemoryStore(Store):
                 row.started = now
                 row.lease_until = now + lease
                 row.token = token
-                claimed.append(_claim(row))
+                claimed.append(Claim.from_row(row))
             if claimed:
                 self._changes.changed()
             if self._lost_acks:
                 # The retry finds what the first attempt claimed by its token.
                 self._lost_acks -= 1
                 claimed = [
-                    _claim(row)
+                    Claim.from_row(row)
                     for row in self._t.step_runs.values()
                     if row.status is StepStatus.active
                     and row.worker == worker
@@ -391,7 +391,7 @@ class InMemoryStore(Store):
             )
 
         return [
-            _claim(row)
+            Claim.from_row(row)
             for row in self._t.step_runs.values()
             if row.status is StepStatus.active
             and row.lease_until is not None
@@ -402,7 +402,7 @@ class InMemoryStore(Store):
 
     async def active_claims(self, *, worker: str) -> list[Claim]:
         return [
-            _claim(row)
+            Claim.from_row(row)
             for row in self._t.step_runs.values()
             if row.status is StepStatus.active and row.worker == worker
         ]
@@ -521,22 +521,6 @@ class InMemoryStore(Store):
         return program
 
 
-def _claim(row: _StepRun) -> Claim:
-    return Claim(
-        row.id,
-        row.run_id,
-        row.step,
-        row.sequence,
-        row.recovery,
-        row.attempt,
-        row.token,
-        row.host,
-        row.queue,
-        row.mac,
-        row.pid,
-    )
-
-
 class MemoryTx:
     """:class:`~aeventor.dispatch.store.StoreTx` on a private copy of the tables."""
 
@@ -627,7 +611,7 @@ class MemoryTx:
 
     async def claimed(self, *, worker: str, token: str) -> list[Claim]:
         return [
-            _claim(row)
+            Claim.from_row(row)
             for row in self.tables.step_runs.values()
             if row.status is StepStatus.active and row.worker == worker and row.token == token
         ]
@@ -667,7 +651,7 @@ class MemoryTx:
             if row is not None:
                 row.worker, row.started, row.lease_until = worker, now, now + lease
                 row.token = token
-                inserted.append(_claim(row))
+                inserted.append(Claim.from_row(row))
         return inserted
 
     def _insert(self, new: NewStepRun, now: datetime) -> _StepRun | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -75,6 +76,14 @@ class Claim:
     queue: str | None = None
     mac: str | None = None
     pid: int | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Claim:
+        """The claim of a stored step run: any record with the claim's attributes."""
+        return cls(*(getattr(row, name) for name in _CLAIM_FIELDS))
+
+
+_CLAIM_FIELDS = tuple(f.name for f in dataclasses.fields(Claim))
 
 
 @dataclass(frozen=True, slots=True)

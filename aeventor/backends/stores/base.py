@@ -221,22 +221,6 @@ _CLAIM_COLUMNS = (
 _ACTIVE_CLAIMS = sa.select(*_CLAIM_COLUMNS).where(t.step_run.c.status == StepStatus.active.value)
 
 
-def _claim(row: Any) -> Claim:
-    return Claim(
-        row.id,
-        row.run_id,
-        row.step,
-        row.sequence,
-        row.recovery,
-        row.attempt,
-        row.token,
-        row.host,
-        row.queue,
-        row.mac,
-        row.pid,
-    )
-
-
 _REQUEUE_STEP = (
     t.step_run.update()
     .where(*_HELD, t.step_run.c.pid.is_(None))
@@ -609,7 +593,7 @@ class Database(Store):
                 )
                 rows = sorted(earlier.all(), key=lambda row: row.id)
                 if rows:
-                    return [_claim(r) for r in rows]
+                    return [Claim.from_row(r) for r in rows]
             if conn.dialect.update_returning:
                 # Postgres and sqlite: one statement. Postgres locks the candidates in the
                 # subquery (SKIP LOCKED passes over rows other claimers hold) and rechecks
@@ -652,8 +636,8 @@ class Database(Store):
                     )
                     rows = [row for row in rows if row.id in mine]
                 # The rows were read before the update gave them our token.
-                return [dataclasses.replace(_claim(r), token=token) for r in rows]
-        return [_claim(r) for r in rows]
+                return [dataclasses.replace(Claim.from_row(r), token=token) for r in rows]
+        return [Claim.from_row(r) for r in rows]
 
     @retry_transient
     async def heartbeat(
@@ -757,14 +741,14 @@ class Database(Store):
             query = query.where(step_run.c.run_id == run_id)
         async with self.reading() as conn:
             rows = await conn.execute(query.order_by(step_run.c.id).limit(limit))
-            return [_claim(r) for r in rows]
+            return [Claim.from_row(r) for r in rows]
 
     @retry_transient
     async def active_claims(self, *, worker: str) -> list[Claim]:
         """The step runs still active under ``worker``'s lease, whatever their lease says."""
         async with self.reading() as conn:
             rows = await conn.execute(_ACTIVE_CLAIMS.where(t.step_run.c.worker == worker))
-            return [_claim(r) for r in rows]
+            return [Claim.from_row(r) for r in rows]
 
     # -- reading ------------------------------------------------------------------------
 
@@ -998,7 +982,7 @@ class SqlTx:
         rows = await self.conn.execute(
             _ACTIVE_CLAIMS.where(t.step_run.c.worker == worker, t.step_run.c.token == token)
         )
-        return sorted((_claim(r) for r in rows), key=lambda claim: claim.id)
+        return sorted((Claim.from_row(r) for r in rows), key=lambda claim: claim.id)
 
     async def set_pid(self, step_run_id: int, pid: int, *, token: str | None) -> bool:
         updated = await self.conn.execute(
@@ -1054,7 +1038,7 @@ class SqlTx:
             lease_until=self.db.server_now_plus(lease)
         )
         inserted = await self.conn.execute(statement.returning(*_CLAIM_COLUMNS), values)
-        return [_claim(r) for r in inserted.all()]
+        return [Claim.from_row(r) for r in inserted.all()]
 
     async def pending(self, run_id: str) -> int:
         return int((await self.conn.execute(_PENDING, {"run_id": run_id})).scalar_one())
