@@ -31,8 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ...exceptions import SchemaVersionError, ValueTooLarge
-from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind
-from .migrations import upgrade_to_head
+from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind, migrations_module
 from .schema import UTCDateTime
 
 __all__ = ("MySQLDatabase", "backend_class")
@@ -171,7 +170,7 @@ class MySQLDatabase(Database):
         return "raise max_allowed_packet on the server"
 
     async def _ensure_schema(self) -> None:
-        await upgrade_to_head(self.engine, lock=self._named_lock)
+        await (await migrations_module()).upgrade_to_head(self.engine, lock=self._named_lock)
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         # Not INSERT IGNORE: that also turns truncation and other errors into warnings.

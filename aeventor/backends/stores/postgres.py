@@ -34,8 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ...exceptions import ConnectionLost
 from ...logs import get_logger
-from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind
-from .migrations import upgrade_to_head
+from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind, migrations_module
 from .pg_listener import PgListener, asyncpg_dsn
 from .schema import UTCDateTime
 
@@ -179,7 +178,7 @@ class PostgresDatabase(Database):
         await super().aclose()
 
     async def _ensure_schema(self) -> None:
-        await upgrade_to_head(self.engine, lock=_advisory_lock)
+        await (await migrations_module()).upgrade_to_head(self.engine, lock=_advisory_lock)
 
     def _classify(self, exc: DBAPIError) -> ErrorKind | None:
         for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
