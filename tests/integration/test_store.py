@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -310,3 +312,43 @@ async def test_a_database_at_an_older_revision_is_upgraded_keeping_its_rows(
     assert version == head_revision() != "0001"
     assert names == ["old"]
     assert agents == 0
+
+
+async def test_leases_and_fencing_on_the_servers_clock(store_url: str) -> None:
+    """The heartbeat renews only held step runs under their token and reports the rest; a
+    worker's own completion is not a revocation; requeue only what never started; leases are
+    set with the server's clock (a lapsed one is lapsed for every client)."""
+    graph = Graph(fan_out_program(4))
+    async with open_store(store_url, program="fencing") as db:
+        program_id = await db.register_program(graph.program)
+        run_id, _ = await db.create_run(graph, program_id=program_id, triggers=[("go", "1")])
+        lease = timedelta(seconds=30)
+        a, b, c, d = await db.claim(worker="w", limit=4, run_id=run_id, lease=lease)
+        assert len({claim.token for claim in (a, b, c, d)}) == 1
+
+        assert await db.launching(c)  # c is about to start: never requeued from now on
+        assert not await db.launching(dataclasses.replace(d, token="0" * 32))  # stale token
+
+        await db.complete(graph, a, status=evr.StepStatus.success, result=1)
+        beat = {"worker": "w", "hostname": "h", "pid": 1, "hosts": [], "lease": lease}
+        held = {claim.id: claim.token for claim in (a, b, c, d)}
+        assert await db.heartbeat(**beat, held=held) == {}  # a ended by its own holder
+
+        assert (await db.requeue(b)).recorded
+        assert not (await db.requeue(c)).recorded  # it may have started
+        assert await db.heartbeat(**beat, held=held) == {b.id: evr.StepStatus.ready}
+        late = await db.complete(graph, b, status=evr.StepStatus.success, result=2)
+        assert not late.recorded  # b's claim was taken: the stale outcome is refused
+
+        await db.cancel_run(run_id, reason="test")
+        revoked = await db.heartbeat(**beat, held={c.id: c.token, d.id: d.token})
+        assert revoked == {c.id: evr.StepStatus.cancelled, d.id: evr.StepStatus.cancelled}
+
+        # The server's clock decides: a lease of -1 s has lapsed for everyone.
+        run2, _ = await db.create_run(graph, program_id=program_id, triggers=[("go", "2")])
+        [e] = await db.claim(worker="x", limit=1, run_id=run2, lease=timedelta(seconds=-1))
+        assert [claim.id for claim in await db.lapsed_leases(run_id=run2)] == [e.id]
+        await db.heartbeat(
+            worker="x", hostname="h", pid=1, hosts=[], lease=lease, held={e.id: e.token}
+        )
+        assert await db.lapsed_leases(run_id=run2) == []
