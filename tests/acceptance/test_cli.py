@@ -132,6 +132,11 @@ def test_help_lists_every_command_on_one_line_and_the_exit_codes(
         (["config", "genkey"], ["--key-file"]),
         (["db"], ["upgrade"]),
         (["submit"], ["--program", "--trigger", "--wait"]),
+        (["runs"], ["--program", "--status", "--since", "--limit", "--json"]),
+        (
+            ["show"],
+            ["RUN", "--json", "0  the run succeeded", "1  the run failed", "4  the run is still "],
+        ),
     ],
 )
 def test_every_subtree_is_reachable_from_aeventor(
