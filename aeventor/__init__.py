@@ -28,12 +28,14 @@ if TYPE_CHECKING:
     )
     from .program.expr import and_, or_
     from .program.model import ProgramDef, RunStatus, StepStatus
+    from .queries import AmbiguousRunId, run_result, runs
     from .records import RunResult, StepRun
 
 __version__ = "0.1.0.dev0"
 
 _WHERE = {
     "AeventorError": "exceptions",
+    "AmbiguousRunId": "queries",
     "ConfigurationError": "exceptions",
     "DatabaseError": "exceptions",
     "Event": "_eventor",
@@ -56,10 +58,13 @@ _WHERE = {
     "and_": "program.expr",
     "current_step": "context",
     "or_": "program.expr",
+    "run_result": "queries",
+    "runs": "queries",
 }
 
 __all__ = (
     "AeventorError",
+    "AmbiguousRunId",
     "ConfigurationError",
     "DatabaseError",
     "Event",
@@ -82,6 +87,8 @@ __all__ = (
     "attach",
     "current_step",
     "or_",
+    "run_result",
+    "runs",
 )
 
 

@@ -487,6 +487,38 @@ class InMemoryStore(Store):
         """Every ``(event, sequence)`` fired in a run, in firing order."""
         return [(event, seq) for (run, seq, _, event) in self._t.triggers if run == run_id]
 
+    async def list_runs(
+        self,
+        *,
+        program: str | None = None,
+        limit: int = 20,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+        id_prefix: str | None = None,
+    ) -> list[RunResult]:
+        """The newest runs first, without their step runs (as the SQL stores' list_runs)."""
+        runs = [
+            r
+            for r in self._t.runs.values()
+            if (program is None or r.program_name == program)
+            and (status is None or r.status is status)
+            and (since is None or r.created >= since)
+            and (id_prefix is None or r.id.startswith(id_prefix))
+        ]
+        runs.sort(key=lambda r: (r.created, r.id), reverse=True)
+        return [
+            RunResult(
+                run_id=r.id,
+                program=r.program_name,
+                status=r.status,
+                reason=r.reason,
+                created=r.created,
+                ended=r.ended,
+                steps=(),
+            )
+            for r in runs[:limit]
+        ]
+
     # -- for tests ---------------------------------------------------------------------------
 
     def lease_until(self, step_run_id: int) -> datetime | None:

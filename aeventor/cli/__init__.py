@@ -29,28 +29,43 @@ __all__ = (
     "EXIT_BAD_INPUT",
     "EXIT_DATABASE",
     "EXIT_OK",
+    "EXIT_PIPE_CLOSED",
+    "EXIT_RUN_CANCELLED",
     "EXIT_RUN_FAILED",
+    "EXIT_RUN_RUNNING",
     "build_parser",
     "main",
 )
 
 EXIT_OK = 0
-#: ``show`` or ``submit --wait`` of a run that did not succeed.
+#: ``show`` of a run that failed; ``submit --wait`` of a run that did not succeed.
 EXIT_RUN_FAILED = 1
 #: Bad arguments or configuration, an unknown run, a host ``agent start`` cannot reach.
 EXIT_BAD_INPUT = 2
-#: The store failed.
+#: The store failed, or its schema is not this aeventor's.
 EXIT_DATABASE = 3
+#: ``show`` of a run that is still running.
+EXIT_RUN_RUNNING = 4
+#: ``show`` of a run that was cancelled.
+EXIT_RUN_CANCELLED = 5
+#: The output pipe closed before the command wrote everything (``aeventor runs | head``),
+#: as a process killed by SIGPIPE reports it.
+EXIT_PIPE_CLOSED = 141
 
 _EPILOG = """\
 exit codes:
   0  success
-  1  a run that did not succeed (show, submit --wait)
-  2  bad input: wrong arguments or configuration, an unknown run or program, a missing
-     key, an SSH host that agent start cannot reach
+  1  a run that failed (show), or did not succeed (submit --wait)
+  2  bad input: wrong arguments or configuration, an unknown run or program, a run id
+     prefix that several runs share, a missing key or sqlite file, an SSH host that
+     agent start cannot reach
   3  a database error: the server refused the store's user or password (check the store
-     URL or the named store's password), is unreachable, or failed; one line on stderr
-     names the store (password hidden)
+     URL or the named store's password), is unreachable, or failed; or the store's
+     schema is older (run `aeventor db upgrade`) or newer than this aeventor's; one line
+     on stderr names the store (password hidden)
+  4  a run that is still running (show)
+  5  a run that was cancelled (show)
+  141  the output pipe closed early (e.g. `aeventor runs | head -1`); nothing more printed
 
 Each command has its own --help, e.g. `aeventor agent --help`, `aeventor agent start --help`.
 """
@@ -95,6 +110,13 @@ def main(argv: list[str] | None = None, *, environ: Mapping[str, str] | None = N
     env = os.environ if environ is None else environ
     try:
         code: int = args.handler(args, env)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the exit
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly. Point stdout at /dev/null so the
+        # interpreter's final flush does not fail again on the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
     except (*_REPORTED, ExceptionGroup) as exc:
         # A TaskGroup (the agent's, one task per store) raises its children's errors as a
         # group: each error in it gets its line; anything else is a bug, re-raised.

@@ -4,16 +4,48 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
 import sys
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .. import queries
 from ..backends.stores import open_store
 from ..exceptions import ConfigurationError
+from ..program.model import RunStatus
+from ..records import RunResult, StepRun
+from . import (
+    EXIT_BAD_INPUT,
+    EXIT_DATABASE,
+    EXIT_OK,
+    EXIT_RUN_CANCELLED,
+    EXIT_RUN_FAILED,
+    EXIT_RUN_RUNNING,
+)
 
-__all__ = ("add_parsers",)
+__all__ = ("SHOW_EXIT", "add_parsers", "parse_since")
 
 _PREFIX = "aeventor"
+
+#: ``aeventor show``'s exit code for each status of the run.
+SHOW_EXIT = {
+    RunStatus.success: EXIT_OK,
+    RunStatus.failure: EXIT_RUN_FAILED,
+    RunStatus.running: EXIT_RUN_RUNNING,
+    RunStatus.cancelled: EXIT_RUN_CANCELLED,
+}
+
+_SHOW_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}  the run succeeded
+  {EXIT_RUN_FAILED}  the run failed
+  {EXIT_BAD_INPUT}  bad input: no run has this id (or prefix), or several do; a missing sqlite file
+  {EXIT_DATABASE}  a database error, or a schema older than this aeventor (run `aeventor db upgrade`)
+  {EXIT_RUN_RUNNING}  the run is still running
+  {EXIT_RUN_CANCELLED}  the run was cancelled
+"""
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,20 +69,38 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     submit.set_defaults(handler=_submit_command, error_prefix=_PREFIX)
 
     runs = commands.add_parser(
-        "runs", help="list runs, newest first", description="List runs, newest first."
+        "runs",
+        help="list runs, newest first",
+        description="List runs, newest first: a table, or a JSON list with --json. Reads "
+        "only: never creates nor migrates the store.",
     )
     runs.add_argument("--store", required=True, help="URL, sqlite path or store name")
     runs.add_argument("--program", help="only runs of this program")
+    runs.add_argument(
+        "--status", choices=[s.value for s in RunStatus], help="only runs in this status"
+    )
+    runs.add_argument(
+        "--since",
+        type=parse_since,
+        metavar="WHEN",
+        help="only runs created in the last 30m, 2h, 7d (s, m, h, d, w), or since an ISO "
+        "date or time (UTC unless it names a zone)",
+    )
     runs.add_argument("--limit", type=_positive_int, default=20, help="at most N runs")
+    runs.add_argument("--json", action="store_true", help="print a JSON list")
     runs.set_defaults(handler=_runs_command, error_prefix=_PREFIX)
 
     show = commands.add_parser(
         "show",
-        help="show a run and its step runs (exit 1 unless it succeeded)",
-        description="Show a run and its step runs; exit 1 unless the run succeeded.",
+        help="show a run and its step runs (exit code: its status)",
+        description="Show a run and its step runs. Reads only: never creates nor migrates "
+        "the store.",
+        epilog=_SHOW_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    show.add_argument("run_id")
+    show.add_argument("run_id", metavar="RUN", help="a run id, or a unique prefix of one")
     show.add_argument("--store", required=True, help="URL, sqlite path or store name")
+    show.add_argument("--json", action="store_true", help="print the run as a JSON object")
     show.set_defaults(handler=_show_command, error_prefix=_PREFIX)
 
     db = commands.add_parser(
@@ -85,7 +135,7 @@ def _positive_int(text: str) -> int:
 
 def _upgrade_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     asyncio.run(_upgrade(args.store))
-    return 0
+    return EXIT_OK
 
 
 async def _upgrade(store: str) -> None:
@@ -95,37 +145,161 @@ async def _upgrade(store: str) -> None:
 
 
 def _runs_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    asyncio.run(_runs(args.store, args.program, args.limit))
-    return 0
-
-
-async def _runs(store: str, program: str | None, limit: int) -> None:
-    async with open_store(store, program="aeventor") as db:
-        runs = await db.list_runs(program=program, limit=limit)
-    for run in runs:
-        ended = run.ended.isoformat(timespec="seconds") if run.ended else "-"
-        print(
-            f"{run.run_id}  {run.program:<20} {run.status.value:<10} "
-            f"{run.created.isoformat(timespec='seconds')}  {ended}"
+    found = asyncio.run(
+        queries.runs(
+            args.store,
+            program=args.program,
+            status=args.status,
+            since=args.since,
+            limit=args.limit,
         )
+    )
+    if args.json:
+        _print_json([_run_json(run) for run in found])
+        return EXIT_OK
+    rows = [
+        [
+            run.run_id[:SHORT_ID],
+            run.program,
+            run.status.value,
+            _time(run.created),
+            _duration(run.created, run.ended),
+        ]
+        for run in found
+    ]
+    _print_table(["RUN", "PROGRAM", "STATUS", "CREATED (UTC)", "DURATION"], rows)
+    return EXIT_OK
 
 
 def _show_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    return asyncio.run(_show(args.store, args.run_id))
+    result = asyncio.run(queries.run_result(args.store, args.run_id))
+    if args.json:
+        _print_json({**_run_json(result), "steps": [_step_json(s) for s in result.steps]})
+    else:
+        _print_result(result)
+    return SHOW_EXIT[result.status]
 
 
-async def _show(store: str, run_id: str) -> int:
-    async with open_store(store, program="aeventor") as db:
-        result = await db.load_result(run_id)
+def _print_result(result: RunResult) -> None:
     print(f"run {result.run_id} of {result.program}: {result.status.value}")
+    print(f"  created {_time(result.created)}, duration {_duration(result.created, result.ended)}")
     if result.reason:
         print(f"  reason: {result.reason}")
     for step in result.steps:
         value = "" if step.result is None else f" -> {step.result!r}"
-        print(f"  {step.step}[{step.sequence}] {step.status.value}{value}")
+        where = f" on {step.host}" if step.host else ""
+        pid = f" pid {step.pid}" if step.pid else ""
+        print(
+            f"  {step.step}[{step.sequence}] {step.status.value}{value}"
+            f"  (attempt {step.attempt}{where}{pid}, {_duration(step.started, step.ended)})"
+        )
         if step.error:
             print("    " + step.error.strip().splitlines()[-1])
-    return 0 if result else 1
+
+
+# -- formatting -------------------------------------------------------------------------------
+
+#: How many characters of a run id ``aeventor runs`` shows (``show`` takes any unique prefix).
+SHORT_ID = 8
+
+
+def _time(when: datetime | None) -> str:
+    if when is None:
+        return "-"
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(start: datetime | None, end: datetime | None) -> str:
+    """``20ms``, ``1.2s``, ``3m04s``, ``2h05m``, ``3d04h``; ``-`` when it has not ended."""
+    if start is None or end is None:
+        return "-"
+    seconds = max((end - start).total_seconds(), 0.0)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat()
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return None if start is None or end is None else (end - start).total_seconds()
+
+
+def _run_json(run: RunResult) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "program": run.program,
+        "status": run.status.value,
+        "reason": run.reason,
+        "created": _iso(run.created),
+        "ended": _iso(run.ended),
+        "duration": _seconds(run.created, run.ended),
+    }
+
+
+def _step_json(step: StepRun) -> dict[str, Any]:
+    return {
+        "step": step.step,
+        "sequence": step.sequence,
+        "recovery": step.recovery,
+        "attempt": step.attempt,
+        "status": step.status.value,
+        "host": step.host,
+        "worker": step.worker,
+        "pid": step.pid,
+        "result": step.result,
+        "error": step.error,
+        "created": _iso(step.created),
+        "started": _iso(step.started),
+        "ended": _iso(step.ended),
+        "duration": _seconds(step.started, step.ended),
+    }
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=repr))
+
+
+_SINCE = re.compile(r"(\d+)\s*([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str) -> datetime | timedelta:
+    """``--since``: ``30m``, ``2h``, ``7d`` (a time before now) or an ISO date or time.
+
+    A date or time without a zone is UTC, as ``aeventor runs`` shows times.
+
+    Raises:
+        argparse.ArgumentTypeError: neither; the message shows both forms.
+    """
+    match = _SINCE.fullmatch(text.strip().lower())
+    if match:
+        return timedelta(**{_UNITS[match[2]]: int(match[1])})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write a time before now as 30m, 2h, 7d (s, m, h, d, w), or a "
+            "date or time as 2026-12-01 or 2026-12-01T08:00"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
 # -- submit -----------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ def test_db_upgrade_runs_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[
     capsys.readouterr()
 
     assert main(["runs", "--store", store, "--program", "clitest"]) == 0
-    listed = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in listed] == [failed, good]
+    listed = capsys.readouterr().out.splitlines()[1:]  # under the header
+    assert [line.split()[0] for line in listed] == [failed[:8], good[:8]]
 
     assert main(["show", good, "--store", store]) == 0
     out = capsys.readouterr().out
@@ -59,6 +59,7 @@ def test_bad_input_exits_2_with_the_reason(
 ) -> None:
     assert main(["db", "upgrade", "--store", "oracle://scott@db/x"]) == 2
     assert "does not support 'oracle'" in capsys.readouterr().err
+    assert main(["db", "upgrade", "--store", str(tmp_path / "cli.db")]) == 0
     assert main(["show", "nope", "--store", str(tmp_path / "cli.db")]) == 2
     assert "no run 'nope'" in capsys.readouterr().err
     assert main(["submit", "--store", str(tmp_path / "cli.db")]) == 2
@@ -70,9 +71,16 @@ def test_runs_limit_keeps_the_newest(tmp_path: Path, capsys: pytest.CaptureFixtu
     _, failed = make_runs(store, tmp_path)
     capsys.readouterr()
     assert main(["runs", "--store", store, "--limit", "1"]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [failed]
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == [failed[:8]]
     assert main(["runs", "--store", store, "--program", "other"]) == 0
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out.split() == [
+        "RUN",
+        "PROGRAM",
+        "STATUS",
+        "CREATED",
+        "(UTC)",
+        "DURATION",
+    ]
     with pytest.raises(SystemExit) as info:
         main(["runs", "--store", store, "--limit", "0"])
     assert info.value.code == 2
@@ -124,6 +132,11 @@ def test_help_lists_every_command_on_one_line_and_the_exit_codes(
         (["config", "genkey"], ["--key-file"]),
         (["db"], ["upgrade"]),
         (["submit"], ["--program", "--trigger", "--wait"]),
+        (["runs"], ["--program", "--status", "--since", "--limit", "--json"]),
+        (
+            ["show"],
+            ["RUN", "--json", "0  the run succeeded", "1  the run failed", "4  the run is still "],
+        ),
     ],
 )
 def test_every_subtree_is_reachable_from_aeventor(

@@ -33,6 +33,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar
 
 import sqlalchemy as sa
@@ -57,7 +58,9 @@ from ...exceptions import (
     ConnectionLost,
     DatabaseError,
     NoResult,
+    SchemaVersionError,
     StatementTimeout,
+    StoreConfigError,
     TransientError,
     UniqueViolation,
     ValueTooLarge,
@@ -304,6 +307,49 @@ class Database(Store):
 
     async def _ensure_schema(self) -> None:
         await (await migrations_module()).upgrade_to_head(self.engine)
+
+    async def open_for_reading(self) -> None:
+        """Connect to an existing store without creating or migrating anything.
+
+        For read-only commands (``aeventor runs``, ``show``).
+
+        Raises:
+            StoreConfigError: a sqlite file that does not exist (the message names it).
+            SchemaVersionError: the store has no aeventor schema, or one older or newer
+                than this aeventor's; the message says what to run.
+
+        .. versionadded:: 0.1
+        """
+        if self._engine is not None:
+            return
+        database = self.url.database
+        is_file = self.url.get_backend_name() == "sqlite" and database not in (None, "", ":memory:")
+        if is_file and not await asyncio.to_thread(Path(str(database)).is_file):
+            raise StoreConfigError(
+                f"no sqlite store {str(database)!r}: check the path (read-only commands "
+                "never create a store)"
+            )
+        self._engine = self._create_engine()
+        try:
+            with self.wrap_exceptions():
+                module = await migrations_module()
+                script = await module.load_scripts()
+                async with self.engine.connect() as conn:
+                    current = await conn.run_sync(module.current_revision)
+            head = script.get_current_head()
+            if current != head:
+                module._check_known(current, script)  # newer: upgrade aeventor instead
+                what = "has no aeventor schema" if current is None else "has an older schema"
+                where = self.url.render_as_string(hide_password=True)
+                if self.url.get_backend_name() == "sqlite":
+                    where = str(database)
+                raise SchemaVersionError(
+                    f"{self!r} {what} (revision {current!r}, this aeventor's is {head!r}); "
+                    f"run `aeventor db upgrade --store {where}` first"
+                )
+        except BaseException:
+            await self.aclose()
+            raise
 
     async def aclose(self) -> None:
         engine, self._engine = self._engine, None
@@ -832,12 +878,23 @@ class Database(Store):
         return RunOrigin(run_id, int(row.program_id), row.mode, row.signature)
 
     @retry_transient
-    async def list_runs(self, *, program: str | None = None, limit: int = 20) -> list[RunResult]:
+    async def list_runs(
+        self,
+        *,
+        program: str | None = None,
+        limit: int = 20,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+        id_prefix: str | None = None,
+    ) -> list[RunResult]:
         """The newest runs first, without their step runs (each ``steps`` is empty).
 
         Args:
             program: only the runs of this program.
             limit: at most this many runs.
+            status: only the runs in this status.
+            since: only the runs created at or after this (timezone-aware) instant.
+            id_prefix: only the runs whose id starts with this.
 
         Returns:
             The runs; :meth:`load_result` reads one with its step runs.
@@ -858,8 +915,16 @@ class Database(Store):
         )
         if program is not None:
             query = query.where(t.run.c.program_name == program)
+        if status is not None:
+            query = query.where(t.run.c.status == status.value)
+        if since is not None:
+            query = query.where(t.run.c.created >= since)
+        if id_prefix is not None:
+            query = query.where(t.run.c.id.startswith(id_prefix, autoescape=True))
         async with self.reading() as conn:
             rows = (await conn.execute(query)).all()
+        if id_prefix is not None:  # sqlite's and MySQL's LIKE ignore case
+            rows = [r for r in rows if r.id.startswith(id_prefix)]
         return [
             RunResult(
                 run_id=r.id,
