@@ -338,7 +338,7 @@ class Database(Store):
                     current = await conn.run_sync(module.current_revision)
             head = script.get_current_head()
             if current != head:
-                module._check_known(current, script)  # newer: upgrade aeventor instead
+                module.check_known(current, script)  # newer: upgrade aeventor instead
                 what = "has no aeventor schema" if current is None else "has an older schema"
                 where = self.url.render_as_string(hide_password=True)
                 if self.url.get_backend_name() == "sqlite":

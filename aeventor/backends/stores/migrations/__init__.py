@@ -125,7 +125,8 @@ def migrate(connection: Connection, script: ScriptDirectory, revision: str = "he
         run_migrations(context, connection)
 
 
-def _check_known(current: str | None, script: ScriptDirectory) -> None:
+def check_known(current: str | None, script: ScriptDirectory) -> None:
+    """Refuse a revision these migrations do not know (a newer aeventor made it)."""
     if current is not None:
         try:
             script.get_revision(current)
@@ -139,7 +140,7 @@ def _check_known(current: str | None, script: ScriptDirectory) -> None:
 
 def _upgrade(connection: Connection, script: ScriptDirectory) -> None:
     current = current_revision(connection)
-    _check_known(current, script)
+    check_known(current, script)
     if current != script.get_current_head():
         migrate(connection, script)
 
@@ -189,7 +190,7 @@ async def upgrade_to_head(
     script = await load_scripts()
     async with engine.connect() as conn:
         current = await conn.run_sync(current_revision)
-    _check_known(current, script)
+    check_known(current, script)
     if current == script.get_current_head():
         return
 
