@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     )
     from .program.expr import and_, or_
     from .program.model import ProgramDef, RunStatus, StepStatus
-    from .queries import AmbiguousRunId, run_result, runs
+    from .queries import AmbiguousRunId, Cleanup, RunEnded, cancel, cleanup, run_result, runs
     from .records import RunResult, StepRun
 
 __version__ = "0.1.0.dev0"
@@ -36,6 +36,10 @@ __version__ = "0.1.0.dev0"
 _WHERE = {
     "AeventorError": "exceptions",
     "AmbiguousRunId": "queries",
+    "Cleanup": "queries",
+    "RunEnded": "queries",
+    "cancel": "queries",
+    "cleanup": "queries",
     "ConfigurationError": "exceptions",
     "DatabaseError": "exceptions",
     "Event": "_eventor",
@@ -65,6 +69,7 @@ _WHERE = {
 __all__ = (
     "AeventorError",
     "AmbiguousRunId",
+    "Cleanup",
     "ConfigurationError",
     "DatabaseError",
     "Event",
@@ -73,6 +78,7 @@ __all__ = (
     "Group",
     "ProgramDef",
     "ProgramDefinitionError",
+    "RunEnded",
     "RunHandle",
     "RunResult",
     "RunStatus",
@@ -85,6 +91,8 @@ __all__ = (
     "UnguardedMainError",
     "and_",
     "attach",
+    "cancel",
+    "cleanup",
     "current_step",
     "or_",
     "run_result",

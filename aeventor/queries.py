@@ -1,4 +1,5 @@
-"""Run queries: list a store's runs and read one back, by its id or a unique prefix of it.
+"""Run queries: list a store's runs and read one back, by its id or a unique prefix of it;
+cancel a run; delete the runs that ended long ago (:func:`cleanup`).
 
 These only read: given a URL, a path or a store name they open the store without creating
 or migrating it (a missing sqlite file, or a schema older than this aeventor, is an error
@@ -7,8 +8,12 @@ that says what to do). ``aeventor runs`` and ``aeventor show`` are thin over the
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -16,11 +21,21 @@ from typing import Protocol
 from sqlalchemy.engine import URL
 
 from .backends.stores import open_store
-from .exceptions import ConfigurationError, NoResult
+from .exceptions import AeventorError, ConfigurationError, NoResult
 from .program.model import RunStatus
-from .records import RunResult
+from .records import RunResult, run_log_dir
 
-__all__ = ("AmbiguousRunId", "RunReader", "run_result", "runs")
+__all__ = (
+    "CLEANUP_BATCH",
+    "AmbiguousRunId",
+    "Cleanup",
+    "RunEnded",
+    "RunReader",
+    "cancel",
+    "cleanup",
+    "run_result",
+    "runs",
+)
 
 
 class AmbiguousRunId(NoResult):
@@ -150,3 +165,146 @@ async def run_result(store: StoreArg, run_id: str) -> RunResult:
                 f"run id prefix {run_id!r} matches several runs ({some}{more}); give more of the id"
             )
         return await db.load_result(found[0].run_id)
+
+
+class RunEnded(AeventorError):
+    """:func:`cancel` of a run that has already ended; ``result`` is how it ended.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, message: str, result: RunResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+async def cancel(store: str | Path | URL, run_id: str, *, reason: str = "cancelled") -> RunResult:
+    """Cancel a running run, as ``aeventor.attach(store, run_id).cancel()`` does.
+
+    The run and its ready and active step runs are marked cancelled in one transaction;
+    the workers running its steps (a standalone run's process, or the agents of a
+    distributed run) terminate them at their next heartbeat. The store is not created nor
+    migrated.
+
+    Args:
+        store: a URL, sqlite path or store name.
+        run_id: the run's id, or a unique prefix of it.
+        reason: recorded as the run's reason.
+
+    Returns:
+        The run as cancelled.
+
+    Raises:
+        RunEnded: the run had already ended (its ``result`` says how).
+        NoResult: no run has this id or prefix (:class:`AmbiguousRunId`: several do).
+
+    .. versionadded:: 0.1
+    """
+    db = open_store(store, program="aeventor")
+    await db.open_for_reading()
+    try:
+        found = await run_result(db, run_id)
+        if found.status is RunStatus.running:
+            await db.cancel_run(found.run_id, reason=reason)
+        result = await db.load_result(found.run_id)
+    finally:
+        await db.aclose()
+    if found.status is not RunStatus.running or result.status is not RunStatus.cancelled:
+        raise RunEnded(
+            f"run {result.run_id} of {result.program} has already ended: {result.status.value}",
+            result,
+        )
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Cleanup:
+    """What :func:`cleanup` removed (or, with ``dry_run``, would remove).
+
+    Attributes:
+        runs: the runs, oldest end first (without their step runs).
+        log_dirs: the runs' log directories that existed (and were deleted).
+        dry_run: nothing was deleted.
+
+    .. versionadded:: 0.1
+    """
+
+    runs: tuple[RunResult, ...]
+    log_dirs: tuple[Path, ...]
+    dry_run: bool
+
+    def per_program(self) -> dict[str, int]:
+        """How many runs of each program, by program name."""
+        return dict(sorted(Counter(run.program for run in self.runs).items()))
+
+
+#: How many runs :func:`cleanup` deletes per transaction.
+CLEANUP_BATCH = 500
+
+
+async def cleanup(
+    store: str | Path | URL,
+    *,
+    older_than: timedelta,
+    program: str | None = None,
+    dry_run: bool = False,
+    log_dir: str | Path | None = None,
+    batch: int = CLEANUP_BATCH,
+) -> Cleanup:
+    """Delete the runs that ended more than ``older_than`` ago, and their log directories.
+
+    Only runs that ended (success, failure, cancelled) are deleted, with their step runs
+    and triggers, ``batch`` runs per transaction; running runs are never touched. The
+    store is not created nor migrated.
+
+    Args:
+        store: a URL, sqlite path or store name.
+        older_than: how long ago a run must have ended.
+        program: only the runs of this program.
+        dry_run: only say what would be deleted.
+        log_dir: the Eventors' log directory, whose ``<program>/<run_id>`` directories go
+            with their runs; None leaves log files alone.
+        batch: runs per transaction.
+
+    .. versionadded:: 0.1
+    """
+    if older_than < timedelta(0):
+        raise ConfigurationError(f"older_than={older_than}: give a duration of zero or more")
+    if batch < 1:
+        raise ConfigurationError(f"batch={batch}: give at least one run per transaction")
+    before = datetime.now(UTC) - older_than
+    logs = None if log_dir is None else Path(log_dir)
+    removed: list[RunResult] = []
+    dirs: list[Path] = []
+    db = open_store(store, program="aeventor")
+    await db.open_for_reading()
+    try:
+        offset = 0
+        while True:
+            found = await db.ended_runs(before=before, program=program, limit=batch, offset=offset)
+            if dry_run:
+                deleted = found
+                offset += len(found)
+            else:
+                ids = set(await db.delete_runs([run.run_id for run in found]))
+                deleted = [run for run in found if run.run_id in ids]
+                offset += len(found) - len(deleted)  # those kept (resumed) stay in the list
+            removed += deleted
+            if logs is not None:
+                dirs += await asyncio.to_thread(_remove_logs, logs, deleted, dry_run)
+            if len(found) < batch:
+                break
+    finally:
+        await db.aclose()
+    return Cleanup(runs=tuple(removed), log_dirs=tuple(dirs), dry_run=dry_run)
+
+
+def _remove_logs(log_dir: Path, runs: list[RunResult], dry_run: bool) -> list[Path]:
+    found = []
+    for run in runs:
+        path = run_log_dir(log_dir, run.program, run.run_id)
+        if path.is_dir():
+            found.append(path)
+            if not dry_run:
+                shutil.rmtree(path, ignore_errors=True)
+    return found

@@ -3,6 +3,7 @@
 Every command is a subparser of ``aeventor``, registered by its module:
 
 - :mod:`aeventor.cli.runs`: ``submit``, ``runs``, ``show``, ``db upgrade``;
+- :mod:`aeventor.cli.ops`: ``cancel`` and ``cleanup``;
 - :mod:`aeventor.cli.agent`: ``agent`` and ``agent start`` (over SSH);
 - :mod:`aeventor.cli.config`: ``config genkey`` and ``config encrypt``.
 
@@ -31,10 +32,13 @@ __all__ = (
     "EXIT_OK",
     "EXIT_PIPE_CLOSED",
     "EXIT_RUN_CANCELLED",
+    "EXIT_RUN_ENDED",
     "EXIT_RUN_FAILED",
     "EXIT_RUN_RUNNING",
+    "STORE_ENV",
     "build_parser",
     "main",
+    "store_from",
 )
 
 EXIT_OK = 0
@@ -48,6 +52,8 @@ EXIT_DATABASE = 3
 EXIT_RUN_RUNNING = 4
 #: ``show`` of a run that was cancelled.
 EXIT_RUN_CANCELLED = 5
+#: ``cancel`` of a run that had already ended (nothing changed).
+EXIT_RUN_ENDED = 6
 #: The output pipe closed before the command wrote everything (``aeventor runs | head``),
 #: as a process killed by SIGPIPE reports it.
 EXIT_PIPE_CLOSED = 141
@@ -65,7 +71,11 @@ exit codes:
      on stderr names the store (password hidden)
   4  a run that is still running (show)
   5  a run that was cancelled (show)
+  6  a run that had already ended (cancel): nothing changed
   141  the output pipe closed early (e.g. `aeventor runs | head -1`); nothing more printed
+
+Every command that takes --store defaults to $AEVENTOR_STORE (a URL, sqlite path or store
+name) when --store is not given.
 
 Each command has its own --help, e.g. `aeventor agent --help`, `aeventor agent start --help`.
 """
@@ -74,7 +84,7 @@ Each command has its own --help, e.g. `aeventor agent --help`, `aeventor agent s
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each sets ``handler`` and ``error_prefix`` defaults."""
     from .. import __version__
-    from . import agent, config, runs
+    from . import agent, config, ops, runs
 
     parser = argparse.ArgumentParser(
         prog="aeventor",
@@ -88,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_parsers(commands)
     runs.add_parsers(commands)
+    ops.add_parsers(commands)
     config.add_parsers(commands)
     return parser
 
@@ -127,6 +138,27 @@ def main(argv: list[str] | None = None, *, environ: Mapping[str, str] | None = N
             print(f"{args.error_prefix}: {error}", file=sys.stderr)
         return min(_exit_code(error) for error in errors)
     return code
+
+
+#: The variable ``--store`` defaults to.
+STORE_ENV = "AEVENTOR_STORE"
+
+#: ``--store``'s help, for every command that takes it.
+STORE_HELP = f"URL, sqlite path or store name (default: ${STORE_ENV})"
+
+
+def store_from(store: str | None, environ: Mapping[str, str]) -> str:
+    """``--store``, else ``$AEVENTOR_STORE``.
+
+    Raises:
+        ConfigurationError: neither is given; the message names both.
+    """
+    store = store or environ.get(STORE_ENV) or None
+    if store is None:
+        raise ConfigurationError(
+            f"no store: pass --store STORE (a URL, sqlite path or store name) or set ${STORE_ENV}"
+        )
+    return store
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -23,6 +23,7 @@ from typing import Any
 from ..context import DEFAULT_PASS_ENV, SECRET_ENV
 from ..exceptions import ConfigurationError
 from ..logs import get_logger, stderr_handler
+from . import STORE_ENV
 
 __all__ = ("add_parsers", "parse_ssh_host", "start_remote")
 
@@ -49,7 +50,11 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         allow_abbrev=False,
     )
     # Not required by argparse: `agent start` takes none of these (checked in _agent_command).
-    parser.add_argument("--store", action="append", help="repeatable; required")
+    parser.add_argument(
+        "--store",
+        action="append",
+        help="URL, sqlite path or store name to serve (repeatable; default: $AEVENTOR_STORE)",
+    )
     parser.add_argument(
         "--host",
         action="append",
@@ -164,9 +169,12 @@ def _configure_logging(json_lines: bool) -> None:
 
 def _agent_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if not args.store:
-        raise ConfigurationError(
-            "name the store(s) this agent serves with --store STORE (repeatable)"
-        )
+        if not environ.get(STORE_ENV):
+            raise ConfigurationError(
+                "no store: name the store(s) this agent serves with --store STORE "
+                f"(repeatable) or set ${STORE_ENV}"
+            )
+        args.store = [environ[STORE_ENV]]
     _configure_logging(args.json_logs)
     asyncio.run(_serve(args, environ))
     return 0

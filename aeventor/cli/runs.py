@@ -23,6 +23,9 @@ from . import (
     EXIT_RUN_CANCELLED,
     EXIT_RUN_FAILED,
     EXIT_RUN_RUNNING,
+    STORE_ENV,
+    STORE_HELP,
+    store_from,
 )
 
 __all__ = ("SHOW_EXIT", "add_parsers", "parse_since")
@@ -61,7 +64,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="SCRIPT.py:NAME or MODULE:NAME: an Eventor, or a function returning one",
     )
     submit.add_argument("--program", help="submit the newest registered version of a program")
-    submit.add_argument("--store", help="overrides the Eventor's store")
+    submit.add_argument(
+        "--store", help=f"overrides the Eventor's store (default: ${STORE_ENV} if set)"
+    )
     submit.add_argument(
         "--trigger", action="append", default=[], metavar="EVENT[:SEQUENCE]", help="repeatable"
     )
@@ -74,7 +79,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="List runs, newest first: a table, or a JSON list with --json. Reads "
         "only: never creates nor migrates the store.",
     )
-    runs.add_argument("--store", required=True, help="URL, sqlite path or store name")
+    runs.add_argument("--store", help=STORE_HELP)
     runs.add_argument("--program", help="only runs of this program")
     runs.add_argument(
         "--status", choices=[s.value for s in RunStatus], help="only runs in this status"
@@ -99,7 +104,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     show.add_argument("run_id", metavar="RUN", help="a run id, or a unique prefix of one")
-    show.add_argument("--store", required=True, help="URL, sqlite path or store name")
+    show.add_argument("--store", help=STORE_HELP)
     show.add_argument("--json", action="store_true", help="print the run as a JSON object")
     show.set_defaults(handler=_show_command, error_prefix=_PREFIX)
 
@@ -116,7 +121,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="apply pending migrations",
         description="Bring a store's schema to this version of aeventor.",
     )
-    upgrade.add_argument("--store", required=True, help="URL, sqlite path or store name")
+    upgrade.add_argument("--store", help=STORE_HELP)
     upgrade.set_defaults(handler=_upgrade_command, error_prefix=_PREFIX)
 
 
@@ -134,7 +139,7 @@ def _positive_int(text: str) -> int:
 
 
 def _upgrade_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    asyncio.run(_upgrade(args.store))
+    asyncio.run(_upgrade(store_from(args.store, environ)))
     return EXIT_OK
 
 
@@ -147,7 +152,7 @@ async def _upgrade(store: str) -> None:
 def _runs_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     found = asyncio.run(
         queries.runs(
-            args.store,
+            store_from(args.store, environ),
             program=args.program,
             status=args.status,
             since=args.since,
@@ -172,7 +177,7 @@ def _runs_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _show_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    result = asyncio.run(queries.run_result(args.store, args.run_id))
+    result = asyncio.run(queries.run_result(store_from(args.store, environ), args.run_id))
     if args.json:
         _print_json({**_run_json(result), "steps": [_step_json(s) for s in result.steps]})
     else:
@@ -373,8 +378,9 @@ async def _submit(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.target is not None:
         ev = _load_target(args.target)
         ev.mode = "distributed"
-        if args.store:
-            ev.store = args.store
+        store = args.store or environ.get(STORE_ENV)
+        if store:
+            ev.store = store
         for event, sequence in triggers:
             ev.trigger_event(event, sequence)
         async with ev:
@@ -386,9 +392,7 @@ async def _submit(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 print(f"run {run_id}: {result.status.value}")
                 return 0 if result else 1
         return 0
-    if not args.store:
-        raise ConfigurationError("submit --program needs --store")
-    async with open_store(args.store, program=args.program) as db:
+    async with open_store(store_from(args.store, environ), program=args.program) as db:
         program = await db.latest_program(args.program)
         for event, _ in triggers:
             if event not in program.events:

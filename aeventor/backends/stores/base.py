@@ -82,6 +82,8 @@ __all__ = (
 log = get_logger("aeventor.store")
 
 _T = TypeVar("_T")
+#: The statuses of a run that has ended (``aeventor cleanup`` deletes only these).
+_ENDED = (RunStatus.success, RunStatus.failure, RunStatus.cancelled)
 _P = ParamSpec("_P")
 
 
@@ -937,6 +939,81 @@ class Database(Store):
             )
             for r in rows
         ]
+
+    @retry_transient
+    async def ended_runs(
+        self, *, before: datetime, program: str | None = None, limit: int = 500, offset: int = 0
+    ) -> list[RunResult]:
+        """Runs that ended (success, failure, cancelled) before ``before``, oldest first.
+
+        Without their step runs (each ``steps`` is empty); for ``aeventor cleanup``.
+
+        .. versionadded:: 0.1
+        """
+        query = (
+            sa.select(
+                t.run.c.id,
+                t.run.c.program_name,
+                t.run.c.status,
+                t.run.c.reason,
+                t.run.c.created,
+                t.run.c.ended,
+            )
+            .where(
+                t.run.c.status.in_([s.value for s in _ENDED]),
+                t.run.c.ended.is_not(None),
+                t.run.c.ended < before,
+            )
+            .order_by(t.run.c.ended, t.run.c.id)
+            .limit(limit)
+            .offset(offset)
+        )
+        if program is not None:
+            query = query.where(t.run.c.program_name == program)
+        async with self.reading() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            RunResult(
+                run_id=r.id,
+                program=r.program_name,
+                status=RunStatus(r.status),
+                reason=r.reason,
+                created=r.created,
+                ended=r.ended,
+                steps=(),
+            )
+            for r in rows
+        ]
+
+    @retry_transient
+    async def delete_runs(self, run_ids: Collection[str]) -> list[str]:
+        """Delete these runs with their step runs and triggers, in one transaction.
+
+        Only runs that have ended are deleted: one still running (or running again) is
+        left alone. Returns the ids deleted.
+
+        .. versionadded:: 0.1
+        """
+        ids = list(run_ids)
+        if not ids:
+            return []
+        ended = [s.value for s in _ENDED]
+        async with self.transaction() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(t.run.c.id)
+                    .where(t.run.c.id.in_(ids), t.run.c.status.in_(ended))
+                    .with_for_update()  # a run resumed meanwhile waits, then is kept
+                )
+            ).all()
+            gone = [r.id for r in rows]
+            if gone:
+                await conn.execute(t.step_run.delete().where(t.step_run.c.run_id.in_(gone)))
+                await conn.execute(t.trigger.delete().where(t.trigger.c.run_id.in_(gone)))
+                await conn.execute(
+                    t.run.delete().where(t.run.c.id.in_(gone), t.run.c.status.in_(ended))
+                )
+        return gone
 
     @retry_transient
     async def stored_program(self, program_id: int) -> StoredProgram:

@@ -1,0 +1,135 @@
+"""``aeventor cancel`` and ``aeventor cleanup``: act on a store's runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from collections.abc import Mapping
+from datetime import UTC, timedelta
+
+from .. import queries
+from . import (
+    EXIT_BAD_INPUT,
+    EXIT_DATABASE,
+    EXIT_OK,
+    EXIT_RUN_ENDED,
+    STORE_HELP,
+    store_from,
+)
+
+__all__ = ("add_parsers", "parse_age")
+
+_PREFIX = "aeventor"
+
+_CANCEL_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}  the run was cancelled: its workers terminate its running steps at their next
+     heartbeat
+  {EXIT_BAD_INPUT}  bad input: no run has this id (or prefix), or several do; no store given
+  {EXIT_DATABASE}  a database error, or a schema older than this aeventor (run `aeventor db upgrade`)
+  {EXIT_RUN_ENDED}  the run had already ended (success, failure or cancelled): nothing changed
+"""
+
+
+def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``cancel`` and ``cleanup`` under ``commands``."""
+    cancel = commands.add_parser(
+        "cancel",
+        help="cancel a running run",
+        description="Cancel a running run, standalone or distributed: it is recorded as "
+        "cancelled and the workers running its steps terminate them at their next "
+        "heartbeat. Never creates nor migrates the store.",
+        epilog=_CANCEL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cancel.add_argument("run_id", metavar="RUN", help="a run id, or a unique prefix of one")
+    cancel.add_argument("--store", help=STORE_HELP)
+    cancel.add_argument(
+        "--reason", default="cancelled by aeventor cancel", help="recorded as the run's reason"
+    )
+    cancel.set_defaults(handler=_cancel_command, error_prefix=_PREFIX)
+
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="delete runs that ended long ago, and their logs",
+        description="Delete the runs that ended (success, failure, cancelled) before the "
+        "cutoff, with their step runs, triggers and log directories "
+        f"(LOG_DIR/PROGRAM/RUN), {queries.CLEANUP_BATCH} runs per transaction. Running "
+        "runs are never touched. Prints how many runs of each program it deletes. Never "
+        "creates nor migrates the store.",
+    )
+    cleanup.add_argument(
+        "--older-than",
+        required=True,
+        type=parse_age,
+        metavar="AGE",
+        help="runs that ended more than AGE ago: 30d, 12h, 2w (s, m, h, d, w)",
+    )
+    cleanup.add_argument("--program", help="only runs of this program")
+    cleanup.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    cleanup.add_argument(
+        "--log-dir",
+        default="aeventor_logs",
+        help="the Eventors' log directory (default: ./aeventor_logs, as Eventor's)",
+    )
+    cleanup.add_argument("-v", "--verbose", action="store_true", help="also list each run")
+    cleanup.add_argument("--store", help=STORE_HELP)
+    cleanup.set_defaults(handler=_cleanup_command, error_prefix=_PREFIX)
+
+
+_AGE = re.compile(r"(\d+)\s*([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> timedelta:
+    """``--older-than``: ``30d``, ``12h``, ``2w`` (s, m, h, d, w).
+
+    Raises:
+        argparse.ArgumentTypeError: not one of those; the message shows the form.
+    """
+    match = _AGE.fullmatch(text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: write an age as 30d, 12h, 2w (s, m, h, d, w)")
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+def _cancel_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    store = store_from(args.store, environ)
+    try:
+        result = asyncio.run(queries.cancel(store, args.run_id, reason=args.reason))
+    except queries.RunEnded as exc:
+        print(f"{_PREFIX}: {exc}; nothing to cancel", file=sys.stderr)
+        return EXIT_RUN_ENDED
+    print(
+        f"run {result.run_id} of {result.program} cancelled; its workers terminate its "
+        "running steps at their next heartbeat"
+    )
+    return EXIT_OK
+
+
+def _cleanup_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    store = store_from(args.store, environ)
+    done = asyncio.run(
+        queries.cleanup(
+            store,
+            older_than=args.older_than,
+            program=args.program,
+            dry_run=args.dry_run,
+            log_dir=args.log_dir,
+        )
+    )
+    verb = "would delete" if done.dry_run else "deleted"
+    if args.verbose:
+        for run in done.runs:
+            ended = "-" if run.ended is None else f"{run.ended.astimezone(UTC):%Y-%m-%d %H:%M:%S}"
+            print(f"{verb} run {run.run_id} of {run.program}: {run.status.value}, ended {ended}")
+    for program, count in done.per_program().items():
+        print(f"{program}: {verb} {count} run{'' if count == 1 else 's'}")
+    print(
+        f"{verb} {len(done.runs)} run{'' if len(done.runs) == 1 else 's'} that ended more "
+        f"than {args.older_than} ago and {len(done.log_dirs)} log "
+        f"director{'y' if len(done.log_dirs) == 1 else 'ies'}"
+    )
+    return EXIT_OK
