@@ -225,6 +225,7 @@ class Cleanup:
         runs: the runs, oldest end first (without their step runs).
         log_dirs: the runs' log directories that existed (and were deleted).
         dry_run: nothing was deleted.
+        before: the cutoff: the runs ended before this instant (UTC).
 
     .. versionadded:: 0.1
     """
@@ -232,6 +233,7 @@ class Cleanup:
     runs: tuple[RunResult, ...]
     log_dirs: tuple[Path, ...]
     dry_run: bool
+    before: datetime
 
     def per_program(self) -> dict[str, int]:
         """How many runs of each program, by program name."""
@@ -296,7 +298,7 @@ async def cleanup(
                 break
     finally:
         await db.aclose()
-    return Cleanup(runs=tuple(removed), log_dirs=tuple(dirs), dry_run=dry_run)
+    return Cleanup(runs=tuple(removed), log_dirs=tuple(dirs), dry_run=dry_run, before=before)
 
 
 def _remove_logs(log_dir: Path, runs: list[RunResult], dry_run: bool) -> list[Path]:

@@ -127,9 +127,10 @@ def _cleanup_command(args: argparse.Namespace, environ: Mapping[str, str]) -> in
             print(f"{verb} run {run.run_id} of {run.program}: {run.status.value}, ended {ended}")
     for program, count in done.per_program().items():
         print(f"{program}: {verb} {count} run{'' if count == 1 else 's'}")
+    runs, dirs = len(done.runs), len(done.log_dirs)
     print(
-        f"{verb} {len(done.runs)} run{'' if len(done.runs) == 1 else 's'} that ended more "
-        f"than {args.older_than} ago and {len(done.log_dirs)} log "
-        f"director{'y' if len(done.log_dirs) == 1 else 'ies'}"
+        f"{verb} {runs} run{'' if runs == 1 else 's'} that ended before "
+        f"{done.before:%Y-%m-%d %H:%M:%S} UTC and {dirs} log "
+        f"director{'y' if dirs == 1 else 'ies'}"
     )
     return EXIT_OK

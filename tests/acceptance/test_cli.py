@@ -115,11 +115,13 @@ def test_help_lists_every_command_on_one_line_and_the_exit_codes(
         "runs",
         "show",
         "db",
+        "cancel",
+        "cleanup",
         "config",
     ]
     assert all(len(line.split()) > 1 for line in commands), commands  # each has its line
     epilog = out.split("\nexit codes:\n", 1)[1]
-    for code in "0123":
+    for code in "0123456":
         assert f"\n  {code}  " in f"\n{epilog}"
 
 
@@ -149,8 +151,10 @@ def test_every_subtree_is_reachable_from_aeventor(
 
 
 def test_agent_without_a_store_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["agent", "--host", "s1"]) == 2
-    assert "aeventor agent: name the store(s)" in capsys.readouterr().err
+    assert main(["agent", "--host", "s1"], environ={}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aeventor agent: no store: name the store(s) this agent serves")
+    assert "--store STORE" in err and "$AEVENTOR_STORE" in err
 
 
 def test_agent_start_without_a_host_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
