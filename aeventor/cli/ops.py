@@ -18,6 +18,7 @@ from . import (
     STORE_HELP,
     store_from,
 )
+from .runs import _print_json, _run_json
 
 __all__ = ("add_parsers", "parse_age")
 
@@ -49,6 +50,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     cancel.add_argument(
         "--reason", default="cancelled by aeventor cancel", help="recorded as the run's reason"
     )
+    cancel.add_argument(
+        "--json", action="store_true", help='print the run as a JSON object, with "cancelled"'
+    )
     cancel.set_defaults(handler=_cancel_command, error_prefix=_PREFIX)
 
     cleanup = commands.add_parser(
@@ -75,6 +79,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="the Eventors' log directory (default: ./aeventor_logs, as Eventor's)",
     )
     cleanup.add_argument("-v", "--verbose", action="store_true", help="also list each run")
+    cleanup.add_argument("--json", action="store_true", help="print a JSON object")
     cleanup.add_argument("--store", help=STORE_HELP)
     cleanup.set_defaults(handler=_cleanup_command, error_prefix=_PREFIX)
 
@@ -100,8 +105,13 @@ def _cancel_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int
     try:
         result = asyncio.run(queries.cancel(store, args.run_id, reason=args.reason))
     except queries.RunEnded as exc:
+        if args.json:
+            _print_json({"cancelled": False, **_run_json(exc.result)})
         print(f"{_PREFIX}: {exc}; nothing to cancel", file=sys.stderr)
         return EXIT_RUN_ENDED
+    if args.json:
+        _print_json({"cancelled": True, **_run_json(result)})
+        return EXIT_OK
     print(
         f"run {result.run_id} of {result.program} cancelled; its workers terminate its "
         "running steps at their next heartbeat"
@@ -120,6 +130,17 @@ def _cleanup_command(args: argparse.Namespace, environ: Mapping[str, str]) -> in
             log_dir=args.log_dir,
         )
     )
+    if args.json:
+        _print_json(
+            {
+                "dry_run": done.dry_run,
+                "before": done.before.isoformat(),
+                "per_program": done.per_program(),
+                "runs": [_run_json(run) for run in done.runs],
+                "log_dirs": [str(path) for path in done.log_dirs],
+            }
+        )
+        return EXIT_OK
     verb = "would delete" if done.dry_run else "deleted"
     if args.verbose:
         for run in done.runs:

@@ -191,6 +191,10 @@ def test_cancel_an_ended_or_unknown_run(store: str, tmp_path: Path) -> None:
     assert proc.returncode == 6
     assert "has already ended: success" in proc.stderr
     assert evr.RunStatus.success is asyncio.run(evr.run_result(store, run_id)).status
+    proc = cli("cancel", run_id[:8], "--store", store, "--json")
+    assert proc.returncode == 6
+    shown = json.loads(proc.stdout)
+    assert (shown["cancelled"], shown["run_id"], shown["status"]) == (False, run_id, "success")
     proc = cli("cancel", "zz", "--store", store)
     assert proc.returncode == 2 and "no run 'zz'" in proc.stderr
     assert "6  the run had already ended" in cli("cancel", "--help").stdout
@@ -225,6 +229,13 @@ def test_cleanup_deletes_old_ended_runs_with_their_logs(store: str, tmp_path: Pa
     assert sorted(line.split()[3] for line in lines if line.startswith("would delete run")) == (
         sorted(old)
     )
+    proc = cli("cleanup", "--older-than", "30d", "--dry-run", "--json", "--log-dir", str(logs),
+               "--store", store)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    listed = json.loads(proc.stdout)
+    assert listed["dry_run"] and listed["per_program"] == {"alpha": 2, "beta": 1}
+    assert sorted(r["run_id"] for r in listed["runs"]) == sorted(old)
+    assert len(listed["log_dirs"]) == 3
     assert count(store, "aeventor_run", old) == 3  # a dry run deletes nothing
     assert run_log_dir(logs, "beta", old_b).is_dir()
 
