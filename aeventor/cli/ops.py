@@ -18,7 +18,7 @@ from . import (
     STORE_HELP,
     store_from,
 )
-from .runs import _print_json, _run_json
+from .runs import print_json, run_json
 
 __all__ = ("add_parsers", "parse_age")
 
@@ -106,11 +106,11 @@ def _cancel_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int
         result = asyncio.run(queries.cancel(store, args.run_id, reason=args.reason))
     except queries.RunEnded as exc:
         if args.json:
-            _print_json({"cancelled": False, **_run_json(exc.result)})
+            print_json({"cancelled": False, **run_json(exc.result)})
         print(f"{_PREFIX}: {exc}; nothing to cancel", file=sys.stderr)
         return EXIT_RUN_ENDED
     if args.json:
-        _print_json({"cancelled": True, **_run_json(result)})
+        print_json({"cancelled": True, **run_json(result)})
         return EXIT_OK
     print(
         f"run {result.run_id} of {result.program} cancelled; its workers terminate its "
@@ -131,12 +131,12 @@ def _cleanup_command(args: argparse.Namespace, environ: Mapping[str, str]) -> in
         )
     )
     if args.json:
-        _print_json(
+        print_json(
             {
                 "dry_run": done.dry_run,
                 "before": done.before.isoformat(),
                 "per_program": done.per_program(),
-                "runs": [_run_json(run) for run in done.runs],
+                "runs": [run_json(run) for run in done.runs],
                 "log_dirs": [str(path) for path in done.log_dirs],
             }
         )

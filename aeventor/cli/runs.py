@@ -28,7 +28,7 @@ from . import (
     store_from,
 )
 
-__all__ = ("SHOW_EXIT", "add_parsers", "parse_since")
+__all__ = ("SHOW_EXIT", "add_parsers", "parse_since", "print_json", "run_json")
 
 _PREFIX = "aeventor"
 
@@ -160,7 +160,7 @@ def _runs_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         )
     )
     if args.json:
-        _print_json([_run_json(run) for run in found])
+        print_json([run_json(run) for run in found])
         return EXIT_OK
     rows = [
         [
@@ -179,7 +179,7 @@ def _runs_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _show_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     result = asyncio.run(queries.run_result(store_from(args.store, environ), args.run_id))
     if args.json:
-        _print_json({**_run_json(result), "steps": [_step_json(s) for s in result.steps]})
+        print_json({**run_json(result), "steps": [_step_json(s) for s in result.steps]})
     else:
         _print_result(result)
     return SHOW_EXIT[result.status]
@@ -247,7 +247,7 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return None if start is None or end is None else (end - start).total_seconds()
 
 
-def _run_json(run: RunResult) -> dict[str, Any]:
+def run_json(run: RunResult) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
         "program": run.program,
@@ -278,7 +278,7 @@ def _step_json(step: StepRun) -> dict[str, Any]:
     }
 
 
-def _print_json(value: Any) -> None:
+def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=repr))
 
 
