@@ -240,6 +240,29 @@ _REQUEUE_STEP = (
 )
 
 
+#: A run without its step runs: the listings' read.
+_RUN_SUMMARY = sa.select(
+    t.run.c.id,
+    t.run.c.program_name,
+    t.run.c.status,
+    t.run.c.reason,
+    t.run.c.created,
+    t.run.c.ended,
+)
+
+
+def _run_summary(row: Any) -> RunResult:
+    return RunResult(
+        run_id=row.id,
+        program=row.program_name,
+        status=RunStatus(row.status),
+        reason=row.reason,
+        created=row.created,
+        ended=row.ended,
+        steps=(),
+    )
+
+
 class Database(Store):
     """A store reached through SQLAlchemy's async engine.
 
@@ -903,18 +926,7 @@ class Database(Store):
 
         .. versionadded:: 0.1
         """
-        query = (
-            sa.select(
-                t.run.c.id,
-                t.run.c.program_name,
-                t.run.c.status,
-                t.run.c.reason,
-                t.run.c.created,
-                t.run.c.ended,
-            )
-            .order_by(t.run.c.created.desc(), t.run.c.id.desc())
-            .limit(limit)
-        )
+        query = _RUN_SUMMARY.order_by(t.run.c.created.desc(), t.run.c.id.desc()).limit(limit)
         if program is not None:
             query = query.where(t.run.c.program_name == program)
         if status is not None:
@@ -927,18 +939,7 @@ class Database(Store):
             rows = (await conn.execute(query)).all()
         if id_prefix is not None:  # sqlite's and MySQL's LIKE ignore case
             rows = [r for r in rows if r.id.startswith(id_prefix)]
-        return [
-            RunResult(
-                run_id=r.id,
-                program=r.program_name,
-                status=RunStatus(r.status),
-                reason=r.reason,
-                created=r.created,
-                ended=r.ended,
-                steps=(),
-            )
-            for r in rows
-        ]
+        return [_run_summary(r) for r in rows]
 
     @retry_transient
     async def ended_runs(
@@ -951,15 +952,7 @@ class Database(Store):
         .. versionadded:: 0.1
         """
         query = (
-            sa.select(
-                t.run.c.id,
-                t.run.c.program_name,
-                t.run.c.status,
-                t.run.c.reason,
-                t.run.c.created,
-                t.run.c.ended,
-            )
-            .where(
+            _RUN_SUMMARY.where(
                 t.run.c.status.in_([s.value for s in _ENDED]),
                 t.run.c.ended.is_not(None),
                 t.run.c.ended < before,
@@ -972,18 +965,7 @@ class Database(Store):
             query = query.where(t.run.c.program_name == program)
         async with self.reading() as conn:
             rows = (await conn.execute(query)).all()
-        return [
-            RunResult(
-                run_id=r.id,
-                program=r.program_name,
-                status=RunStatus(r.status),
-                reason=r.reason,
-                created=r.created,
-                ended=r.ended,
-                steps=(),
-            )
-            for r in rows
-        ]
+        return [_run_summary(r) for r in rows]
 
     @retry_transient
     async def delete_runs(self, run_ids: Collection[str]) -> list[str]:
