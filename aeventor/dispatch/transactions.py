@@ -161,10 +161,7 @@ async def complete(
         only_if_lapsed=only_if_lapsed,
     )
     if not ended:
-        if await tx.step_state(claim.id) == (status, claim.token):
-            # An earlier attempt committed; only its acknowledgement was lost. (Asked on
-            # every refusal, not only in a retried transaction: a worker that outlived the
-            # store's retries tries again with a new transaction.)
+        if await _ended_earlier(tx, claim, status):
             return Advance(1, run.status, tuple(await _claimed_earlier(tx, take, [])))
         return Advance(0, run.status, recorded=False)
     if run.status is not RunStatus.running:
@@ -219,8 +216,7 @@ async def fail_untrusted(
         only_if_lapsed=only_if_lapsed,
     )
     if not ended:
-        mine = await tx.step_state(claim.id) == (status, claim.token)
-        return Advance(0, run.status, recorded=mine)
+        return Advance(0, run.status, recorded=await _ended_earlier(tx, claim, status))
     if run.status is not RunStatus.running:
         return Advance(0, run.status)
     if not run.stopped:
@@ -360,6 +356,13 @@ async def _settle(tx: StoreTx, run_id: str, *, stopped: bool) -> RunStatus:
         await tx.end_run(run_id, status)
         tx.notify(run_id)
     return status
+
+
+async def _ended_earlier(tx: StoreTx, claim: Claim, status: StepStatus) -> bool:
+    """Whether an earlier attempt of ours already ended the step run with ``status``: it
+    committed, only its acknowledgement was lost. (Asked on every refusal, not only in a
+    retried transaction: a worker that outlived the store's retries tries again anew.)"""
+    return await tx.step_state(claim.id) == (status, claim.token)
 
 
 async def _claimed_earlier(tx: StoreTx, take: Taker | None, claims: list[Claim]) -> list[Claim]:

@@ -39,7 +39,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -324,12 +324,24 @@ class Worker:
         worker fails its run with it instead (after the store's own retries)."""
         return self.scope.hosts is not None
 
+    async def _round(self, what: str, action: Callable[[], Awaitable[object]]) -> None:
+        """One round of a loop (claim, heartbeat, reap). A serving worker survives its
+        errors: it logs them and backs off; a run's worker lets them end the run."""
+        try:
+            await action()
+        except Exception as exc:
+            if not self._serves:
+                raise
+            await self._survive(what, exc)
+
     async def _survive(self, what: str, exc: Exception) -> None:
-        """Log an error of a serving worker's loop and back off before the loop goes on.
+        """Log an error of a serving worker and back off before it goes on (looking for work
+        again: what failed may have been a claim).
 
         A store error is expected (an outage, a deadlock past its retries); anything else is
         a bad row or a bug, logged with its traceback, and still never stops the agent.
         """
+        self._maybe_work = True
         self.log.error(
             f"worker.{what}_failed",
             error=str(exc),
@@ -340,13 +352,7 @@ class Worker:
 
     async def _claim_loop(self, remote: asyncio.Event) -> None:
         while not self._done():
-            try:
-                await self._claim_once(remote)
-            except Exception as exc:
-                if not self._serves:
-                    raise
-                self._maybe_work = True
-                await self._survive("claim", exc)
+            await self._round("claim", lambda: self._claim_once(remote))
 
     async def _claim_once(self, remote: asyncio.Event) -> None:
         """Claim what there is room for, or wait for a reason to look again."""
@@ -498,7 +504,7 @@ class Worker:
         does not have the claimed step (one bad row fails its step run, nothing more)."""
         try:
             graph = await self.programs.graph_for(claim.run_id)
-        except (Refused, NoResult, AeventorError):
+        except AeventorError:  # Refused, NoResult, a store error: the caller's to judge
             raise
         except Exception as exc:
             raise Refused(
@@ -656,22 +662,12 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.beat_every)
-            try:
-                await self._beat()
-            except Exception as exc:
-                if not self._serves:
-                    raise
-                await self._survive("heartbeat", exc)
+            await self._round("heartbeat", self._beat)
 
     async def _reaper_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.lease / 2)
-            try:
-                await self.reap()
-            except Exception as exc:
-                if not self._serves:
-                    raise
-                await self._survive("reap", exc)
+            await self._round("reap", self.reap)
 
     async def reap(self) -> int:
         """Deal with the step runs nobody will finish; return how many were recorded.
@@ -688,12 +684,13 @@ class Worker:
             return 0
         reaped = 0
         lapsed = await self.store.lapsed_leases(run_id=self.scope.run_id, worker=self.id)
+        held = self._held()
         for claim in lapsed:
             # Asked again for each: the query may have waited out an outage, during which
             # nobody could renew anything.
             if not self._may_reap():
                 break
-            if claim.id in self._held():
+            if claim.id in held:
                 continue  # ours and running: the next beat renews it
             self.log.warning(
                 "step.lost", run_id=claim.run_id, step=claim.step, started=claim.pid is not None

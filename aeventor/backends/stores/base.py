@@ -867,15 +867,7 @@ class Database(Store):
             )
             for r in rows
         ]
-        return RunResult(
-            run_id=run.id,
-            program=run.program_name,
-            status=RunStatus(run.status),
-            reason=run.reason,
-            created=run.created,
-            ended=run.ended,
-            steps=steps,
-        )
+        return dataclasses.replace(_run_summary(run), steps=steps)
 
     @retry_transient
     async def fired_events(self, run_id: str) -> list[tuple[str, str]]:
