@@ -525,6 +525,8 @@ class Eventor:
                 triggers=list(self._triggers),
                 run_id=state.run_id,
                 take=worker.taker(),
+                controller=worker.id,
+                log_dir=str(self.log_dir.resolve()),
             )
             state.store, state.graph, state.worker = db, graph, worker
             state.created.set()

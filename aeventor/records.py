@@ -90,7 +90,9 @@ class RunResult:
         """The log file of a step run (its stdout, stderr and log records)."""
         if self.log_dir is None:
             return None
-        return step_log_path(self.log_dir, step_run.step, step_run.sequence, step_run.attempt)
+        return step_log_path(
+            self.log_dir, step_run.step, step_run.sequence, step_run.attempt, step_run.recovery
+        )
 
 
 def _safe(name: str) -> str:
@@ -102,7 +104,11 @@ def run_log_dir(log_dir: Path, program: str, run_id: str) -> Path:
     return log_dir / _safe(program) / run_id
 
 
-def step_log_path(run_dir: Path, step: str, sequence: str, attempt: int) -> Path:
-    """A step run's log file in its run's directory (``.<attempt>`` after the first)."""
-    suffix = f".{attempt}" if attempt > 1 else ""
+def step_log_path(run_dir: Path, step: str, sequence: str, attempt: int, recovery: int = 0) -> Path:
+    """A step run's log file in its run's directory: ``<step>.<sequence>.log``, with
+    ``.r<recovery>`` for a recovered generation and ``.<attempt>`` after the first attempt
+    (``build.0.r1.2.log``), so no run of a step writes over another's log."""
+    suffix = f".r{recovery}" if recovery > 0 else ""
+    if attempt > 1:
+        suffix += f".{attempt}"
     return run_dir / f"{_safe(step)}.{_safe(sequence)}{suffix}.log"

@@ -47,11 +47,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from .dispatch import PENDING
@@ -69,7 +71,7 @@ from .dispatch.store import (
 )
 from .exceptions import NoResult, UniqueViolation
 from .program.model import ProgramDef, RunStatus, StepStatus
-from .records import RunResult, StepRun
+from .records import RunResult, StepRun, run_log_dir
 
 __all__ = ("FakeClock", "FakeExecutor", "InMemoryStore")
 
@@ -151,6 +153,25 @@ class _Run:
     mode: str
     submitted_by: str | None
     signature: str | None
+    controller: str | None = None
+    log_dir: str | None = None
+    replay: str | None = None
+
+
+def _summary(run: _Run) -> RunResult:
+    """A run without its step runs, as the SQL stores read it."""
+    return RunResult(
+        run_id=run.id,
+        program=run.program_name,
+        status=run.status,
+        reason=run.reason,
+        created=run.created,
+        ended=run.ended,
+        steps=(),
+        log_dir=None
+        if run.log_dir is None
+        else run_log_dir(Path(run.log_dir), run.program_name, run.id),
+    )
 
 
 @dataclass(slots=True)
@@ -473,15 +494,7 @@ class InMemoryStore(Store):
             for r in self._t.step_runs.values()
             if r.run_id == run_id
         ]
-        return RunResult(
-            run_id=run.id,
-            program=run.program_name,
-            status=run.status,
-            reason=run.reason,
-            created=run.created,
-            ended=run.ended,
-            steps=steps,
-        )
+        return dataclasses.replace(_summary(run), steps=steps)
 
     async def fired_events(self, run_id: str) -> list[tuple[str, str]]:
         """Every ``(event, sequence)`` fired in a run, in firing order."""
@@ -506,18 +519,7 @@ class InMemoryStore(Store):
             and (id_prefix is None or r.id.startswith(id_prefix))
         ]
         runs.sort(key=lambda r: (r.created, r.id), reverse=True)
-        return [
-            RunResult(
-                run_id=r.id,
-                program=r.program_name,
-                status=r.status,
-                reason=r.reason,
-                created=r.created,
-                ended=r.ended,
-                steps=(),
-            )
-            for r in runs[:limit]
-        ]
+        return [_summary(r) for r in runs[:limit]]
 
     # -- for tests ---------------------------------------------------------------------------
 
@@ -582,6 +584,8 @@ class MemoryTx:
         mode: str,
         submitted_by: str | None,
         signature: str | None,
+        controller: str | None = None,
+        log_dir: str | None = None,
     ) -> None:
         if run_id in self.tables.runs:
             raise UniqueViolation(f"duplicate run id {run_id!r}", constraint="pk_aeventor_run")
@@ -600,6 +604,8 @@ class MemoryTx:
             mode=mode,
             submitted_by=submitted_by,
             signature=signature,
+            controller=controller,
+            log_dir=log_dir,
         )
 
     def _held(self, claim_id: int, token: str | None, only_if_lapsed: bool) -> _StepRun | None:

@@ -88,6 +88,8 @@ class StoreTx(Protocol):
         mode: str,
         submitted_by: str | None,
         signature: str | None,
+        controller: str | None = None,
+        log_dir: str | None = None,
     ) -> None: ...
 
     async def end_step(
@@ -373,6 +375,8 @@ class Store(abc.ABC):
         mode: str = "standalone",
         submitted_by: str | None = None,
         signature: str | None = None,
+        controller: str | None = None,
+        log_dir: str | None = None,
     ) -> tuple[str, Advance]:
         """Create a run and fire its initial ``(event, sequence)`` triggers, in one transaction.
 
@@ -380,6 +384,9 @@ class Store(abc.ABC):
             mode: ``standalone`` (the calling process drives the run) or ``distributed``
                 (step runs are queued for their hosts' agents).
             signature: the run's HMAC with the cluster key (distributed mode).
+            controller: the id of the worker driving a standalone run (host and pid), so
+                recovery can tell whether it still lives.
+            log_dir: where the run's logs are written (``aeventor logs`` reads them there).
         """
         # The id is chosen before the first attempt, so a retry finds the run it created.
         run_id = run_id or uuid.uuid4().hex
@@ -394,6 +401,8 @@ class Store(abc.ABC):
                 mode=mode,
                 submitted_by=submitted_by,
                 signature=signature,
+                controller=controller,
+                log_dir=log_dir,
             )
         )
 

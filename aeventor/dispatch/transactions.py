@@ -45,6 +45,8 @@ async def create_run(
     mode: str,
     submitted_by: str | None,
     signature: str | None,
+    controller: str | None = None,
+    log_dir: str | None = None,
 ) -> tuple[str, Advance]:
     run_id = run_id or uuid.uuid4().hex
     if tx.retried:
@@ -63,6 +65,8 @@ async def create_run(
         mode=mode,
         submitted_by=submitted_by,
         signature=signature,
+        controller=controller,
+        log_dir=log_dir,
     )
     ready = 0
     claims: list[Claim] = []

@@ -608,6 +608,7 @@ class Worker:
                 claim.step,
                 claim.sequence,
                 claim.attempt,
+                claim.recovery,
             ),
             deterministic_logs=self.config.deterministic_logs,
             on_started=on_started,

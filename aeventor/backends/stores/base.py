@@ -67,7 +67,7 @@ from ...exceptions import (
 )
 from ...logs import get_logger
 from ...program.model import ProgramDef, RunStatus, StepStatus
-from ...records import RunResult, StepRun
+from ...records import RunResult, StepRun, run_log_dir
 from ...utils import backoff, stop_at_deadline
 from . import schema as t
 
@@ -248,6 +248,7 @@ _RUN_SUMMARY = sa.select(
     t.run.c.reason,
     t.run.c.created,
     t.run.c.ended,
+    t.run.c.log_dir,
 )
 
 
@@ -260,6 +261,9 @@ def _run_summary(row: Any) -> RunResult:
         created=row.created,
         ended=row.ended,
         steps=(),
+        log_dir=None
+        if row.log_dir is None
+        else run_log_dir(Path(row.log_dir), row.program_name, row.id),
     )
 
 
@@ -1033,6 +1037,8 @@ class SqlTx:
         mode: str,
         submitted_by: str | None,
         signature: str | None,
+        controller: str | None = None,
+        log_dir: str | None = None,
     ) -> None:
         await self.conn.execute(
             t.run.insert().values(
@@ -1046,6 +1052,8 @@ class SqlTx:
                 mode=mode,
                 submitted_by=submitted_by,
                 signature=signature,
+                controller=controller,
+                log_dir=log_dir,
             )
         )
 

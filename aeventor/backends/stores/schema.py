@@ -109,6 +109,14 @@ run = Table(
     Column("submitted_by", String(NAME), nullable=True),
     # HMAC of (run id, program id, program version) with the cluster key.
     Column("signature", String(64), nullable=True),
+    # The worker driving a standalone run (as aeventor_agent.id: host and pid), so that
+    # recovery can tell whether it is still alive.
+    Column("controller", String(NAME), nullable=True),
+    # Where the run's logs are written (the controller's log_dir), for `aeventor logs`.
+    Column("log_dir", String(1024), nullable=True),
+    # How the current recovery generation treats step runs of earlier ones: "recover" keeps
+    # those that succeeded, "rerun" runs what a rerun step triggers again.
+    Column("replay", String(16), nullable=True),
     Index(None, "program_name", "created"),
     Index(None, "status"),
 )
