@@ -21,7 +21,11 @@ if TYPE_CHECKING:
         ConfigurationError,
         DatabaseError,
         ExecutorError,
+        NothingToRecover,
+        ProgramChanged,
         ProgramDefinitionError,
+        RecoveryRefused,
+        RunStillRunning,
         SerializationError,
         StoreConfigError,
         UnguardedMainError,
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from .program.model import ProgramDef, RunStatus, StepStatus
     from .queries import AmbiguousRunId, Cleanup, RunEnded, cancel, cleanup, run_result, runs
     from .records import RunResult, StepRun
+    from .recovery import recover, rerun
 
 __version__ = "0.1.0.dev0"
 
@@ -59,6 +64,12 @@ _WHERE = {
     "StepStatus": "program.model",
     "StoreConfigError": "exceptions",
     "UnguardedMainError": "exceptions",
+    "NothingToRecover": "exceptions",
+    "ProgramChanged": "exceptions",
+    "RecoveryRefused": "exceptions",
+    "RunStillRunning": "exceptions",
+    "recover": "recovery",
+    "rerun": "recovery",
     "and_": "program.expr",
     "current_step": "context",
     "or_": "program.expr",
@@ -76,12 +87,16 @@ __all__ = (
     "Eventor",
     "ExecutorError",
     "Group",
+    "NothingToRecover",
+    "ProgramChanged",
     "ProgramDef",
     "ProgramDefinitionError",
+    "RecoveryRefused",
     "RunEnded",
     "RunHandle",
     "RunResult",
     "RunStatus",
+    "RunStillRunning",
     "SerializationError",
     "Step",
     "StepContext",
@@ -95,6 +110,8 @@ __all__ = (
     "cleanup",
     "current_step",
     "or_",
+    "recover",
+    "rerun",
     "run_result",
     "runs",
 )

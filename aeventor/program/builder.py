@@ -32,7 +32,9 @@ from .model import (
 __all__ = ("Event", "Group", "ProgramBuilder", "Step", "check_name", "name_of")
 
 _NAME_MAX = 200
-_STEP_CONFIG_KEYS = {"executor", "sequence_arg_name", "task_construct"}
+_STEP_CONFIG_KEYS = {"executor", "recovery", "sequence_arg_name", "task_construct"}
+#: What recovering a run may do with a step run that did not succeed.
+RECOVERY_POLICIES = ("rerun", "skip")
 # The original eventor's names for how a step runs.
 _TASK_CONSTRUCT = {"process": "process", "invoke": "inloop", "inloop": "inloop"}
 
@@ -194,6 +196,7 @@ class ProgramBuilder:
         config: Mapping[str, Any] | None = None,
         group: Group | str | None = None,
         env: Mapping[str, str] | None = None,
+        recovery: str | None = None,
     ) -> Step:
         """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_step` (see there)."""
         self._check_new_name(name, "step")
@@ -220,6 +223,12 @@ class ProgramBuilder:
             executor = executor or _TASK_CONSTRUCT[construct]
         executor = executor or config.get("executor")
         sequence_arg_name = sequence_arg_name or config.get("sequence_arg_name")
+        recovery = recovery or config.get("recovery") or "rerun"
+        if recovery not in RECOVERY_POLICIES:
+            raise ProgramDefinitionError(
+                f"step {name!r}: recovery={recovery!r}; use 'rerun' (recovering the run runs "
+                "it again when it did not succeed) or 'skip' (recovery keeps its outcome)"
+            )
         kwargs = dict(kwargs or {})
         args = tuple(args)
         if any(not isinstance(k, str) for k in kwargs):
@@ -313,6 +322,7 @@ class ProgramBuilder:
             local_only=local_only,
             group=group_name,
             env=step_env_vars,
+            recovery=recovery,
         )
         return Step(name)
 

@@ -121,6 +121,9 @@ class StepDef:
     group: str | None = None
     #: Extra environment variables of the step (its group's, then its own).
     env: Mapping[str, str] = field(default_factory=dict)
+    #: What recovering its run does with a step run of it that did not succeed (failed,
+    #: lost, cancelled or skipped): ``"rerun"`` it, or ``"skip"`` it (keep its outcome).
+    recovery: str = "rerun"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +203,8 @@ class ProgramDef:
                     "local_only": s.local_only,
                     "group": s.group,
                     "env": dict(sorted(s.env.items())),
+                    # Only when not the default: programs defined before it keep their version.
+                    **({} if s.recovery == "rerun" else {"recovery": s.recovery}),
                 }
                 for s in sorted(self.steps.values(), key=lambda s: s.name)
             ],
@@ -234,6 +239,7 @@ class ProgramDef:
                 local_only=s["local_only"],
                 group=s.get("group"),
                 env=dict(s.get("env", {})),
+                recovery=s.get("recovery", "rerun"),
             )
             for s in data["steps"]
         }
