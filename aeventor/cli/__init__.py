@@ -4,6 +4,7 @@ Every command is a subparser of ``aeventor``, registered by its module:
 
 - :mod:`aeventor.cli.runs`: ``submit``, ``runs``, ``show``, ``db upgrade``;
 - :mod:`aeventor.cli.ops`: ``cancel`` and ``cleanup``;
+- :mod:`aeventor.cli.recovery`: ``recover`` and ``rerun``;
 - :mod:`aeventor.cli.agent`: ``agent`` and ``agent start`` (over SSH);
 - :mod:`aeventor.cli.config`: ``config genkey`` and ``config encrypt``.
 
@@ -61,7 +62,7 @@ EXIT_PIPE_CLOSED = 141
 _EPILOG = """\
 exit codes:
   0  success
-  1  a run that failed (show), or did not succeed (submit --wait)
+  1  a run that failed (show, recover, rerun), or did not succeed (submit --wait)
   2  bad input: wrong arguments or configuration, an unknown run or program, a run id
      prefix that several runs share, a missing key or sqlite file, an SSH host that
      agent start cannot reach
@@ -69,9 +70,9 @@ exit codes:
      URL or the named store's password), is unreachable, or failed; or the store's
      schema is older (run `aeventor db upgrade`) or newer than this aeventor's; one line
      on stderr names the store (password hidden)
-  4  a run that is still running (show)
+  4  a run that is still running (show); recover refused: the run's controller is alive
   5  a run that was cancelled (show)
-  6  a run that had already ended (cancel): nothing changed
+  6  a run that had already ended (cancel), or nothing to recover: nothing changed
   141  the output pipe closed early (e.g. `aeventor runs | head -1`); nothing more printed
 
 Every command that takes --store defaults to $AEVENTOR_STORE (a URL, sqlite path or store
@@ -84,7 +85,7 @@ Each command has its own --help, e.g. `aeventor agent --help`, `aeventor agent s
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each sets ``handler`` and ``error_prefix`` defaults."""
     from .. import __version__
-    from . import agent, config, ops, runs
+    from . import agent, config, ops, recovery, runs
 
     parser = argparse.ArgumentParser(
         prog="aeventor",
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_parsers(commands)
     runs.add_parsers(commands)
     ops.add_parsers(commands)
+    recovery.add_parsers(commands)
     config.add_parsers(commands)
     return parser
 
