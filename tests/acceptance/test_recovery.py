@@ -37,7 +37,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield str(tmp_path / "runs.db")
         return
-    with backend_url("postgres", tmp_path) as url:
+    with backend_url(request.param, tmp_path) as url:
         yield url
 
 
@@ -83,6 +83,7 @@ def failed_run(state: Path, store: str) -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.parametrize("store", ["sqlite", "postgres", "mysql"], indirect=True)
 def test_recover_reruns_the_failed_step_and_what_follows_only(state: Path, store: str) -> None:
     run_id = failed_run(state, store)
     shown = cli(state, "show", run_id[:8], "--store", store)
