@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -239,3 +240,55 @@ def test_a_skipped_step_policy(state: Path, tmp_path: Path) -> None:
     assert not result
     with pytest.raises(evr.NothingToRecover, match=r"flaky\[0\].*recovery='skip'"):
         asyncio.run(evr.recover(store, result.run_id))
+
+
+async def _recovering(state: Path, store: str, run_id: str) -> asyncio.subprocess.Process:
+    """``aeventor recover`` started with b waiting; returns once b started."""
+    (state / "b.wait").touch()
+    process = await asyncio.create_subprocess_exec(
+        AEVENTOR, "recover", run_id, "--store", store, env=env(state), cwd=state,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    await wait_until((state / "b.started").exists, what="step b to start again")
+    return process
+
+
+async def test_a_killed_recovery_is_recovered_again(state: Path, store: str) -> None:
+    run_id = await asyncio.to_thread(failed_run, state, store)
+    recovering = await _recovering(state, store, run_id)
+    b_pid = int((state / "b.started").read_text())
+    recovering.kill()
+    await recovering.communicate()
+    await wait_until(lambda: not pid_alive(b_pid), what="step b to die with its controller")
+    (state / "b.wait").unlink()
+    done = await within(
+        asyncio.to_thread(cli, state, "recover", run_id, "--store", store), what="recovery 2"
+    )
+    assert done.returncode == 0, done.stderr
+    result = await evr.run_result(store, run_id)
+    assert result.ok and result.recovery == 2
+    assert [(s.step, s.recovery, s.status.value) for s in result.steps if s.step == "b"] == [
+        ("b", 0, "failure"), ("b", 1, "lost"), ("b", 2, "success"),
+    ]  # fmt: skip
+    assert ran(state).count("a") == 1 and ran(state).count("c") == 1
+
+
+async def test_sigterm_drains_a_recovery_and_nothing_is_lost(state: Path, store: str) -> None:
+    run_id = await asyncio.to_thread(failed_run, state, store)
+    recovering = await _recovering(state, store, run_id)
+    recovering.send_signal(signal.SIGTERM)
+    # The running step gets its grace period: released, it finishes and is recorded.
+    (state / "release").touch()
+    _, err = await within(recovering.communicate(), what="the drained recovery")
+    # Drained, then it dies of the SIGTERM, as a process without aeventor would have.
+    assert recovering.returncode == -signal.SIGTERM, err.decode()
+    result = await evr.run_result(store, run_id)
+    assert result.status is evr.RunStatus.cancelled
+    assert result.step("b").status is evr.StepStatus.success
+    # Recovering again goes on from there: c and d, and b is not run a third time.
+    (state / "b.wait").unlink()
+    done = await within(
+        asyncio.to_thread(cli, state, "recover", run_id, "--store", store), what="recovery 2"
+    )
+    assert done.returncode == 0, done.stderr
+    assert ran(state)[2:] == ["b", "c", "d"]
