@@ -215,6 +215,7 @@ class Eventor:
         group: Group | str | None = None,
         env: Mapping[str, str] | None = None,
         recovery: str | None = None,
+        timeout: float | None = None,
     ) -> Step:
         """Define a step.
 
@@ -239,6 +240,10 @@ class Eventor:
                 ``"rerun"`` (the default) runs it again as a new attempt, ``"skip"`` keeps
                 its outcome (the original's step replay). A run that succeeded is never
                 executed again.
+            timeout: seconds a run of the step may take. Then it is terminated (a process
+                step's whole process group gets SIGTERM, then SIGKILL after 5 s; an in-loop
+                step is cancelled) and fails with a ``TimeoutError``, which fires its
+                failure triggers.
 
         Raises:
             ProgramDefinitionError: a duplicate name, a bad trigger, a callable that cannot
@@ -259,6 +264,7 @@ class Eventor:
             group=group,
             env=env,
             recovery=recovery,
+            timeout=timeout,
         )
 
     def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:
@@ -540,6 +546,7 @@ class Eventor:
         """Begin a new run: register the program, create the run, fire its initial events."""
         program = graph.program
         program_id = await db.register_program(program)
+        log_dir = await asyncio.to_thread(self.log_dir.resolve)  # reads the file system
         run_log.info(f"run {state.run_id} of program {program.name} started")
         for event, sequence in self._triggers:
             run_log.info(f"event {event}[{sequence}] triggered")
@@ -550,7 +557,7 @@ class Eventor:
             run_id=state.run_id,
             take=worker.taker(),
             controller=worker.id,
-            log_dir=str(self.log_dir.resolve()),
+            log_dir=str(log_dir),
         )
         return advance
 

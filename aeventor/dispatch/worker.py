@@ -616,9 +616,21 @@ class Worker:
             context=context,
         )
         try:
-            return await executor.run(launch)
+            if step.timeout is None:
+                return await executor.run(launch)
+            async with asyncio.timeout(step.timeout) as limit:
+                return await executor.run(launch)
         except ExecutorError as exc:
             return ExecResult(ok=False, error=await describe_exception(exc))
+        except TimeoutError:
+            if step.timeout is None or not limit.expired():
+                raise  # not ours: whatever raised it is the step's failure to report
+            bound.warning("step.timed_out", timeout=step.timeout)
+            return ExecResult(
+                ok=False,
+                error=f"TimeoutError: step {label} ran longer than its timeout of "
+                f"{step.timeout:g}s and was terminated",
+            )
 
     # -- leases -----------------------------------------------------------------------------
 

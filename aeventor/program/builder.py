@@ -32,7 +32,7 @@ from .model import (
 __all__ = ("Event", "Group", "ProgramBuilder", "Step", "check_name", "name_of")
 
 _NAME_MAX = 200
-_STEP_CONFIG_KEYS = {"executor", "recovery", "sequence_arg_name", "task_construct"}
+_STEP_CONFIG_KEYS = {"executor", "recovery", "sequence_arg_name", "task_construct", "timeout"}
 #: What recovering a run may do with a step run that did not succeed.
 RECOVERY_POLICIES = ("rerun", "skip")
 # The original eventor's names for how a step runs.
@@ -197,6 +197,7 @@ class ProgramBuilder:
         group: Group | str | None = None,
         env: Mapping[str, str] | None = None,
         recovery: str | None = None,
+        timeout: float | None = None,
     ) -> Step:
         """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_step` (see there)."""
         self._check_new_name(name, "step")
@@ -228,6 +229,17 @@ class ProgramBuilder:
             raise ProgramDefinitionError(
                 f"step {name!r}: recovery={recovery!r}; use 'rerun' (recovering the run runs "
                 "it again when it did not succeed) or 'skip' (recovery keeps its outcome)"
+            )
+        if timeout is None:
+            timeout = config.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < float("inf")
+        ):
+            raise ProgramDefinitionError(
+                f"step {name!r}: timeout={timeout!r}; give the seconds a run of the step may "
+                "take (a number more than 0), or None for no limit"
             )
         kwargs = dict(kwargs or {})
         args = tuple(args)
@@ -323,6 +335,7 @@ class ProgramBuilder:
             group=group_name,
             env=step_env_vars,
             recovery=recovery,
+            timeout=None if timeout is None else float(timeout),
         )
         return Step(name)
 

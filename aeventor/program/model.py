@@ -124,6 +124,9 @@ class StepDef:
     #: What recovering its run does with a step run of it that did not succeed (failed,
     #: lost, cancelled or skipped): ``"rerun"`` it, or ``"skip"`` it (keep its outcome).
     recovery: str = "rerun"
+    #: Seconds a run of the step may take; then it is terminated (its whole process group:
+    #: SIGTERM, SIGKILL after a grace period) and fails with a timeout error.
+    timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +208,7 @@ class ProgramDef:
                     "env": dict(sorted(s.env.items())),
                     # Only when not the default: programs defined before it keep their version.
                     **({} if s.recovery == "rerun" else {"recovery": s.recovery}),
+                    **({} if s.timeout is None else {"timeout": s.timeout}),
                 }
                 for s in sorted(self.steps.values(), key=lambda s: s.name)
             ],
@@ -240,6 +244,7 @@ class ProgramDef:
                 group=s.get("group"),
                 env=dict(s.get("env", {})),
                 recovery=s.get("recovery", "rerun"),
+                timeout=s.get("timeout"),
             )
             for s in data["steps"]
         }

@@ -104,3 +104,17 @@ def hold(report: str, release: str) -> str:
         child.kill()
         child.wait()
     return "released"
+
+
+def stubborn(report: str) -> None:
+    """Ignore SIGTERM, start a child that ignores it too (an ignored signal stays ignored
+    across exec), write both pids to ``report``, then sleep for ever."""
+    import json
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen(["sleep", "300"])
+    tmp = Path(report + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "child": child.pid}))
+    tmp.rename(report)
+    time.sleep(300)
