@@ -31,7 +31,7 @@ if TYPE_CHECKING:
         UnguardedMainError,
     )
     from .program.expr import and_, or_
-    from .program.model import ProgramDef, RunStatus, StepStatus
+    from .program.model import ProgramDef, Retry, RunStatus, StepStatus
     from .queries import AmbiguousRunId, Cleanup, RunEnded, cancel, cleanup, run_result, runs
     from .records import RunResult, StepRun
     from .recovery import recover, rerun
@@ -54,6 +54,7 @@ _WHERE = {
     "ExecutorError": "exceptions",
     "ProgramDefinitionError": "exceptions",
     "ProgramDef": "program.model",
+    "Retry": "program.model",
     "RunHandle": "_eventor",
     "RunResult": "records",
     "RunStatus": "program.model",
@@ -92,6 +93,7 @@ __all__ = (
     "ProgramDef",
     "ProgramDefinitionError",
     "RecoveryRefused",
+    "Retry",
     "RunEnded",
     "RunHandle",
     "RunResult",

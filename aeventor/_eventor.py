@@ -45,7 +45,7 @@ from .program.builder import (
     check_name,
     name_of,
 )
-from .program.model import EventDef, ProgramDef, RunStatus, StepDef, StepStatus
+from .program.model import EventDef, ProgramDef, Retry, RunStatus, StepDef, StepStatus
 from .records import RunResult
 from .signing import load_cluster_key, step_run_signer
 from .submission import follow, submit
@@ -216,6 +216,7 @@ class Eventor:
         env: Mapping[str, str] | None = None,
         recovery: str | None = None,
         timeout: float | None = None,
+        retry: Retry | Mapping[str, Any] | None = None,
     ) -> Step:
         """Define a step.
 
@@ -243,7 +244,10 @@ class Eventor:
             timeout: seconds a run of the step may take. Then it is terminated (a process
                 step's whole process group gets SIGTERM, then SIGKILL after 5 s; an in-loop
                 step is cancelled) and fails with a ``TimeoutError``, which fires its
-                failure triggers.
+                failure triggers (after its last attempt, with ``retry``).
+            retry: how failed runs of the step are tried again (:class:`aeventor.Retry`, or
+                a dict of its arguments): each attempt is a step run of its own with its
+                own log; the failure triggers fire only after the last attempt.
 
         Raises:
             ProgramDefinitionError: a duplicate name, a bad trigger, a callable that cannot
@@ -265,6 +269,7 @@ class Eventor:
             env=env,
             recovery=recovery,
             timeout=timeout,
+            retry=retry,
         )
 
     def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:

@@ -196,6 +196,7 @@ class _StepRun:
     created: datetime
     started: datetime | None
     ended: datetime | None
+    not_before: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -324,6 +325,8 @@ class InMemoryStore(Store):
                 if len(claimed) == limit:
                     break
                 if row.status is not StepStatus.ready:
+                    continue
+                if row.not_before is not None and row.not_before > now:
                     continue
                 if run_id is not None and row.run_id != run_id:
                     continue
@@ -557,6 +560,15 @@ class InMemoryStore(Store):
 
     # -- for tests ---------------------------------------------------------------------------
 
+    def step_runs(self, run_id: str) -> list[tuple[str, str, int, int, StepStatus]]:
+        """The run's step runs now, as ``(step, sequence, recovery, attempt, status)`` in
+        creation order: what :meth:`wait_until` predicates can look at."""
+        return [
+            (r.step, r.sequence, r.recovery, r.attempt, r.status)
+            for r in self._t.step_runs.values()
+            if r.run_id == run_id
+        ]
+
     def lease_until(self, step_run_id: int) -> datetime | None:
         """Until when a step run's lease holds (None when it is not active)."""
         row = self._t.step_runs.get(step_run_id)
@@ -752,6 +764,7 @@ class MemoryTx:
             created=now,
             started=None,
             ended=now if new.status in (StepStatus.skipped, StepStatus.cancelled) else None,
+            not_before=None if new.delay is None else now + timedelta(seconds=new.delay),
         )
         self.tables.step_runs[id_] = row
         self.tables.step_run_keys[key] = id_

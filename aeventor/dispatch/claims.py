@@ -100,12 +100,14 @@ class Advance:
         claims: step runs it made and claimed for the caller's :class:`Taker`.
         recorded: False when the change was not applied (the step run was no longer
             active: cancelled, or reaped).
+        due_in: seconds until a step run it made ready may be claimed (a retry's backoff).
     """
 
     ready: int
     run_status: RunStatus
     claims: tuple[Claim, ...] = ()
     recorded: bool = True
+    due_in: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +195,8 @@ class NewStepRun:
     queue: str | None
     attempt: int = 1
     mac: str | None = None
+    #: Seconds from now (the server's clock) before it may be claimed: a retry's backoff.
+    delay: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

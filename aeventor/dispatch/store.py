@@ -475,11 +475,13 @@ class Store(abc.ABC):
         error: str | None = None,
         take: Taker | None = None,
         only_if_lapsed: bool = False,
+        retry_after: float | None = None,
     ) -> Advance:
         """Record a step's end and everything it causes, in one transaction.
 
         A result larger than :attr:`max_value_bytes` once encoded is not sent: the step is
         recorded as a failure whose error says why; an error text too large is truncated.
+        ``retry_after``: see :func:`aeventor.dispatch.transactions.complete`.
         """
         if self.max_value_bytes is not None:
             # The result is JSON-encoded here to be measured, and again by the transaction
@@ -504,6 +506,7 @@ class Store(abc.ABC):
                 error=error,
                 take=take,
                 only_if_lapsed=only_if_lapsed,
+                retry_after=retry_after,
             )
         )
 

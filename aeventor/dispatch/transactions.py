@@ -157,6 +157,7 @@ async def complete(
     error: str | None,
     take: Taker | None,
     only_if_lapsed: bool,
+    retry_after: float | None = None,
 ) -> Advance:
     """Record a step's end and everything it causes.
 
@@ -164,6 +165,10 @@ async def complete(
     under it (its run was cancelled, a reaper recorded it lost, it was requeued and claimed
     again) is left as it is, and the advance says ``recorded=False``. Retried after a lost
     connection, a completion that finds its own earlier commit returns what it claimed.
+
+    With ``retry_after`` (seconds), a failed or lost attempt that its step's retry policy
+    allows another attempt fires nothing: the next attempt is made ready, claimable after
+    that backoff, and the advance's ``due_in`` says when.
     """
     outcome = graph.step_outcome(claim.step, status)
     run = await tx.lock_run(claim.run_id)
@@ -181,6 +186,15 @@ async def complete(
         return Advance(0, run.status, recorded=False)
     if run.status is not RunStatus.running:
         return Advance(0, run.status)
+    retry = graph.program.steps[claim.step].retry
+    if (
+        retry_after is not None
+        and retry is not None
+        and status in (StepStatus.failure, StepStatus.lost)
+        and claim.attempt < retry.attempts
+        and not run.stopped
+    ):
+        return await _retry(tx, graph, claim, run.mode, retry_after)
     stopped = run.stopped
     if outcome.stop_run and not stopped:
         stopped = True
@@ -207,6 +221,47 @@ async def complete(
     if ready:
         tx.notify(claim.run_id, queues)
     return Advance(ready, run_status, tuple(claims))
+
+
+async def _retry(
+    tx: StoreTx, graph: Graph, claim: Claim, mode: str, delay: float
+) -> Advance:
+    """Make the next attempt of a failed step run ready, claimable after ``delay``."""
+    step = graph.program.steps[claim.step]
+    queue = step.host if mode == "distributed" else None
+    attempt = claim.attempt + 1
+    mac = (
+        graph.sign(
+            run_id=claim.run_id,
+            step=claim.step,
+            sequence=claim.sequence,
+            recovery=claim.recovery,
+            attempt=attempt,
+            host=step.host,
+            queue=queue,
+        )
+        if mode == "distributed"
+        else None
+    )
+    await tx.add_step_runs(
+        [
+            NewStepRun(
+                run_id=claim.run_id,
+                step=claim.step,
+                sequence=claim.sequence,
+                recovery=claim.recovery,
+                status=StepStatus.ready,
+                host=step.host,
+                queue=queue,
+                attempt=attempt,
+                mac=mac,
+                delay=max(delay, 0.0),
+            )
+        ]
+    )
+    # Nobody can claim it before its backoff: its worker wakes then (Advance.due_in), other
+    # claimers find it when they next look.
+    return Advance(0, RunStatus.running, due_in=max(delay, 0.0))
 
 
 async def fail_untrusted(

@@ -34,8 +34,10 @@ Stopping: when ``stop`` is set the worker stops claiming, lets running steps fin
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -65,6 +67,13 @@ log = get_logger("aeventor.worker")
 _UNLIMITED = 64
 #: Seconds between looks at a run when none of its steps runs here.
 IDLE_POLL = 1.0
+#: Seconds after a retry's due time (on this process's clock) its worker looks for it.
+DUE_SLACK = 0.005
+
+
+def step_is_command(graph: Graph, claim: Claim) -> bool:
+    """Whether the claim's step is a command (its result is its exit code)."""
+    return graph.program.steps[claim.step].executor == "command"
 
 
 def new_worker_id() -> str:
@@ -150,6 +159,7 @@ class Worker:
             worker's own run).
         worker_id: default :func:`new_worker_id`.
         monotonic: the clock of the worker's own timing (tests pass a fake one).
+        random: draws the jitter of retries' backoffs, in [0, 1) (tests pass their own).
 
     .. versionadded:: 0.1
     """
@@ -166,6 +176,7 @@ class Worker:
         on_status: Callable[[RunStatus], None] | None = None,
         worker_id: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
         self.scope = scope
@@ -187,6 +198,9 @@ class Worker:
         self._revoked: set[int] = set()
         #: When the heartbeats became regular again (monotonic): the reaper waits a lease.
         self._monotonic = monotonic
+        self._random = random
+        #: When retries this worker made become claimable (its monotonic clock), a heap.
+        self._due: list[float] = []
         self._healthy_since = monotonic()
         self._last_beat: float | None = None
         self._run_logs: dict[str, RunLog] = {}
@@ -232,6 +246,7 @@ class Worker:
             self._start(claim)
         if advance.ready:
             self._maybe_work = True
+        self._expect(advance)
         if run_id == self.scope.run_id and advance.run_status is not self.status:
             self.status = advance.run_status
             if self.on_status is not None:
@@ -387,9 +402,17 @@ class Worker:
             # Nothing of ours runs, yet the run goes on: only another process (or a change
             # we were not told of) can move it. Never wait for that unboundedly.
             poll = min(poll or IDLE_POLL, IDLE_POLL)
+        if self._due:
+            # A retry becomes claimable then: be there.
+            until = max(self._due[0] - self._monotonic(), 0.0)
+            poll = until if poll is None else min(poll, until)
         await wait_any(self._wake, remote, self._stop, poll=poll)
-        if remote.is_set() or not self._wake.is_set():
-            # Woken by another process, or the poll interval passed: look for work.
+        due = False
+        while self._due and self._due[0] <= self._monotonic():
+            heapq.heappop(self._due)
+            due = True
+        if due or remote.is_set() or not self._wake.is_set():
+            # Woken by another process, a retry's time, or the poll interval: look for work.
             self._maybe_work = True
         remote.clear()
         self._wake.clear()
@@ -445,6 +468,13 @@ class Worker:
                 return
             status = StepStatus.success if result.ok else StepStatus.failure
             take = self.taker(freeing=1)
+            retry_after = self._retry_after(
+                graph,
+                claim,
+                status,
+                exit_code=result.value if step_is_command(graph, claim) else None,
+                error=result.error,
+            )
             while True:
                 try:
                     advance = await self.store.complete(
@@ -454,6 +484,7 @@ class Worker:
                         result=result.value,
                         error=result.error,
                         take=take,
+                        retry_after=retry_after,
                     )
                     break
                 except ConnectionLost as exc:
@@ -478,6 +509,10 @@ class Worker:
             else:
                 first = (result.error or "").strip().splitlines()[-1:] or [""]
                 run_log.error(f"step {label} failure: {first[0]}")
+                if advance.due_in is not None:
+                    run_log.info(
+                        f"step {label} attempt {claim.attempt + 1} in {advance.due_in:.3g}s"
+                    )
             self.apply(claim.run_id, advance)
             await run_log.flush()
         except asyncio.CancelledError:
@@ -784,10 +819,44 @@ class Worker:
         except NoResult:
             return False
         advance = await self.store.complete(
-            graph, claim, status=status, error=error, only_if_lapsed=only_if_lapsed
+            graph,
+            claim,
+            status=status,
+            error=error,
+            only_if_lapsed=only_if_lapsed,
+            retry_after=self._retry_after(graph, claim, status, exit_code=None, error=error),
         )
         if advance.ready:
             # What the failure made ready may be ours; our own NOTIFY does not wake us.
             self._maybe_work = True
             self._wake.set()
+        self._expect(advance)
         return advance.recorded
+
+    def _retry_after(
+        self,
+        graph: Graph,
+        claim: Claim,
+        status: StepStatus,
+        *,
+        exit_code: Any,
+        error: str | None,
+    ) -> float | None:
+        """The backoff before the next attempt, if the step's retry policy retries this
+        outcome (the transaction checks the attempt count again)."""
+        retry = graph.program.steps[claim.step].retry
+        if retry is None or not retry.retries(
+            claim.attempt,
+            status,
+            exit_code=exit_code if isinstance(exit_code, int) else None,
+            error=error,
+        ):
+            return None
+        return retry.delay(claim.attempt, self._random())
+
+    def _expect(self, advance: Advance) -> None:
+        """Remember when a step run an advance made (a retry) becomes claimable."""
+        if advance.due_in is not None:
+            # A little after: the store's clock decides, and it may be a moment behind.
+            heapq.heappush(self._due, self._monotonic() + advance.due_in + DUE_SLACK)
+            self._wake.set()

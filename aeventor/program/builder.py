@@ -23,6 +23,7 @@ from .model import (
     EventDef,
     GroupDef,
     ProgramDef,
+    Retry,
     StepDef,
     StepStatus,
     callable_target,
@@ -32,7 +33,14 @@ from .model import (
 __all__ = ("Event", "Group", "ProgramBuilder", "Step", "check_name", "name_of")
 
 _NAME_MAX = 200
-_STEP_CONFIG_KEYS = {"executor", "recovery", "sequence_arg_name", "task_construct", "timeout"}
+_STEP_CONFIG_KEYS = {
+    "executor",
+    "recovery",
+    "retry",
+    "sequence_arg_name",
+    "task_construct",
+    "timeout",
+}
 #: What recovering a run may do with a step run that did not succeed.
 RECOVERY_POLICIES = ("rerun", "skip")
 # The original eventor's names for how a step runs.
@@ -198,6 +206,7 @@ class ProgramBuilder:
         env: Mapping[str, str] | None = None,
         recovery: str | None = None,
         timeout: float | None = None,
+        retry: Retry | Mapping[str, Any] | None = None,
     ) -> Step:
         """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_step` (see there)."""
         self._check_new_name(name, "step")
@@ -240,6 +249,22 @@ class ProgramBuilder:
             raise ProgramDefinitionError(
                 f"step {name!r}: timeout={timeout!r}; give the seconds a run of the step may "
                 "take (a number more than 0), or None for no limit"
+            )
+        if retry is None:
+            retry = config.get("retry")
+        if isinstance(retry, Mapping):
+            given = dict(retry)
+            try:
+                retry = Retry(**given)
+            except TypeError as exc:
+                raise ProgramDefinitionError(
+                    f"step {name!r}: retry={given!r}: {exc}; its keys are attempts, "
+                    "backoff, exponential, cap, jitter and on"
+                ) from None
+        if retry is not None and not isinstance(retry, Retry):
+            raise ProgramDefinitionError(
+                f"step {name!r}: retry={retry!r}; give aeventor.Retry(attempts=3, ...) or a "
+                "dict of its arguments"
             )
         kwargs = dict(kwargs or {})
         args = tuple(args)
@@ -336,6 +361,7 @@ class ProgramBuilder:
             env=step_env_vars,
             recovery=recovery,
             timeout=None if timeout is None else float(timeout),
+            retry=retry,
         )
         return Step(name)
 

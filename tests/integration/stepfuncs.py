@@ -118,3 +118,15 @@ def stubborn(report: str) -> None:
     tmp.write_text(json.dumps({"pid": os.getpid(), "child": child.pid}))
     tmp.rename(report)
     time.sleep(300)
+
+
+def fail_until(counter: str, succeed_at: int) -> int:
+    """Count this attempt in ``counter``; fail (ConnectionError) before attempt
+    ``succeed_at``."""
+    path = Path(counter)
+    attempt = (int(path.read_text()) if path.exists() else 0) + 1
+    path.write_text(str(attempt))
+    logging.getLogger(__name__).warning("attempt %d", attempt)
+    if attempt < succeed_at:
+        raise ConnectionError(f"attempt {attempt} failed")
+    return attempt

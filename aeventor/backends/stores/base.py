@@ -651,7 +651,13 @@ class Database(Store):
             return step_run.c.status == sa.literal(StepStatus.ready.value, literal_execute=True)
 
         def candidates(*columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
-            query = sa.select(*columns).where(is_ready())
+            query = sa.select(*columns).where(
+                is_ready(),
+                # A retry waits out its backoff (on the server's clock).
+                sa.or_(
+                    step_run.c.not_before.is_(None), step_run.c.not_before <= self.server_now()
+                ),
+            )
             if run_id is not None:
                 query = query.where(step_run.c.run_id == run_id)
             if hosts is not None:
@@ -1217,11 +1223,19 @@ class SqlTx:
         )
 
     async def add_step_runs(self, rows: Sequence[NewStepRun]) -> None:
-        if rows:
-            now = t.utcnow()
-            await self.conn.execute(
-                self.db._insert_ignore(t.step_run), [_step_row(r, now) for r in rows]
-            )
+        now = t.utcnow()
+        now_rows = [_step_row(r, now) for r in rows if r.delay is None]
+        if now_rows:
+            await self.conn.execute(self.db._insert_ignore(t.step_run), now_rows)
+        for row in rows:
+            if row.delay is not None:
+                # Due on the server's clock, as leases are.
+                await self.conn.execute(
+                    self.db._insert_ignore(t.step_run).values(
+                        not_before=self.db.server_now_plus(timedelta(seconds=row.delay))
+                    ),
+                    [_step_row(row, now)],
+                )
 
     async def add_claimed_step_runs(
         self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta, token: str
