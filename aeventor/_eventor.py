@@ -513,12 +513,12 @@ class Eventor:
             funcs=self._funcs,
             on_status=state.set_status,
         )
-        run_log = worker.run_log(program.name, state.run_id)
+        run_log = worker.run_log(program, state.run_id)
         try:
             program_id = await db.register_program(program)
-            run_log.info(f"run {state.run_id} of program {program.name} started")
+            run_log.run_started(program.name)
             for event, sequence in self._triggers:
-                run_log.info(f"event {event}[{sequence}] triggered")
+                run_log.event(event, sequence)
             _, advance = await db.create_run(
                 graph,
                 program_id=program_id,
@@ -526,7 +526,7 @@ class Eventor:
                 run_id=state.run_id,
                 take=worker.taker(),
                 controller=worker.id,
-                log_dir=str(self.log_dir.resolve()),
+                log_dir=str(await asyncio.to_thread(self.log_dir.resolve)),
             )
             state.store, state.graph, state.worker = db, graph, worker
             state.created.set()
@@ -543,8 +543,8 @@ class Eventor:
             )
             await asyncio.shield(_finish_cancelled(db, state, run_log, reason))
             raise
-        run_log.info(f"run {state.run_id} ended: {worker.status.value}")
-        await run_log.flush()
+        run_log.run_ended(worker.status.value)
+        await run_log.end(db)
         result = dataclasses.replace(
             await db.load_result(state.run_id), log_dir=run_log.path.parent
         )
@@ -597,8 +597,8 @@ async def _finish_cancelled(
     state.set_status(RunStatus.cancelled)
     result = await db.load_result(state.run_id)
     if run_log is not None:
-        run_log.info(f"run {state.run_id} ended: cancelled ({reason})")
-        await run_log.flush()
+        run_log.run_ended(f"cancelled ({reason})")
+        await run_log.end(db)
         result = dataclasses.replace(result, log_dir=run_log.path.parent)
     state.final = result
 
