@@ -17,7 +17,10 @@ fired events (every event the store recorded as fired, derived ones included) in
 program's definition order, then its step runs in the definition order of the steps, by
 recovery and attempt, each started before it ended; other lines; the run's end. Two runs of
 one program then give the same file unless their steps behaved differently, and ``diff -r``
-of their directories shows just those steps (their step logs and their lines).
+of their directories shows just those steps (their step logs and their lines). Step logs
+then carry no timestamps or pids either (what a step prints is its own). The rewrite is the
+run's own process's, at the end of a standalone run (:meth:`RunLog.end`); an agent's program
+logs (the lines of the step runs it served) are only appended.
 
 A process step's log is its stdout and stderr, with its log records (the root logger and the
 step logger, ``EVENTOR_LOGGER_NAME``, at the run's ``log_level``). An in-loop step's log
@@ -212,14 +215,16 @@ class RunLog:
 
     def _write_pending(self) -> None:
         with self._write_lock:
-            lines = []
-            pending = self._pending
-            while pending:
-                lines.append(pending.popleft())
-            if lines:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as fh:
-                    fh.write("".join(lines))
+            if not self._pending:
+                return
+            # Opened first: lines stay pending if the file cannot be opened.
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                lines = []
+                pending = self._pending
+                while pending:
+                    lines.append(pending.popleft())
+                fh.write("".join(lines))
 
     async def end(self, store: FiredEvents) -> None:
         """The run ended: write what is buffered; in deterministic mode, rewrite the whole

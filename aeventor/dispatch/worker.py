@@ -26,6 +26,10 @@ stale token is refused by the store and logged.
 Faults: an agent's worker serves through store errors (it logs them and backs off); a claim
 it cannot load or verify fails that step run alone, with the reason recorded.
 
+Logs: each run's program log (:class:`~aeventor.dispatch.logs.RunLog`) is appended by a log
+writer task soon after its lines are logged, one write per batch, in a thread; what is left
+is written when the worker closes.
+
 Stopping: when ``stop`` is set the worker stops claiming, lets running steps finish for
 ``grace`` seconds, then terminates them. An agent records each terminated step as a failure
 (``record_abandoned``); a standalone run is cancelled as a whole by its owner.
