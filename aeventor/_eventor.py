@@ -73,9 +73,11 @@ class Eventor:
             ``mysql+aiomysql://...``, ``sqlite+aiosqlite:///path``), a sqlite file path,
             ``":memory:"``, or the name of a store in the config file. Default: the sqlite
             file ``<program>.run.db`` in the working directory.
-        logging_level: level of the program log (``logging.INFO`` by default).
+        logging_level: level of the program log and of the steps' logger
+            (``EVENTOR_LOGGER_NAME``), ``logging.INFO`` by default.
         log_dir: where run logs go (default ``./aeventor_logs``).
-        deterministic_logs: write logs without timestamps and pids, so runs can be diffed.
+        deterministic_logs: write logs without timestamps, pids and run ids, and rewrite
+            the program log in a fixed order when the run ends, so runs can be diffed.
         stop_on_exception: a step failure that fires no failure trigger stops the run.
         max_concurrency: most step runs executing at once (default: no limit).
         poll_interval: seconds between polls for work made by other processes; the store's
