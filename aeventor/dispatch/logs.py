@@ -7,8 +7,8 @@ Layout: ``<log_dir>/<program>/<run_id>/program.log`` and ``<step>.<sequence>.log
 The program log is the run's story: the run's start, the events triggered, each step run
 started and ended, the run's end. It is written as the run goes: :class:`RunLog` buffers
 lines and :meth:`RunLog.flush` appends everything buffered in one write, in a thread (the
-worker's log writer flushes soon after each line, so lines written while a write is under
-way go out together in the next one).
+worker's log writer flushes within :data:`~aeventor.dispatch.worker.LOG_BATCH` seconds of a
+line, together with every line logged meanwhile).
 
 With ``deterministic_logs`` the program log carries no timestamp, pid or run id, and when
 the run ends (success, failure or cancel) it is rewritten atomically in a fixed order:

@@ -27,8 +27,8 @@ Faults: an agent's worker serves through store errors (it logs them and backs of
 it cannot load or verify fails that step run alone, with the reason recorded.
 
 Logs: each run's program log (:class:`~aeventor.dispatch.logs.RunLog`) is appended by a log
-writer task soon after its lines are logged, one write per batch, in a thread; what is left
-is written when the worker closes.
+writer task within :data:`LOG_BATCH` seconds of its lines, one write per batch, in a
+thread; what is left is written when the worker closes.
 
 Stopping: when ``stop`` is set the worker stops claiming, lets running steps finish for
 ``grace`` seconds, then terminates them. An agent records each terminated step as a failure
@@ -69,6 +69,8 @@ log = get_logger("aeventor.worker")
 _UNLIMITED = 64
 #: Seconds between looks at a run when none of its steps runs here.
 IDLE_POLL = 1.0
+#: Seconds a program log line may wait for others to be written with it.
+LOG_BATCH = 0.02
 
 
 def new_worker_id() -> str:
@@ -696,11 +698,13 @@ class Worker:
     async def _log_writer_loop(self) -> None:
         """Append the program logs' new lines soon after they are logged, off the loop.
 
-        One write per log per round: lines logged while a write is under way go out
-        together in the next one, so a wide fan-out costs few writes, not one per line.
+        One write per log per round, :data:`LOG_BATCH` seconds after the first line of the
+        round: a wide fan-out costs a few writes a second, not one per line or per step.
         """
         while True:
             await self._logs_dirty.wait()
+            # Let the lines of what ends about now join this write.
+            await asyncio.sleep(LOG_BATCH)
             self._logs_dirty.clear()
             await self._round("log", self._flush_run_logs)
 
