@@ -84,9 +84,11 @@ class Eventor:
             ``mysql+aiomysql://...``, ``sqlite+aiosqlite:///path``), a sqlite file path,
             ``":memory:"``, or the name of a store in the config file. Default: the sqlite
             file ``<program>.run.db`` in the working directory.
-        logging_level: level of the program log (``logging.INFO`` by default).
+        logging_level: level of the program log and of the steps' logger
+            (``EVENTOR_LOGGER_NAME``), ``logging.INFO`` by default.
         log_dir: where run logs go (default ``./aeventor_logs``).
-        deterministic_logs: write logs without timestamps and pids, so runs can be diffed.
+        deterministic_logs: write logs without timestamps, pids and run ids, and rewrite
+            the program log in a fixed order when the run ends, so runs can be diffed.
         stop_on_exception: a step failure that fires no failure trigger stops the run.
         max_concurrency: most step runs executing at once (default: no limit).
         poll_interval: seconds between polls for work made by other processes; the store's
@@ -552,9 +554,9 @@ class Eventor:
         program = graph.program
         program_id = await db.register_program(program)
         log_dir = await asyncio.to_thread(self.log_dir.resolve)  # reads the file system
-        run_log.info(f"run {state.run_id} of program {program.name} started")
+        run_log.run_started(program.name)
         for event, sequence in self._triggers:
-            run_log.info(f"event {event}[{sequence}] triggered")
+            run_log.event(event, sequence)
         _, advance = await db.create_run(
             graph,
             program_id=program_id,
@@ -591,7 +593,7 @@ class Eventor:
             funcs=state.funcs if state.funcs is not None else self._funcs,
             on_status=state.set_status,
         )
-        run_log = worker.run_log(program.name, state.run_id)
+        run_log = worker.run_log(program, state.run_id)
         begun = False
         try:
             advance = await begin(db, state, graph, worker, run_log)
@@ -613,8 +615,8 @@ class Eventor:
             )
             await asyncio.shield(_finish_cancelled(db, state, run_log, reason))
             raise
-        run_log.info(f"run {state.run_id} ended: {worker.status.value}")
-        await run_log.flush()
+        run_log.run_ended(worker.status.value)
+        await run_log.end(db)
         result = dataclasses.replace(
             await db.load_result(state.run_id), log_dir=run_log.path.parent
         )
@@ -851,8 +853,8 @@ async def _finish_cancelled(
     state.set_status(RunStatus.cancelled)
     result = await db.load_result(state.run_id)
     if run_log is not None:
-        run_log.info(f"run {state.run_id} ended: cancelled ({reason})")
-        await run_log.flush()
+        run_log.run_ended(f"cancelled ({reason})")
+        await run_log.end(db)
         result = dataclasses.replace(result, log_dir=run_log.path.parent)
     state.final = result
 

@@ -223,9 +223,7 @@ async def complete(
     return Advance(ready, run_status, tuple(claims))
 
 
-async def _retry(
-    tx: StoreTx, graph: Graph, claim: Claim, mode: str, delay: float
-) -> Advance:
+async def _retry(tx: StoreTx, graph: Graph, claim: Claim, mode: str, delay: float) -> Advance:
     """Make the next attempt of a failed step run ready, claimable after ``delay``."""
     step = graph.program.steps[claim.step]
     queue = step.host if mode == "distributed" else None

@@ -292,3 +292,31 @@ async def test_sigterm_drains_a_recovery_and_nothing_is_lost(state: Path, store:
     )
     assert done.returncode == 0, done.stderr
     assert ran(state)[2:] == ["b", "c", "d"]
+
+
+def test_a_recovered_runs_deterministic_log_keeps_the_first_generation(tmp_path: Path) -> None:
+    flag = tmp_path / "broken"
+    flag.touch()
+
+    def build() -> evr.Eventor:
+        ev = evr.Eventor(
+            name="detrec", store=str(tmp_path / "runs.db"), log_dir=tmp_path / "logs",
+            deterministic_logs=True,
+        )  # fmt: skip
+        ev.add_event("go")
+        ev.add_step("check", command=["sh", "-c", f"test ! -e {flag}"])
+        ev.add_assoc("go", "check")
+        ev.trigger_event("go")
+        return ev
+
+    first = build().run_sync()
+    assert not first
+    flag.unlink()
+    again = asyncio.run(build().run(recover=first.run_id))
+    assert again.ok and again.log_dir is not None
+    text = (again.log_dir / "program.log").read_text()
+    assert first.run_id not in text
+    assert text.index("step check[0] failure") < text.index("run ended: failure")
+    assert text.index("run ended: failure") < text.index("recovery 1 started: running check[0]")
+    assert text.index("step check[0] recovery 1 success") < text.rindex("run ended: success")
+    assert text.count("event go[0] fired") == 1

@@ -130,3 +130,30 @@ def fail_until(counter: str, succeed_at: int) -> int:
     if attempt < succeed_at:
         raise ConnectionError(f"attempt {attempt} failed")
     return attempt
+
+
+def wait_for(path: str) -> str:
+    """Return once ``path`` exists (the test creates it)."""
+    deadline = time.monotonic() + DEADLINE
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {DEADLINE} s")
+        time.sleep(0.01)
+    return "released"
+
+
+def log_at_levels(name: str) -> str:
+    """Log one line at each level through the step's logger."""
+    logger = logging.getLogger(os.environ["EVENTOR_LOGGER_NAME"])
+    logger.debug("debug from %s", name)
+    logger.info("info from %s", name)
+    logger.warning("warning from %s", name)
+    return name
+
+
+def fail_if(name: str, flag: str) -> str:
+    """Log a line; fail when the file ``flag`` exists (the same program, another outcome)."""
+    logging.getLogger(os.environ["EVENTOR_LOGGER_NAME"]).info("working on %s", name)
+    if Path(flag).exists():
+        raise RuntimeError(f"{name} broke")
+    return name

@@ -47,9 +47,7 @@ async def test_a_flaky_step_succeeds_at_its_third_attempt(
     assert "handler" not in {s.step for s in result.steps}  # no failure trigger fired
     assert result.log_dir is not None
     log_dir = result.log_dir
-    logs = await asyncio.to_thread(
-        lambda: {p.name: p.read_text() for p in log_dir.glob("flaky.*")}
-    )
+    logs = await asyncio.to_thread(lambda: {p.name: p.read_text() for p in log_dir.glob("flaky.*")})
     for name, attempt in (("flaky.0.log", 1), ("flaky.0.2.log", 2), ("flaky.0.3.log", 3)):
         assert f"attempt {attempt}" in logs[name], (name, logs)
 

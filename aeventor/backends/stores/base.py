@@ -654,9 +654,7 @@ class Database(Store):
             query = sa.select(*columns).where(
                 is_ready(),
                 # A retry waits out its backoff (on the server's clock).
-                sa.or_(
-                    step_run.c.not_before.is_(None), step_run.c.not_before <= self.server_now()
-                ),
+                sa.or_(step_run.c.not_before.is_(None), step_run.c.not_before <= self.server_now()),
             )
             if run_id is not None:
                 query = query.where(step_run.c.run_id == run_id)
