@@ -800,6 +800,27 @@ class MemoryTx:
             if row.run_id == run_id and row.status in PENDING:
                 row.status, row.ended, row.lease_until = StepStatus.cancelled, now, None
 
+    async def pending_step_run(
+        self, run_id: str, step: str, sequence: str
+    ) -> tuple[int, int] | None:
+        found = [
+            r
+            for r in self.tables.step_runs.values()
+            if r.run_id == run_id
+            and r.step == step
+            and r.sequence == sequence
+            and r.status in PENDING
+        ]
+        return None if not found else (found[-1].id, found[-1].recovery)
+
+    async def cancel_step_run(self, step_run_id: int, error: str) -> bool:
+        row = self.tables.step_runs.get(step_run_id)
+        if row is None or row.status not in PENDING:
+            return False
+        row.status, row.error, row.ended = StepStatus.cancelled, error, self.clock()
+        row.lease_until = row.token = None
+        return True
+
     async def holders(self, run_id: str) -> set[str]:
         return {
             row.worker

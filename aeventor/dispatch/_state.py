@@ -187,10 +187,10 @@ class Graph:
     def trigger_events(self, step: str, status: StepStatus) -> tuple[str, ...]:
         """The events a step's triggers fire when it enters ``status``.
 
-        Success and failure also fire the ``complete`` triggers; a lost step run fires what
-        a failure fires.
+        Success and failure also fire the ``complete`` triggers; a lost step run, and one
+        cancelled on its own (not with its run), fire what a failure fires.
         """
-        if status is StepStatus.lost:
+        if status in (StepStatus.lost, StepStatus.cancelled):
             status = StepStatus.failure
         triggers = self.program.steps[step].triggers
         events = list(triggers.get(status, ()))
@@ -202,7 +202,7 @@ class Graph:
         """What a step entering ``status`` fires, and whether it stops the run."""
         events = self.trigger_events(step, status)
         stop = (
-            status in (StepStatus.failure, StepStatus.lost)
+            status in (StepStatus.failure, StepStatus.lost, StepStatus.cancelled)
             and self.program.stop_on_exception
             and not self._handles_failure(step)
         )

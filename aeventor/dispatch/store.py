@@ -156,6 +156,14 @@ class StoreTx(Protocol):
     async def cancel_step_runs(self, run_id: str) -> None:
         """Mark every ready and active step run of the run cancelled."""
 
+    async def pending_step_run(
+        self, run_id: str, step: str, sequence: str
+    ) -> tuple[int, int] | None:
+        """The ready or active step run of ``step`` for ``sequence``, as ``(id, recovery)``."""
+
+    async def cancel_step_run(self, step_run_id: int, error: str) -> bool:
+        """Mark a ready or active step run cancelled (whoever holds it); whether it was."""
+
     async def holders(self, run_id: str) -> set[str]:
         """The workers of the run's active step runs."""
 
@@ -544,6 +552,14 @@ class Store(abc.ABC):
     async def cancel_run(self, run_id: str, *, reason: str) -> None:
         """Mark a run cancelled with its ready and active step runs (workers kill those)."""
         await self.write(lambda tx: transactions.cancel_run(tx, run_id, reason=reason))
+
+    async def cancel_step(
+        self, graph: Graph, run_id: str, step: str, sequence: str, *, reason: str
+    ) -> Advance:
+        """Cancel one step run (see :func:`aeventor.dispatch.transactions.cancel_step`)."""
+        return await self.write(
+            lambda tx: transactions.cancel_step(tx, graph, run_id, step, sequence, reason=reason)
+        )
 
     async def recover(
         self,

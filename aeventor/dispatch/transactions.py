@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "cancel_run",
+    "cancel_step",
     "complete",
     "create_run",
     "fail_untrusted",
@@ -319,6 +320,43 @@ async def cancel_run(tx: StoreTx, run_id: str, *, reason: str) -> None:
     if run.status is RunStatus.running:
         await tx.end_run(run_id, RunStatus.cancelled, reason)
     tx.notify(run_id)
+
+
+async def cancel_step(
+    tx: StoreTx, graph: Graph, run_id: str, step: str, sequence: str, *, reason: str
+) -> Advance:
+    """Cancel the ready or running step run of ``step`` for ``sequence``.
+
+    It is recorded ``cancelled`` (its worker terminates it at its next heartbeat, and no
+    outcome of its is recorded after that), and the run reacts as to a failure of it: its
+    failure triggers fire, and without one the run stops. ``recorded`` is False when the run
+    has ended or the step has no ready or running step run.
+    """
+    run = await tx.lock_run(run_id)
+    if run.status is not RunStatus.running:
+        return Advance(0, run.status, recorded=False)
+    found = await tx.pending_step_run(run_id, step, sequence)
+    if found is None or not await tx.cancel_step_run(found[0], reason):
+        return Advance(0, run.status, recorded=False)
+    outcome = graph.step_outcome(step, StepStatus.cancelled)
+    stopped = run.stopped
+    if outcome.stop_run and not stopped:
+        stopped = True
+        await tx.stop_run(run_id, f"step {step}[{sequence}] was cancelled ({reason})")
+    ready, _, queues = await _fire(
+        tx,
+        graph,
+        run_id,
+        sequence,
+        found[1],
+        outcome.events,
+        stopped,
+        mode=run.mode,
+        replay=run.replay,
+    )
+    status = RunStatus.running if ready else await _settle(tx, run_id, stopped=stopped)
+    tx.notify(run_id, queues)
+    return Advance(ready, status)
 
 
 #: The step-run statuses recovery runs again (policy permitting): what did not succeed.

@@ -324,7 +324,11 @@ class Worker:
                     await self._claim_loop(remote)
                     if self._stop.is_set():
                         await self._drain()
-                    # Else the run ended: its last step's task is only tidying up.
+                    elif self._tasks:
+                        # The run ended. Its last step's task is only tidying up; a step
+                        # still running here was cancelled from elsewhere (its run ended
+                        # without it): one more beat tells us, and terminates it.
+                        await self._round("heartbeat", self._beat)
                     for task in side:
                         task.cancel()
         finally:
@@ -721,21 +725,33 @@ class Worker:
             self._healthy_since = now
         self._last_beat = now
         for step_run_id, status in revoked.items():
-            task = self._tasks.get(step_run_id)
-            if task is None or step_run_id in self._revoked:
-                continue
-            self._revoked.add(step_run_id)
-            if status is StepStatus.cancelled:
-                self.log.info("step.cancelled", step_run_id=step_run_id)
-            else:
-                self.log.warning(
-                    "step.lease_lost",
-                    step_run_id=step_run_id,
-                    status=status.value,
-                    reason="its lease was taken while this worker could not renew it; "
-                    "terminating the step",
-                )
-            task.cancel()
+            self.revoke(step_run_id, status)
+
+    def revoke(self, step_run_id: int, status: StepStatus = StepStatus.cancelled) -> None:
+        """The step run is no longer ours (``status`` says what it became): terminate it if
+        it runs here, and record nothing of it."""
+        task = self._tasks.get(step_run_id)
+        if task is None or step_run_id in self._revoked:
+            return
+        self._revoked.add(step_run_id)
+        if status is StepStatus.cancelled:
+            self.log.info("step.cancelled", step_run_id=step_run_id)
+        else:
+            self.log.warning(
+                "step.lease_lost",
+                step_run_id=step_run_id,
+                status=status.value,
+                reason="its lease was taken while this worker could not renew it; "
+                "terminating the step",
+            )
+        task.cancel()
+
+    def holding(self, run_id: str, step: str, sequence: str) -> int | None:
+        """The id of the step run of ``step`` for ``sequence`` of the run, if it runs here."""
+        for claim in self._claims.values():
+            if (claim.run_id, claim.step, claim.sequence) == (run_id, step, sequence):
+                return claim.id
+        return None
 
     async def _heartbeat_loop(self) -> None:
         while True:

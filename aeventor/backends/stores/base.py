@@ -1287,6 +1287,40 @@ class SqlTx:
             .values(status=StepStatus.cancelled.value, ended=t.utcnow(), lease_until=None)
         )
 
+    async def pending_step_run(
+        self, run_id: str, step: str, sequence: str
+    ) -> tuple[int, int] | None:
+        c = t.step_run.c
+        row = (
+            await self.conn.execute(
+                sa.select(c.id, c.recovery)
+                .where(
+                    c.run_id == run_id,
+                    c.step == step,
+                    c.sequence == sequence,
+                    c.status.in_([s.value for s in PENDING]),
+                )
+                .order_by(c.id.desc())
+                .limit(1)
+            )
+        ).one_or_none()
+        return None if row is None else (int(row.id), int(row.recovery))
+
+    async def cancel_step_run(self, step_run_id: int, error: str) -> bool:
+        c = t.step_run.c
+        updated = await self.conn.execute(
+            t.step_run.update()
+            .where(c.id == step_run_id, c.status.in_([s.value for s in PENDING]))
+            .values(
+                status=StepStatus.cancelled.value,
+                error=error,
+                ended=t.utcnow(),
+                lease_until=None,
+                token=None,
+            )
+        )
+        return bool(updated.rowcount == 1)
+
     async def holders(self, run_id: str) -> set[str]:
         rows = await self.conn.execute(
             sa.select(t.step_run.c.worker)
