@@ -275,11 +275,16 @@ class Eventor:
         )
 
     def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:
-        """Make ``event`` fan out to steps and/or other events.
+        """Make ``event`` fan out to steps and/or other events; with ``delay``, that many
+        seconds after it fires.
+
+        A delay is durable: when the event fires, the time the targets are due is stored
+        with the run, and the run's worker (an agent, for a distributed run) fires them then,
+        even after a restart of every process (a standalone run's dead controller is
+        replaced by recovering the run). A run with a delay pending is still running.
 
         Raises:
-            ProgramDefinitionError: an unknown event or target, or a delay (durable delays
-                are not implemented yet).
+            ProgramDefinitionError: an unknown event or target, or a negative delay.
         """
         self._builder.add_assoc(event, *targets, delay=delay)
 
