@@ -367,3 +367,41 @@ async def test_a_delay_survives_its_controllers_death(state: Path, store: str) -
     assert result.ok and result.recovery == 1
     first, later = result.step("first"), result.step("later")
     assert (later.created - first.created).total_seconds() >= 4 - 0.1
+
+
+INLOOP = """
+import os
+import sys
+import aeventor as evr
+
+async def check(flag: str) -> str:
+    if os.path.exists(flag):
+        raise RuntimeError("still broken")
+    return "fine"
+
+ev = evr.Eventor(name="inl", store=sys.argv[1], log_dir=sys.argv[2] + "/logs")
+ev.add_event("go")
+ev.add_step("check", check, args=[sys.argv[2] + "/broken"])
+ev.add_assoc("go", "check")
+ev.trigger_event("go")
+
+if __name__ == "__main__":
+    print(ev.run_sync().run_id)
+"""
+
+
+def test_the_command_line_recovers_in_loop_steps_of_a_script(state: Path, tmp_path: Path) -> None:
+    """In-loop steps defined in the user's script run in the step runner, found by path."""
+    store = str(tmp_path / "inl.db")
+    (state / "inl.py").write_text(INLOOP)
+    (state / "broken").touch()
+    first = subprocess.run(
+        [sys.executable, str(state / "inl.py"), store, str(state)], capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    run_id = first.stdout.strip()
+    (state / "broken").unlink()
+    done = cli(state, "recover", run_id, "--store", store)
+    assert done.returncode == 0, done.stderr
+    result = asyncio.run(evr.run_result(store, run_id))
+    assert result.ok and result.step("check").result == "fine"
