@@ -227,38 +227,17 @@ async def complete(
 
 async def _retry(tx: StoreTx, graph: Graph, claim: Claim, mode: str, delay: float) -> Advance:
     """Make the next attempt of a failed step run ready, claimable after ``delay``."""
-    step = graph.program.steps[claim.step]
-    queue = step.host if mode == "distributed" else None
-    attempt = claim.attempt + 1
-    mac = (
-        graph.sign(
-            run_id=claim.run_id,
-            step=claim.step,
-            sequence=claim.sequence,
-            recovery=claim.recovery,
-            attempt=attempt,
-            host=step.host,
-            queue=queue,
-        )
-        if mode == "distributed"
-        else None
+    row = _new_step_run(
+        graph,
+        claim.run_id,
+        claim.step,
+        claim.sequence,
+        claim.recovery,
+        StepStatus.ready,
+        mode=mode,
+        attempt=claim.attempt + 1,
     )
-    await tx.add_step_runs(
-        [
-            NewStepRun(
-                run_id=claim.run_id,
-                step=claim.step,
-                sequence=claim.sequence,
-                recovery=claim.recovery,
-                status=StepStatus.ready,
-                host=step.host,
-                queue=queue,
-                attempt=attempt,
-                mac=mac,
-                delay=max(delay, 0.0),
-            )
-        ]
-    )
+    await tx.add_step_runs([dataclasses.replace(row, delay=max(delay, 0.0))])
     # Nobody can claim it before its backoff: its worker wakes then (Advance.due_in), other
     # claimers find it when they next look.
     return Advance(0, RunStatus.running, due_in=max(delay, 0.0))
@@ -632,34 +611,7 @@ async def _make_ready(
     steps = graph.program.steps
 
     def row(step: str, status: StepStatus) -> NewStepRun:
-        host = steps[step].host
-        queue = host if distributed else None
-        # The MAC agents verify before they run it: only a holder of the cluster key makes
-        # work for them (attempt 1: the only attempt a transaction creates).
-        mac = (
-            graph.sign(
-                run_id=run_id,
-                step=step,
-                sequence=sequence,
-                recovery=recovery,
-                attempt=1,
-                host=host,
-                queue=queue,
-            )
-            if distributed
-            else None
-        )
-        return NewStepRun(
-            run_id=run_id,
-            step=step,
-            sequence=sequence,
-            recovery=recovery,
-            status=status,
-            host=host,
-            queue=queue,
-            attempt=1,
-            mac=mac,
-        )
+        return _new_step_run(graph, run_id, step, sequence, recovery, status, mode=mode)
 
     if stopped:
         # A stopped run records the steps its events asked for, as skipped: nothing that
@@ -691,6 +643,48 @@ async def _make_ready(
         )
     queues = {steps[s].host if distributed else None for s in rest}
     return len(rest), claims, queues
+
+
+def _new_step_run(
+    graph: Graph,
+    run_id: str,
+    step: str,
+    sequence: str,
+    recovery: int,
+    status: StepStatus,
+    *,
+    mode: str,
+    attempt: int = 1,
+) -> NewStepRun:
+    """A new step run: in a distributed run queued for its host's agents and signed (the
+    MAC agents verify before they run it: only a holder of the cluster key makes work for
+    them); in a standalone run for the run's own worker."""
+    host = graph.program.steps[step].host
+    queue = host if mode == "distributed" else None
+    mac = (
+        graph.sign(
+            run_id=run_id,
+            step=step,
+            sequence=sequence,
+            recovery=recovery,
+            attempt=attempt,
+            host=host,
+            queue=queue,
+        )
+        if mode == "distributed"
+        else None
+    )
+    return NewStepRun(
+        run_id=run_id,
+        step=step,
+        sequence=sequence,
+        recovery=recovery,
+        status=status,
+        host=host,
+        queue=queue,
+        attempt=attempt,
+        mac=mac,
+    )
 
 
 async def _settle(tx: StoreTx, run_id: str, *, stopped: bool) -> RunStatus:
