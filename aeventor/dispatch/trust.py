@@ -65,6 +65,10 @@ class Programs(Protocol):
     def check_step(self, program: ProgramDef, step: str) -> None:
         """Raise :class:`Refused` if this worker may not execute ``step``."""
 
+    def forget(self, run_id: str) -> bool:
+        """Drop what is remembered of the run's program (a forced recovery may have moved
+        the run to another version); whether anything was."""
+
 
 class OwnProgram:
     """The one program of a standalone run, defined in this process."""
@@ -81,6 +85,9 @@ class OwnProgram:
 
     def check_step(self, program: ProgramDef, step: str) -> None:
         return None
+
+    def forget(self, run_id: str) -> bool:
+        return False
 
 
 class SignedPrograms:
@@ -126,6 +133,9 @@ class SignedPrograms:
             )
         _remember(self._runs, run_id, origin.program_id)
         return graph
+
+    def forget(self, run_id: str) -> bool:
+        return self._runs.pop(run_id, None) is not None
 
     async def _graph(self, program_id: int) -> Graph:
         cached = self._graphs.get(program_id)

@@ -516,7 +516,15 @@ class Worker:
         try:
             try:
                 graph = await self._graph_for(claim)
-                self.programs.check_claim(graph, claim)
+                try:
+                    self.programs.check_claim(graph, claim)
+                except Refused:
+                    # Its run may have moved to another program version since we last read
+                    # it (a forced recovery): judge it by the run's program as it is now.
+                    if not self.programs.forget(claim.run_id):
+                        raise
+                    graph = await self._graph_for(claim)
+                    self.programs.check_claim(graph, claim)
                 self.programs.check_step(graph.program, claim.step)
             except (Refused, NoResult) as exc:
                 bound.error("step.refused", reason=str(exc))

@@ -65,6 +65,13 @@ def sleep_once(report: str) -> str:
     return "slept"
 
 
+def fail_if_exists(path: str) -> str:
+    """Fail while ``path`` exists (the cause a test fixes before it recovers)."""
+    if Path(path).exists():
+        raise RuntimeError(f"{path} is in the way")
+    return "fine"
+
+
 def example(
     *,
     store: str | None = None,

@@ -66,3 +66,41 @@ async def test_a_run_whose_agent_died_is_recovered_by_its_agents(
     assert once == [(0, "lost"), (1, "success")], once
     assert result.step("after").recovery == 1
     assert result.step("after").status is evr.StepStatus.success
+
+
+def changed_program(store: str, flag: Path, *, extra: bool) -> evr.Eventor:
+    ev = evr.Eventor(name="forced", store=store, mode="distributed", cluster_key=CLUSTER_KEY)
+    ev.add_event("go")
+    ev.add_event("checked")
+    ev.add_step(
+        "check", host="s1", func=distprog.fail_if_exists, kwargs={"path": str(flag)},
+        triggers={evr.StepStatus.success: ("checked",)},
+    )  # fmt: skip
+    ev.add_step("after", host="s1", func=distprog.where, kwargs={"progname": "after"})
+    ev.add_assoc("checked", "after")
+    if extra:
+        ev.add_step("extra", host="s1", func=distprog.where, kwargs={"progname": "extra"})
+        ev.add_assoc("checked", "extra")
+    ev.add_assoc("go", "check")
+    ev.trigger_event("go")
+    return ev
+
+
+@pytest.mark.postgres
+async def test_a_distributed_run_recovered_with_a_changed_program_is_signed_again(
+    pg_store: str, agents: Agents, tmp_path: Path
+) -> None:
+    """Forced, the run switches to the new version: the agents verify the run's new
+    signature and the new step runs' MACs, and run them."""
+    await agents.start(pg_store, "s1")
+    flag = tmp_path / "in_the_way"
+    flag.touch()
+    first = await within(changed_program(pg_store, flag, extra=False).run(), what="the run")
+    assert not first
+    flag.unlink()
+    changed = changed_program(pg_store, flag, extra=True)
+    with pytest.raises(evr.ProgramChanged, match="force=True"):
+        await changed.run(recover=first.run_id)
+    result = await within(changed.run(recover=first.run_id, force=True), what="the recovery")
+    assert result.ok, [(s.step, s.status.value, s.error) for s in result.steps]
+    assert sorted(s.step for s in result.steps if s.recovery == 1) == ["after", "check", "extra"]
