@@ -42,8 +42,7 @@ def test_program_and_step_logs(cli_store: str, tmp_path: Path) -> None:
     proc = cli("logs", run_id, "hello", "--store", cli_store)
     assert proc.returncode == 2
     assert proc.stderr == (
-        f"aeventor: step 'hello' ran for sequences 1, 2 in run {run_id}: name one as "
-        "hello.SEQ\n"
+        f"aeventor: step 'hello' ran for sequences 1, 2 in run {run_id}: name one as hello.SEQ\n"
     )
 
     # Logs moved elsewhere: --log-dir is the Eventor's log_dir there.
