@@ -108,7 +108,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     """Register ``show``, ``watch``, ``logs``, ``diff`` and ``programs`` under ``commands``."""
     show = commands.add_parser(
         "show",
-        help="show a run as a tree of events and step runs (exit code: its status)",
+        help="a run's events and step runs as a tree (exit code: its status)",
         description="Show a run: its header, then per sequence the events it fired in "
         "firing order and under each the step runs it made ready (status, host, pid, "
         f"attempt, start, duration, log). {_READS_ONLY}",
@@ -163,7 +163,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
     diff = commands.add_parser(
         "diff",
-        help="compare two runs: step outcomes and logs (exit 1 when they differ)",
+        help="compare two runs' step outcomes and logs (exit 1: they differ)",
         description="Compare two runs: each step run's outcome side by side, then a "
         "unified diff of their logs (program.log and every step log) with timestamps, "
         f"pids and run ids taken out. {_READS_ONLY}",
