@@ -28,8 +28,17 @@ if TYPE_CHECKING:
     )
     from .program.expr import and_, or_
     from .program.model import ProgramDef, RunStatus, StepStatus
-    from .queries import AmbiguousRunId, Cleanup, RunEnded, cancel, cleanup, run_result, runs
-    from .records import RunResult, StepRun
+    from .queries import (
+        AmbiguousRunId,
+        Cleanup,
+        RunEnded,
+        cancel,
+        cleanup,
+        programs,
+        run_result,
+        runs,
+    )
+    from .records import ProgramSummary, RunResult, StepRun
 
 __version__ = "0.1.0.dev0"
 
@@ -49,6 +58,7 @@ _WHERE = {
     "ExecutorError": "exceptions",
     "ProgramDefinitionError": "exceptions",
     "ProgramDef": "program.model",
+    "ProgramSummary": "records",
     "RunHandle": "_eventor",
     "RunResult": "records",
     "RunStatus": "program.model",
@@ -62,6 +72,7 @@ _WHERE = {
     "and_": "program.expr",
     "current_step": "context",
     "or_": "program.expr",
+    "programs": "queries",
     "run_result": "queries",
     "runs": "queries",
 }
@@ -78,6 +89,7 @@ __all__ = (
     "Group",
     "ProgramDef",
     "ProgramDefinitionError",
+    "ProgramSummary",
     "RunEnded",
     "RunHandle",
     "RunResult",
@@ -95,6 +107,7 @@ __all__ = (
     "cleanup",
     "current_step",
     "or_",
+    "programs",
     "run_result",
     "runs",
 )

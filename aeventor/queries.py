@@ -52,6 +52,7 @@ __all__ = (
     "cleanup",
     "diff_runs",
     "follow_log",
+    "latest_step_runs",
     "log_file",
     "normalise_log",
     "programs",
@@ -846,7 +847,8 @@ async def diff_runs(
         a = await run_result(db, first)
         b = await run_result(db, second)
         modes = [(await db.run_origin(r.run_id)).mode for r in (a, b)]
-    latest_a, latest_b = _latest(a), _latest(b)
+    latest_a = {(s.step, s.sequence): s for s in latest_step_runs(a)}
+    latest_b = {(s.step, s.sequence): s for s in latest_step_runs(b)}
     keys = list(dict.fromkeys([*latest_a, *latest_b]))
     steps = tuple(
         StepDiff(
@@ -865,7 +867,12 @@ async def diff_runs(
     return RunDiff(a, b, steps, logs)
 
 
-def _latest(result: RunResult) -> dict[tuple[str, str], StepRun]:
+def latest_step_runs(result: RunResult) -> list[StepRun]:
+    """Each step and sequence's latest recovery and attempt, in the order each first ran
+    (the earlier attempts have ended).
+
+    .. versionadded:: 0.1
+    """
     latest: dict[tuple[str, str], StepRun] = {}
     for run in sorted(result.steps, key=lambda s: s.id):
         key = (run.step, run.sequence)
@@ -874,7 +881,7 @@ def _latest(result: RunResult) -> dict[tuple[str, str], StepRun]:
             latest[key].attempt,
         ):
             latest[key] = run
-    return latest
+    return list(latest.values())
 
 
 def _diff_logs(a: Path, b: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:

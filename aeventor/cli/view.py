@@ -321,24 +321,11 @@ async def _watch(store: str, run_id: str, seen: list[RunResult]) -> None:
                 live.update(_progress_view(result))
 
 
-def _latest(result: RunResult) -> list[StepRun]:
-    """Each step and sequence's latest attempt (earlier attempts ended)."""
-    latest: dict[tuple[str, str], StepRun] = {}
-    for run in result.steps:
-        key = (run.step, run.sequence)
-        if key not in latest or (run.recovery, run.attempt) >= (
-            latest[key].recovery,
-            latest[key].attempt,
-        ):
-            latest[key] = run
-    return list(latest.values())
-
-
 _PENDING = (StepStatus.ready, StepStatus.active)
 
 
 def _counts(result: RunResult) -> tuple[int, int, list[StepRun]]:
-    latest = _latest(result)
+    latest = queries.latest_step_runs(result)
     running = [run for run in latest if run.status is StepStatus.active]
     ended = sum(run.status not in _PENDING for run in latest)
     return ended, len(latest), running
