@@ -863,6 +863,10 @@ async def diff_runs(
         dirs = (_run_dir(a, modes[0], log_dir), _run_dir(b, modes[1], log_dir))
     except ConfigurationError as exc:
         return RunDiff(a, b, steps, (), logs_missing=str(exc))
+    for run, path in zip((a, b), dirs, strict=True):
+        if not await asyncio.to_thread(path.is_dir):
+            why = f"run {run.run_id} has no log directory {str(path)!r}; pass --log-dir DIR"
+            return RunDiff(a, b, steps, (), logs_missing=why)
     logs = await asyncio.to_thread(_diff_logs, *dirs)
     return RunDiff(a, b, steps, logs)
 
@@ -886,8 +890,6 @@ def latest_step_runs(result: RunResult) -> list[StepRun]:
 
 def _diff_logs(a: Path, b: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
     def logs(run_dir: Path) -> dict[str, Path]:
-        if not run_dir.is_dir():
-            return {}
         return {path.name: path for path in run_dir.glob("*.log")}
 
     in_a, in_b = logs(a), logs(b)

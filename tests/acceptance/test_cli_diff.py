@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import aeventor as evr
@@ -75,3 +76,14 @@ def test_a_failed_step_is_what_differs(cli_store: str, tmp_path: Path) -> None:
         json.loads(cli("diff", good, again, "--store", cli_store, "--json").stdout)["differs"]
         is False
     )
+
+
+def test_logs_that_are_gone_are_not_compared(cli_store: str, tmp_path: Path) -> None:
+    logs, flag = tmp_path / "logs", tmp_path / "fail"
+    first, second = run(cli_store, logs, flag), run(cli_store, logs, flag)
+    gone = logs / "checked" / second
+    shutil.rmtree(gone)
+    proc = cli("diff", first, second, "--store", cli_store)
+    assert proc.returncode == 0, proc.stderr
+    note = f"logs not compared: run {second} has no log directory {str(gone)!r}; pass --log-dir DIR"
+    assert proc.stdout.splitlines()[-2:] == [note, "no differences"]
