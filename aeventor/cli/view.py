@@ -219,8 +219,11 @@ def _header(details: queries.RunDetails) -> Text:
     result = details.result
     text = Text(f"run {result.run_id} of {result.program}: ")
     text.append_text(status_text(result.status))
-    lines = [f"created {time_text(result.created)} UTC, duration "]
-    lines[0] += duration_text(result.created, result.ended)
+    lines = [f"created {time_text(result.created)} UTC, "]
+    if result.ended is None:
+        lines[0] += f"running for {duration_text(result.created, datetime.now(UTC))}"
+    else:
+        lines[0] += f"duration {duration_text(result.created, result.ended)}"
     if details.mode == "distributed":
         lines[0] += ", distributed"
     if result.reason:
@@ -268,7 +271,10 @@ def _add_step(parent: Tree, result: RunResult, node: queries.StepNode) -> None:
         facts.append(f"pid {run.pid}")
     if run.started is not None:
         facts.append(f"started {time_text(run.started)}")
-    facts.append(duration_text(run.started, run.ended))
+        if run.ended is None:
+            facts.append(f"for {duration_text(run.started, datetime.now(UTC))}")
+        else:
+            facts.append(duration_text(run.started, run.ended))
     label.append(f"  ({', '.join(facts)})", style="dim")
     branch = parent.add(label)
     if run.error:
