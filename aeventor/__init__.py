@@ -21,13 +21,17 @@ if TYPE_CHECKING:
         ConfigurationError,
         DatabaseError,
         ExecutorError,
+        NothingToRecover,
+        ProgramChanged,
         ProgramDefinitionError,
+        RecoveryRefused,
+        RunStillRunning,
         SerializationError,
         StoreConfigError,
         UnguardedMainError,
     )
     from .program.expr import and_, or_
-    from .program.model import ProgramDef, RunStatus, StepStatus
+    from .program.model import ProgramDef, Retry, RunStatus, StepStatus
     from .queries import (
         AmbiguousRunId,
         Cleanup,
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
         runs,
     )
     from .records import ProgramSummary, RunResult, StepRun
+    from .recovery import recover, rerun
 
 __version__ = "0.1.0.dev0"
 
@@ -59,6 +64,7 @@ _WHERE = {
     "ProgramDefinitionError": "exceptions",
     "ProgramDef": "program.model",
     "ProgramSummary": "records",
+    "Retry": "program.model",
     "RunHandle": "_eventor",
     "RunResult": "records",
     "RunStatus": "program.model",
@@ -69,6 +75,12 @@ _WHERE = {
     "StepStatus": "program.model",
     "StoreConfigError": "exceptions",
     "UnguardedMainError": "exceptions",
+    "NothingToRecover": "exceptions",
+    "ProgramChanged": "exceptions",
+    "RecoveryRefused": "exceptions",
+    "RunStillRunning": "exceptions",
+    "recover": "recovery",
+    "rerun": "recovery",
     "and_": "program.expr",
     "current_step": "context",
     "or_": "program.expr",
@@ -87,13 +99,18 @@ __all__ = (
     "Eventor",
     "ExecutorError",
     "Group",
+    "NothingToRecover",
+    "ProgramChanged",
     "ProgramDef",
     "ProgramDefinitionError",
     "ProgramSummary",
+    "RecoveryRefused",
+    "Retry",
     "RunEnded",
     "RunHandle",
     "RunResult",
     "RunStatus",
+    "RunStillRunning",
     "SerializationError",
     "Step",
     "StepContext",
@@ -108,6 +125,8 @@ __all__ = (
     "current_step",
     "or_",
     "programs",
+    "recover",
+    "rerun",
     "run_result",
     "runs",
 )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import json
 import logging
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
@@ -20,10 +22,19 @@ from .backends.executors.local import LocalExecutor
 from .backends.stores import open_store
 from .backends.stores.base import Database
 from .dispatch import Graph
+from .dispatch.claims import Advance
 from .dispatch.logs import RunLog
 from .dispatch.trust import OwnProgram
 from .dispatch.worker import Scope, Worker, WorkerConfig
-from .exceptions import AeventorError, ConfigurationError, NoResult, ProgramDefinitionError
+from .exceptions import (
+    AeventorError,
+    ConfigurationError,
+    NoResult,
+    ProgramChanged,
+    ProgramDefinitionError,
+    RecoveryRefused,
+    RunStillRunning,
+)
 from .guard import check_not_importing
 from .logs import get_logger
 from .program.builder import (
@@ -34,7 +45,7 @@ from .program.builder import (
     check_name,
     name_of,
 )
-from .program.model import EventDef, ProgramDef, RunStatus, StepDef, StepStatus
+from .program.model import EventDef, ProgramDef, Retry, RunStatus, StepDef, StepStatus
 from .records import RunResult
 from .signing import load_cluster_key, step_run_signer
 from .submission import follow, submit
@@ -73,9 +84,11 @@ class Eventor:
             ``mysql+aiomysql://...``, ``sqlite+aiosqlite:///path``), a sqlite file path,
             ``":memory:"``, or the name of a store in the config file. Default: the sqlite
             file ``<program>.run.db`` in the working directory.
-        logging_level: level of the program log (``logging.INFO`` by default).
+        logging_level: level of the program log and of the steps' logger
+            (``EVENTOR_LOGGER_NAME``), ``logging.INFO`` by default.
         log_dir: where run logs go (default ``./aeventor_logs``).
-        deterministic_logs: write logs without timestamps and pids, so runs can be diffed.
+        deterministic_logs: write logs without timestamps, pids and run ids, and rewrite
+            the program log in a fixed order when the run ends, so runs can be diffed.
         stop_on_exception: a step failure that fires no failure trigger stops the run.
         max_concurrency: most step runs executing at once (default: no limit).
         poll_interval: seconds between polls for work made by other processes; the store's
@@ -203,6 +216,9 @@ class Eventor:
         config: Mapping[str, Any] | None = None,
         group: Group | str | None = None,
         env: Mapping[str, str] | None = None,
+        recovery: str | None = None,
+        timeout: float | None = None,
+        retry: Retry | Mapping[str, Any] | None = None,
     ) -> Step:
         """Define a step.
 
@@ -218,9 +234,22 @@ class Eventor:
             executor: ``"process"``, ``"inloop"`` or ``"command"`` to override the default.
             sequence_arg_name: pass the sequence to ``func`` as this keyword argument.
             config: the original eventor's per-step config keys ``task_construct``
-                (``"process"`` or ``"invoke"``), ``executor`` and ``sequence_arg_name``.
+                (``"process"`` or ``"invoke"``), ``executor``, ``sequence_arg_name`` and
+                ``recovery``.
             group: a group (see :meth:`add_group`) whose host, env and config apply.
             env: extra environment variables of the step.
+            recovery: what recovering a run (:func:`aeventor.recover`) does with a run of
+                this step that did not succeed (failed, lost, cancelled or skipped):
+                ``"rerun"`` (the default) runs it again as a new attempt, ``"skip"`` keeps
+                its outcome (the original's step replay). A run that succeeded is never
+                executed again.
+            timeout: seconds a run of the step may take. Then it is terminated (a process
+                step's whole process group gets SIGTERM, then SIGKILL after 5 s; an in-loop
+                step is cancelled) and fails with a ``TimeoutError``, which fires its
+                failure triggers (after its last attempt, with ``retry``).
+            retry: how failed runs of the step are tried again (:class:`aeventor.Retry`, or
+                a dict of its arguments): each attempt is a step run of its own with its
+                own log; the failure triggers fire only after the last attempt.
 
         Raises:
             ProgramDefinitionError: a duplicate name, a bad trigger, a callable that cannot
@@ -240,6 +269,9 @@ class Eventor:
             config=config,
             group=group,
             env=env,
+            recovery=recovery,
+            timeout=timeout,
+            retry=retry,
         )
 
     def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:
@@ -363,14 +395,34 @@ class Eventor:
         if db is not None:
             await db.aclose()
 
-    async def run(self) -> RunResult:
+    async def run(self, *, recover: str | None = None, force: bool = False) -> RunResult:
         """Run the program until nothing is pending and return the result.
 
         The result is truthy on success and falsy when a step failure that fired no failure
         trigger stopped the run. Cancelling the awaiting task terminates running steps and
         records the run as cancelled (in distributed mode: for every host).
+
+        Args:
+            recover: the id (or a unique prefix) of an earlier run of this program to
+                continue instead of starting a new one: its step runs that succeeded are
+                kept, those that failed, were lost, cancelled or skipped run again (as
+                their step's ``recovery`` policy says), and what they trigger follows. A
+                run whose controller died is recovered too (see :func:`aeventor.recover`).
+            force: recover the run with this program even though its definition changed
+                since the run was made (another version); without it that is refused.
+
+        Raises:
+            RunStillRunning: (``recover``) the run's controller or a worker running its
+                steps is alive.
+            NothingToRecover: (``recover``) the run succeeded, or nothing is to run again.
+            ProgramChanged: (``recover``) this program is another version than the run's.
+
+        .. versionchanged:: 0.1
+            ``recover`` and ``force``.
         """
         check_not_importing()
+        if recover is not None:
+            return await self._recover(recover, force=force, program=self.program)
         state = _RunState(uuid.uuid4().hex, cancel_on_cancel=True)
         if self.mode == "distributed":
             return await self._run_distributed(state, self.program)
@@ -481,20 +533,48 @@ class Eventor:
 
         return asyncio.run(_main())
 
-    async def _run(self, state: _RunState, program: ProgramDef) -> RunResult:
+    async def _run(
+        self, state: _RunState, program: ProgramDef, begin: _Begin | None = None
+    ) -> RunResult:
         """A standalone run: a worker scoped to the run, in this process."""
         graph = Graph(program)
         executor = LocalExecutor()
         try:
             async with self._run_store() as db:
                 with drain_on_sigterm(state.stop):
-                    return await self._drive(db, state, graph, executor)
+                    return await self._drive(db, state, graph, executor, begin or self._create)
         finally:
             state.worker = None
             await executor.aclose()
 
+    async def _create(
+        self, db: Database, state: _RunState, graph: Graph, worker: Worker, run_log: RunLog
+    ) -> Advance:
+        """Begin a new run: register the program, create the run, fire its initial events."""
+        program = graph.program
+        program_id = await db.register_program(program)
+        log_dir = await asyncio.to_thread(self.log_dir.resolve)  # reads the file system
+        run_log.run_started(program.name)
+        for event, sequence in self._triggers:
+            run_log.event(event, sequence)
+        _, advance = await db.create_run(
+            graph,
+            program_id=program_id,
+            triggers=list(self._triggers),
+            run_id=state.run_id,
+            take=worker.taker(),
+            controller=worker.id,
+            log_dir=str(log_dir),
+        )
+        return advance
+
     async def _drive(
-        self, db: Database, state: _RunState, graph: Graph, executor: LocalExecutor
+        self,
+        db: Database,
+        state: _RunState,
+        graph: Graph,
+        executor: LocalExecutor,
+        begin: _Begin,
     ) -> RunResult:
         program = graph.program
         worker = Worker(
@@ -504,30 +584,20 @@ class Eventor:
                 concurrency=self.max_concurrency,
                 lease=self.lease,
                 grace=self.grace,
-                log_dir=self.log_dir,
+                log_dir=state.log_dir or self.log_dir,
                 deterministic_logs=self.deterministic_logs,
                 log_level=self.level,
             ),
             programs=OwnProgram(graph),
-            route=lambda step: (executor, step),
-            funcs=self._funcs,
+            route=functools.partial(_route, executor, inloop_as_process=state.inloop_as_process),
+            funcs=state.funcs if state.funcs is not None else self._funcs,
             on_status=state.set_status,
         )
-        run_log = worker.run_log(program.name, state.run_id)
+        run_log = worker.run_log(program, state.run_id)
+        begun = False
         try:
-            program_id = await db.register_program(program)
-            run_log.info(f"run {state.run_id} of program {program.name} started")
-            for event, sequence in self._triggers:
-                run_log.info(f"event {event}[{sequence}] triggered")
-            _, advance = await db.create_run(
-                graph,
-                program_id=program_id,
-                triggers=list(self._triggers),
-                run_id=state.run_id,
-                take=worker.taker(),
-                controller=worker.id,
-                log_dir=str(self.log_dir.resolve()),
-            )
+            advance = await begin(db, state, graph, worker, run_log)
+            begun = True
             state.store, state.graph, state.worker = db, graph, worker
             state.created.set()
             worker.apply(state.run_id, advance)
@@ -538,18 +608,198 @@ class Eventor:
                 await asyncio.shield(_finish_cancelled(db, state, run_log, reason))
                 return _final(state)
         except BaseException as exc:
+            if not begun and isinstance(exc, RecoveryRefused | ConfigurationError | NoResult):
+                raise  # refused before anything changed: nothing to cancel
             reason = (
                 "cancelled" if isinstance(exc, asyncio.CancelledError) else f"engine error: {exc!r}"
             )
             await asyncio.shield(_finish_cancelled(db, state, run_log, reason))
             raise
-        run_log.info(f"run {state.run_id} ended: {worker.status.value}")
-        await run_log.flush()
+        run_log.run_ended(worker.status.value)
+        await run_log.end(db)
         result = dataclasses.replace(
             await db.load_result(state.run_id), log_dir=run_log.path.parent
         )
         state.final = result
         return result
+
+    # -- recovery -------------------------------------------------------------------------
+
+    async def _recover(
+        self,
+        run_id: str,
+        *,
+        force: bool,
+        program: ProgramDef | None,
+        rerun: tuple[str, str | None] | None = None,
+    ) -> RunResult:
+        """Recover an earlier run (or, with ``rerun=(step, sequence)``, run one of its step
+        runs and what follows it again) and drive it to its end.
+
+        ``program`` None recovers with the definition stored with the run (the command
+        line, :func:`aeventor.recover`); in-loop steps then run in the step runner, as
+        agents run them. The checks come first and change nothing: the run exists, the
+        program is its version (or ``force``), its controller and workers are gone.
+        """
+        from .liveness import judge, local_pids, process_gone
+        from .queries import run_result
+        from .signing import program_signature, run_signature
+
+        async with self._run_store() as db:
+            found = await run_result(db, run_id)
+            run_id = found.run_id
+            origin = await db.run_origin(run_id)
+            stored = await db.stored_program(origin.program_id)
+            own = ProgramDef.from_json(json.loads(stored.definition))
+            distributed = origin.mode == "distributed"
+            switch: tuple[int, str | None] | None = None
+            if program is None:
+                program = own
+                latest = await db.latest_program(own.name)
+                if latest.version != own.version and not force:
+                    raise ProgramChanged(
+                        f"program {own.name!r} changed since run {run_id} was made (the run "
+                        f"is version {own.version[:8]}, the latest registered is "
+                        f"{latest.version[:8]}): pass --force (force=True) to recover the run "
+                        "with its own version, or recover from the changed script with "
+                        f"`ev.run(recover={run_id[:8]!r}, force=True)` to use the new one"
+                    )
+                local = [s.name for s in own.steps.values() if s.local_only]
+                if local and not distributed:
+                    raise ConfigurationError(
+                        f"run {run_id}: step(s) {', '.join(local)} run callables that only "
+                        "the script that defined them has (closures or lambdas); recover "
+                        f"from that script with `ev.run(recover={run_id[:8]!r})`"
+                    )
+            elif program.name != own.name:
+                raise ConfigurationError(
+                    f"run {run_id} is a run of program {own.name!r}, not {program.name!r}"
+                )
+            elif program.version != own.version:
+                if not force:
+                    raise ProgramChanged(
+                        f"program {own.name!r} changed since run {run_id} was made (the run "
+                        f"is version {own.version[:8]}, this program is {program.version[:8]}):"
+                        " recovering it with the new definition may rerun or skip other steps"
+                        " than the run expects; pass force=True (--force) to do so anyway, or"
+                        f" recover with the run's own definition: `aeventor recover {run_id[:8]}`"
+                    )
+                if distributed:
+                    key = self._key()
+                    new_id = await db.register_program(
+                        program, signature=program_signature(key, program)
+                    )
+                    switch = (
+                        new_id,
+                        run_signature(
+                            key, run_id=run_id, program_id=new_id, version=program.version
+                        ),
+                    )
+                else:
+                    switch = (await db.register_program(program), None)
+            target: tuple[str, str] | None = None
+            if rerun is not None:
+                target = _rerun_target(found, program, *rerun)
+            dead: frozenset[str] = frozenset()
+            if found.status is RunStatus.running:
+                workers = await db.run_workers(run_id)
+                here = {
+                    id_: await asyncio.to_thread(process_gone, state.pid, state.started)
+                    for id_, state in local_pids(workers).items()
+                }
+                verdict = judge(workers, gone=here)
+                if verdict.alive:
+                    raise RunStillRunning(
+                        f"run {run_id} is still running: "
+                        + "; ".join(verdict.alive)
+                        + f". `aeventor cancel {run_id[:8]}` stops it"
+                    )
+                dead = verdict.dead
+            generation = found.recovery
+            if distributed:
+                graph = Graph(program, signer=step_run_signer(self._key()))
+                recovery = await db.recover(
+                    graph,
+                    run_id,
+                    generation=generation,
+                    dead=dead,
+                    rerun=target,
+                    program=switch,
+                )
+                state = _RunState(run_id, cancel_on_cancel=True)
+                state.follows = True
+                log.info("run.recovered", run_id=run_id, recovery=recovery.recovery)
+                return await _follow(db, state)
+        state = _RunState(run_id, cancel_on_cancel=True)
+        if found.log_dir is not None:
+            # One run's logs stay in one directory, whoever recovers it.
+            state.log_dir = found.log_dir.parent.parent
+        if program is own:
+            state.funcs, state.inloop_as_process = {}, True
+
+        async def begin(
+            db: Database, state: _RunState, graph: Graph, worker: Worker, run_log: RunLog
+        ) -> Advance:
+            recovery = await db.recover(
+                graph,
+                run_id,
+                generation=generation,
+                dead=dead,
+                rerun=target,
+                take=worker.taker(),
+                controller=worker.id,
+                program=switch,
+            )
+            again = ", ".join(f"{step}[{sequence}]" for step, sequence in recovery.rerun)
+            what = "recovery" if target is None else "rerun"
+            run_log.info(f"run {run_id} {what} {recovery.recovery} started: running {again}")
+            return recovery.advance
+
+        return await self._run(state, program, begin)
+
+
+def _rerun_target(
+    found: RunResult, program: ProgramDef, step: str, sequence: str | None
+) -> tuple[str, str]:
+    """The ``(step, sequence)`` a rerun names; the sequence may be left out when the step
+    ran for one sequence only."""
+    if step not in program.steps:
+        raise ConfigurationError(
+            f"rerun: program {program.name!r} has no step {step!r}; its steps: "
+            + ", ".join(sorted(program.steps))
+        )
+    sequences = list(dict.fromkeys(s.sequence for s in found.steps if s.step == step))
+    if sequence is not None:
+        if str(sequence) not in sequences:
+            raise ConfigurationError(
+                f"rerun: step {step!r} has no run for sequence {sequence!r} in run "
+                f"{found.run_id}; it ran for: {', '.join(sequences) or 'no sequence'}"
+            )
+        return step, str(sequence)
+    if len(sequences) != 1:
+        raise ConfigurationError(
+            f"rerun: step {step!r} "
+            + (
+                f"ran for several sequences in run {found.run_id} ({', '.join(sequences)}); "
+                "name one with --sequence"
+                if sequences
+                else f"never ran in run {found.run_id}"
+            )
+        )
+    return step, sequences[0]
+
+
+#: How a standalone run begins: create it, or recover it (see Eventor._create/_recover).
+_Begin = Callable[[Database, "_RunState", Graph, Worker, RunLog], Awaitable[Advance]]
+
+
+def _route(
+    executor: LocalExecutor, step: StepDef, *, inloop_as_process: bool
+) -> tuple[LocalExecutor, StepDef]:
+    if inloop_as_process and step.executor == "inloop":
+        # No callables of the defining process: the step runner imports and awaits it.
+        step = dataclasses.replace(step, executor="process")
+    return executor, step
 
 
 class _RunState:
@@ -577,6 +827,12 @@ class _RunState:
         #: Where the cluster key comes from, to sign the step runs that events triggered
         #: into a distributed run make ready (agents run no others).
         self.cluster_key: Callable[[], bytes] | None = None
+        #: A recovery's: the callables of in-loop steps (None: the Eventor's), the run's
+        #: log directory, and whether in-loop steps run in the step runner (no callables:
+        #: recovered from the stored definition, as agents run them).
+        self.funcs: Mapping[str, Callable[..., Any]] | None = None
+        self.log_dir: Path | None = None
+        self.inloop_as_process = False
 
     def set_status(self, status: RunStatus) -> None:
         self.status = status
@@ -597,8 +853,8 @@ async def _finish_cancelled(
     state.set_status(RunStatus.cancelled)
     result = await db.load_result(state.run_id)
     if run_log is not None:
-        run_log.info(f"run {state.run_id} ended: cancelled ({reason})")
-        await run_log.flush()
+        run_log.run_ended(f"cancelled ({reason})")
+        await run_log.end(db)
         result = dataclasses.replace(result, log_dir=run_log.path.parent)
     state.final = result
 

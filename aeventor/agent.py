@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ class AgentConfig:
         pass_env: fnmatch patterns of this process's environment variables its steps
             inherit besides :data:`~aeventor.context.DEFAULT_PASS_ENV` (and that are sent to
             SSH hosts); aeventor's secrets never are.
+        log_dir: where the program logs (of the step runs served here) and step logs go.
+        log_level: level of those program logs and of the steps' loggers.
     """
 
     hosts: Sequence[str]
@@ -67,6 +70,7 @@ class AgentConfig:
     lease: float = 30.0
     grace: float = 30.0
     log_dir: Path = field(default_factory=lambda: Path.cwd() / "aeventor_logs")
+    log_level: int = logging.INFO
 
     @property
     def all_hosts(self) -> list[str]:
@@ -102,6 +106,7 @@ class Agent:
                 reap=True,
                 record_abandoned=True,
                 log_dir=config.log_dir,
+                log_level=config.log_level,
             ),
             programs=self.programs,
             route=self._route,

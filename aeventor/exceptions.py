@@ -30,7 +30,11 @@ __all__ = (
     "ExecutorError",
     "HostUnreachable",
     "NoResult",
+    "NothingToRecover",
+    "ProgramChanged",
     "ProgramDefinitionError",
+    "RecoveryRefused",
+    "RunStillRunning",
     "SchemaVersionError",
     "SerializationError",
     "StatementTimeout",
@@ -137,6 +141,25 @@ class NoResult(DatabaseError):
 
 class SchemaVersionError(DatabaseError):
     """The database schema is newer than this aeventor, or cannot be upgraded."""
+
+
+class RecoveryRefused(AeventorError):
+    """A run that cannot be recovered (or a step of it rerun) as asked; the message says why
+    and what to do."""
+
+
+class RunStillRunning(RecoveryRefused):
+    """The run's controller, or a worker running its steps, is still alive (or another
+    process recovered the run first): it is not abandoned."""
+
+
+class NothingToRecover(RecoveryRefused):
+    """The run succeeded, or every step run that did not succeed is to be skipped."""
+
+
+class ProgramChanged(RecoveryRefused):
+    """The program given is another version than the run's; pass ``force=True``
+    (``--force``) to recover the run with it."""
 
 
 class ExecutorError(AeventorError):

@@ -313,8 +313,10 @@ async def cleanup(
         older_than: how long ago a run must have ended.
         program: only the runs of this program.
         dry_run: only say what would be deleted.
-        log_dir: the Eventors' log directory, whose ``<program>/<run_id>`` directories go
-            with their runs; None leaves log files alone.
+        log_dir: for runs that did not record where their logs are (distributed runs,
+            runs of older versions), the Eventors' log directory, whose
+            ``<program>/<run_id>`` directories go with their runs. A run that recorded its
+            log directory (:attr:`RunResult.log_dir`) has that one removed.
         batch: runs per transaction.
 
     .. versionadded:: 0.1
@@ -341,8 +343,7 @@ async def cleanup(
                 deleted = [run for run in found if run.run_id in ids]
                 offset += len(found) - len(deleted)  # those kept (resumed) stay in the list
             removed += deleted
-            if logs is not None:
-                dirs += await asyncio.to_thread(_remove_logs, logs, deleted, dry_run)
+            dirs += await asyncio.to_thread(_remove_logs, logs, deleted, dry_run)
             if len(found) < batch:
                 break
     finally:
@@ -350,10 +351,15 @@ async def cleanup(
     return Cleanup(runs=tuple(removed), log_dirs=tuple(dirs), dry_run=dry_run, before=before)
 
 
-def _remove_logs(log_dir: Path, runs: list[RunResult], dry_run: bool) -> list[Path]:
+def _remove_logs(log_dir: Path | None, runs: list[RunResult], dry_run: bool) -> list[Path]:
     found = []
     for run in runs:
-        path = run_log_dir(log_dir, run.program, run.run_id)
+        if run.log_dir is not None:
+            path = run.log_dir
+        elif log_dir is not None:
+            path = run_log_dir(log_dir, run.program, run.run_id)
+        else:
+            continue
         if path.is_dir():
             found.append(path)
             if not dry_run:

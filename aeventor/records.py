@@ -59,9 +59,11 @@ class RunResult:
     created: datetime
     ended: datetime | None
     steps: Sequence[StepRun]
-    #: The run's log directory (program.log and one log per step run), when this process
-    #: wrote it.
+    #: The run's log directory (program.log and one log per step run), where its
+    #: controller wrote it (None for distributed runs: their logs are on the agents' hosts).
     log_dir: Path | None = None
+    #: The run's recovery generation: 0, then one more at each recovery or rerun.
+    recovery: int = 0
 
     def __bool__(self) -> bool:
         return self.status is RunStatus.success

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from .dispatch import PENDING
-from .dispatch.claims import new_token
+from .dispatch.claims import RunWorkers, StepRunState, WorkerState, new_token
 from .dispatch.executor import ExecResult, StepLaunch
 from .dispatch.store import (
     Claim,
@@ -171,6 +171,7 @@ def _summary(run: _Run) -> RunResult:
         log_dir=None
         if run.log_dir is None
         else run_log_dir(Path(run.log_dir), run.program_name, run.id),
+        recovery=run.recovery,
     )
 
 
@@ -195,6 +196,7 @@ class _StepRun:
     created: datetime
     started: datetime | None
     ended: datetime | None
+    not_before: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -323,6 +325,8 @@ class InMemoryStore(Store):
                 if len(claimed) == limit:
                     break
                 if row.status is not StepStatus.ready:
+                    continue
+                if row.not_before is not None and row.not_before > now:
                     continue
                 if run_id is not None and row.run_id != run_id:
                     continue
@@ -497,8 +501,41 @@ class InMemoryStore(Store):
         return dataclasses.replace(_summary(run), steps=steps)
 
     async def fired_events(self, run_id: str) -> list[tuple[str, str]]:
-        """Every ``(event, sequence)`` fired in a run, in firing order."""
-        return [(event, seq) for (run, seq, _, event) in self._t.triggers if run == run_id]
+        """Every ``(event, sequence)`` fired in a run, once, in firing order."""
+        return list(
+            dict.fromkeys(
+                (event, seq) for (run, seq, _, event) in self._t.triggers if run == run_id
+            )
+        )
+
+    async def run_workers(self, run_id: str) -> RunWorkers:
+        run = self._run(run_id)
+        now = self.clock()
+        leases: dict[str, list[datetime | None]] = {}
+        for row in self._t.step_runs.values():
+            if row.run_id == run_id and row.status is StepStatus.active and row.worker:
+                leases.setdefault(row.worker, []).append(row.lease_until)
+        ids = set(leases) | ({run.controller} - {None})
+        known = {
+            a.id: WorkerState(
+                a.id,
+                a.hostname,
+                a.pid,
+                a.started,
+                a.stopped,
+                a.lease_until is None or a.lease_until < now,
+            )
+            for a in self._t.agents.values()
+            if a.id in ids
+        }
+        return RunWorkers(
+            controller=run.controller,
+            holders=frozenset(leases),
+            known=known,
+            unleased=frozenset(
+                w for w, until in leases.items() if all(u is not None and u < now for u in until)
+            ),
+        )
 
     async def list_runs(
         self,
@@ -544,6 +581,15 @@ class InMemoryStore(Store):
         return found
 
     # -- for tests ---------------------------------------------------------------------------
+
+    def step_runs(self, run_id: str) -> list[tuple[str, str, int, int, StepStatus]]:
+        """The run's step runs now, as ``(step, sequence, recovery, attempt, status)`` in
+        creation order: what :meth:`wait_until` predicates can look at."""
+        return [
+            (r.step, r.sequence, r.recovery, r.attempt, r.status)
+            for r in self._t.step_runs.values()
+            if r.run_id == run_id
+        ]
 
     def lease_until(self, step_run_id: int) -> datetime | None:
         """Until when a step run's lease holds (None when it is not active)."""
@@ -595,7 +641,7 @@ class MemoryTx:
         run = self.tables.runs.get(run_id)
         if run is None:
             raise NoResult(f"no run {run_id!r} in the in-memory store")
-        return RunLock(run.status, run.stopped, run.recovery, run.mode)
+        return RunLock(run.status, run.stopped, run.recovery, run.mode, run.replay, run.controller)
 
     async def insert_run(
         self,
@@ -740,6 +786,7 @@ class MemoryTx:
             created=now,
             started=None,
             ended=now if new.status in (StepStatus.skipped, StepStatus.cancelled) else None,
+            not_before=None if new.delay is None else now + timedelta(seconds=new.delay),
         )
         self.tables.step_runs[id_] = row
         self.tables.step_run_keys[key] = id_
@@ -774,6 +821,73 @@ class MemoryTx:
         for row in self.tables.step_runs.values():
             if row.run_id == run_id and row.status in PENDING:
                 row.status, row.ended, row.lease_until = StepStatus.cancelled, now, None
+
+    async def holders(self, run_id: str) -> set[str]:
+        return {
+            row.worker
+            for row in self.tables.step_runs.values()
+            if row.run_id == run_id and row.status is StepStatus.active and row.worker
+        }
+
+    async def supersede_step_runs(self, run_id: str, error: str) -> int:
+        now = self.clock()
+        closed = 0
+        for row in self.tables.step_runs.values():
+            if row.run_id != run_id or row.status not in PENDING:
+                continue
+            if row.status is StepStatus.active:
+                row.status, row.error = StepStatus.lost, error
+            else:
+                row.status = StepStatus.cancelled
+            row.ended, row.lease_until, row.token = now, None, None
+            closed += 1
+        return closed
+
+    async def step_run_states(self, run_id: str) -> list[StepRunState]:
+        return [
+            StepRunState(r.id, r.step, r.sequence, r.recovery, r.attempt, r.status, r.worker)
+            for r in self.tables.step_runs.values()
+            if r.run_id == run_id
+        ]
+
+    async def fired_in(self, run_id: str, recovery: int) -> list[tuple[str, str]]:
+        return [
+            (seq, event)
+            for (run, seq, rec, event) in self.tables.triggers
+            if run == run_id and rec == recovery
+        ]
+
+    async def earlier_outcomes(
+        self, run_id: str, sequence: str, recovery: int, steps: Sequence[str]
+    ) -> dict[str, StepStatus]:
+        wanted = set(steps)
+        rows = sorted(
+            (
+                r
+                for r in self.tables.step_runs.values()
+                if r.run_id == run_id
+                and r.sequence == sequence
+                and r.recovery < recovery
+                and r.step in wanted
+            ),
+            key=lambda r: (r.recovery, r.attempt),
+        )
+        return {r.step: r.status for r in rows}
+
+    async def resume_run(
+        self,
+        run_id: str,
+        *,
+        recovery: int,
+        replay: str,
+        controller: str | None,
+        program: tuple[int, str | None] | None = None,
+    ) -> None:
+        run = self.tables.runs[run_id]
+        run.status, run.stopped, run.reason, run.ended = RunStatus.running, False, None, None
+        run.recovery, run.replay, run.controller = recovery, replay, controller
+        if program is not None:
+            run.program_id, run.signature = program
 
     def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
         self.notifications.setdefault(run_id, set()).update(queues)

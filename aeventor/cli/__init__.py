@@ -5,6 +5,7 @@ Every command is a subparser of ``aeventor``, registered by its module:
 - :mod:`aeventor.cli.runs`: ``submit``, ``runs``, ``db upgrade``;
 - :mod:`aeventor.cli.view`: ``show``, ``watch``, ``logs``, ``diff``, ``programs``;
 - :mod:`aeventor.cli.ops`: ``cancel`` and ``cleanup``;
+- :mod:`aeventor.cli.recovery`: ``recover`` and ``rerun``;
 - :mod:`aeventor.cli.agent`: ``agent`` and ``agent start`` (over SSH);
 - :mod:`aeventor.cli.config`: ``config genkey`` and ``config encrypt``.
 
@@ -69,8 +70,8 @@ EXIT_INTERRUPTED = 130
 _EPILOG = """\
 exit codes:
   0  success; two runs that do not differ (diff)
-  1  a run that failed (show, watch), or did not succeed (submit --wait); two runs that
-     differ (diff)
+  1  a run that failed (show, watch, recover, rerun), or did not succeed (submit --wait);
+     two runs that differ (diff)
   2  bad input: wrong arguments or configuration, an unknown run or program, a run id
      prefix that several runs share, a missing key, sqlite file or log file, logs of a
      distributed run without --log-dir, an SSH host that agent start cannot reach
@@ -78,9 +79,9 @@ exit codes:
      URL or the named store's password), is unreachable, or failed; or the store's
      schema is older (run `aeventor db upgrade`) or newer than this aeventor's; one line
      on stderr names the store (password hidden)
-  4  a run that is still running (show)
+  4  a run that is still running (show); recover refused: the run's controller is alive
   5  a run that was cancelled (show, watch)
-  6  a run that had already ended (cancel): nothing changed
+  6  a run that had already ended (cancel), or nothing to recover: nothing changed
   130  interrupted (Ctrl-C) while following a run (watch, logs -f, submit --wait): the
        run goes on
   141  the output pipe closed early (e.g. `aeventor runs | head -1`); nothing more printed
@@ -95,7 +96,7 @@ Each command has its own --help, e.g. `aeventor agent --help`, `aeventor agent s
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each sets ``handler`` and ``error_prefix`` defaults."""
     from .. import __version__
-    from . import agent, config, ops, runs, view
+    from . import agent, config, ops, recovery, runs, view
 
     parser = argparse.ArgumentParser(
         prog="aeventor",
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_parsers(commands)
     runs.add_db_parser(commands)
     ops.add_parsers(commands)
+    recovery.add_parsers(commands)
     config.add_parsers(commands)
     return parser
 

@@ -35,6 +35,15 @@ _USAGE = (
 )
 
 
+def _log_level(text: str) -> int:
+    level = logging.getLevelName(text.upper())
+    if not isinstance(level, int):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a level name: DEBUG, INFO, WARNING or ERROR"
+        )
+    return level
+
+
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``agent`` (and its ``start`` subcommand) under ``commands``."""
     parser = commands.add_parser(
@@ -96,6 +105,14 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.add_argument("--lease", type=float, default=30.0)
     parser.add_argument("--grace", type=float, default=30.0)
     parser.add_argument("--log-dir", type=Path, default=Path.cwd() / "aeventor_logs")
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=logging.INFO,
+        metavar="LEVEL",
+        help="level of the runs' program logs and of the steps' loggers: DEBUG, INFO "
+        "(default), WARNING, ERROR",
+    )
     parser.add_argument("--json-logs", action="store_true", help="log JSON lines")
     parser.set_defaults(handler=_agent_command, error_prefix="aeventor agent")
 
@@ -198,6 +215,7 @@ async def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
         lease=args.lease,
         grace=args.grace,
         log_dir=args.log_dir,
+        log_level=args.log_level,
     )
     if not config.allow:
         log.warning(

@@ -242,6 +242,30 @@ class Graph:
                     queue.append(derived)
         return FirePlan(tuple(events), tuple(steps))
 
+    def downstream(self, step: str) -> frozenset[str]:
+        """The events a run of ``step`` can cause, directly or not: those its triggers fire
+        (for any status), what they fan out to, the triggers of the steps those make ready,
+        and the derived events that depend on any of them.
+
+        Rerunning the step forgets these for its sequence, so that they fire again.
+        """
+        reached: set[str] = set()
+        queue = deque(e for events in self.program.steps[step].triggers.values() for e in events)
+        while queue:
+            event = queue.popleft()
+            if event in reached:
+                continue
+            reached.add(event)
+            for kind, target in self._fanout.get(event, ()):
+                if kind == "event":
+                    queue.append(target)
+                else:
+                    queue.extend(
+                        e for events in self.program.steps[target].triggers.values() for e in events
+                    )
+            queue.extend(self._dependents.get(event, ()))
+        return frozenset(reached)
+
     def facts_needed(self, events: Iterable[str]) -> frozenset[str]:
         """The events whose fired-state :meth:`fire` may consult when firing ``events``."""
         needed: set[str] = set()

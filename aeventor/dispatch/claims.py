@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..program.model import RunStatus, StepStatus
@@ -14,10 +14,14 @@ __all__ = (
     "Advance",
     "Claim",
     "NewStepRun",
+    "Recovery",
     "RunLock",
     "RunOrigin",
+    "RunWorkers",
+    "StepRunState",
     "StoredProgram",
     "Taker",
+    "WorkerState",
     "new_token",
 )
 
@@ -96,12 +100,14 @@ class Advance:
         claims: step runs it made and claimed for the caller's :class:`Taker`.
         recorded: False when the change was not applied (the step run was no longer
             active: cancelled, or reaped).
+        due_in: seconds until a step run it made ready may be claimed (a retry's backoff).
     """
 
     ready: int
     run_status: RunStatus
     claims: tuple[Claim, ...] = ()
     recorded: bool = True
+    due_in: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +118,68 @@ class RunLock:
     stopped: bool
     recovery: int
     mode: str
+    #: How the current recovery generation replays ("recover", "rerun"; None: not recovered).
+    replay: str | None = None
+    #: The worker driving a standalone run.
+    controller: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepRunState:
+    """A step run as recovery reads it."""
+
+    id: int
+    step: str
+    sequence: str
+    recovery: int
+    attempt: int
+    status: StepStatus
+    worker: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """A worker (an agent, or the worker of a standalone run) as its heartbeats left it.
+
+    Attributes:
+        lease_lapsed: its lease has lapsed on the store's clock (it stopped renewing it).
+    """
+
+    id: str
+    hostname: str
+    pid: int
+    started: datetime
+    stopped: datetime | None
+    lease_lapsed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunWorkers:
+    """Who drives a run: its controller (standalone) and the workers holding its active
+    step runs, with what the store knows of each (a worker that never beat is absent from
+    ``known``; ``unleased`` names the holders whose step-run leases all lapsed)."""
+
+    controller: str | None
+    holders: frozenset[str]
+    known: dict[str, WorkerState]
+    unleased: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What recovering (or rerunning in) a run did.
+
+    Attributes:
+        recovery: the run's new recovery generation.
+        rerun: the ``(step, sequence)`` pairs made ready again, in their first runs' order.
+        superseded: the ready and active step runs of a dead controller's generation that
+            were closed (active ones recorded ``lost``, ready ones ``cancelled``).
+    """
+
+    recovery: int
+    rerun: tuple[tuple[str, str], ...]
+    superseded: int
+    advance: Advance
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +195,8 @@ class NewStepRun:
     queue: str | None
     attempt: int = 1
     mac: str | None = None
+    #: Seconds from now (the server's clock) before it may be claimed: a retry's backoff.
+    delay: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ for each claim and records the :class:`ExecResult` it gets back.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ class StepLaunch:
     #: The live callable, for in-loop steps.
     func: Callable[..., Any] | None = None
     context: StepContext | None = field(default=None)
+    #: The level of the step's loggers (see :mod:`aeventor.dispatch.logs`).
+    log_level: int = logging.INFO
 
 
 class Executor(Protocol):

@@ -41,8 +41,11 @@ from .claims import (
     Advance,
     Claim,
     NewStepRun,
+    Recovery,
     RunLock,
     RunOrigin,
+    RunWorkers,
+    StepRunState,
     StoredProgram,
     Taker,
 )
@@ -52,8 +55,11 @@ __all__ = (
     "Claim",
     "NewStepRun",
     "Notifier",
+    "Recovery",
     "RunLock",
     "RunOrigin",
+    "RunWorkers",
+    "StepRunState",
     "Store",
     "StoreTx",
     "StoredProgram",
@@ -149,6 +155,37 @@ class StoreTx(Protocol):
 
     async def cancel_step_runs(self, run_id: str) -> None:
         """Mark every ready and active step run of the run cancelled."""
+
+    async def holders(self, run_id: str) -> set[str]:
+        """The workers of the run's active step runs."""
+
+    async def supersede_step_runs(self, run_id: str, error: str) -> int:
+        """Close the run's pending step runs for recovery: active ones ``lost`` (with
+        ``error``), ready ones ``cancelled``; return how many."""
+
+    async def step_run_states(self, run_id: str) -> list[StepRunState]:
+        """Every step run of the run, in creation order."""
+
+    async def fired_in(self, run_id: str, recovery: int) -> list[tuple[str, str]]:
+        """The ``(sequence, event)`` pairs fired in one recovery generation of the run."""
+
+    async def earlier_outcomes(
+        self, run_id: str, sequence: str, recovery: int, steps: Sequence[str]
+    ) -> dict[str, StepStatus]:
+        """The latest status of each of ``steps`` (for ``sequence``) in the generations
+        before ``recovery``; steps without a step run there are absent."""
+
+    async def resume_run(
+        self,
+        run_id: str,
+        *,
+        recovery: int,
+        replay: str,
+        controller: str | None,
+        program: tuple[int, str | None] | None = None,
+    ) -> None:
+        """Start a new recovery generation: running again, not stopped, no reason nor end;
+        ``program`` switches the run to another (program id, run signature)."""
 
     def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
         """Tell other processes, at commit, that the run (and these queues) may have work."""
@@ -438,11 +475,13 @@ class Store(abc.ABC):
         error: str | None = None,
         take: Taker | None = None,
         only_if_lapsed: bool = False,
+        retry_after: float | None = None,
     ) -> Advance:
         """Record a step's end and everything it causes, in one transaction.
 
         A result larger than :attr:`max_value_bytes` once encoded is not sent: the step is
         recorded as a failure whose error says why; an error text too large is truncated.
+        ``retry_after``: see :func:`aeventor.dispatch.transactions.complete`.
         """
         if self.max_value_bytes is not None:
             # The result is JSON-encoded here to be measured, and again by the transaction
@@ -467,6 +506,7 @@ class Store(abc.ABC):
                 error=error,
                 take=take,
                 only_if_lapsed=only_if_lapsed,
+                retry_after=retry_after,
             )
         )
 
@@ -504,6 +544,39 @@ class Store(abc.ABC):
     async def cancel_run(self, run_id: str, *, reason: str) -> None:
         """Mark a run cancelled with its ready and active step runs (workers kill those)."""
         await self.write(lambda tx: transactions.cancel_run(tx, run_id, reason=reason))
+
+    async def recover(
+        self,
+        graph: Graph,
+        run_id: str,
+        *,
+        generation: int,
+        dead: Collection[str] = (),
+        rerun: tuple[str, str] | None = None,
+        take: Taker | None = None,
+        controller: str | None = None,
+        program: tuple[int, str | None] | None = None,
+    ) -> Recovery:
+        """Start recovery generation ``generation + 1`` of a run (see
+        :func:`aeventor.dispatch.transactions.recover_run`)."""
+        return await self.write(
+            lambda tx: transactions.recover_run(
+                tx,
+                graph,
+                run_id,
+                generation=generation,
+                dead=frozenset(dead),
+                rerun=rerun,
+                take=take,
+                controller=controller,
+                program=program,
+            )
+        )
+
+    @abc.abstractmethod
+    async def run_workers(self, run_id: str) -> RunWorkers:
+        """Who drives the run: its controller and the holders of its active step runs, with
+        their heartbeat rows (NoResult if there is no such run)."""
 
 
 def _fit(text: str, limit: int, size: Callable[[str], int], limit_text: str) -> str:

@@ -15,10 +15,10 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import NoResult
+from ..exceptions import NoResult, NothingToRecover, RunStillRunning
 from ..program.model import RunStatus, StepStatus
 from ._state import Graph, final_run_status
-from .claims import Advance, Claim, NewStepRun, Taker
+from .claims import Advance, Claim, NewStepRun, Recovery, StepRunState, Taker
 
 if TYPE_CHECKING:
     from .store import StoreTx
@@ -28,6 +28,7 @@ __all__ = (
     "complete",
     "create_run",
     "fail_untrusted",
+    "recover_run",
     "requeue",
     "started",
     "trigger",
@@ -100,7 +101,16 @@ async def trigger(
     if run.status is not RunStatus.running:
         return Advance(0, run.status, recorded=False)
     ready, claims, queues = await _fire(
-        tx, graph, run_id, sequence, run.recovery, [event], run.stopped, take, mode=run.mode
+        tx,
+        graph,
+        run_id,
+        sequence,
+        run.recovery,
+        [event],
+        run.stopped,
+        take,
+        mode=run.mode,
+        replay=run.replay,
     )
     if ready:
         tx.notify(run_id, queues)
@@ -130,6 +140,7 @@ async def started(tx: StoreTx, graph: Graph, claim: Claim, *, pid: int | None) -
         events,
         run.stopped,
         mode=run.mode,
+        replay=run.replay,
     )
     if ready:
         tx.notify(claim.run_id, queues)
@@ -146,6 +157,7 @@ async def complete(
     error: str | None,
     take: Taker | None,
     only_if_lapsed: bool,
+    retry_after: float | None = None,
 ) -> Advance:
     """Record a step's end and everything it causes.
 
@@ -153,6 +165,10 @@ async def complete(
     under it (its run was cancelled, a reaper recorded it lost, it was requeued and claimed
     again) is left as it is, and the advance says ``recorded=False``. Retried after a lost
     connection, a completion that finds its own earlier commit returns what it claimed.
+
+    With ``retry_after`` (seconds), a failed or lost attempt that its step's retry policy
+    allows another attempt fires nothing: the next attempt is made ready, claimable after
+    that backoff, and the advance's ``due_in`` says when.
     """
     outcome = graph.step_outcome(claim.step, status)
     run = await tx.lock_run(claim.run_id)
@@ -170,6 +186,15 @@ async def complete(
         return Advance(0, run.status, recorded=False)
     if run.status is not RunStatus.running:
         return Advance(0, run.status)
+    retry = graph.program.steps[claim.step].retry
+    if (
+        retry_after is not None
+        and retry is not None
+        and status in (StepStatus.failure, StepStatus.lost)
+        and claim.attempt < retry.attempts
+        and not run.stopped
+    ):
+        return await _retry(tx, graph, claim, run.mode, retry_after)
     stopped = run.stopped
     if outcome.stop_run and not stopped:
         stopped = True
@@ -187,6 +212,7 @@ async def complete(
         stopped,
         take,
         mode=run.mode,
+        replay=run.replay,
     )
     # A run that just gained step runs cannot have ended.
     run_status = (
@@ -195,6 +221,45 @@ async def complete(
     if ready:
         tx.notify(claim.run_id, queues)
     return Advance(ready, run_status, tuple(claims))
+
+
+async def _retry(tx: StoreTx, graph: Graph, claim: Claim, mode: str, delay: float) -> Advance:
+    """Make the next attempt of a failed step run ready, claimable after ``delay``."""
+    step = graph.program.steps[claim.step]
+    queue = step.host if mode == "distributed" else None
+    attempt = claim.attempt + 1
+    mac = (
+        graph.sign(
+            run_id=claim.run_id,
+            step=claim.step,
+            sequence=claim.sequence,
+            recovery=claim.recovery,
+            attempt=attempt,
+            host=step.host,
+            queue=queue,
+        )
+        if mode == "distributed"
+        else None
+    )
+    await tx.add_step_runs(
+        [
+            NewStepRun(
+                run_id=claim.run_id,
+                step=claim.step,
+                sequence=claim.sequence,
+                recovery=claim.recovery,
+                status=StepStatus.ready,
+                host=step.host,
+                queue=queue,
+                attempt=attempt,
+                mac=mac,
+                delay=max(delay, 0.0),
+            )
+        ]
+    )
+    # Nobody can claim it before its backoff: its worker wakes then (Advance.due_in), other
+    # claimers find it when they next look.
+    return Advance(0, RunStatus.running, due_in=max(delay, 0.0))
 
 
 async def fail_untrusted(
@@ -256,6 +321,146 @@ async def cancel_run(tx: StoreTx, run_id: str, *, reason: str) -> None:
     tx.notify(run_id)
 
 
+#: The step-run statuses recovery runs again (policy permitting): what did not succeed.
+RERUNNABLE = frozenset(
+    {StepStatus.failure, StepStatus.lost, StepStatus.cancelled, StepStatus.skipped}
+)
+
+
+async def recover_run(
+    tx: StoreTx,
+    graph: Graph,
+    run_id: str,
+    *,
+    generation: int,
+    dead: frozenset[str],
+    rerun: tuple[str, str] | None,
+    take: Taker | None,
+    controller: str | None,
+    program: tuple[int, str | None] | None,
+) -> Recovery:
+    """Continue a run in a new recovery generation, ``generation + 1``.
+
+    The caller read the run at ``generation`` and judged the workers in ``dead`` gone; if
+    the run moved on meanwhile (another process recovered it) or a worker of it not in
+    ``dead`` holds one of its step runs, nothing changes and :class:`RunStillRunning` is
+    raised: two recoveries at once recover once.
+
+    Every event fired so far stays fired in the new generation (it is carried over), so
+    only what the rerun step runs cause fires again. Without ``rerun`` (recover), the step
+    runs that did not succeed are made ready again unless their step's recovery policy is
+    ``skip``, and a step that succeeded before is never run again (see :func:`_fire`). With
+    ``rerun=(step, sequence)``, that step run is made ready again whatever its outcome, and
+    the events it can cause are forgotten for its sequence so that what follows it runs
+    again too. A dead controller's pending step runs are closed first (active: ``lost``,
+    ready: ``cancelled``).
+    """
+    run = await tx.lock_run(run_id)
+    new = generation + 1
+    if run.recovery != generation:
+        if tx.retried and run.recovery == new and run.controller == controller:
+            # Our first attempt committed; only its acknowledgement was lost.
+            earlier = await _claimed_earlier(tx, take, [])
+            return Recovery(new, (), 0, Advance(1, run.status, tuple(earlier)))
+        raise RunStillRunning(
+            f"run {run_id} was recovered meanwhile by another process (it is at recovery "
+            f"{run.recovery}, not {generation}); `aeventor show {run_id[:8]}` shows it"
+        )
+    superseded = 0
+    if run.status is RunStatus.running:
+        alive = (await tx.holders(run_id) | {run.controller} - {None}) - dead
+        if alive:
+            raise RunStillRunning(
+                f"run {run_id} is running: {', '.join(sorted(str(w) for w in alive))} "
+                "still drive(s) it"
+            )
+        superseded = await tx.supersede_step_runs(
+            run_id, f"its worker died; the run was recovered as recovery {new}"
+        )
+    states = await tx.step_run_states(run_id)
+    latest: dict[tuple[str, str], StepRunState] = {}
+    for state in states:
+        key = (state.step, state.sequence)
+        if key not in latest or (state.recovery, state.attempt) > (
+            latest[key].recovery,
+            latest[key].attempt,
+        ):
+            latest[key] = state
+    steps = graph.program.steps
+    if rerun is None:
+        if run.status is RunStatus.success:
+            raise NothingToRecover(
+                f"run {run_id} succeeded: nothing to recover; `aeventor rerun {run_id[:8]} "
+                "STEP` runs a step and what follows it again"
+            )
+        again = [
+            key
+            for key, state in latest.items()
+            if state.status in RERUNNABLE and steps[state.step].recovery == "rerun"
+        ]
+        if not again:
+            kept = sorted(f"{s}[{q}]" for (s, q), st in latest.items() if st.status in RERUNNABLE)
+            raise NothingToRecover(
+                f"run {run_id}: no step run to run again"
+                + (f" ({', '.join(kept)} did not succeed, but recovery='skip')" if kept else "")
+            )
+    else:
+        if rerun not in latest:
+            have = ", ".join(sorted(f"{s}[{q}]" for s, q in latest))
+            raise NoResult(
+                f"run {run_id} has no step run {rerun[0]}[{rerun[1]}] to rerun; it has: {have}"
+            )
+        again = [rerun]
+    again.sort(key=lambda key: latest[key].id)
+    # Carry the fired events over: the new generation starts where the last one ended.
+    forget = graph.downstream(rerun[0]) if rerun is not None else frozenset()
+    carried: dict[str, list[str]] = {}
+    for sequence, event in await tx.fired_in(run_id, generation):
+        if rerun is not None and sequence == rerun[1] and event in forget:
+            continue
+        carried.setdefault(sequence, []).append(event)
+    for sequence, events in carried.items():
+        await tx.add_triggers(run_id, sequence, new, events)
+    await tx.resume_run(
+        run_id,
+        recovery=new,
+        replay="recover" if rerun is None else "rerun",
+        controller=controller,
+        program=program,
+    )
+    ready = 0
+    claims: list[Claim] = []
+    queues: set[str | None] = set()
+    by_sequence: dict[str, list[str]] = {}
+    for step, sequence in again:
+        by_sequence.setdefault(sequence, []).append(step)
+    for sequence, make in by_sequence.items():
+        budget = (
+            None if take is None else dataclasses.replace(take, budget=take.budget - len(claims))
+        )
+        more, taken, more_queues = await _make_ready(
+            tx, graph, run_id, sequence, new, make, False, budget, mode=run.mode
+        )
+        ready, claims, queues = ready + more, claims + taken, queues | more_queues
+        # What their being ready fires (forgotten for a rerun step, carried otherwise).
+        ready_events = [e for s in make for e in graph.trigger_events(s, StepStatus.ready)]
+        more, taken, more_queues = await _fire(
+            tx,
+            graph,
+            run_id,
+            sequence,
+            new,
+            ready_events,
+            False,
+            None,
+            mode=run.mode,
+            replay="recover" if rerun is None else "rerun",
+        )
+        ready, queues = ready + more, queues | more_queues
+    tx.notify(run_id, queues)
+    return Recovery(new, tuple(again), superseded, Advance(ready, RunStatus.running, tuple(claims)))
+
+
 # -- the shared steps of the transactions above ---------------------------------------------
 
 
@@ -270,12 +475,16 @@ async def _fire(
     take: Taker | None = None,
     *,
     mode: str,
+    replay: str | None = None,
 ) -> tuple[int, list[Claim], set[str | None]]:
     """Fire events for one sequence.
 
     Returns how many step runs became ready for claimers, those taken for ``take``, and the
     queues the ready ones wait in. In a distributed run each step run is queued for its
     host's agents; in a standalone run for the run's own worker (queue None).
+
+    In a recovered generation (``replay="recover"``), a step that succeeded in an earlier
+    generation (or whose recovery policy is ``skip`` and that ran before) is not run again.
     """
     events = list(events)
     if not events:
@@ -285,7 +494,34 @@ async def _fire(
     plan = graph.fire(fired, events)
     if plan.events:
         await tx.add_triggers(run_id, sequence, recovery, plan.events)
-    if not plan.steps:
+    make = list(plan.steps)
+    if make and replay == "recover" and recovery > 0:
+        earlier = await tx.earlier_outcomes(run_id, sequence, recovery, make)
+        steps = graph.program.steps
+        make = [
+            s
+            for s in make
+            if s not in earlier
+            or (earlier[s] is not StepStatus.success and steps[s].recovery == "rerun")
+        ]
+    return await _make_ready(tx, graph, run_id, sequence, recovery, make, stopped, take, mode=mode)
+
+
+async def _make_ready(
+    tx: StoreTx,
+    graph: Graph,
+    run_id: str,
+    sequence: str,
+    recovery: int,
+    make: Sequence[str],
+    stopped: bool,
+    take: Taker | None,
+    *,
+    mode: str,
+) -> tuple[int, list[Claim], set[str | None]]:
+    """Create the step runs of ``make`` for one sequence: ready, or claimed for ``take`` (as
+    :func:`_fire` returns them); skipped in a stopped run."""
+    if not make:
         return 0, [], set()
     distributed = mode == "distributed"
     steps = graph.program.steps
@@ -294,7 +530,7 @@ async def _fire(
         host = steps[step].host
         queue = host if distributed else None
         # The MAC agents verify before they run it: only a holder of the cluster key makes
-        # work for them (attempt 1: the only attempt _fire creates).
+        # work for them (attempt 1: the only attempt a transaction creates).
         mac = (
             graph.sign(
                 run_id=run_id,
@@ -323,11 +559,11 @@ async def _fire(
     if stopped:
         # A stopped run records the steps its events asked for, as skipped: nothing that
         # happened is lost, nothing new starts.
-        await tx.add_step_runs([row(s, StepStatus.skipped) for s in plan.steps])
+        await tx.add_step_runs([row(s, StepStatus.skipped) for s in make])
         return 0, [], set()
     mine: list[str] = []
     rest: list[str] = []
-    for step in plan.steps:
+    for step in make:
         if (
             take is not None
             and tx.claims_on_insert

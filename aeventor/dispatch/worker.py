@@ -26,6 +26,10 @@ stale token is refused by the store and logged.
 Faults: an agent's worker serves through store errors (it logs them and backs off); a claim
 it cannot load or verify fails that step run alone, with the reason recorded.
 
+Logs: each run's program log (:class:`~aeventor.dispatch.logs.RunLog`) is appended by a log
+writer task within :data:`LOG_BATCH` seconds of its lines, one write per batch, in a
+thread; what is left is written when the worker closes.
+
 Stopping: when ``stop`` is set the worker stops claiming, lets running steps finish for
 ``grace`` seconds, then terminates them. An agent records each terminated step as a failure
 (``record_abandoned``); a standalone run is cancelled as a whole by its owner.
@@ -34,8 +38,10 @@ Stopping: when ``stop`` is set the worker stops claiming, lets running steps fin
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
+import random
 import socket
 import time
 import uuid
@@ -48,12 +54,12 @@ from typing import Any
 from ..context import StepContext, launch_env
 from ..exceptions import AeventorError, ConnectionLost, ExecutorError, NoResult
 from ..logs import get_logger
-from ..program.model import RunStatus, StepDef, StepStatus
+from ..program.model import ProgramDef, RunStatus, StepDef, StepStatus
 from ..utils import describe_exception, wait_any
 from ._state import Graph
 from .claims import Advance, Claim, Taker
 from .executor import ExecResult, Executor, StepLaunch
-from .logs import RunLog, run_log_dir, step_log_path
+from .logs import STARTED, RunLog, run_log_dir, step_log_path
 from .store import Store
 from .trust import Programs, Refused
 
@@ -65,6 +71,15 @@ log = get_logger("aeventor.worker")
 _UNLIMITED = 64
 #: Seconds between looks at a run when none of its steps runs here.
 IDLE_POLL = 1.0
+#: Seconds after a retry's due time (on this process's clock) its worker looks for it.
+DUE_SLACK = 0.005
+#: Seconds a program log line may wait for others to be written with it.
+LOG_BATCH = 0.02
+
+
+def step_is_command(graph: Graph, claim: Claim) -> bool:
+    """Whether the claim's step is a command (its result is its exit code)."""
+    return graph.program.steps[claim.step].executor == "command"
 
 
 def new_worker_id() -> str:
@@ -101,8 +116,10 @@ class WorkerConfig:
         record_abandoned: record a step terminated by this worker's shutdown as failed
             (agents); a standalone run is cancelled by its owner instead.
         log_dir: where run and step logs go.
-        deterministic_logs: logs without timestamps and pids (runs can be diffed).
-        log_level: level of the program log.
+        deterministic_logs: logs without timestamps, pids and run ids (runs can be diffed;
+            see :mod:`aeventor.dispatch.logs`).
+        log_level: level of the program log and of the steps' loggers (process and
+            in-loop steps).
 
     .. versionadded:: 0.1
     """
@@ -150,6 +167,7 @@ class Worker:
             worker's own run).
         worker_id: default :func:`new_worker_id`.
         monotonic: the clock of the worker's own timing (tests pass a fake one).
+        random: draws the jitter of retries' backoffs, in [0, 1) (tests pass their own).
 
     .. versionadded:: 0.1
     """
@@ -166,6 +184,7 @@ class Worker:
         on_status: Callable[[RunStatus], None] | None = None,
         worker_id: str | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
         self.scope = scope
@@ -187,9 +206,14 @@ class Worker:
         self._revoked: set[int] = set()
         #: When the heartbeats became regular again (monotonic): the reaper waits a lease.
         self._monotonic = monotonic
+        self._random = random
+        #: When retries this worker made become claimable (its monotonic clock), a heap.
+        self._due: list[float] = []
         self._healthy_since = monotonic()
         self._last_beat: float | None = None
         self._run_logs: dict[str, RunLog] = {}
+        #: Set when a program log has lines to write (the log writer's wake-up).
+        self._logs_dirty = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._stopping = False
         self._maybe_work = True
@@ -232,6 +256,7 @@ class Worker:
             self._start(claim)
         if advance.ready:
             self._maybe_work = True
+        self._expect(advance)
         if run_id == self.scope.run_id and advance.run_status is not self.status:
             self.status = advance.run_status
             if self.on_status is not None:
@@ -240,21 +265,28 @@ class Worker:
 
     async def trigger(self, graph: Graph, run_id: str, event: str, sequence: str) -> Advance:
         """Fire an event into a live run (from a handle or an in-loop step)."""
-        self.run_log(graph.program.name, run_id).info(f"event {event}[{sequence}] triggered")
+        self.run_log(graph.program, run_id).event(event, sequence)
         advance = await self.store.trigger(
             graph, run_id=run_id, event=event, sequence=sequence, take=self.taker()
         )
         self.apply(run_id, advance)
         return advance
 
-    def run_log(self, program: str, run_id: str) -> RunLog:
-        """The program log of a run (``<log_dir>/<program>/<run_id>/program.log``)."""
+    def run_log(self, program: ProgramDef, run_id: str) -> RunLog:
+        """The program log of a run (``<log_dir>/<program>/<run_id>/program.log``).
+
+        Its lines are appended soon after they are logged, by the worker's log writer
+        (while the worker runs), and when the worker closes.
+        """
         run_log = self._run_logs.get(run_id)
         if run_log is None:
             run_log = self._run_logs[run_id] = RunLog(
-                run_log_dir(self.config.log_dir, program, run_id) / "program.log",
+                run_log_dir(self.config.log_dir, program.name, run_id) / "program.log",
+                run_id=run_id,
+                program=program,
                 level=self.config.log_level,
                 deterministic=self.config.deterministic_logs,
+                on_line=self._logs_dirty.set,
             )
         return run_log
 
@@ -281,6 +313,7 @@ class Worker:
                     side = [
                         tg.create_task(self._heartbeat_loop(), name="aeventor heartbeat"),
                         tg.create_task(self._reaper_loop(), name="aeventor reaper"),
+                        tg.create_task(self._log_writer_loop(), name="aeventor log writer"),
                     ]
                     pending, self._pending = self._pending, []
                     for claim in pending:
@@ -387,9 +420,17 @@ class Worker:
             # Nothing of ours runs, yet the run goes on: only another process (or a change
             # we were not told of) can move it. Never wait for that unboundedly.
             poll = min(poll or IDLE_POLL, IDLE_POLL)
+        if self._due:
+            # A retry becomes claimable then: be there.
+            until = max(self._due[0] - self._monotonic(), 0.0)
+            poll = until if poll is None else min(poll, until)
         await wait_any(self._wake, remote, self._stop, poll=poll)
-        if remote.is_set() or not self._wake.is_set():
-            # Woken by another process, or the poll interval passed: look for work.
+        due = False
+        while self._due and self._due[0] <= self._monotonic():
+            heapq.heappop(self._due)
+            due = True
+        if due or remote.is_set() or not self._wake.is_set():
+            # Woken by another process, a retry's time, or the poll interval: look for work.
             self._maybe_work = True
         remote.clear()
         self._wake.clear()
@@ -432,8 +473,7 @@ class Worker:
                 bound.error("step.refused", reason=str(exc))
                 await self.store.fail_untrusted(claim, error=f"refused by worker {self.id}: {exc}")
                 return
-            run_log = self.run_log(graph.program.name, claim.run_id)
-            label = f"{claim.step}[{claim.sequence}]"
+            run_log = self.run_log(graph.program, claim.run_id)
             result = await self._launch(graph, claim, run_log, bound)
             if result is None:
                 # Taken from us before we could start it (requeued or reaped while we
@@ -445,6 +485,13 @@ class Worker:
                 return
             status = StepStatus.success if result.ok else StepStatus.failure
             take = self.taker(freeing=1)
+            retry_after = self._retry_after(
+                graph,
+                claim,
+                status,
+                exit_code=result.value if step_is_command(graph, claim) else None,
+                error=result.error,
+            )
             while True:
                 try:
                     advance = await self.store.complete(
@@ -454,6 +501,7 @@ class Worker:
                         result=result.value,
                         error=result.error,
                         take=take,
+                        retry_after=retry_after,
                     )
                     break
                 except ConnectionLost as exc:
@@ -473,13 +521,19 @@ class Worker:
                     "lease was taken)",
                 )
             bound.info("step.ended", status=status.value)
+            run = {"recovery": claim.recovery, "attempt": claim.attempt}
             if result.ok:
-                run_log.info(f"step {label} success")
+                run_log.step(claim.step, claim.sequence, "success", **run)
             else:
-                first = (result.error or "").strip().splitlines()[-1:] or [""]
-                run_log.error(f"step {label} failure: {first[0]}")
+                last = (result.error or "").strip().splitlines()[-1:] or [""]
+                run_log.step(
+                    claim.step, claim.sequence, f"failure: {last[0]}", level=logging.ERROR, **run
+                )
+                if advance.due_in is not None:
+                    # The backoff's jitter is random: not in a log meant to be diffed.
+                    when = "" if self.config.deterministic_logs else f" in {advance.due_in:.3g}s"
+                    run_log.step(claim.step, claim.sequence, f"retried{when}", **run)
             self.apply(claim.run_id, advance)
-            await run_log.flush()
         except asyncio.CancelledError:
             if graph is not None and self.config.record_abandoned:
                 await asyncio.shield(self._record_abandoned(graph, claim, bound))
@@ -560,14 +614,24 @@ class Worker:
         """Run the step; None if it was not started because the claim is no longer ours."""
         executor, step = self.route(graph.program.steps[claim.step])
         program = graph.program.name
-        label = f"{claim.step}[{claim.sequence}]"
         env = launch_env(claim, step, program=program, logger_name=f"{program}.step")
+
+        def log_started(pid: int | None = None) -> None:
+            what = (
+                "started" if pid is None or self.config.deterministic_logs else f"started pid={pid}"
+            )
+            run_log.step(
+                claim.step,
+                claim.sequence,
+                what,
+                recovery=claim.recovery,
+                attempt=claim.attempt,
+                phase=STARTED,
+            )
 
         async def on_started(pid: int) -> None:
             bound.info("step.started", pid=pid, host=step.host)
-            run_log.info(
-                f"step {label} started" + ("" if self.config.deterministic_logs else f" pid={pid}")
-            )
+            log_started(pid)
             self.apply(claim.run_id, await self.store.started(graph, claim, pid=pid))
 
         context = None
@@ -591,7 +655,7 @@ class Worker:
         )
         if not spawns:
             bound.info("step.started", host=step.host)
-            run_log.info(f"step {label} started")
+            log_started()
             self.apply(claim.run_id, await self.store.started(graph, claim))
         elif not await self.store.launching(claim):
             # Fencing at the start: only while the claim is still ours does the store mark
@@ -611,14 +675,27 @@ class Worker:
                 claim.recovery,
             ),
             deterministic_logs=self.config.deterministic_logs,
+            log_level=self.config.log_level,
             on_started=on_started,
             func=self.funcs.get(claim.step) if step.executor == "inloop" else None,
             context=context,
         )
         try:
-            return await executor.run(launch)
+            if step.timeout is None:
+                return await executor.run(launch)
+            async with asyncio.timeout(step.timeout) as limit:
+                return await executor.run(launch)
         except ExecutorError as exc:
             return ExecResult(ok=False, error=await describe_exception(exc))
+        except TimeoutError:
+            if step.timeout is None or not limit.expired():
+                raise  # not ours: whatever raised it is the step's failure to report
+            bound.warning("step.timed_out", timeout=step.timeout)
+            return ExecResult(
+                ok=False,
+                error=f"TimeoutError: step {claim.step}[{claim.sequence}] ran longer than its "
+                f"timeout of {step.timeout:g}s and was terminated",
+            )
 
     # -- leases -----------------------------------------------------------------------------
 
@@ -664,6 +741,23 @@ class Worker:
         while True:
             await asyncio.sleep(self.config.beat_every)
             await self._round("heartbeat", self._beat)
+
+    async def _log_writer_loop(self) -> None:
+        """Append the program logs' new lines soon after they are logged, off the loop.
+
+        One write per log per round, :data:`LOG_BATCH` seconds after the first line of the
+        round: a wide fan-out costs a few writes a second, not one per line or per step.
+        """
+        while True:
+            await self._logs_dirty.wait()
+            # Let the lines of what ends about now join this write.
+            await asyncio.sleep(LOG_BATCH)
+            self._logs_dirty.clear()
+            await self._round("log", self._flush_run_logs)
+
+    async def _flush_run_logs(self) -> None:
+        for run_log in list(self._run_logs.values()):
+            await run_log.flush()
 
     async def _reaper_loop(self) -> None:
         while True:
@@ -772,10 +866,44 @@ class Worker:
         except NoResult:
             return False
         advance = await self.store.complete(
-            graph, claim, status=status, error=error, only_if_lapsed=only_if_lapsed
+            graph,
+            claim,
+            status=status,
+            error=error,
+            only_if_lapsed=only_if_lapsed,
+            retry_after=self._retry_after(graph, claim, status, exit_code=None, error=error),
         )
         if advance.ready:
             # What the failure made ready may be ours; our own NOTIFY does not wake us.
             self._maybe_work = True
             self._wake.set()
+        self._expect(advance)
         return advance.recorded
+
+    def _retry_after(
+        self,
+        graph: Graph,
+        claim: Claim,
+        status: StepStatus,
+        *,
+        exit_code: Any,
+        error: str | None,
+    ) -> float | None:
+        """The backoff before the next attempt, if the step's retry policy retries this
+        outcome (the transaction checks the attempt count again)."""
+        retry = graph.program.steps[claim.step].retry
+        if retry is None or not retry.retries(
+            claim.attempt,
+            status,
+            exit_code=exit_code if isinstance(exit_code, int) else None,
+            error=error,
+        ):
+            return None
+        return retry.delay(claim.attempt, self._random())
+
+    def _expect(self, advance: Advance) -> None:
+        """Remember when a step run an advance made (a retry) becomes claimable."""
+        if advance.due_in is not None:
+            # A little after: the store's clock decides, and it may be a moment behind.
+            heapq.heappush(self._due, self._monotonic() + advance.due_in + DUE_SLACK)
+            self._wake.set()

@@ -23,6 +23,7 @@ from .model import (
     EventDef,
     GroupDef,
     ProgramDef,
+    Retry,
     StepDef,
     StepStatus,
     callable_target,
@@ -32,7 +33,16 @@ from .model import (
 __all__ = ("Event", "Group", "ProgramBuilder", "Step", "check_name", "name_of")
 
 _NAME_MAX = 200
-_STEP_CONFIG_KEYS = {"executor", "sequence_arg_name", "task_construct"}
+_STEP_CONFIG_KEYS = {
+    "executor",
+    "recovery",
+    "retry",
+    "sequence_arg_name",
+    "task_construct",
+    "timeout",
+}
+#: What recovering a run may do with a step run that did not succeed.
+RECOVERY_POLICIES = ("rerun", "skip")
 # The original eventor's names for how a step runs.
 _TASK_CONSTRUCT = {"process": "process", "invoke": "inloop", "inloop": "inloop"}
 
@@ -194,6 +204,9 @@ class ProgramBuilder:
         config: Mapping[str, Any] | None = None,
         group: Group | str | None = None,
         env: Mapping[str, str] | None = None,
+        recovery: str | None = None,
+        timeout: float | None = None,
+        retry: Retry | Mapping[str, Any] | None = None,
     ) -> Step:
         """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_step` (see there)."""
         self._check_new_name(name, "step")
@@ -220,6 +233,39 @@ class ProgramBuilder:
             executor = executor or _TASK_CONSTRUCT[construct]
         executor = executor or config.get("executor")
         sequence_arg_name = sequence_arg_name or config.get("sequence_arg_name")
+        recovery = recovery or config.get("recovery") or "rerun"
+        if recovery not in RECOVERY_POLICIES:
+            raise ProgramDefinitionError(
+                f"step {name!r}: recovery={recovery!r}; use 'rerun' (recovering the run runs "
+                "it again when it did not succeed) or 'skip' (recovery keeps its outcome)"
+            )
+        if timeout is None:
+            timeout = config.get("timeout")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < float("inf")
+        ):
+            raise ProgramDefinitionError(
+                f"step {name!r}: timeout={timeout!r}; give the seconds a run of the step may "
+                "take (a number more than 0), or None for no limit"
+            )
+        if retry is None:
+            retry = config.get("retry")
+        if isinstance(retry, Mapping):
+            given = dict(retry)
+            try:
+                retry = Retry(**given)
+            except TypeError as exc:
+                raise ProgramDefinitionError(
+                    f"step {name!r}: retry={given!r}: {exc}; its keys are attempts, "
+                    "backoff, exponential, cap, jitter and on"
+                ) from None
+        if retry is not None and not isinstance(retry, Retry):
+            raise ProgramDefinitionError(
+                f"step {name!r}: retry={retry!r}; give aeventor.Retry(attempts=3, ...) or a "
+                "dict of its arguments"
+            )
         kwargs = dict(kwargs or {})
         args = tuple(args)
         if any(not isinstance(k, str) for k in kwargs):
@@ -313,6 +359,9 @@ class ProgramBuilder:
             local_only=local_only,
             group=group_name,
             env=step_env_vars,
+            recovery=recovery,
+            timeout=None if timeout is None else float(timeout),
+            retry=retry,
         )
         return Step(name)
 

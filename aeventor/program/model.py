@@ -27,6 +27,7 @@ __all__ = (
     "EventDef",
     "GroupDef",
     "ProgramDef",
+    "Retry",
     "RunStatus",
     "StepDef",
     "StepStatus",
@@ -102,6 +103,121 @@ class GroupDef:
 
 
 @dataclass(frozen=True, slots=True)
+class Retry:
+    """How a failed step run is tried again (``add_step(..., retry=Retry(...))``).
+
+    A failure the policy retries records its attempt as failed, fires nothing, and makes the
+    next attempt ready after a backoff; the step's failure triggers fire only when the last
+    attempt fails. Every attempt has its own step run and its own log file.
+
+    Args:
+        attempts: how many attempts in all (1: no retry).
+        backoff: seconds before the second attempt.
+        exponential: double the backoff at each further attempt (else it stays fixed).
+        cap: the most seconds between two attempts.
+        jitter: a fraction (0 to 1) of each backoff taken off at random, so that steps that
+            failed together do not all retry at the same instant.
+        on: which failures are retried (None: all): exit codes of command steps (ints),
+            exception type names (``"TimeoutError"``, ``"ConnectionError"``, or a dotted
+            ``"module.Error"``), and ``"lost"`` (the step's worker died while it ran). The
+            step's timeout is the ``TimeoutError`` of its attempt.
+
+    Raises:
+        ProgramDefinitionError: a value out of range, with the fix.
+
+    .. versionadded:: 0.1
+    """
+
+    attempts: int = 3
+    backoff: float = 1.0
+    exponential: bool = True
+    cap: float = 300.0
+    jitter: float = 0.0
+    on: tuple[int | str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        def bad(what: str, fix: str) -> ProgramDefinitionError:
+            return ProgramDefinitionError(f"Retry({what}): {fix}")
+
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise bad(f"attempts={self.attempts!r}", "give a whole number of attempts, 1 or more")
+        if self.attempts < 1:
+            raise bad(f"attempts={self.attempts}", "give 1 or more (1: no retry)")
+        for name in ("backoff", "cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad(f"{name}={value!r}", "give seconds, 0 or more")
+            if not 0 <= value < math.inf:
+                raise bad(f"{name}={value!r}", "give seconds, 0 or more")
+        if not isinstance(self.jitter, int | float) or not 0 <= self.jitter <= 1:
+            raise bad(f"jitter={self.jitter!r}", "give a fraction from 0 to 1")
+        if self.on is not None:
+            on = (self.on,) if isinstance(self.on, int | str) else tuple(self.on)
+            for item in on:
+                if isinstance(item, bool) or not isinstance(item, int | str) or item == "":
+                    raise bad(
+                        f"on={self.on!r}",
+                        "give exit codes (int), exception type names (str) and/or 'lost'",
+                    )
+            object.__setattr__(self, "on", on)
+
+    def delay(self, attempt: int, draw: float = 0.0) -> float:
+        """Seconds to wait after attempt ``attempt`` failed; ``draw`` (0 to 1) picks the
+        jitter (the worker draws it at random)."""
+        base = self.backoff * (2 ** (attempt - 1) if self.exponential else 1)
+        return min(base, self.cap) * (1 - self.jitter * draw)
+
+    def retries(
+        self, attempt: int, status: StepStatus, *, exit_code: int | None, error: str | None
+    ) -> bool:
+        """Whether attempt ``attempt``, ended with ``status``, is tried again."""
+        if attempt >= self.attempts or status not in (StepStatus.failure, StepStatus.lost):
+            return False
+        if self.on is None:
+            return True
+        if status is StepStatus.lost:
+            return "lost" in self.on
+        if exit_code is not None and exit_code in self.on:
+            return True
+        kind = _error_type(error)
+        return kind is not None and any(
+            isinstance(item, str) and (kind == item or kind.rsplit(".", 1)[-1] == item)
+            for item in self.on
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "attempts": self.attempts,
+            "backoff": self.backoff,
+            "exponential": self.exponential,
+            "cap": self.cap,
+            "jitter": self.jitter,
+            "on": None if self.on is None else list(self.on),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Retry:
+        on = data.get("on")
+        return cls(
+            attempts=data["attempts"],
+            backoff=data["backoff"],
+            exponential=data["exponential"],
+            cap=data["cap"],
+            jitter=data["jitter"],
+            on=None if on is None else tuple(on),
+        )
+
+
+def _error_type(error: str | None) -> str | None:
+    """The exception type a step's recorded error names: its last line's ``Type: ...``."""
+    if not error:
+        return None
+    last = error.strip().splitlines()[-1]
+    kind = last.partition(":")[0].strip()
+    return kind if kind and " " not in kind else None
+
+
+@dataclass(frozen=True, slots=True)
 class StepDef:
     """One step. ``target`` is ``module:qualname`` for functions, None for no-ops."""
 
@@ -121,6 +237,14 @@ class StepDef:
     group: str | None = None
     #: Extra environment variables of the step (its group's, then its own).
     env: Mapping[str, str] = field(default_factory=dict)
+    #: What recovering its run does with a step run of it that did not succeed (failed,
+    #: lost, cancelled or skipped): ``"rerun"`` it, or ``"skip"`` it (keep its outcome).
+    recovery: str = "rerun"
+    #: Seconds a run of the step may take; then it is terminated (its whole process group:
+    #: SIGTERM, SIGKILL after a grace period) and fails with a timeout error.
+    timeout: float | None = None
+    #: How failed runs of the step are tried again (None: they are not).
+    retry: Retry | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +324,10 @@ class ProgramDef:
                     "local_only": s.local_only,
                     "group": s.group,
                     "env": dict(sorted(s.env.items())),
+                    # Only when not the default: programs defined before it keep their version.
+                    **({} if s.recovery == "rerun" else {"recovery": s.recovery}),
+                    **({} if s.timeout is None else {"timeout": s.timeout}),
+                    **({} if s.retry is None else {"retry": s.retry.to_json()}),
                 }
                 for s in sorted(self.steps.values(), key=lambda s: s.name)
             ],
@@ -234,6 +362,9 @@ class ProgramDef:
                 local_only=s["local_only"],
                 group=s.get("group"),
                 env=dict(s.get("env", {})),
+                recovery=s.get("recovery", "rerun"),
+                timeout=s.get("timeout"),
+                retry=None if s.get("retry") is None else Retry.from_json(s["retry"]),
             )
             for s in data["steps"]
         }

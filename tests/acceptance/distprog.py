@@ -57,6 +57,14 @@ def sleep_long(report: str) -> None:
     time.sleep(LONG)
 
 
+def sleep_once(report: str) -> str:
+    """The first time: as :func:`sleep_long`; once ``report`` exists: return at once."""
+    if Path(report).exists():
+        return "again"
+    sleep_long(report)
+    return "slept"
+
+
 def example(
     *,
     store: str | None = None,

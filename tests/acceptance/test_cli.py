@@ -121,6 +121,8 @@ def test_help_lists_every_command_on_one_line_and_the_exit_codes(
         "db",
         "cancel",
         "cleanup",
+        "recover",
+        "rerun",
         "config",
     ]
     assert all(len(line.split()) > 1 for line in commands), commands  # each has its line

@@ -275,8 +275,9 @@ def test_cleanup_library_in_batches(store: str, tmp_path: Path) -> None:
     assert abs(seen.before - (datetime.now(UTC) - timedelta(days=1))) < timedelta(minutes=5)
     done = asyncio.run(evr.cleanup(store, older_than=timedelta(days=1), batch=2))
     assert sorted(r.run_id for r in done.runs) == sorted(runs)
-    assert done.log_dirs == ()  # no log_dir: log files are left alone
-    assert run_log_dir(logs, "many", runs[0]).is_dir()
+    # Each run recorded where its logs are: those go with it, without a log_dir.
+    assert sorted(done.log_dirs) == sorted(run_log_dir(logs, "many", r) for r in runs)
+    assert not any(path.exists() for path in done.log_dirs)
     assert count(store, "aeventor_run", runs) == 0
     with pytest.raises(evr.ConfigurationError):
         asyncio.run(evr.cleanup(store, older_than=timedelta(days=-1)))

@@ -104,3 +104,56 @@ def hold(report: str, release: str) -> str:
         child.kill()
         child.wait()
     return "released"
+
+
+def stubborn(report: str) -> None:
+    """Ignore SIGTERM, start a child that ignores it too (an ignored signal stays ignored
+    across exec), write both pids to ``report``, then sleep for ever."""
+    import json
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen(["sleep", "300"])
+    tmp = Path(report + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "child": child.pid}))
+    tmp.rename(report)
+    time.sleep(300)
+
+
+def fail_until(counter: str, succeed_at: int) -> int:
+    """Count this attempt in ``counter``; fail (ConnectionError) before attempt
+    ``succeed_at``."""
+    path = Path(counter)
+    attempt = (int(path.read_text()) if path.exists() else 0) + 1
+    path.write_text(str(attempt))
+    logging.getLogger(__name__).warning("attempt %d", attempt)
+    if attempt < succeed_at:
+        raise ConnectionError(f"attempt {attempt} failed")
+    return attempt
+
+
+def wait_for(path: str) -> str:
+    """Return once ``path`` exists (the test creates it)."""
+    deadline = time.monotonic() + DEADLINE
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {DEADLINE} s")
+        time.sleep(0.01)
+    return "released"
+
+
+def log_at_levels(name: str) -> str:
+    """Log one line at each level through the step's logger."""
+    logger = logging.getLogger(os.environ["EVENTOR_LOGGER_NAME"])
+    logger.debug("debug from %s", name)
+    logger.info("info from %s", name)
+    logger.warning("warning from %s", name)
+    return name
+
+
+def fail_if(name: str, flag: str) -> str:
+    """Log a line; fail when the file ``flag`` exists (the same program, another outcome)."""
+    logging.getLogger(os.environ["EVENTOR_LOGGER_NAME"]).info("working on %s", name)
+    if Path(flag).exists():
+        raise RuntimeError(f"{name} broke")
+    return name

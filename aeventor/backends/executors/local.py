@@ -28,6 +28,7 @@ from typing import Any
 
 from ...context import EnvPolicy, bind_step, process_env
 from ...dispatch.executor import ExecResult, StepLaunch
+from ...dispatch.logs import step_log_capture, write_step_log
 from ...exceptions import ExecutorError
 from ...utils import describe_exception
 from . import _lifeline
@@ -110,13 +111,27 @@ class LocalExecutor:
         kwargs = dict(launch.step.kwargs)
         if launch.step.sequence_arg_name:
             kwargs[launch.step.sequence_arg_name] = context.sequence
+        lines: list[str] = []
         try:
-            with bind_step(context):
+            with (
+                step_log_capture(
+                    launch.env["EVENTOR_LOGGER_NAME"],
+                    level=launch.log_level,
+                    deterministic=launch.deterministic_logs,
+                ) as lines,
+                bind_step(context),
+            ):
                 value = await func(*launch.step.args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - whatever a step raises is its failure
             # Formatting reads the source files (linecache): off the loop.
             error = await describe_exception(exc)
+            lines.append(error.rstrip() + "\n")
             return ExecResult(ok=False, error=error)
+        finally:
+            # The step's log holds what it logged (and its error): written once it ended,
+            # if there is anything to write.
+            if lines:
+                await asyncio.to_thread(write_step_log, launch.log_path, "".join(lines))
         try:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -317,6 +332,7 @@ def build_spec(
         # with this process's sys.argv (as multiprocessing's spawn does).
         "argv": list(sys.argv),
         "deterministic_logs": launch.deterministic_logs,
+        "log_level": launch.log_level,
         "result_path": result_path,
     }
     if pid_path is not None:

@@ -36,7 +36,10 @@ __all__ = ("main",)
 MAIN_MODULE = "__aeventor_main__"
 
 
-def _setup_logging(deterministic: bool) -> None:
+def _setup_logging(deterministic: bool, level: int) -> None:
+    """The step's log records go to stderr (its log file) at the run's level: the root
+    logger's and the step logger's (``EVENTOR_LOGGER_NAME``)."""
+    # As aeventor.dispatch.logs.step_format (not imported: this process starts lean).
     fmt = (
         "%(levelname)s %(name)s: %(message)s"
         if deterministic
@@ -46,7 +49,10 @@ def _setup_logging(deterministic: bool) -> None:
     handler.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(level)
+    step_logger = os.environ.get("EVENTOR_LOGGER_NAME")
+    if step_logger:
+        logging.getLogger(step_logger).setLevel(level)
 
 
 def _load_main(path: str, qualname: str, step: str) -> Any:
@@ -180,7 +186,7 @@ def main() -> int:
             sys.path.insert(0, entry)
     if spec.get("main_path") and spec.get("argv"):
         sys.argv = list(spec["argv"])
-    _setup_logging(bool(spec.get("deterministic_logs")))
+    _setup_logging(bool(spec.get("deterministic_logs")), int(spec.get("log_level", logging.INFO)))
     outcome = _execute(spec)
     if not outcome["ok"]:
         print(outcome["error"], file=sys.stderr)  # noqa: T201 - the step's log is stderr

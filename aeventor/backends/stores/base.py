@@ -42,7 +42,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ...dispatch import PENDING
-from ...dispatch.claims import new_token
+from ...dispatch.claims import RunWorkers, StepRunState, WorkerState, new_token
 from ...dispatch.store import (
     Claim,
     NewStepRun,
@@ -171,7 +171,14 @@ ErrorKind = Literal["auth", "disconnect", "transient", "timeout", "too_large"]
 # Hot-path statements, built once: SQLAlchemy then only binds values (its compiled cache
 # makes building them per call pay off little; constructing them is most of the cost).
 _LOCK_RUN = (
-    sa.select(t.run.c.status, t.run.c.stopped, t.run.c.recovery, t.run.c.mode)
+    sa.select(
+        t.run.c.status,
+        t.run.c.stopped,
+        t.run.c.recovery,
+        t.run.c.mode,
+        t.run.c.replay,
+        t.run.c.controller,
+    )
     .where(t.run.c.id == sa.bindparam("run_id"))
     .with_for_update()
 )
@@ -249,6 +256,7 @@ _RUN_SUMMARY = sa.select(
     t.run.c.created,
     t.run.c.ended,
     t.run.c.log_dir,
+    t.run.c.recovery,
 )
 
 
@@ -264,6 +272,7 @@ def _run_summary(row: Any) -> RunResult:
         log_dir=None
         if row.log_dir is None
         else run_log_dir(Path(row.log_dir), row.program_name, row.id),
+        recovery=int(row.recovery),
     )
 
 
@@ -642,7 +651,11 @@ class Database(Store):
             return step_run.c.status == sa.literal(StepStatus.ready.value, literal_execute=True)
 
         def candidates(*columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
-            query = sa.select(*columns).where(is_ready())
+            query = sa.select(*columns).where(
+                is_ready(),
+                # A retry waits out its backoff (on the server's clock).
+                sa.or_(step_run.c.not_before.is_(None), step_run.c.not_before <= self.server_now()),
+            )
             if run_id is not None:
                 query = query.where(step_run.c.run_id == run_id)
             if hosts is not None:
@@ -875,14 +888,72 @@ class Database(Store):
 
     @retry_transient
     async def fired_events(self, run_id: str) -> list[tuple[str, str]]:
-        """Every ``(event, sequence)`` fired in a run, in firing order."""
+        """Every ``(event, sequence)`` fired in a run, once, in firing order (a recovered
+        run carries its fired events into each new generation: the first counts)."""
+        c = t.trigger.c
+        first = sa.func.min(c.id).label("first")
         async with self.reading() as conn:
             rows = await conn.execute(
-                sa.select(t.trigger.c.event, t.trigger.c.sequence)
-                .where(t.trigger.c.run_id == run_id)
-                .order_by(t.trigger.c.id)
+                sa.select(c.event, c.sequence, first)
+                .where(c.run_id == run_id)
+                .group_by(c.event, c.sequence)
+                .order_by(first)
             )
             return [(r.event, r.sequence) for r in rows]
+
+    @retry_transient
+    async def run_workers(self, run_id: str) -> RunWorkers:
+        run, c = t.run.c, t.step_run.c
+        async with self.reading() as conn:
+            controller = (
+                await conn.execute(sa.select(run.controller).where(run.id == run_id))
+            ).one_or_none()
+            if controller is None:
+                raise NoResult(f"no run {run_id!r} in {self!r}")
+            lapsed_step = sa.func.max(c.lease_until) < self.server_now()
+            holders = {
+                r.worker: bool(r.lapsed)
+                for r in await conn.execute(
+                    sa.select(c.worker, lapsed_step.label("lapsed"))
+                    .where(
+                        c.run_id == run_id,
+                        c.status == StepStatus.active.value,
+                        c.worker.is_not(None),
+                    )
+                    .group_by(c.worker)
+                )
+            }
+            ids = set(holders) | ({controller.controller} - {None})
+            a = t.agent.c
+            known = {
+                r.id: WorkerState(
+                    r.id,
+                    r.hostname,
+                    int(r.pid),
+                    r.started,
+                    r.stopped,
+                    bool(r.lapsed),
+                )
+                for r in await conn.execute(
+                    sa.select(
+                        a.id,
+                        a.hostname,
+                        a.pid,
+                        a.started,
+                        a.stopped,
+                        sa.case(
+                            (a.lease_until.is_(None), True),
+                            else_=a.lease_until < self.server_now(),
+                        ).label("lapsed"),
+                    ).where(a.id.in_(list(ids)))
+                )
+            }
+        return RunWorkers(
+            controller=controller.controller,
+            holders=frozenset(holders),
+            known=known,
+            unleased=frozenset(w for w, lapsed in holders.items() if lapsed),
+        )
 
     @retry_transient
     async def run_origin(self, run_id: str) -> RunOrigin:
@@ -1094,7 +1165,14 @@ class SqlTx:
         row = (await self.conn.execute(_LOCK_RUN, {"run_id": run_id})).one_or_none()
         if row is None:
             raise NoResult(f"no run {run_id!r} in {self.db!r}")
-        return RunLock(RunStatus(row.status), bool(row.stopped), int(row.recovery), row.mode)
+        return RunLock(
+            RunStatus(row.status),
+            bool(row.stopped),
+            int(row.recovery),
+            row.mode,
+            row.replay,
+            row.controller,
+        )
 
     async def insert_run(
         self,
@@ -1211,11 +1289,19 @@ class SqlTx:
         )
 
     async def add_step_runs(self, rows: Sequence[NewStepRun]) -> None:
-        if rows:
-            now = t.utcnow()
-            await self.conn.execute(
-                self.db._insert_ignore(t.step_run), [_step_row(r, now) for r in rows]
-            )
+        now = t.utcnow()
+        now_rows = [_step_row(r, now) for r in rows if r.delay is None]
+        if now_rows:
+            await self.conn.execute(self.db._insert_ignore(t.step_run), now_rows)
+        for row in rows:
+            if row.delay is not None:
+                # Due on the server's clock, as leases are.
+                await self.conn.execute(
+                    self.db._insert_ignore(t.step_run).values(
+                        not_before=self.db.server_now_plus(timedelta(seconds=row.delay))
+                    ),
+                    [_step_row(row, now)],
+                )
 
     async def add_claimed_step_runs(
         self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta, token: str
@@ -1268,6 +1354,93 @@ class SqlTx:
             )
             .values(status=StepStatus.cancelled.value, ended=t.utcnow(), lease_until=None)
         )
+
+    async def holders(self, run_id: str) -> set[str]:
+        rows = await self.conn.execute(
+            sa.select(t.step_run.c.worker)
+            .distinct()
+            .where(
+                t.step_run.c.run_id == run_id,
+                t.step_run.c.status == StepStatus.active.value,
+                t.step_run.c.worker.is_not(None),
+            )
+        )
+        return {r.worker for r in rows}
+
+    async def supersede_step_runs(self, run_id: str, error: str) -> int:
+        closed = 0
+        for status, new, why in (
+            (StepStatus.active, StepStatus.lost, error),
+            (StepStatus.ready, StepStatus.cancelled, None),
+        ):
+            updated = await self.conn.execute(
+                t.step_run.update()
+                .where(t.step_run.c.run_id == run_id, t.step_run.c.status == status.value)
+                .values(status=new.value, error=why, ended=t.utcnow(), lease_until=None, token=None)
+            )
+            closed += updated.rowcount
+        return closed
+
+    async def step_run_states(self, run_id: str) -> list[StepRunState]:
+        c = t.step_run.c
+        rows = await self.conn.execute(
+            sa.select(c.id, c.step, c.sequence, c.recovery, c.attempt, c.status, c.worker)
+            .where(c.run_id == run_id)
+            .order_by(c.id)
+        )
+        return [
+            StepRunState(
+                r.id, r.step, r.sequence, r.recovery, r.attempt, StepStatus(r.status), r.worker
+            )
+            for r in rows
+        ]
+
+    async def fired_in(self, run_id: str, recovery: int) -> list[tuple[str, str]]:
+        c = t.trigger.c
+        rows = await self.conn.execute(
+            sa.select(c.sequence, c.event)
+            .where(c.run_id == run_id, c.recovery == recovery)
+            .order_by(c.id)
+        )
+        return [(r.sequence, r.event) for r in rows]
+
+    async def earlier_outcomes(
+        self, run_id: str, sequence: str, recovery: int, steps: Sequence[str]
+    ) -> dict[str, StepStatus]:
+        c = t.step_run.c
+        rows = await self.conn.execute(
+            sa.select(c.step, c.status)
+            .where(
+                c.run_id == run_id,
+                c.sequence == sequence,
+                c.recovery < recovery,
+                c.step.in_(list(steps)),
+            )
+            .order_by(c.recovery, c.attempt)
+        )
+        return {r.step: StepStatus(r.status) for r in rows}  # the latest wins
+
+    async def resume_run(
+        self,
+        run_id: str,
+        *,
+        recovery: int,
+        replay: str,
+        controller: str | None,
+        program: tuple[int, str | None] | None = None,
+    ) -> None:
+        values: dict[str, Any] = {
+            "status": RunStatus.running.value,
+            "stopped": False,
+            "reason": None,
+            "ended": None,
+            "recovery": recovery,
+            "replay": replay,
+            "controller": controller,
+        }
+        if program is not None:
+            values["program_id"], values["signature"] = program
+        await self.conn.execute(t.run.update().where(t.run.c.id == run_id).values(**values))
 
     def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
         self.notifications.setdefault(run_id, set()).update(queues)

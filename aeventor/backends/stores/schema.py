@@ -165,6 +165,8 @@ step_run = Table(
     Column("created", UTCDateTime, nullable=False),
     Column("started", UTCDateTime, nullable=True),
     Column("ended", UTCDateTime, nullable=True),
+    # A ready step run is not claimed before this (on the server's clock): a retry's backoff.
+    Column("not_before", UTCDateTime, nullable=True),
     UniqueConstraint("run_id", "step", "sequence", "recovery", "attempt"),
     # Claiming the ready rows of a run (standalone) and counting a run's pending rows.
     Index(None, "run_id", "status"),
