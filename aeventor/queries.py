@@ -808,8 +808,8 @@ class RunDiff:
     """Two runs compared by :func:`diff_runs`.
 
     Attributes:
-        steps: every step and sequence of either run, in the first run's order then the
-            second's.
+        steps: every step and sequence of either run: sequence by sequence, each in the
+            order its steps ran (in the first run, then the second).
         logs: per log file that differs once normalised (``program.log`` first), its
             unified diff lines (``a/NAME`` is the first run's, ``b/NAME`` the second's).
         logs_missing: why logs were not compared (None when they were).
@@ -855,7 +855,10 @@ async def diff_runs(
         modes = [(await db.run_origin(r.run_id)).mode for r in (a, b)]
     latest_a = {(s.step, s.sequence): s for s in latest_step_runs(a)}
     latest_b = {(s.step, s.sequence): s for s in latest_step_runs(b)}
+    # Sequence by sequence (in the order they first ran), each in the order its steps ran.
     keys = list(dict.fromkeys([*latest_a, *latest_b]))
+    sequences = list(dict.fromkeys(seq for _, seq in keys))
+    keys.sort(key=lambda key: sequences.index(key[1]))
     steps = tuple(
         StepDiff(
             step,
