@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Mapping
 from contextlib import aclosing
@@ -132,6 +133,11 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     watch.add_argument("run_id", metavar="RUN", help="a run id, or a unique prefix of one")
     watch.add_argument("--store", help=STORE_HELP)
+    watch.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line: each change (ended, total, running), then the run",
+    )
     watch.set_defaults(handler=_watch_command, error_prefix=_PREFIX)
 
     logs = commands.add_parser(
@@ -166,7 +172,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="compare two runs' step outcomes and logs (exit 1: they differ)",
         description="Compare two runs: each step run's outcome side by side, then a "
         "unified diff of their logs (program.log and every step log) with timestamps, "
-        f"pids and run ids taken out. {_READS_ONLY}",
+        "pids and run ids taken out. program.log is compared event by event and step by "
+        "step, as concurrent steps interleave their lines differently in every run. "
+        f"{_READS_ONLY}",
         epilog=_DIFF_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -293,10 +301,13 @@ def _watch_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     store = store_from(args.store, environ)
     seen: list[RunResult] = []
     try:
-        asyncio.run(_watch(store, args.run_id, seen))
+        asyncio.run(_watch(store, args.run_id, seen, as_json=args.json))
     except KeyboardInterrupt:
         return stopped_watching(seen[-1].run_id if seen else args.run_id)
     final = seen[-1]
+    if args.json:
+        print(json.dumps({**run_json(final), "steps": [_step_json(final, s) for s in final.steps]}))
+        return SHOW_EXIT[final.status]
     line = Text(f"run {final.run_id} of {final.program}: ")
     line.append_text(status_text(final.status))
     line.append(f" after {duration_text(final.created, final.ended)}")
@@ -306,10 +317,10 @@ def _watch_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return SHOW_EXIT[final.status]
 
 
-async def _watch(store: str, run_id: str, seen: list[RunResult]) -> None:
+async def _watch(store: str, run_id: str, seen: list[RunResult], *, as_json: bool) -> None:
     out = console()
     async with aclosing(queries.watch(store, run_id)) as snapshots:
-        if not out.is_terminal:
+        if as_json or not out.is_terminal:
             last: object = None
             async for result in snapshots:
                 seen.append(result)
@@ -318,7 +329,10 @@ async def _watch(store: str, run_id: str, seen: list[RunResult]) -> None:
                 key = _progress_key(result)
                 if key != last:
                     last = key
-                    emit(out, Text(_progress_line(result)))
+                    if as_json:
+                        print(json.dumps(_progress_json(result)))
+                    else:
+                        emit(out, Text(_progress_line(result)))
                     sys.stdout.flush()
             return
         with Live(console=out, refresh_per_second=4, transient=True) as live:
@@ -360,6 +374,26 @@ def _progress_line(result: RunResult) -> str:
         for r in running
     )
     return f"{ended}/{total} step runs ended; running: {what or 'none'}"
+
+
+def _progress_json(result: RunResult) -> dict[str, Any]:
+    ended, total, running = _counts(result)
+    return {
+        "run_id": result.run_id,
+        "status": result.status.value,
+        "ended": ended,
+        "total": total,
+        "running": [
+            {
+                "step": r.step,
+                "sequence": r.sequence,
+                "host": r.host,
+                "pid": r.pid,
+                "started": None if r.started is None else r.started.isoformat(),
+            }
+            for r in running
+        ],
+    }
 
 
 def _progress_view(result: RunResult) -> RenderableType:

@@ -6,6 +6,7 @@ line, and exits 130."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -20,19 +21,27 @@ async def test_watch_a_run_to_its_end(cli_store: str, tmp_path: Path) -> None:
     run, run_id, gate = await gated.start(cli_store, tmp_path)
     try:
         watch = await start("watch", run_id[:8], "--store", cli_store)
+        as_json = await start("watch", run_id, "--store", cli_store, "--json")
         line = await first_line(watch, "watch's first line")
+        change = json.loads(await first_line(as_json, "watch --json's first line"))
+        assert (change["run_id"], change["status"], change["total"]) == (run_id, "running", 2)
+        assert [r["step"] for r in change["running"]][-1] == "wait"
         assert re.fullmatch(
             r"[01]/2 step runs ended; running: (first\[1\] .*, )?wait\[1\] pid \d+ for \S+\n",
             line,
         ), line
         await gated.open_gate(gate)
         code, out, err = await finish(watch, "watch to end with the run")
+        json_code, json_out, _ = await finish(as_json, "watch --json to end with the run")
     finally:
         await gated.end(run, gate)
     assert (code, err) == (0, "")
     *progress, final = out.splitlines()
     assert all(" step runs ended; running: " in p for p in progress)
     assert re.fullmatch(rf"run {run_id} of gated: success after \S+", final), final
+    ended = json.loads(json_out.splitlines()[-1])
+    assert json_code == 0 and (ended["run_id"], ended["status"]) == (run_id, "success")
+    assert sorted(s["step"] for s in ended["steps"]) == ["first", "wait"]
 
     # A run that has ended: its status line at once, with show's exit codes.
     proc = cli("watch", run_id, "--store", cli_store)
