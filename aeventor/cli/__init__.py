@@ -27,6 +27,7 @@ from ..exceptions import (
     ExecutorError,
     NoResult,
 )
+from ..program.model import RunStatus
 
 __all__ = (
     "EXIT_BAD_INPUT",
@@ -39,6 +40,7 @@ __all__ = (
     "EXIT_RUN_ENDED",
     "EXIT_RUN_FAILED",
     "EXIT_RUN_RUNNING",
+    "SHOW_EXIT",
     "STORE_ENV",
     "build_parser",
     "main",
@@ -66,6 +68,14 @@ EXIT_RUN_ENDED = 6
 EXIT_PIPE_CLOSED = 141
 #: Ctrl-C (SIGINT) in ``watch``, ``logs -f`` or ``submit --wait``: the run goes on.
 EXIT_INTERRUPTED = 130
+
+#: The exit code of ``show``, ``watch``, ``recover`` and ``rerun`` for each status of the run.
+SHOW_EXIT = {
+    RunStatus.success: EXIT_OK,
+    RunStatus.failure: EXIT_RUN_FAILED,
+    RunStatus.running: EXIT_RUN_RUNNING,
+    RunStatus.cancelled: EXIT_RUN_CANCELLED,
+}
 
 _EPILOG = """\
 exit codes:

@@ -20,8 +20,7 @@ from . import (
     STORE_HELP,
     store_from,
 )
-from ._output import print_json, run_json
-from .view import SHOW_EXIT
+from .runs import SHOW_EXIT, print_json, run_json
 
 __all__ = ("add_parsers",)
 

@@ -19,6 +19,7 @@ from ..program.model import RunStatus
 from . import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    SHOW_EXIT,
     STORE_ENV,
     STORE_HELP,
     store_from,
@@ -34,7 +35,16 @@ from ._output import (
     time_text,
 )
 
-__all__ = ("add_db_parser", "add_parsers", "parse_since", "stopped_watching")
+# SHOW_EXIT, print_json and run_json are re-exported: other command modules import them here.
+__all__ = (
+    "SHOW_EXIT",
+    "add_db_parser",
+    "add_parsers",
+    "parse_since",
+    "print_json",
+    "run_json",
+    "stopped_watching",
+)
 
 _PREFIX = "aeventor"
 

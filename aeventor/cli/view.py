@@ -35,6 +35,7 @@ from . import (
     EXIT_RUN_FAILED,
     EXIT_RUN_RUNNING,
     EXIT_RUNS_DIFFER,
+    SHOW_EXIT,
     STORE_HELP,
     store_from,
 )
@@ -52,17 +53,9 @@ from ._output import (
 )
 from .runs import stopped_watching
 
-__all__ = ("SHOW_EXIT", "add_parsers")
+__all__ = ("add_parsers",)
 
 _PREFIX = "aeventor"
-
-#: ``aeventor show``'s (and ``watch``'s) exit code for each status of the run.
-SHOW_EXIT = {
-    RunStatus.success: EXIT_OK,
-    RunStatus.failure: EXIT_RUN_FAILED,
-    RunStatus.running: EXIT_RUN_RUNNING,
-    RunStatus.cancelled: EXIT_RUN_CANCELLED,
-}
 
 _COMMON_CODES = f"""\
   {EXIT_BAD_INPUT}  bad input: no run has this id (or prefix), or several do; a missing sqlite file
