@@ -275,11 +275,16 @@ class Eventor:
         )
 
     def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:
-        """Make ``event`` fan out to steps and/or other events.
+        """Make ``event`` fan out to steps and/or other events; with ``delay``, that many
+        seconds after it fires.
+
+        A delay is durable: when the event fires, the time the targets are due is stored
+        with the run, and the run's worker (an agent, for a distributed run) fires them then,
+        even after a restart of every process (a standalone run's dead controller is
+        replaced by recovering the run). A run with a delay pending is still running.
 
         Raises:
-            ProgramDefinitionError: an unknown event or target, or a delay (durable delays
-                are not implemented yet).
+            ProgramDefinitionError: an unknown event or target, or a negative delay.
         """
         self._builder.add_assoc(event, *targets, delay=delay)
 
@@ -949,27 +954,7 @@ class RunHandle:
         """
         name = name_of(event)
         state = self._state
-        if not state.created.is_set() and not self._task.done():
-            created = asyncio.ensure_future(state.created.wait())
-            try:
-                await asyncio.wait({created, self._task}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                created.cancel()
-                await asyncio.gather(created, return_exceptions=True)
-        db = state.store
-        if self._task.done() or db is None:
-            raise AeventorError(
-                f"run {self.run_id} has ended ({self.status.value}); cannot trigger {name!r}"
-            )
-        graph = state.graph
-        if graph is None:
-            program = await db.run_program(self.run_id)
-            signer = None
-            if state.cluster_key is not None and state.follows:
-                origin = await db.run_origin(self.run_id)
-                if origin.mode == "distributed":
-                    signer = step_run_signer(state.cluster_key())
-            graph = state.graph = Graph(program, signer=signer)
+        db, graph = await self._live_store(f"trigger {name!r}")
         if name not in graph.program.events:
             raise ProgramDefinitionError(f"trigger_event: undefined event {name!r}")
         worker = state.worker
@@ -983,6 +968,66 @@ class RunHandle:
             raise AeventorError(
                 f"run {self.run_id} has ended ({advance.run_status.value}); cannot trigger {name!r}"
             )
+
+    async def cancel_step(
+        self, step: Step | str, sequence: str | int = 0, *, reason: str = "cancelled"
+    ) -> None:
+        """Cancel the ready or running step run of ``step`` for ``sequence``.
+
+        It is recorded ``cancelled`` and terminated (its whole process group; on an agent's
+        host at the agent's next heartbeat). The run reacts as to a failure of the step: its
+        failure triggers fire, and without one the run stops (running steps finish).
+
+        Raises:
+            ProgramDefinitionError: the run's program has no such step.
+            NoResult: the step has no ready or running step run for ``sequence``.
+            AeventorError: the run has ended.
+
+        .. versionadded:: 0.1
+        """
+        name, seq = name_of(step), str(sequence)
+        db, graph = await self._live_store(f"cancel step {name!r}")
+        if name not in graph.program.steps:
+            raise ProgramDefinitionError(f"cancel_step: the program has no step {name!r}")
+        worker = self._state.worker
+        held = None if worker is None else worker.holding(self.run_id, name, seq)
+        advance = await db.cancel_step(graph, self.run_id, name, seq, reason=reason)
+        if advance.recorded:
+            if worker is not None:
+                if held is not None:
+                    worker.revoke(held)  # here: at once, not at the next heartbeat
+                worker.apply(self.run_id, advance)
+            return
+        if advance.run_status is not RunStatus.running:
+            raise AeventorError(
+                f"run {self.run_id} has ended ({advance.run_status.value}); "
+                f"cannot cancel step {name!r}"
+            )
+        raise NoResult(f"run {self.run_id}: step {name}[{seq}] is neither ready nor running")
+
+    async def _live_store(self, what: str) -> tuple[Database, Graph]:
+        """The store and program graph of the live run (waits until the run exists)."""
+        state = self._state
+        if not state.created.is_set() and not self._task.done():
+            created = asyncio.ensure_future(state.created.wait())
+            try:
+                await asyncio.wait({created, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                created.cancel()
+                await asyncio.gather(created, return_exceptions=True)
+        db = state.store
+        if self._task.done() or db is None:
+            raise AeventorError(f"run {self.run_id} has ended ({self.status.value}); cannot {what}")
+        graph = state.graph
+        if graph is None:
+            program = await db.run_program(self.run_id)
+            signer = None
+            if state.cluster_key is not None and state.follows:
+                origin = await db.run_origin(self.run_id)
+                if origin.mode == "distributed":
+                    signer = step_run_signer(state.cluster_key())
+            graph = state.graph = Graph(program, signer=signer)
+        return db, graph
 
     def _observe(self, task: asyncio.Task[RunResult]) -> None:
         if task.cancelled():

@@ -27,6 +27,8 @@ from typing import Protocol, runtime_checkable
 from sqlalchemy.engine import URL
 
 from .backends.stores import open_store
+from .backends.stores.base import Database
+from .dispatch import PENDING
 from .dispatch.store import Notifier, RunOrigin
 from .exceptions import AeventorError, ConfigurationError, NoResult
 from .program.expr import names
@@ -227,32 +229,54 @@ class RunEnded(AeventorError):
         self.result = result
 
 
-async def cancel(store: str | Path | URL, run_id: str, *, reason: str = "cancelled") -> RunResult:
-    """Cancel a running run, as ``aeventor.attach(store, run_id).cancel()`` does.
+async def cancel(
+    store: str | Path | URL,
+    run_id: str,
+    *,
+    reason: str = "cancelled",
+    step: str | None = None,
+    sequence: str | int | None = None,
+    cluster_key: bytes | str | None = None,
+) -> RunResult:
+    """Cancel a running run, as ``aeventor.attach(store, run_id).cancel()`` does; or, with
+    ``step``, one step run of it, as ``handle.cancel_step(step, sequence)`` does.
 
     The run and its ready and active step runs are marked cancelled in one transaction;
     the workers running its steps (a standalone run's process, or the agents of a
     distributed run) terminate them at their next heartbeat. The store is not created nor
     migrated.
 
+    A cancelled step run is terminated by its worker at its next heartbeat; its run reacts
+    as to a failure of the step (its failure triggers fire; without one the run stops).
+
     Args:
         store: a URL, sqlite path or store name.
         run_id: the run's id, or a unique prefix of it.
-        reason: recorded as the run's reason.
+        reason: recorded as the run's reason (or the step run's error).
+        step: cancel only the ready or running step run of this step.
+        sequence: the step's sequence; may be left out when one of its step runs is ready
+            or running.
+        cluster_key: signs what the step's failure triggers make ready in a distributed
+            run (default: ``$AEVENTOR_CLUSTER_KEY`` or the key file).
 
     Returns:
-        The run as cancelled.
+        The run as cancelled (with ``step``: the run after the step's cancel).
 
     Raises:
         RunEnded: the run had already ended (its ``result`` says how).
-        NoResult: no run has this id or prefix (:class:`AmbiguousRunId`: several do).
+        NoResult: no run has this id or prefix (:class:`AmbiguousRunId`: several do); no
+            ready or running step run of ``step`` (for ``sequence``).
 
-    .. versionadded:: 0.1
+    .. versionchanged:: 0.1
+        ``step`` and ``sequence``.
     """
     db = open_store(store, program="aeventor")
     await db.open_for_reading()
     try:
         found = await run_result(db, run_id)
+        if step is not None and found.status is RunStatus.running:
+            await _cancel_step(db, found, step, sequence, reason, cluster_key)
+            return await db.load_result(found.run_id)
         if found.status is RunStatus.running:
             await db.cancel_run(found.run_id, reason=reason)
         result = await db.load_result(found.run_id)
@@ -264,6 +288,57 @@ async def cancel(store: str | Path | URL, run_id: str, *, reason: str = "cancell
             result,
         )
     return result
+
+
+async def _cancel_step(
+    db: Database,
+    found: RunResult,
+    step: str,
+    sequence: str | int | None,
+    reason: str,
+    cluster_key: bytes | str | None,
+) -> None:
+    from .dispatch import Graph
+    from .signing import load_cluster_key, step_run_signer
+
+    program = await db.run_program(found.run_id)
+    if step not in program.steps:
+        raise ConfigurationError(
+            f"cancel: program {program.name!r} has no step {step!r}; its steps: "
+            + ", ".join(sorted(program.steps))
+        )
+    pending = {s.sequence for s in found.steps if s.step == step and s.status in PENDING}
+    if sequence is None:
+        if len(pending) != 1:
+            raise NoResult(
+                f"cancel: step {step!r} of run {found.run_id} has "
+                + (
+                    f"step runs ready or running for several sequences ({', '.join(sorted(pending))}); "
+                    "name one with --sequence"
+                    if pending
+                    else "no step run ready or running"
+                )
+            )
+        sequence = pending.pop()
+    signer = None
+    if (await db.run_origin(found.run_id)).mode == "distributed":
+        key = cluster_key.encode() if isinstance(cluster_key, str) else cluster_key
+        if key is None:
+            key = await asyncio.to_thread(load_cluster_key)
+        signer = step_run_signer(key)
+    advance = await db.cancel_step(
+        Graph(program, signer=signer), found.run_id, step, str(sequence), reason=reason
+    )
+    if not advance.recorded:
+        if advance.run_status is not RunStatus.running:
+            raise RunEnded(
+                f"run {found.run_id} of {found.program} has already ended: "
+                f"{advance.run_status.value}",
+                await db.load_result(found.run_id),
+            )
+        raise NoResult(
+            f"cancel: step {step}[{sequence}] of run {found.run_id} is neither ready nor running"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from .dispatch import PENDING
-from .dispatch.claims import RunWorkers, StepRunState, WorkerState, new_token
+from .dispatch.claims import Delay, RunWorkers, StepRunState, WorkerState, new_token
 from .dispatch.executor import ExecResult, StepLaunch
 from .dispatch.store import (
     Claim,
@@ -221,6 +221,8 @@ class _Tables:
     step_runs: dict[int, _StepRun] = field(default_factory=dict)
     #: (run_id, step, sequence, recovery, attempt) -> step run id: the unique key.
     step_run_keys: dict[tuple[str, str, str, int, int], int] = field(default_factory=dict)
+    #: (run_id, sequence, recovery, event, kind, target) -> [id, due, done]
+    delays: dict[tuple[str, str, int, str, str, str], list[Any]] = field(default_factory=dict)
     agents: dict[str, _Agent] = field(default_factory=dict)
     #: table -> last id given (each table counts on its own, as SQL sequences do)
     last_ids: dict[str, int] = field(default_factory=dict)
@@ -508,6 +510,29 @@ class InMemoryStore(Store):
             )
         )
 
+    def _pending_delays(self, run_id: str | None) -> list[tuple[Delay, datetime]]:
+        found = []
+        for key, (id_, due, done) in self._t.delays.items():
+            run = self._t.runs[key[0]]
+            if done is not None or run.status is not RunStatus.running:
+                continue
+            if (run_id is None and run.mode != "distributed") or (
+                run_id is not None and run.id != run_id
+            ):
+                continue
+            found.append((Delay(id_, *key), due))
+        return sorted(found, key=lambda item: (item[1], item[0].id))
+
+    async def due_delays(self, *, run_id: str | None = None, limit: int = 100) -> list[Delay]:
+        now = self.clock()
+        return [delay for delay, due in self._pending_delays(run_id) if due <= now][:limit]
+
+    async def next_delay(self, *, run_id: str | None = None) -> float | None:
+        pending = self._pending_delays(run_id)
+        if not pending:
+            return None
+        return max((pending[0][1] - self.clock()).total_seconds(), 0.0)
+
     async def run_workers(self, run_id: str) -> RunWorkers:
         run = self._run(run_id)
         now = self.clock()
@@ -634,6 +659,7 @@ class MemoryTx:
         self.tables = tables
         self.clock = clock
         self.retried = retried
+        self.earliest_delay: float | None = None
         #: run ids to wake at commit
         self.notifications: dict[str, set[str | None]] = {}
 
@@ -792,10 +818,38 @@ class MemoryTx:
         self.tables.step_run_keys[key] = id_
         return row
 
-    async def pending(self, run_id: str) -> int:
-        return sum(
+    async def pending(self, run_id: str, *, delays: bool = True) -> int:
+        count = sum(
             1 for r in self.tables.step_runs.values() if r.run_id == run_id and r.status in PENDING
         )
+        if count or not delays:
+            return count
+        return sum(
+            1 for key, (_, _, done) in self.tables.delays.items() if key[0] == run_id and not done
+        )
+
+    async def add_delays(
+        self,
+        run_id: str,
+        sequence: str,
+        recovery: int,
+        delays: Sequence[tuple[str, str, str, float]],
+    ) -> None:
+        now = self.clock()
+        for event, kind, target, seconds in delays:
+            key = (run_id, sequence, recovery, event, kind, target)
+            if key not in self.tables.delays:
+                due = now + timedelta(seconds=seconds)
+                self.tables.delays[key] = [self.tables.new_id("delay"), due, None]
+            if self.earliest_delay is None or seconds < self.earliest_delay:
+                self.earliest_delay = seconds
+
+    async def take_delay(self, delay_id: int) -> bool:
+        for entry in self.tables.delays.values():
+            if entry[0] == delay_id and entry[2] is None:
+                entry[2] = self.clock()
+                return True
+        return False
 
     async def stop_run(self, run_id: str, reason: str | None) -> None:
         run = self.tables.runs.get(run_id)
@@ -821,6 +875,27 @@ class MemoryTx:
         for row in self.tables.step_runs.values():
             if row.run_id == run_id and row.status in PENDING:
                 row.status, row.ended, row.lease_until = StepStatus.cancelled, now, None
+
+    async def pending_step_run(
+        self, run_id: str, step: str, sequence: str
+    ) -> tuple[int, int] | None:
+        found = [
+            r
+            for r in self.tables.step_runs.values()
+            if r.run_id == run_id
+            and r.step == step
+            and r.sequence == sequence
+            and r.status in PENDING
+        ]
+        return None if not found else (found[-1].id, found[-1].recovery)
+
+    async def cancel_step_run(self, step_run_id: int, error: str) -> bool:
+        row = self.tables.step_runs.get(step_run_id)
+        if row is None or row.status not in PENDING:
+            return False
+        row.status, row.error, row.ended = StepStatus.cancelled, error, self.clock()
+        row.lease_until = row.token = None
+        return True
 
     async def holders(self, run_id: str) -> set[str]:
         return {

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from datetime import UTC, timedelta
 
 from .. import queries
+from ..exceptions import ConfigurationError
 from . import (
     EXIT_BAD_INPUT,
     EXIT_DATABASE,
@@ -28,7 +29,8 @@ _CANCEL_EPILOG = f"""\
 exit codes:
   {EXIT_OK}  the run was cancelled: its workers terminate its running steps at their next
      heartbeat
-  {EXIT_BAD_INPUT}  bad input: no run has this id (or prefix), or several do; no store given
+  {EXIT_BAD_INPUT}  bad input: no run has this id (or prefix), or several do; no store given;
+     STEP has no ready or running step run (for --sequence)
   {EXIT_DATABASE}  a database error, or a schema older than this aeventor (run `aeventor db upgrade`)
   {EXIT_RUN_ENDED}  the run had already ended (success, failure or cancelled): nothing changed
 """
@@ -38,14 +40,21 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     """Register ``cancel`` and ``cleanup`` under ``commands``."""
     cancel = commands.add_parser(
         "cancel",
-        help="cancel a running run",
+        help="cancel a running run, or one step run of it",
         description="Cancel a running run, standalone or distributed: it is recorded as "
         "cancelled and the workers running its steps terminate them at their next "
-        "heartbeat. Never creates nor migrates the store.",
+        "heartbeat. With STEP, cancel only that step's ready or running step run: it is "
+        "terminated and recorded cancelled, and the run reacts as to a failure of the step "
+        "(its failure triggers fire; without one the run stops). Never creates nor "
+        "migrates the store.",
         epilog=_CANCEL_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cancel.add_argument("run_id", metavar="RUN", help="a run id, or a unique prefix of one")
+    cancel.add_argument("step", metavar="STEP", nargs="?", help="cancel only this step's run")
+    cancel.add_argument(
+        "--sequence", metavar="S", help="STEP's sequence (default: the one ready or running)"
+    )
     cancel.add_argument("--store", help=STORE_HELP)
     cancel.add_argument(
         "--reason", default="cancelled by aeventor cancel", help="recorded as the run's reason"
@@ -102,8 +111,14 @@ def parse_age(text: str) -> timedelta:
 
 def _cancel_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     store = store_from(args.store, environ)
+    if args.step is None and args.sequence is not None:
+        raise ConfigurationError("cancel: --sequence goes with a STEP")
     try:
-        result = asyncio.run(queries.cancel(store, args.run_id, reason=args.reason))
+        result = asyncio.run(
+            queries.cancel(
+                store, args.run_id, reason=args.reason, step=args.step, sequence=args.sequence
+            )
+        )
     except queries.RunEnded as exc:
         if args.json:
             print_json({"cancelled": False, **run_json(exc.result)})
@@ -111,6 +126,12 @@ def _cancel_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int
         return EXIT_RUN_ENDED
     if args.json:
         print_json({"cancelled": True, **run_json(result)})
+        return EXIT_OK
+    if args.step is not None:
+        print(
+            f"step {args.step} of run {result.run_id} cancelled; its worker terminates it at "
+            f"its next heartbeat; the run is {result.status.value}"
+        )
         return EXIT_OK
     print(
         f"run {result.run_id} of {result.program} cancelled; its workers terminate its "

@@ -55,10 +55,13 @@ class FirePlan:
     Attributes:
         events: the events that newly fire, in firing order (already-fired ones excluded).
         steps: the steps to make ready, in order, each once.
+        delays: the delayed associations of the events that fired, as ``(event, kind,
+            target, seconds)``: to be stored, and their targets reached when due.
     """
 
     events: tuple[str, ...]
     steps: tuple[str, ...]
+    delays: tuple[tuple[str, str, str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,7 @@ class Graph:
         self._signer = signer
         self._version: str | None = None
         self._fanout: dict[str, tuple[tuple[str, str], ...]] = dict(program.assocs)
+        self._delayed = dict(program.delays)
         dependents: dict[str, list[str]] = {}
         self._exprs: dict[str, _expr.Expr] = {}
         for event in program.events.values():
@@ -187,10 +191,10 @@ class Graph:
     def trigger_events(self, step: str, status: StepStatus) -> tuple[str, ...]:
         """The events a step's triggers fire when it enters ``status``.
 
-        Success and failure also fire the ``complete`` triggers; a lost step run fires what
-        a failure fires.
+        Success and failure also fire the ``complete`` triggers; a lost step run, and one
+        cancelled on its own (not with its run), fire what a failure fires.
         """
-        if status is StepStatus.lost:
+        if status in (StepStatus.lost, StepStatus.cancelled):
             status = StepStatus.failure
         triggers = self.program.steps[step].triggers
         events = list(triggers.get(status, ()))
@@ -202,7 +206,7 @@ class Graph:
         """What a step entering ``status`` fires, and whether it stops the run."""
         events = self.trigger_events(step, status)
         stop = (
-            status in (StepStatus.failure, StepStatus.lost)
+            status in (StepStatus.failure, StepStatus.lost, StepStatus.cancelled)
             and self.program.stop_on_exception
             and not self._handles_failure(step)
         )
@@ -224,6 +228,7 @@ class Graph:
         seen = set(fired)
         events: list[str] = []
         steps: dict[str, None] = {}
+        delays: list[tuple[str, str, str, float]] = []
         queue = deque(new)
         while queue:
             event = queue.popleft()
@@ -231,6 +236,9 @@ class Graph:
                 continue
             seen.add(event)
             events.append(event)
+            delays.extend(
+                (event, kind, target, s) for kind, target, s in self._delayed.get(event, ())
+            )
             for kind, target in self._fanout.get(event, ()):
                 if kind == "event":
                     queue.append(target)
@@ -240,7 +248,7 @@ class Graph:
             for derived in self._dependents.get(event, ()):
                 if derived not in seen and _expr.holds(self._exprs[derived], seen):
                     queue.append(derived)
-        return FirePlan(tuple(events), tuple(steps))
+        return FirePlan(tuple(events), tuple(steps), tuple(delays))
 
     def downstream(self, step: str) -> frozenset[str]:
         """The events a run of ``step`` can cause, directly or not: those its triggers fire
@@ -256,7 +264,7 @@ class Graph:
             if event in reached:
                 continue
             reached.add(event)
-            for kind, target in self._fanout.get(event, ()):
+            for kind, target in self.program.targets(event):
                 if kind == "event":
                     queue.append(target)
                 else:

@@ -13,6 +13,7 @@ from ..program.model import RunStatus, StepStatus
 __all__ = (
     "Advance",
     "Claim",
+    "Delay",
     "NewStepRun",
     "Recovery",
     "RunLock",
@@ -122,6 +123,19 @@ class RunLock:
     replay: str | None = None
     #: The worker driving a standalone run.
     controller: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    """A delayed association that fired: its target is reached when it is due."""
+
+    id: int
+    run_id: str
+    sequence: str
+    recovery: int
+    event: str
+    kind: str
+    target: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from ._state import Graph
 from .claims import (
     Advance,
     Claim,
+    Delay,
     NewStepRun,
     Recovery,
     RunLock,
@@ -81,6 +82,8 @@ class StoreTx(Protocol):
     #: True when this transaction runs again after a lost connection: the first attempt may
     #: have committed unacknowledged, and the transaction returns what that commit did.
     retried: bool
+    #: Seconds until the earliest delay this transaction stored is due (None: none stored).
+    earliest_delay: float | None
 
     async def lock_run(self, run_id: str) -> RunLock:
         """Lock the run row for the rest of the transaction; NoResult if there is none."""
@@ -144,8 +147,24 @@ class StoreTx(Protocol):
     ) -> list[Claim]:
         """Insert step runs already active, leased to ``worker`` under fencing ``token``."""
 
-    async def pending(self, run_id: str) -> int:
-        """How many step runs of the run are ready or active."""
+    async def pending(self, run_id: str, *, delays: bool = True) -> int:
+        """How many step runs of the run are ready or active, or (when none is, and with
+        ``delays``) how many of its delays are not reached yet: nonzero while the run has
+        something to do."""
+
+    async def add_delays(
+        self,
+        run_id: str,
+        sequence: str,
+        recovery: int,
+        delays: Sequence[tuple[str, str, str, float]],
+    ) -> None:
+        """Store fired delayed associations ``(event, kind, target, seconds)``, due that
+        many seconds from now on the store's clock (each once: a duplicate is ignored);
+        lowers :attr:`earliest_delay`."""
+
+    async def take_delay(self, delay_id: int) -> bool:
+        """Mark a delay reached, unless it already was; whether this call did."""
 
     async def stop_run(self, run_id: str, reason: str | None) -> None:
         """Mark the run stopped and its ready step runs skipped (None keeps its reason)."""
@@ -155,6 +174,14 @@ class StoreTx(Protocol):
 
     async def cancel_step_runs(self, run_id: str) -> None:
         """Mark every ready and active step run of the run cancelled."""
+
+    async def pending_step_run(
+        self, run_id: str, step: str, sequence: str
+    ) -> tuple[int, int] | None:
+        """The ready or active step run of ``step`` for ``sequence``, as ``(id, recovery)``."""
+
+    async def cancel_step_run(self, step_run_id: int, error: str) -> bool:
+        """Mark a ready or active step run cancelled (whoever holds it); whether it was."""
 
     async def holders(self, run_id: str) -> set[str]:
         """The workers of the run's active step runs."""
@@ -545,6 +572,14 @@ class Store(abc.ABC):
         """Mark a run cancelled with its ready and active step runs (workers kill those)."""
         await self.write(lambda tx: transactions.cancel_run(tx, run_id, reason=reason))
 
+    async def cancel_step(
+        self, graph: Graph, run_id: str, step: str, sequence: str, *, reason: str
+    ) -> Advance:
+        """Cancel one step run (see :func:`aeventor.dispatch.transactions.cancel_step`)."""
+        return await self.write(
+            lambda tx: transactions.cancel_step(tx, graph, run_id, step, sequence, reason=reason)
+        )
+
     async def recover(
         self,
         graph: Graph,
@@ -572,6 +607,20 @@ class Store(abc.ABC):
                 program=program,
             )
         )
+
+    async def mature(self, graph: Graph, delay: Delay, *, take: Taker | None = None) -> Advance:
+        """Reach a due delay's target (see :func:`aeventor.dispatch.transactions.mature`)."""
+        return await self.write(lambda tx: transactions.mature(tx, graph, delay, take=take))
+
+    @abc.abstractmethod
+    async def due_delays(self, *, run_id: str | None = None, limit: int = 100) -> list[Delay]:
+        """Delays due now and not reached, of running runs: one run's, or (``run_id`` None)
+        those of distributed runs, which their agents reach."""
+
+    @abc.abstractmethod
+    async def next_delay(self, *, run_id: str | None = None) -> float | None:
+        """Seconds until the earliest pending delay (of one run, or of distributed runs) is
+        due, 0 if one is due already; None when none is pending."""
 
     @abc.abstractmethod
     async def run_workers(self, run_id: str) -> RunWorkers:

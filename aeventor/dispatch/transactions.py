@@ -18,16 +18,18 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import NoResult, NothingToRecover, RunStillRunning
 from ..program.model import RunStatus, StepStatus
 from ._state import Graph, final_run_status
-from .claims import Advance, Claim, NewStepRun, Recovery, StepRunState, Taker
+from .claims import Advance, Claim, Delay, NewStepRun, Recovery, StepRunState, Taker
 
 if TYPE_CHECKING:
     from .store import StoreTx
 
 __all__ = (
     "cancel_run",
+    "cancel_step",
     "complete",
     "create_run",
     "fail_untrusted",
+    "mature",
     "recover_run",
     "requeue",
     "started",
@@ -85,7 +87,7 @@ async def create_run(
     status = await _settle(tx, run_id, stopped=False)
     if ready:
         tx.notify(run_id, queues)
-    return run_id, Advance(ready, status, tuple(claims))
+    return run_id, Advance(ready, status, tuple(claims), due_in=tx.earliest_delay)
 
 
 async def trigger(
@@ -117,7 +119,7 @@ async def trigger(
     if tx.retried:
         claims = await _claimed_earlier(tx, take, claims)
         ready = ready or 1  # what the first attempt made ready: look for it
-    return Advance(ready, RunStatus.running, tuple(claims))
+    return Advance(ready, RunStatus.running, tuple(claims), due_in=tx.earliest_delay)
 
 
 async def started(tx: StoreTx, graph: Graph, claim: Claim, *, pid: int | None) -> Advance:
@@ -144,7 +146,7 @@ async def started(tx: StoreTx, graph: Graph, claim: Claim, *, pid: int | None) -
     )
     if ready:
         tx.notify(claim.run_id, queues)
-    return Advance(ready, RunStatus.running)
+    return Advance(ready, RunStatus.running, due_in=tx.earliest_delay)
 
 
 async def complete(
@@ -220,7 +222,7 @@ async def complete(
     )
     if ready:
         tx.notify(claim.run_id, queues)
-    return Advance(ready, run_status, tuple(claims))
+    return Advance(ready, run_status, tuple(claims), due_in=tx.earliest_delay)
 
 
 async def _retry(tx: StoreTx, graph: Graph, claim: Claim, mode: str, delay: float) -> Advance:
@@ -321,6 +323,91 @@ async def cancel_run(tx: StoreTx, run_id: str, *, reason: str) -> None:
     tx.notify(run_id)
 
 
+async def cancel_step(
+    tx: StoreTx, graph: Graph, run_id: str, step: str, sequence: str, *, reason: str
+) -> Advance:
+    """Cancel the ready or running step run of ``step`` for ``sequence``.
+
+    It is recorded ``cancelled`` (its worker terminates it at its next heartbeat, and no
+    outcome of its is recorded after that), and the run reacts as to a failure of it: its
+    failure triggers fire, and without one the run stops. ``recorded`` is False when the run
+    has ended or the step has no ready or running step run.
+    """
+    run = await tx.lock_run(run_id)
+    if run.status is not RunStatus.running:
+        return Advance(0, run.status, recorded=False)
+    found = await tx.pending_step_run(run_id, step, sequence)
+    if found is None or not await tx.cancel_step_run(found[0], reason):
+        return Advance(0, run.status, recorded=False)
+    outcome = graph.step_outcome(step, StepStatus.cancelled)
+    stopped = run.stopped
+    if outcome.stop_run and not stopped:
+        stopped = True
+        await tx.stop_run(run_id, f"step {step}[{sequence}] was cancelled ({reason})")
+    ready, _, queues = await _fire(
+        tx,
+        graph,
+        run_id,
+        sequence,
+        found[1],
+        outcome.events,
+        stopped,
+        mode=run.mode,
+        replay=run.replay,
+    )
+    status = RunStatus.running if ready else await _settle(tx, run_id, stopped=stopped)
+    tx.notify(run_id, queues)
+    return Advance(ready, status, due_in=tx.earliest_delay)
+
+
+async def mature(tx: StoreTx, graph: Graph, delay: Delay, *, take: Taker | None) -> Advance:
+    """Reach a due delay's target: fire its event, or make its step ready, in the run's
+    current recovery generation; exactly once, whoever else tries (``recorded`` False)."""
+    run = await tx.lock_run(delay.run_id)
+    if run.status is not RunStatus.running or not await tx.take_delay(delay.id):
+        return Advance(0, run.status, recorded=False)
+    run_id, sequence, recovery = delay.run_id, delay.sequence, run.recovery
+    if delay.kind == "event":
+        ready, claims, queues = await _fire(
+            tx,
+            graph,
+            run_id,
+            sequence,
+            recovery,
+            [delay.target],
+            run.stopped,
+            take,
+            mode=run.mode,
+            replay=run.replay,
+        )
+    else:
+        make = [delay.target]
+        if run.replay == "recover" and recovery > 0:
+            make = await _not_kept(tx, graph, run_id, sequence, recovery, make)
+        ready, claims, queues = await _make_ready(
+            tx, graph, run_id, sequence, recovery, make, run.stopped, take, mode=run.mode
+        )
+        if make and not run.stopped:
+            more, _, more_queues = await _fire(
+                tx,
+                graph,
+                run_id,
+                sequence,
+                recovery,
+                graph.trigger_events(delay.target, StepStatus.ready),
+                False,
+                mode=run.mode,
+                replay=run.replay,
+            )
+            ready, queues = ready + more, queues | more_queues
+    status = (
+        RunStatus.running if ready or claims else await _settle(tx, run_id, stopped=run.stopped)
+    )
+    if ready:
+        tx.notify(run_id, queues)
+    return Advance(ready, status, tuple(claims), due_in=tx.earliest_delay)
+
+
 #: The step-run statuses recovery runs again (policy permitting): what did not succeed.
 RERUNNABLE = frozenset(
     {StepStatus.failure, StepStatus.lost, StepStatus.cancelled, StepStatus.skipped}
@@ -398,7 +485,9 @@ async def recover_run(
             for key, state in latest.items()
             if state.status in RERUNNABLE and steps[state.step].recovery == "rerun"
         ]
-        if not again:
+        if not again and run.status is not RunStatus.running:
+            # (A run whose controller died with only delays pending goes on: its new
+            # controller reaches them.)
             kept = sorted(f"{s}[{q}]" for (s, q), st in latest.items() if st.status in RERUNNABLE)
             raise NothingToRecover(
                 f"run {run_id}: no step run to run again"
@@ -458,7 +547,12 @@ async def recover_run(
         )
         ready, queues = ready + more, queues | more_queues
     tx.notify(run_id, queues)
-    return Recovery(new, tuple(again), superseded, Advance(ready, RunStatus.running, tuple(claims)))
+    return Recovery(
+        new,
+        tuple(again),
+        superseded,
+        Advance(ready, RunStatus.running, tuple(claims), due_in=tx.earliest_delay),
+    )
 
 
 # -- the shared steps of the transactions above ---------------------------------------------
@@ -494,17 +588,28 @@ async def _fire(
     plan = graph.fire(fired, events)
     if plan.events:
         await tx.add_triggers(run_id, sequence, recovery, plan.events)
+    if plan.delays and not stopped:
+        # A stopped run starts nothing new: what a delay would reach, it would only skip.
+        await tx.add_delays(run_id, sequence, recovery, plan.delays)
     make = list(plan.steps)
     if make and replay == "recover" and recovery > 0:
-        earlier = await tx.earlier_outcomes(run_id, sequence, recovery, make)
-        steps = graph.program.steps
-        make = [
-            s
-            for s in make
-            if s not in earlier
-            or (earlier[s] is not StepStatus.success and steps[s].recovery == "rerun")
-        ]
+        make = await _not_kept(tx, graph, run_id, sequence, recovery, make)
     return await _make_ready(tx, graph, run_id, sequence, recovery, make, stopped, take, mode=mode)
+
+
+async def _not_kept(
+    tx: StoreTx, graph: Graph, run_id: str, sequence: str, recovery: int, make: list[str]
+) -> list[str]:
+    """``make`` without the steps a recovered generation keeps: those that succeeded in an
+    earlier generation, or ran there and say ``recovery="skip"``."""
+    earlier = await tx.earlier_outcomes(run_id, sequence, recovery, make)
+    steps = graph.program.steps
+    return [
+        s
+        for s in make
+        if s not in earlier
+        or (earlier[s] is not StepStatus.success and steps[s].recovery == "rerun")
+    ]
 
 
 async def _make_ready(
@@ -589,8 +694,9 @@ async def _make_ready(
 
 
 async def _settle(tx: StoreTx, run_id: str, *, stopped: bool) -> RunStatus:
-    """End the run if nothing is ready or active any more; return its status."""
-    pending = await tx.pending(run_id)
+    """End the run if nothing is ready or active any more, and (unless it stopped) no delay
+    is pending; return its status. (A stopped run's pending delays wait for a recovery.)"""
+    pending = await tx.pending(run_id, delays=not stopped)
     status = final_run_status(pending=pending, stopped=stopped, cancelled=False)
     if status is not RunStatus.running:
         await tx.end_run(run_id, status)

@@ -217,6 +217,8 @@ class Worker:
         self._tg: asyncio.TaskGroup | None = None
         self._stopping = False
         self._maybe_work = True
+        #: Delays may be due (at start: some may have come due while nobody ran).
+        self._maybe_delays = True
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -324,7 +326,11 @@ class Worker:
                     await self._claim_loop(remote)
                     if self._stop.is_set():
                         await self._drain()
-                    # Else the run ended: its last step's task is only tidying up.
+                    elif self._tasks:
+                        # The run ended. Its last step's task is only tidying up; a step
+                        # still running here was cancelled from elsewhere (its run ended
+                        # without it): one more beat tells us, and terminates it.
+                        await self._round("heartbeat", self._beat)
                     for task in side:
                         task.cancel()
         finally:
@@ -388,7 +394,11 @@ class Worker:
             await self._round("claim", lambda: self._claim_once(remote))
 
     async def _claim_once(self, remote: asyncio.Event) -> None:
-        """Claim what there is room for, or wait for a reason to look again."""
+        """Reach due delays; claim what there is room for, or wait for a reason to look
+        again."""
+        if self._maybe_delays and not self._stopping:
+            self._maybe_delays = False
+            await self._mature_due()
         free = self._free()
         if free > 0 and self._maybe_work:
             self._maybe_work = False
@@ -414,6 +424,42 @@ class Worker:
                 return
         await self._wait(remote)
 
+    async def _mature_due(self) -> None:
+        """Reach the targets of the delays that are due (of our run, or of distributed runs
+        for an agent), then set a timer for the next one."""
+        for delay in await self.store.due_delays(run_id=self.scope.run_id):
+            try:
+                graph = await self._graph_for_run(delay.run_id)
+            except (Refused, NoResult) as exc:
+                self.log.error("delay.refused", run_id=delay.run_id, reason=str(exc))
+                continue
+            advance = await self.store.mature(graph, delay, take=self.taker())
+            if advance.recorded:
+                self.log.info(
+                    "delay.reached",
+                    run_id=delay.run_id,
+                    after=delay.event,
+                    target=delay.target,
+                    sequence=delay.sequence,
+                )
+            self.apply(delay.run_id, advance)
+        self._expect(
+            Advance(
+                0, RunStatus.running, due_in=await self.store.next_delay(run_id=self.scope.run_id)
+            )
+        )
+
+    async def _graph_for_run(self, run_id: str) -> Graph:
+        """The program of a run; :class:`Refused` if it cannot be trusted or read."""
+        try:
+            return await self.programs.graph_for(run_id)
+        except AeventorError:  # Refused, NoResult, a store error: the caller's to judge
+            raise
+        except Exception as exc:
+            raise Refused(
+                f"run {run_id}: its program cannot be loaded ({type(exc).__name__}: {exc})"
+            ) from exc
+
     async def _wait(self, remote: asyncio.Event) -> None:
         poll = self.store.poll_interval
         if self.scope.run_id is not None and not self._tasks:
@@ -429,6 +475,9 @@ class Worker:
         while self._due and self._due[0] <= self._monotonic():
             heapq.heappop(self._due)
             due = True
+        if due or not self._wake.is_set():
+            # A retry's or a delay's time, or the poll interval: delays may be due.
+            self._maybe_delays = True
         if due or remote.is_set() or not self._wake.is_set():
             # Woken by another process, a retry's time, or the poll interval: look for work.
             self._maybe_work = True
@@ -556,14 +605,7 @@ class Worker:
     async def _graph_for(self, claim: Claim) -> Graph:
         """The program of a claim; :class:`Refused` if it cannot be trusted or read, or
         does not have the claimed step (one bad row fails its step run, nothing more)."""
-        try:
-            graph = await self.programs.graph_for(claim.run_id)
-        except AeventorError:  # Refused, NoResult, a store error: the caller's to judge
-            raise
-        except Exception as exc:
-            raise Refused(
-                f"run {claim.run_id}: its program cannot be loaded ({type(exc).__name__}: {exc})"
-            ) from exc
+        graph = await self._graph_for_run(claim.run_id)
         if claim.step not in graph.program.steps:
             raise Refused(f"step {claim.step!r} is not in program {graph.program.name!r}")
         return graph
@@ -721,21 +763,33 @@ class Worker:
             self._healthy_since = now
         self._last_beat = now
         for step_run_id, status in revoked.items():
-            task = self._tasks.get(step_run_id)
-            if task is None or step_run_id in self._revoked:
-                continue
-            self._revoked.add(step_run_id)
-            if status is StepStatus.cancelled:
-                self.log.info("step.cancelled", step_run_id=step_run_id)
-            else:
-                self.log.warning(
-                    "step.lease_lost",
-                    step_run_id=step_run_id,
-                    status=status.value,
-                    reason="its lease was taken while this worker could not renew it; "
-                    "terminating the step",
-                )
-            task.cancel()
+            self.revoke(step_run_id, status)
+
+    def revoke(self, step_run_id: int, status: StepStatus = StepStatus.cancelled) -> None:
+        """The step run is no longer ours (``status`` says what it became): terminate it if
+        it runs here, and record nothing of it."""
+        task = self._tasks.get(step_run_id)
+        if task is None or step_run_id in self._revoked:
+            return
+        self._revoked.add(step_run_id)
+        if status is StepStatus.cancelled:
+            self.log.info("step.cancelled", step_run_id=step_run_id)
+        else:
+            self.log.warning(
+                "step.lease_lost",
+                step_run_id=step_run_id,
+                status=status.value,
+                reason="its lease was taken while this worker could not renew it; "
+                "terminating the step",
+            )
+        task.cancel()
+
+    def holding(self, run_id: str, step: str, sequence: str) -> int | None:
+        """The id of the step run of ``step`` for ``sequence`` of the run, if it runs here."""
+        for claim in self._claims.values():
+            if (claim.run_id, claim.step, claim.sequence) == (run_id, step, sequence):
+                return claim.id
+        return None
 
     async def _heartbeat_loop(self) -> None:
         while True:

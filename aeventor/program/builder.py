@@ -100,6 +100,8 @@ class ProgramBuilder:
             the step that runs them finds them again by import path).
         assocs: for each event, the ``(kind, name)`` targets it fans out to, as an ordered
             dict used as an ordered set.
+        delays: for each event, the ``(kind, name)`` targets it fans out to after a delay,
+            with the delay in seconds.
         triggers: the ``(event, sequence)`` pairs fired when a run starts.
 
     .. versionadded:: 0.1
@@ -111,6 +113,7 @@ class ProgramBuilder:
         self.groups: dict[str, GroupDef] = {}
         self.funcs: dict[str, Callable[..., Any]] = {}
         self.assocs: dict[str, dict[tuple[str, str], None]] = {}
+        self.delays: dict[str, dict[tuple[str, str], float]] = {}
         self.triggers: list[tuple[str, str]] = []
         self._built: tuple[_BuildKey, ProgramDef] | None = None
         #: How many times a program was built (and validated); tests count rebuilds.
@@ -149,6 +152,10 @@ class ProgramBuilder:
             assocs={k: tuple(v) for k, v in self.assocs.items()},
             stop_on_exception=stop_on_exception,
             groups=dict(self.groups),
+            delays={
+                k: tuple((kind, target, delay) for (kind, target), delay in v.items())
+                for k, v in self.delays.items()
+            },
         )
         definition.validate()
         if distributed:
@@ -367,10 +374,14 @@ class ProgramBuilder:
 
     def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:
         """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_assoc` (see there)."""
-        if delay:
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not 0 <= delay < float("inf")
+        ):
             raise ProgramDefinitionError(
-                f"add_assoc({name_of(event)!r}, ..., delay={delay!r}): durable delays are "
-                "not implemented yet; fire the event from a step after waiting instead"
+                f"add_assoc({name_of(event)!r}, ..., delay={delay!r}): give the seconds to "
+                "wait after the event fires (a number, 0 for none)"
             )
         event_name = self._event_name(event, "add_assoc")
         if not targets:
@@ -380,6 +391,9 @@ class ProgramBuilder:
         # Resolve every target before changing anything: a bad one leaves no partial assoc.
         resolved = [self._target(target, event_name) for target in targets]
         self._changed()
+        if delay:
+            self.delays.setdefault(event_name, {}).update(dict.fromkeys(resolved, float(delay)))
+            return
         # An ordered dict per event: a duplicate check that costs O(1), not a list scan
         # (which made a fan-out of n targets cost n²/2 comparisons).
         self.assocs.setdefault(event_name, {}).update(dict.fromkeys(resolved))

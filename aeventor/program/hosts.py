@@ -23,8 +23,8 @@ def _event_graph(program: ProgramDef) -> dict[str, list[str]]:
     """For each event, the events it leads to directly: its event assocs and the derived
     events whose expressions name it."""
     leads: dict[str, list[str]] = {}
-    for event_name, targets in program.assocs.items():
-        for kind, target in targets:
+    for event_name in dict.fromkeys([*program.assocs, *program.delays]):
+        for kind, target in program.targets(event_name):
             if kind == "event":
                 leads.setdefault(event_name, []).append(target)
     for event in program.events.values():
@@ -43,7 +43,7 @@ def _steps_reached(
     queue = deque([event])
     while queue:
         current = queue.popleft()
-        for kind, target in program.assocs.get(current, ()):
+        for kind, target in program.targets(current):
             if kind == "step":
                 steps[target] = None
         for following in leads.get(current, ()):

@@ -14,7 +14,7 @@ import inspect
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -251,7 +251,9 @@ class StepDef:
 class ProgramDef:
     """A whole program as data. ``assocs`` maps an event to the steps and events it fans out to.
 
-    Each assoc target is ``("step", name)`` or ``("event", name)``.
+    Each assoc target is ``("step", name)`` or ``("event", name)``. ``delays`` holds the
+    associations made with a delay: an event to ``(kind, name, seconds)`` targets, reached
+    that many seconds after the event fired.
     """
 
     name: str
@@ -260,6 +262,13 @@ class ProgramDef:
     assocs: Mapping[str, tuple[tuple[str, str], ...]]
     stop_on_exception: bool = True
     groups: Mapping[str, GroupDef] = field(default_factory=dict)
+    delays: Mapping[str, tuple[tuple[str, str, float], ...]] = field(default_factory=dict)
+
+    def targets(self, event: str) -> Iterator[tuple[str, str]]:
+        """Every ``(kind, name)`` the event leads to, at once or after a delay."""
+        yield from self.assocs.get(event, ())
+        for kind, target, _ in self.delays.get(event, ()):
+            yield kind, target
 
     def validate(self) -> None:
         """Check every reference; raise :class:`ProgramDefinitionError` naming the first bad one."""
@@ -278,7 +287,10 @@ class ProgramDef:
                         f"uses undefined event {ref!r}; define it first with "
                         f"ev.add_event({ref!r})"
                     )
-        for event_name, targets in self.assocs.items():
+        every = {e: list(ts) for e, ts in self.assocs.items()}
+        for event_name, delayed in self.delays.items():
+            every.setdefault(event_name, []).extend((k, t) for k, t, _ in delayed)
+        for event_name, targets in every.items():
             if event_name not in self.events:
                 raise ProgramDefinitionError(
                     f"add_assoc: undefined event {event_name!r}; define it with "
@@ -336,6 +348,12 @@ class ProgramDef:
                 for g in sorted(self.groups.values(), key=lambda g: g.name)
             ],
             "assocs": {k: [list(t) for t in v] for k, v in sorted(self.assocs.items())},
+            # Only when there are some: programs defined before delays keep their version.
+            **(
+                {"delays": {k: [list(t) for t in v] for k, v in sorted(self.delays.items())}}
+                if self.delays
+                else {}
+            ),
         }
 
     @classmethod
@@ -373,11 +391,16 @@ class ProgramDef:
             for g in data.get("groups", [])
         }
         assocs = {k: tuple((t[0], t[1]) for t in v) for k, v in data["assocs"].items()}
+        delays = {
+            k: tuple((t[0], t[1], float(t[2])) for t in v)
+            for k, v in data.get("delays", {}).items()
+        }
         return cls(
             name=data["name"],
             events=events,
             steps=steps,
             assocs=assocs,
+            delays=delays,
             stop_on_exception=data["stop_on_exception"],
             groups=groups,
         )

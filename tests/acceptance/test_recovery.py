@@ -320,3 +320,50 @@ def test_a_recovered_runs_deterministic_log_keeps_the_first_generation(tmp_path:
     assert text.index("run ended: failure") < text.index("recovery 1 started: running check[0]")
     assert text.index("step check[0] recovery 1 success") < text.rindex("run ended: success")
     assert text.count("event go[0] fired") == 1
+
+
+DELAYED = """
+import sys
+import aeventor as evr
+
+ev = evr.Eventor(name="delayed", store=sys.argv[1], log_dir=sys.argv[2] + "/logs")
+ev.add_event("go")
+ev.add_step("first", command=["sh", "-c", "echo first >> " + sys.argv[2] + "/ran.txt"])
+ev.add_step("later", command=["sh", "-c", "echo later >> " + sys.argv[2] + "/ran.txt"])
+ev.add_assoc("go", "first")
+ev.add_assoc("go", "later", delay=float(sys.argv[3]))
+ev.trigger_event("go")
+if __name__ == "__main__":
+    print(ev.run_sync().run_id)
+"""
+
+
+async def test_a_delay_survives_its_controllers_death(state: Path, store: str) -> None:
+    script = state / "delayed.py"
+    script.write_text(DELAYED)
+    controller = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), store, str(state), "4", env=env(state),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await wait_until(lambda: ran(state) == ["first"], what="the first step")
+        run_id = await asyncio.to_thread(_only_run, store, state)
+
+        async def first_recorded() -> bool:
+            result = await evr.run_result(store, run_id)
+            return any(s.step == "first" and s.status.value == "success" for s in result.steps)
+
+        await wait_until(first_recorded, what="the first step's success")
+    finally:
+        controller.kill()
+        await controller.communicate()
+    assert ran(state) == ["first"]  # killed before the delay was due
+    done = await within(
+        asyncio.to_thread(cli, state, "recover", run_id, "--store", store), what="the recovery"
+    )
+    assert done.returncode == 0, done.stderr
+    assert ran(state) == ["first", "later"]
+    result = await evr.run_result(store, run_id)
+    assert result.ok and result.recovery == 1
+    first, later = result.step("first"), result.step("later")
+    assert (later.created - first.created).total_seconds() >= 4 - 0.1

@@ -64,3 +64,67 @@ async def test_a_retry_on_an_agent_is_signed_and_run(
     assert [(s.attempt, s.status.value) for s in result.steps] == [
         (1, "failure"), (2, "success"),
     ]  # fmt: skip
+
+
+@pytest.mark.postgres
+async def test_cancelling_one_step_run_on_an_agent_leaves_no_process(
+    pg_store: str, agents: Agents, tmp_path: Path
+) -> None:
+    await agents.start(pg_store, "s1", allow=(*ALLOW, "tests.integration.stepfuncs"))
+    pid_file = tmp_path / "pids"
+    ev = evr.Eventor(name="cancelone", store=pg_store, mode="distributed", cluster_key=CLUSTER_KEY)
+    ev.add_event("go")
+    ev.add_event("stopped")
+    ev.add_step(
+        "sleeper", stepfuncs.spawn_and_sleep, kwargs={"pid_file": str(pid_file)}, host="s1",
+        triggers={evr.StepStatus.failure: ("stopped",)},
+    )  # fmt: skip
+    ev.add_step("handler", host="s1")
+    ev.add_assoc("go", "sleeper")
+    ev.add_assoc("stopped", "handler")
+    ev.trigger_event("go")
+    async with ev:
+        handle = ev.start()
+        await wait_until(pid_file.exists, what="the step to start")
+        pids = [int(p) for p in pid_file.read_text().split()]
+        await handle.cancel_step("sleeper")
+        result = await within(handle.wait(), what="the run")
+    for pid in pids:
+        await wait_until(lambda pid=pid: not pid_alive(pid), what=f"process {pid} to be gone")
+    assert result.step("sleeper").status is evr.StepStatus.cancelled
+    assert result.step("handler").status is evr.StepStatus.success
+
+
+@pytest.mark.postgres
+async def test_a_delay_survives_a_restart_of_every_process(
+    pg_store: str, agents: Agents, tmp_path: Path
+) -> None:
+    """The submitter exits at once; the only agent dies before the delay is due; the
+    host's next agent reaches it."""
+    doomed = await agents.start(pg_store, "s1")
+    ev = evr.Eventor(name="delayed", store=pg_store, mode="distributed", cluster_key=CLUSTER_KEY)
+    ev.add_event("go")
+    ev.add_step("first", host="s1")
+    ev.add_step("later", host="s1")
+    ev.add_assoc("go", "first")
+    ev.add_assoc("go", "later", delay=3)
+    ev.trigger_event("go")
+    async with ev:
+        run_id = await ev.submit()
+
+    async def first_done() -> bool:
+        result = await evr.run_result(pg_store, run_id)
+        return any(s.step == "first" and s.status.value == "success" for s in result.steps)
+
+    await wait_until(first_done, what="the first step")
+    doomed.proc.kill()
+    await doomed.proc.wait()
+    await agents.start(pg_store, "s1")
+
+    async def ended() -> bool:
+        return (await evr.run_result(pg_store, run_id)).status is not evr.RunStatus.running
+
+    await wait_until(ended, what="the run to end")
+    result = await evr.run_result(pg_store, run_id)
+    assert result.ok, result.reason
+    assert (result.step("later").created - result.step("first").created).total_seconds() >= 2.9

@@ -162,6 +162,28 @@ async def a_step_that_succeeded_is_not_run_again_by_another_event(store: Store) 
     assert await store.run_status(run_id) is RunStatus.success
 
 
+async def a_cancelled_step_stops_the_run_and_recovery_reruns_it(store: Store) -> None:
+    graph = program()
+    run_id = await start(store, graph)
+    claims = await store.claim(worker="w", limit=10, run_id=run_id)
+    assert sorted(c.step for c in claims) == ["a", "b"]
+    cancelled = await store.cancel_step(graph, run_id, "a", "0", reason="by hand")
+    assert cancelled.recorded and cancelled.run_status is RunStatus.running  # b still runs
+    again = await store.cancel_step(graph, run_id, "a", "0", reason="twice")
+    assert not again.recorded
+    [b] = [c for c in claims if c.step == "b"]
+    ended = await store.complete(graph, b, status=S)
+    assert ended.run_status is RunStatus.failure  # stopped by the unhandled cancel: no c
+    result = await store.load_result(run_id)
+    assert "step a[0] was cancelled (by hand)" in (result.reason or "")
+    assert result.step("a").error == "by hand"
+    # b's success fired b_ok in the stopped run: c was recorded skipped. Both run again.
+    recovery = await store.recover(graph, run_id, generation=0)
+    assert recovery.rerun == (("a", "0"), ("c", "0"))
+    assert await drive(store, graph, run_id) == ["a", "c", "d"]
+    assert await store.run_status(run_id) is RunStatus.success
+
+
 SCENARIOS: list[Callable[[Store], Awaitable[None]]] = [
     recover_reruns_only_what_did_not_succeed,
     rerun_runs_the_step_and_what_follows_it,
@@ -170,6 +192,7 @@ SCENARIOS: list[Callable[[Store], Awaitable[None]]] = [
     two_recoveries_at_once_recover_once,
     a_live_holder_refuses_and_a_dead_ones_work_is_superseded,
     a_step_that_succeeded_is_not_run_again_by_another_event,
+    a_cancelled_step_stops_the_run_and_recovery_reruns_it,
 ]
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL
 
 import aeventor as evr
 from aeventor.backends.stores import resolve_url
+from aeventor.dispatch import Graph
 from aeventor.exceptions import (
     ConfigurationError,
     ProgramDefinitionError,
@@ -410,12 +411,35 @@ def test_add_assoc_needs_a_target() -> None:
     raises_definition_error(lambda: ev.add_assoc("a"), "at least one")
 
 
-@pytest.mark.parametrize("delay", [1, 0.5])
-def test_add_assoc_rejects_a_delay(delay: float) -> None:
+@pytest.mark.parametrize("delay", [-1, float("inf"), "5", True])
+def test_add_assoc_rejects_a_bad_delay(delay: object) -> None:
     ev = new_eventor()
     ev.add_event("a")
     ev.add_step("s")
-    raises_definition_error(lambda: ev.add_assoc("a", "s", delay=delay), "delay", "not implemented")
+    raises_definition_error(
+        lambda: ev.add_assoc("a", "s", delay=delay),  # type: ignore[arg-type]
+        "delay=",
+        "give the seconds",
+    )
+
+
+def test_a_delayed_assoc_is_part_of_the_definition_and_of_the_plan() -> None:
+    ev = new_eventor()
+    ev.add_event("a")
+    ev.add_event("later")
+    ev.add_step("s")
+    ev.add_step("t")
+    ev.add_assoc("a", "s")
+    ev.add_assoc("a", "t", "later", delay=2.5)
+    program = ev.program
+    assert program.assocs == {"a": (("step", "s"),)}
+    assert program.delays == {"a": (("step", "t", 2.5), ("event", "later", 2.5))}
+    assert evr.ProgramDef.from_json(program.to_json()) == program
+    plan = Graph(program).fire(set(), ["a"])
+    assert plan.steps == ("s",)
+    assert plan.delays == (("a", "step", "t", 2.5), ("a", "event", "later", 2.5))
+    # A program without delays keeps its definition (and its version) as before.
+    assert "delays" not in new_eventor().program.to_json()
 
 
 def test_add_assoc_resolves_names_and_objects_and_deduplicates() -> None:

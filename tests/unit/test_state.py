@@ -450,11 +450,18 @@ def test_ready_and_active_fire_only_their_own_triggers(status: StepStatus) -> No
     assert graph.trigger_events("s", status) == ("own",)
 
 
-@pytest.mark.parametrize("status", [S.skipped, S.cancelled])
-def test_skipped_and_cancelled_fire_nothing(status: StepStatus) -> None:
+def test_skipped_fires_nothing() -> None:
     every = {st: [f"on_{st.value}"] for st in (S.ready, S.active, S.success, S.failure)}
     graph = triggered({**every, S.complete: ["c"]})
-    assert graph.trigger_events("s", status) == ()
+    assert graph.trigger_events("s", S.skipped) == ()
+
+
+def test_a_step_run_cancelled_on_its_own_fires_what_a_failure_fires() -> None:
+    """(A run's cancel cancels its step runs without asking the graph: nothing fires.)"""
+    every = {st: [f"on_{st.value}"] for st in (S.ready, S.active, S.success, S.failure)}
+    graph = triggered({**every, S.complete: ["c"]})
+    assert graph.trigger_events("s", S.cancelled) == ("on_failure", "c")
+    assert graph.step_outcome("s", S.cancelled).stop_run is False  # handled
 
 
 @pytest.mark.parametrize("status", list(StepStatus))
@@ -497,15 +504,17 @@ def test_a_failure_stops_the_run_only_when_unhandled_and_stop_on_exception(
     assert outcome == StepOutcome(graph.trigger_events("s", S.failure), stop_run)
 
 
-@pytest.mark.parametrize("status", [S.failure, S.lost])
-def test_a_lost_step_run_fires_and_stops_as_a_failure(status: StepStatus) -> None:
+@pytest.mark.parametrize("status", [S.failure, S.lost, S.cancelled])
+def test_a_lost_or_cancelled_step_run_fires_and_stops_as_a_failure(status: StepStatus) -> None:
     graph = triggered({S.failure: ["f"], S.complete: ["c"]})
     assert graph.step_outcome("s", status) == StepOutcome(("f", "c"), False)
     bare = build(steps=["s"], stop_on_exception=True)
     assert bare.step_outcome("s", status) == StepOutcome((), True)
 
 
-@pytest.mark.parametrize("status", [s for s in StepStatus if s not in (S.failure, S.lost)])
+@pytest.mark.parametrize(
+    "status", [s for s in StepStatus if s not in (S.failure, S.lost, S.cancelled)]
+)
 def test_no_other_status_stops_the_run(status: StepStatus) -> None:
     graph = build(steps=["s"], stop_on_exception=True)
     assert graph.step_outcome("s", status) == StepOutcome((), False)

@@ -42,7 +42,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ...dispatch import PENDING
-from ...dispatch.claims import RunWorkers, StepRunState, WorkerState, new_token
+from ...dispatch.claims import Delay, RunWorkers, StepRunState, WorkerState, new_token
 from ...dispatch.store import (
     Claim,
     NewStepRun,
@@ -195,6 +195,11 @@ _PENDING = (
         t.step_run.c.run_id == sa.bindparam("run_id"),
         t.step_run.c.status.in_([sa.literal(s.value, literal_execute=True) for s in PENDING]),
     )
+)
+_PENDING_DELAYS = (
+    sa.select(sa.func.count())
+    .select_from(t.delay)
+    .where(t.delay.c.run_id == sa.bindparam("run_id"), t.delay.c.done.is_(None))
 )
 #: The step run is active under this claim: its fencing token is the claimer's. A worker
 #: whose lease was taken (reaped, requeued, claimed again) holds a stale token.
@@ -901,6 +906,41 @@ class Database(Store):
             )
             return [(r.event, r.sequence) for r in rows]
 
+    def _pending_delays(self, run_id: str | None) -> sa.Select[Any]:
+        d, r = t.delay.c, t.run.c
+        query = (
+            sa.select(d.id, d.run_id, d.sequence, d.recovery, d.event, d.kind, d.target, d.due)
+            .join_from(t.delay, t.run, r.id == d.run_id)
+            .where(d.done.is_(None), r.status == RunStatus.running.value)
+        )
+        if run_id is not None:
+            return query.where(d.run_id == run_id)
+        return query.where(r.mode == "distributed")
+
+    @retry_transient
+    async def due_delays(self, *, run_id: str | None = None, limit: int = 100) -> list[Delay]:
+        query = (
+            self._pending_delays(run_id)
+            .where(t.delay.c.due <= self.server_now())
+            .order_by(t.delay.c.due, t.delay.c.id)
+            .limit(limit)
+        )
+        async with self.reading() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            Delay(r.id, r.run_id, r.sequence, r.recovery, r.event, r.kind, r.target) for r in rows
+        ]
+
+    @retry_transient
+    async def next_delay(self, *, run_id: str | None = None) -> float | None:
+        query = self._pending_delays(run_id).order_by(t.delay.c.due).limit(1)
+        async with self.reading() as conn:
+            row = (await conn.execute(query)).one_or_none()
+            if row is None:
+                return None
+            now = (await conn.execute(sa.select(self.server_now()))).scalar_one()
+        return max(float((row.due - now).total_seconds()), 0.0)
+
     @retry_transient
     async def run_workers(self, run_id: str) -> RunWorkers:
         run, c = t.run.c, t.step_run.c
@@ -1158,6 +1198,7 @@ class SqlTx:
         self.conn = conn
         self.claims_on_insert = db.claims_on_insert
         self.retried = retried
+        self.earliest_delay: float | None = None
         #: run id -> queues to NOTIFY at commit
         self.notifications: dict[str, set[str | None]] = {}
 
@@ -1318,8 +1359,43 @@ class SqlTx:
         inserted = await self.conn.execute(statement.returning(*_CLAIM_COLUMNS), values)
         return [Claim.from_row(r) for r in inserted.all()]
 
-    async def pending(self, run_id: str) -> int:
-        return int((await self.conn.execute(_PENDING, {"run_id": run_id})).scalar_one())
+    async def pending(self, run_id: str, *, delays: bool = True) -> int:
+        count = int((await self.conn.execute(_PENDING, {"run_id": run_id})).scalar_one())
+        if count or not delays:
+            return count
+        return int((await self.conn.execute(_PENDING_DELAYS, {"run_id": run_id})).scalar_one())
+
+    async def add_delays(
+        self,
+        run_id: str,
+        sequence: str,
+        recovery: int,
+        delays: Sequence[tuple[str, str, str, float]],
+    ) -> None:
+        now = t.utcnow()
+        for event, kind, target, seconds in delays:
+            await self.conn.execute(
+                self.db._insert_ignore(t.delay).values(
+                    run_id=run_id,
+                    sequence=sequence,
+                    recovery=recovery,
+                    event=event,
+                    kind=kind,
+                    target=target,
+                    due=self.db.server_now_plus(timedelta(seconds=seconds)),
+                    created=now,
+                )
+            )
+            if self.earliest_delay is None or seconds < self.earliest_delay:
+                self.earliest_delay = seconds
+
+    async def take_delay(self, delay_id: int) -> bool:
+        updated = await self.conn.execute(
+            t.delay.update()
+            .where(t.delay.c.id == delay_id, t.delay.c.done.is_(None))
+            .values(done=t.utcnow())
+        )
+        return bool(updated.rowcount == 1)
 
     async def stop_run(self, run_id: str, reason: str | None) -> None:
         values: dict[str, Any] = {"stopped": True}
@@ -1354,6 +1430,40 @@ class SqlTx:
             )
             .values(status=StepStatus.cancelled.value, ended=t.utcnow(), lease_until=None)
         )
+
+    async def pending_step_run(
+        self, run_id: str, step: str, sequence: str
+    ) -> tuple[int, int] | None:
+        c = t.step_run.c
+        row = (
+            await self.conn.execute(
+                sa.select(c.id, c.recovery)
+                .where(
+                    c.run_id == run_id,
+                    c.step == step,
+                    c.sequence == sequence,
+                    c.status.in_([s.value for s in PENDING]),
+                )
+                .order_by(c.id.desc())
+                .limit(1)
+            )
+        ).one_or_none()
+        return None if row is None else (int(row.id), int(row.recovery))
+
+    async def cancel_step_run(self, step_run_id: int, error: str) -> bool:
+        c = t.step_run.c
+        updated = await self.conn.execute(
+            t.step_run.update()
+            .where(c.id == step_run_id, c.status.in_([s.value for s in PENDING]))
+            .values(
+                status=StepStatus.cancelled.value,
+                error=error,
+                ended=t.utcnow(),
+                lease_until=None,
+                token=None,
+            )
+        )
+        return bool(updated.rowcount == 1)
 
     async def holders(self, run_id: str) -> set[str]:
         rows = await self.conn.execute(

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ("agent", "metadata", "program", "run", "step_run", "trigger", "utcnow")
+__all__ = ("agent", "delay", "metadata", "program", "run", "step_run", "trigger", "utcnow")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -182,6 +182,27 @@ step_run = Table(
     # Leases of active step runs: renewal by worker, expiry scans.
     Index(None, "status", "lease_until"),
     Index(None, "worker", "status"),
+)
+
+delay = Table(
+    "aeventor_delay",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("run_id", String(36), ForeignKey("aeventor_run.id"), nullable=False),
+    Column("sequence", String(NAME), nullable=False),
+    Column("recovery", Integer, nullable=False),
+    # The event whose delayed association this is, and its target ("step" or "event").
+    Column("event", String(NAME), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("target", String(NAME), nullable=False),
+    # When the target is due (the server's clock), and when it was reached (None: pending).
+    Column("due", UTCDateTime, nullable=False),
+    Column("done", UTCDateTime, nullable=True),
+    Column("created", UTCDateTime, nullable=False),
+    UniqueConstraint("run_id", "sequence", "recovery", "event", "kind", "target"),
+    # The due ones, for whoever reaches them; a run's pending ones.
+    Index(None, "done", "due"),
+    Index(None, "run_id", "done"),
 )
 
 agent = Table(
