@@ -551,12 +551,13 @@ def build_tree(
     """Arrange a run's fired events and step runs as a tree, per sequence.
 
     The store records what fired and what ran, not why; the program says why. There are
-    three ways an event fires: an association from an event fired earlier, a step run's
-    outcome (its ``triggers``), or an expression over events fired earlier. An event is put
-    under the first of those that explains it (an expression: under the last of its events
-    to fire), else at its sequence's top level (an initial trigger, or a step's own code).
-    A step run goes under the first fired event associated with its step; every attempt
-    and recovery of one step and sequence stays together.
+    three ways an event fires: an association (delayed or not) from an event fired earlier,
+    a step run's outcome (its ``triggers``), or an expression over events fired earlier. An
+    event is put under the first of those that explains it (an expression: under the last
+    of its events to fire), else at its sequence's top level (an initial trigger, or a
+    step's own code). A step run goes under the first fired event associated with its step
+    (at once or after a delay); every attempt and recovery of one step and sequence stays
+    together.
 
     Args:
         fired: ``(event, sequence)`` pairs in firing order; repeats are ignored.
@@ -598,7 +599,7 @@ def _sequence_tree(
         else:
             step_events[parent.id].append(event)
         event_steps[event], event_events[event] = [], []
-        for kind, target in program.assocs.get(event, ()):
+        for kind, target in program.targets(event):  # delayed associations too
             if kind == "step" and target in waiting:
                 made = waiting.pop(target)
                 event_steps[event] += made
@@ -629,7 +630,7 @@ def _parent(
     program: ProgramDef, event: str, earlier: list[str], placed: list[StepRun]
 ) -> str | StepRun | None:
     for before in earlier:
-        if ("event", event) in program.assocs.get(before, ()):
+        if ("event", event) in program.targets(before):
             return before
     for run in placed:
         step = program.steps.get(run.step)

@@ -82,8 +82,10 @@ def etl() -> ProgramDef:
     ev.add_step("transform", triggers={evr.StepStatus.success: (transformed,)})
     ev.add_step("load")
     ev.add_step("stray")
+    ev.add_step("later")
     ev.add_assoc(start, "extract", "transform", alias)
     ev.add_assoc(both, "load")
+    ev.add_assoc(alias, "later", delay=60)
     return ev.program
 
 
@@ -115,6 +117,7 @@ def test_the_tree_explains_each_event_and_step_run_once() -> None:
         step_run(5, "extract", "2", "active", ended=None),
         step_run(6, "stray", "2", "skipped"),
         step_run(7, "transform", "3"),
+        step_run(8, "later", "1"),
     ]
     one, two, three = queries.build_tree(etl(), fired, steps)
     assert (one.sequence, two.sequence, three.sequence) == ("1", "2", "3")
@@ -126,7 +129,7 @@ def test_the_tree_explains_each_event_and_step_run_once() -> None:
             ("extract#1", "extracted"),
             "transform#1",
             ("transform#2", ("more", ("both", "load#1"))),
-            "alias",
+            ("alias", "later#1"),  # a delayed association's step run
         )
     ]
     assert one.unreached == ()
