@@ -33,7 +33,14 @@ from .dispatch.store import Notifier, RunOrigin
 from .exceptions import AeventorError, ConfigurationError, NoResult
 from .program.expr import names
 from .program.model import ProgramDef, RunStatus, StepStatus
-from .records import ProgramSummary, RunResult, StepRun, run_log_dir, step_log_path
+from .records import (
+    DelayedTarget,
+    ProgramSummary,
+    RunResult,
+    StepRun,
+    run_log_dir,
+    step_log_path,
+)
 
 __all__ = (
     "CLEANUP_BATCH",
@@ -90,6 +97,8 @@ class RunReader(Protocol):
     async def list_programs(self) -> list[ProgramSummary]: ...
 
     async def fired_events(self, run_id: str) -> list[tuple[str, str]]: ...
+
+    async def run_delays(self, run_id: str) -> list[DelayedTarget]: ...
 
     async def run_program(self, run_id: str) -> ProgramDef: ...
 
@@ -484,6 +493,8 @@ class EventNode:
     sequence: str
     steps: tuple[StepNode, ...] = ()
     events: tuple[EventNode, ...] = ()
+    #: Its delayed associations still pending (their step runs or events are to come).
+    pending: tuple[DelayedTarget, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,6 +523,7 @@ class RunDetails:
             run fires its events again in each generation).
         sequences: the tree, per sequence in first-firing order.
         mode: ``standalone`` or ``distributed``.
+        delays: its delayed associations that fired, pending or reached, by due time.
 
     .. versionadded:: 0.1
     """
@@ -521,6 +533,7 @@ class RunDetails:
     events: tuple[tuple[str, str], ...]
     sequences: tuple[SequenceTree, ...]
     mode: str
+    delays: tuple[DelayedTarget, ...] = ()
 
 
 async def run_details(store: StoreArg, run_id: str) -> RunDetails:
@@ -536,17 +549,23 @@ async def run_details(store: StoreArg, run_id: str) -> RunDetails:
         program = await db.run_program(result.run_id)
         fired = tuple(dict.fromkeys(await db.fired_events(result.run_id)))
         origin = await db.run_origin(result.run_id)
+        delays = tuple(await db.run_delays(result.run_id))
     return RunDetails(
         result=result,
         program=program,
         events=fired,
-        sequences=build_tree(program, fired, result.steps),
+        sequences=build_tree(program, fired, result.steps, delays=delays),
         mode=origin.mode,
+        delays=delays,
     )
 
 
 def build_tree(
-    program: ProgramDef, fired: Sequence[tuple[str, str]], steps: Sequence[StepRun]
+    program: ProgramDef,
+    fired: Sequence[tuple[str, str]],
+    steps: Sequence[StepRun],
+    *,
+    delays: Sequence[DelayedTarget] = (),
 ) -> tuple[SequenceTree, ...]:
     """Arrange a run's fired events and step runs as a tree, per sequence.
 
@@ -562,6 +581,7 @@ def build_tree(
     Args:
         fired: ``(event, sequence)`` pairs in firing order; repeats are ignored.
         steps: the run's step runs.
+        delays: the run's delayed associations; those pending go under their event.
 
     .. versionadded:: 0.1
     """
@@ -573,13 +593,18 @@ def build_tree(
             seq,
             [event for event, at in order if at == seq],
             [s for s in steps if s.sequence == seq],
+            [d for d in delays if d.sequence == seq and d.done is None],
         )
         for seq in sequences
     )
 
 
 def _sequence_tree(
-    program: ProgramDef, sequence: str, events: list[str], steps: list[StepRun]
+    program: ProgramDef,
+    sequence: str,
+    events: list[str],
+    steps: list[StepRun],
+    pending: list[DelayedTarget],
 ) -> SequenceTree:
     waiting: dict[str, list[StepRun]] = {}
     for run in sorted(steps, key=lambda s: (s.recovery, s.attempt, s.id)):
@@ -616,6 +641,7 @@ def _sequence_tree(
             sequence,
             tuple(step_node(run) for run in event_steps[event]),
             tuple(event_node(e) for e in event_events[event]),
+            tuple(d for d in pending if d.event == event),
         )
 
     unreached = sorted((run for runs in waiting.values() for run in runs), key=lambda s: s.id)

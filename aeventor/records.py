@@ -10,7 +10,14 @@ from typing import Any
 
 from .program.model import RunStatus, StepStatus
 
-__all__ = ("ProgramSummary", "RunResult", "StepRun", "run_log_dir", "step_log_path")
+__all__ = (
+    "DelayedTarget",
+    "ProgramSummary",
+    "RunResult",
+    "StepRun",
+    "run_log_dir",
+    "step_log_path",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +129,28 @@ class ProgramSummary:
     last_run_id: str | None
     last_status: RunStatus | None
     last_run: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DelayedTarget:
+    """A delayed association of a run that fired (``add_assoc(..., delay=)``).
+
+    Attributes:
+        event: the event that fired; ``sequence`` and ``recovery`` its firing's.
+        kind: ``step`` or ``event``; ``target`` its name.
+        due: when the target is reached (the store server's clock).
+        done: when it was reached; None while it is pending.
+
+    .. versionadded:: 0.1
+    """
+
+    event: str
+    sequence: str
+    recovery: int
+    kind: str
+    target: str
+    due: datetime
+    done: datetime | None
 
 
 def _safe(name: str) -> str:

@@ -71,7 +71,7 @@ from .dispatch.store import (
 )
 from .exceptions import NoResult, UniqueViolation
 from .program.model import ProgramDef, RunStatus, StepStatus
-from .records import ProgramSummary, RunResult, StepRun, run_log_dir
+from .records import DelayedTarget, ProgramSummary, RunResult, StepRun, run_log_dir
 
 __all__ = ("FakeClock", "FakeExecutor", "InMemoryStore")
 
@@ -509,6 +509,15 @@ class InMemoryStore(Store):
                 (event, seq) for (run, seq, _, event) in self._t.triggers if run == run_id
             )
         )
+
+    async def run_delays(self, run_id: str) -> list[DelayedTarget]:
+        """A run's delayed associations that fired, by due time (as the SQL stores')."""
+        found = [
+            (due, id_, DelayedTarget(key[3], key[1], key[2], key[4], key[5], due, done))
+            for key, (id_, due, done) in self._t.delays.items()
+            if key[0] == run_id
+        ]
+        return [delay for _, _, delay in sorted(found, key=lambda item: item[:2])]
 
     def _pending_delays(self, run_id: str | None) -> list[tuple[Delay, datetime]]:
         found = []

@@ -203,6 +203,18 @@ def _show_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 "log_dir": None if result.log_dir is None else str(result.log_dir),
                 "steps": [_step_json(result, s) for s in result.steps],
                 "events": [{"event": e, "sequence": seq} for e, seq in details.events],
+                "delays": [
+                    {
+                        "event": d.event,
+                        "sequence": d.sequence,
+                        "recovery": d.recovery,
+                        "kind": d.kind,
+                        "target": d.target,
+                        "due": d.due.isoformat(),
+                        "done": None if d.done is None else d.done.isoformat(),
+                    }
+                    for d in details.delays
+                ],
             }
         )
     else:
@@ -255,6 +267,10 @@ def _add_event(parent: Tree, result: RunResult, node: queries.EventNode) -> None
         _add_step(branch, result, step)
     for event in node.events:
         _add_event(branch, result, event)
+    for delay in node.pending:
+        name = f"{delay.target}[{delay.sequence}]" if delay.kind == "step" else delay.target
+        what = name if delay.kind == "step" else f"event {name}"
+        branch.add(Text(f"{what} delayed: due {time_text(delay.due)} UTC", style="yellow"))
 
 
 def _add_step(parent: Tree, result: RunResult, node: queries.StepNode) -> None:

@@ -88,3 +88,37 @@ def test_show_a_failed_step_under_its_event(cli_store: str, tmp_path: Path) -> N
     at = next(i for i, line in enumerate(lines) if "check[a] failure" in line)
     assert lines[at - 1].endswith("└── event both")
     assert lines[at + 1].endswith(f"├── RuntimeError: {flag} says fail")
+
+
+def test_show_a_pending_delay(cli_store: str) -> None:
+    import asyncio
+
+    from aeventor.backends.stores import open_store
+    from aeventor.submission import submit
+
+    ev = evr.Eventor(name="later", store=cli_store, mode="distributed")
+    go = ev.add_event("go")
+    ev.add_step("now", func=hello, args=("now",), host="h1")
+    ev.add_step("soon", func=hello, args=("soon",), host="h1")
+    ev.add_assoc(go, "now")
+    ev.add_assoc(go, "soon", delay=3600)
+    run_id = "e" * 32
+
+    async def queue() -> None:
+        async with open_store(cli_store, program="later") as db:
+            await submit(db, ev.program, [("go", "1")], key=b"k" * 32, run_id=run_id)
+
+    asyncio.run(queue())  # no agent: `now` waits in its queue, `soon` for its delay
+    proc = cli("show", run_id, "--store", cli_store)
+    assert proc.returncode == 4, proc.stderr
+    tree = proc.stdout.splitlines()[3:]
+    assert tree[:2] == ["sequence 1", "└── event go"]
+    assert tree[2].startswith("    ├── now[1] ready  (attempt 1, on h1)")
+    assert re.fullmatch(r"    └── soon\[1\] delayed: due [\d-]+ [\d:]+ UTC", tree[3]), tree[3]
+    (delay,) = json.loads(cli("show", run_id, "--store", cli_store, "--json").stdout)["delays"]
+    assert (delay["event"], delay["kind"], delay["target"], delay["done"]) == (
+        "go",
+        "step",
+        "soon",
+        None,
+    )

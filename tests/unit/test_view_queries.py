@@ -167,3 +167,27 @@ async def test_log_file_of_a_distributed_run_names_its_hosts_and_log_dir() -> No
         await queries.log_file(store, "r1", "zz", log_dir="/logs")
     with pytest.raises(evr.ConfigurationError, match="did not run for sequence '9'"):
         await queries.log_file(store, "r1", "a.9", log_dir="/logs")
+
+
+async def test_run_details_show_a_pending_delay_under_its_event() -> None:
+    ev = evr.Eventor(name="later", store=":memory:", mode="distributed")
+    go = ev.add_event("go")
+    ev.add_step("now", host="h1")
+    ev.add_step("soon", host="h1")
+    ev.add_assoc(go, "now")
+    ev.add_assoc(go, "soon", delay=3600)
+    store = InMemoryStore()
+    await submit(store, ev.program, [("go", "1")], key=KEY, run_id="r1")
+
+    details = await queries.run_details(store, "r1")
+    (delay,) = details.delays
+    assert (delay.event, delay.sequence, delay.kind, delay.target, delay.done) == (
+        "go",
+        "1",
+        "step",
+        "soon",
+        None,
+    )
+    ((event,),) = [seq.events for seq in details.sequences]
+    assert [s.run.step for s in event.steps] == ["now"]
+    assert event.pending == (delay,)

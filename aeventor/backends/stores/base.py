@@ -67,7 +67,7 @@ from ...exceptions import (
 )
 from ...logs import get_logger
 from ...program.model import ProgramDef, RunStatus, StepStatus
-from ...records import ProgramSummary, RunResult, StepRun, run_log_dir
+from ...records import DelayedTarget, ProgramSummary, RunResult, StepRun, run_log_dir
 from ...utils import backoff, stop_at_deadline
 from . import schema as t
 
@@ -905,6 +905,26 @@ class Database(Store):
                 .order_by(first)
             )
             return [(r.event, r.sequence) for r in rows]
+
+    @retry_transient
+    async def run_delays(self, run_id: str) -> list[DelayedTarget]:
+        """A run's delayed associations that fired, pending or reached, by due time.
+
+        .. versionadded:: 0.1
+        """
+        d = t.delay.c
+        async with self.reading() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(d.event, d.sequence, d.recovery, d.kind, d.target, d.due, d.done)
+                    .where(d.run_id == run_id)
+                    .order_by(d.due, d.id)
+                )
+            ).all()
+        return [
+            DelayedTarget(r.event, r.sequence, r.recovery, r.kind, r.target, r.due, r.done)
+            for r in rows
+        ]
 
     def _pending_delays(self, run_id: str | None) -> sa.Select[Any]:
         d, r = t.delay.c, t.run.c
