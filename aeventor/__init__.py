@@ -32,8 +32,17 @@ if TYPE_CHECKING:
     )
     from .program.expr import and_, or_
     from .program.model import ProgramDef, Retry, RunStatus, StepStatus
-    from .queries import AmbiguousRunId, Cleanup, RunEnded, cancel, cleanup, run_result, runs
-    from .records import RunResult, StepRun
+    from .queries import (
+        AmbiguousRunId,
+        Cleanup,
+        RunEnded,
+        cancel,
+        cleanup,
+        programs,
+        run_result,
+        runs,
+    )
+    from .records import ProgramSummary, RunResult, StepRun
     from .recovery import recover, rerun
 
 __version__ = "0.1.0.dev0"
@@ -54,6 +63,7 @@ _WHERE = {
     "ExecutorError": "exceptions",
     "ProgramDefinitionError": "exceptions",
     "ProgramDef": "program.model",
+    "ProgramSummary": "records",
     "Retry": "program.model",
     "RunHandle": "_eventor",
     "RunResult": "records",
@@ -74,6 +84,7 @@ _WHERE = {
     "and_": "program.expr",
     "current_step": "context",
     "or_": "program.expr",
+    "programs": "queries",
     "run_result": "queries",
     "runs": "queries",
 }
@@ -92,6 +103,7 @@ __all__ = (
     "ProgramChanged",
     "ProgramDef",
     "ProgramDefinitionError",
+    "ProgramSummary",
     "RecoveryRefused",
     "Retry",
     "RunEnded",
@@ -112,6 +124,7 @@ __all__ = (
     "cleanup",
     "current_step",
     "or_",
+    "programs",
     "recover",
     "rerun",
     "run_result",

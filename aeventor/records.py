@@ -10,7 +10,14 @@ from typing import Any
 
 from .program.model import RunStatus, StepStatus
 
-__all__ = ("RunResult", "StepRun", "run_log_dir", "step_log_path")
+__all__ = (
+    "DelayedTarget",
+    "ProgramSummary",
+    "RunResult",
+    "StepRun",
+    "run_log_dir",
+    "step_log_path",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +102,55 @@ class RunResult:
         return step_log_path(
             self.log_dir, step_run.step, step_run.sequence, step_run.attempt, step_run.recovery
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramSummary:
+    """A program registered in a store, and its runs, as ``aeventor programs`` lists it.
+
+    Attributes:
+        name: the program's name.
+        versions: how many versions of it are registered.
+        latest_version: the newest version's hash (:attr:`ProgramDef.version`).
+        registered: when the newest version was registered.
+        runs: how many runs of it the store holds (any version).
+        last_run_id: the newest run's id; None without runs.
+        last_status: the newest run's status.
+        last_run: when the newest run was created.
+
+    .. versionadded:: 0.1
+    """
+
+    name: str
+    versions: int
+    latest_version: str
+    registered: datetime
+    runs: int
+    last_run_id: str | None
+    last_status: RunStatus | None
+    last_run: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class DelayedTarget:
+    """A delayed association of a run that fired (``add_assoc(..., delay=)``).
+
+    Attributes:
+        event: the event that fired; ``sequence`` and ``recovery`` its firing's.
+        kind: ``step`` or ``event``; ``target`` its name.
+        due: when the target is reached (the store server's clock).
+        done: when it was reached; None while it is pending.
+
+    .. versionadded:: 0.1
+    """
+
+    event: str
+    sequence: str
+    recovery: int
+    kind: str
+    target: str
+    due: datetime
+    done: datetime | None
 
 
 def _safe(name: str) -> str:

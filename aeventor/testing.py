@@ -71,7 +71,7 @@ from .dispatch.store import (
 )
 from .exceptions import NoResult, UniqueViolation
 from .program.model import ProgramDef, RunStatus, StepStatus
-from .records import RunResult, StepRun, run_log_dir
+from .records import DelayedTarget, ProgramSummary, RunResult, StepRun, run_log_dir
 
 __all__ = ("FakeClock", "FakeExecutor", "InMemoryStore")
 
@@ -510,6 +510,15 @@ class InMemoryStore(Store):
             )
         )
 
+    async def run_delays(self, run_id: str) -> list[DelayedTarget]:
+        """A run's delayed associations that fired, by due time (as the SQL stores')."""
+        found = [
+            (due, id_, DelayedTarget(key[3], key[1], key[2], key[4], key[5], due, done))
+            for key, (id_, due, done) in self._t.delays.items()
+            if key[0] == run_id
+        ]
+        return [delay for _, _, delay in sorted(found, key=lambda item: item[:2])]
+
     def _pending_delays(self, run_id: str | None) -> list[tuple[Delay, datetime]]:
         found = []
         for key, (id_, due, done) in self._t.delays.items():
@@ -582,6 +591,28 @@ class InMemoryStore(Store):
         ]
         runs.sort(key=lambda r: (r.created, r.id), reverse=True)
         return [_summary(r) for r in runs[:limit]]
+
+    async def list_programs(self) -> list[ProgramSummary]:
+        """Every registered program by name, as the SQL stores' list_programs."""
+        found = []
+        for name in sorted({p.name for p in self._t.programs.values()}):
+            versions = [p for p in self._t.programs.values() if p.name == name]
+            newest = max(versions, key=lambda p: (p.created, p.id))
+            runs = [r for r in self._t.runs.values() if r.program_name == name]
+            last = max(runs, key=lambda r: (r.created, r.id)) if runs else None
+            found.append(
+                ProgramSummary(
+                    name=name,
+                    versions=len(versions),
+                    latest_version=newest.version,
+                    registered=newest.created,
+                    runs=len(runs),
+                    last_run_id=None if last is None else last.id,
+                    last_status=None if last is None else last.status,
+                    last_run=None if last is None else last.created,
+                )
+            )
+        return found
 
     # -- for tests ---------------------------------------------------------------------------
 

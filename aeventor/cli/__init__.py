@@ -2,7 +2,8 @@
 
 Every command is a subparser of ``aeventor``, registered by its module:
 
-- :mod:`aeventor.cli.runs`: ``submit``, ``runs``, ``show``, ``db upgrade``;
+- :mod:`aeventor.cli.runs`: ``submit``, ``runs``, ``db upgrade``;
+- :mod:`aeventor.cli.view`: ``show``, ``watch``, ``logs``, ``diff``, ``programs``;
 - :mod:`aeventor.cli.ops`: ``cancel`` and ``cleanup``;
 - :mod:`aeventor.cli.recovery`: ``recover`` and ``rerun``;
 - :mod:`aeventor.cli.agent`: ``agent`` and ``agent start`` (over SSH);
@@ -26,16 +27,20 @@ from ..exceptions import (
     ExecutorError,
     NoResult,
 )
+from ..program.model import RunStatus
 
 __all__ = (
     "EXIT_BAD_INPUT",
     "EXIT_DATABASE",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_PIPE_CLOSED",
+    "EXIT_RUNS_DIFFER",
     "EXIT_RUN_CANCELLED",
     "EXIT_RUN_ENDED",
     "EXIT_RUN_FAILED",
     "EXIT_RUN_RUNNING",
+    "SHOW_EXIT",
     "STORE_ENV",
     "build_parser",
     "main",
@@ -43,36 +48,52 @@ __all__ = (
 )
 
 EXIT_OK = 0
-#: ``show`` of a run that failed; ``submit --wait`` of a run that did not succeed.
+#: ``show`` and ``watch`` of a run that failed; ``submit --wait`` of a run that did not
+#: succeed.
 EXIT_RUN_FAILED = 1
+#: ``diff`` of two runs that differ (as diff(1)).
+EXIT_RUNS_DIFFER = 1
 #: Bad arguments or configuration, an unknown run, a host ``agent start`` cannot reach.
 EXIT_BAD_INPUT = 2
 #: The store failed, or its schema is not this aeventor's.
 EXIT_DATABASE = 3
 #: ``show`` of a run that is still running.
 EXIT_RUN_RUNNING = 4
-#: ``show`` of a run that was cancelled.
+#: ``show`` and ``watch`` of a run that was cancelled.
 EXIT_RUN_CANCELLED = 5
 #: ``cancel`` of a run that had already ended (nothing changed).
 EXIT_RUN_ENDED = 6
 #: The output pipe closed before the command wrote everything (``aeventor runs | head``),
 #: as a process killed by SIGPIPE reports it.
 EXIT_PIPE_CLOSED = 141
+#: Ctrl-C (SIGINT) in ``watch``, ``logs -f`` or ``submit --wait``: the run goes on.
+EXIT_INTERRUPTED = 130
+
+#: The exit code of ``show``, ``watch``, ``recover`` and ``rerun`` for each status of the run.
+SHOW_EXIT = {
+    RunStatus.success: EXIT_OK,
+    RunStatus.failure: EXIT_RUN_FAILED,
+    RunStatus.running: EXIT_RUN_RUNNING,
+    RunStatus.cancelled: EXIT_RUN_CANCELLED,
+}
 
 _EPILOG = """\
 exit codes:
-  0  success
-  1  a run that failed (show, recover, rerun), or did not succeed (submit --wait)
+  0  success; two runs that do not differ (diff)
+  1  a run that failed (show, watch, recover, rerun), or did not succeed (submit --wait);
+     two runs that differ (diff)
   2  bad input: wrong arguments or configuration, an unknown run or program, a run id
-     prefix that several runs share, a missing key or sqlite file, an SSH host that
-     agent start cannot reach
+     prefix that several runs share, a missing key, sqlite file or log file, logs of a
+     distributed run without --log-dir, an SSH host that agent start cannot reach
   3  a database error: the server refused the store's user or password (check the store
      URL or the named store's password), is unreachable, or failed; or the store's
      schema is older (run `aeventor db upgrade`) or newer than this aeventor's; one line
      on stderr names the store (password hidden)
   4  a run that is still running (show); recover refused: the run's controller is alive
-  5  a run that was cancelled (show)
+  5  a run that was cancelled (show, watch)
   6  a run that had already ended (cancel), or nothing to recover: nothing changed
+  130  interrupted (Ctrl-C) while following a run (watch, logs -f, submit --wait): the
+       run goes on
   141  the output pipe closed early (e.g. `aeventor runs | head -1`); nothing more printed
 
 Every command that takes --store defaults to $AEVENTOR_STORE (a URL, sqlite path or store
@@ -85,7 +106,7 @@ Each command has its own --help, e.g. `aeventor agent --help`, `aeventor agent s
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; each sets ``handler`` and ``error_prefix`` defaults."""
     from .. import __version__
-    from . import agent, config, ops, recovery, runs
+    from . import agent, config, ops, recovery, runs, view
 
     parser = argparse.ArgumentParser(
         prog="aeventor",
@@ -99,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_parsers(commands)
     runs.add_parsers(commands)
+    view.add_parsers(commands)
+    runs.add_db_parser(commands)
     ops.add_parsers(commands)
     recovery.add_parsers(commands)
     config.add_parsers(commands)

@@ -19,7 +19,7 @@ from . import (
     STORE_HELP,
     store_from,
 )
-from .runs import print_json, run_json
+from ._output import print_json, run_json
 
 __all__ = ("add_parsers", "parse_age")
 

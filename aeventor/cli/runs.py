@@ -1,58 +1,56 @@
-"""``aeventor submit``, ``runs``, ``show`` and ``db upgrade``: runs and their store."""
+"""``aeventor submit``, ``runs`` and ``db upgrade``: runs and their store."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from rich.text import Text
+
 from .. import queries
 from ..backends.stores import open_store
 from ..exceptions import ConfigurationError
 from ..program.model import RunStatus
-from ..records import RunResult, StepRun
 from . import (
-    EXIT_BAD_INPUT,
-    EXIT_DATABASE,
+    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_RUN_CANCELLED,
-    EXIT_RUN_FAILED,
-    EXIT_RUN_RUNNING,
+    SHOW_EXIT,
     STORE_ENV,
     STORE_HELP,
     store_from,
 )
+from ._output import (
+    SHORT_ID,
+    console,
+    duration_text,
+    print_json,
+    print_table,
+    run_json,
+    status_text,
+    time_text,
+)
 
-__all__ = ("SHOW_EXIT", "add_parsers", "parse_since", "print_json", "run_json")
+# SHOW_EXIT, print_json and run_json are re-exported: other command modules import them here.
+__all__ = (
+    "SHOW_EXIT",
+    "add_db_parser",
+    "add_parsers",
+    "parse_since",
+    "print_json",
+    "run_json",
+    "stopped_watching",
+)
 
 _PREFIX = "aeventor"
 
-#: ``aeventor show``'s exit code for each status of the run.
-SHOW_EXIT = {
-    RunStatus.success: EXIT_OK,
-    RunStatus.failure: EXIT_RUN_FAILED,
-    RunStatus.running: EXIT_RUN_RUNNING,
-    RunStatus.cancelled: EXIT_RUN_CANCELLED,
-}
-
-_SHOW_EPILOG = f"""\
-exit codes:
-  {EXIT_OK}  the run succeeded
-  {EXIT_RUN_FAILED}  the run failed
-  {EXIT_BAD_INPUT}  bad input: no run has this id (or prefix), or several do; a missing sqlite file
-  {EXIT_DATABASE}  a database error, or a schema older than this aeventor (run `aeventor db upgrade`)
-  {EXIT_RUN_RUNNING}  the run is still running
-  {EXIT_RUN_CANCELLED}  the run was cancelled
-"""
-
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``submit``, ``runs``, ``show`` and ``db`` under ``commands``."""
+    """Register ``submit`` and ``runs`` under ``commands``."""
     submit = commands.add_parser(
         "submit",
         help="submit a run to the agents (distributed mode)",
@@ -95,19 +93,9 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     runs.add_argument("--json", action="store_true", help="print a JSON list")
     runs.set_defaults(handler=_runs_command, error_prefix=_PREFIX)
 
-    show = commands.add_parser(
-        "show",
-        help="show a run and its step runs (exit code: its status)",
-        description="Show a run and its step runs. Reads only: never creates nor migrates "
-        "the store.",
-        epilog=_SHOW_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    show.add_argument("run_id", metavar="RUN", help="a run id, or a unique prefix of one")
-    show.add_argument("--store", help=STORE_HELP)
-    show.add_argument("--json", action="store_true", help="print the run as a JSON object")
-    show.set_defaults(handler=_show_command, error_prefix=_PREFIX)
 
+def add_db_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``db`` (``db upgrade``) under ``commands``."""
     db = commands.add_parser(
         "db",
         help="manage a store's schema: db upgrade",
@@ -135,7 +123,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# -- db upgrade, runs, show -------------------------------------------------------------------
+# -- db upgrade, runs ------------------------------------------------------------------------
 
 
 def _upgrade_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -162,124 +150,18 @@ def _runs_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if args.json:
         print_json([run_json(run) for run in found])
         return EXIT_OK
-    rows = [
+    rows: list[list[str | Text]] = [
         [
             run.run_id[:SHORT_ID],
             run.program,
-            run.status.value,
-            _time(run.created),
-            _duration(run.created, run.ended),
+            status_text(run.status),
+            time_text(run.created),
+            duration_text(run.created, run.ended),
         ]
         for run in found
     ]
-    _print_table(["RUN", "PROGRAM", "STATUS", "CREATED (UTC)", "DURATION"], rows)
+    print_table(console(), ["RUN", "PROGRAM", "STATUS", "CREATED (UTC)", "DURATION"], rows)
     return EXIT_OK
-
-
-def _show_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    result = asyncio.run(queries.run_result(store_from(args.store, environ), args.run_id))
-    if args.json:
-        print_json({**run_json(result), "steps": [_step_json(s) for s in result.steps]})
-    else:
-        _print_result(result)
-    return SHOW_EXIT[result.status]
-
-
-def _print_result(result: RunResult) -> None:
-    print(f"run {result.run_id} of {result.program}: {result.status.value}")
-    print(f"  created {_time(result.created)}, duration {_duration(result.created, result.ended)}")
-    if result.reason:
-        print(f"  reason: {result.reason}")
-    for step in result.steps:
-        value = "" if step.result is None else f" -> {step.result!r}"
-        where = f" on {step.host}" if step.host else ""
-        pid = f" pid {step.pid}" if step.pid else ""
-        print(
-            f"  {step.step}[{step.sequence}] {step.status.value}{value}"
-            f"  (attempt {step.attempt}{where}{pid}, {_duration(step.started, step.ended)})"
-        )
-        if step.error:
-            print("    " + step.error.strip().splitlines()[-1])
-
-
-# -- formatting -------------------------------------------------------------------------------
-
-#: How many characters of a run id ``aeventor runs`` shows (``show`` takes any unique prefix).
-SHORT_ID = 8
-
-
-def _time(when: datetime | None) -> str:
-    if when is None:
-        return "-"
-    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _duration(start: datetime | None, end: datetime | None) -> str:
-    """``20ms``, ``1.2s``, ``3m04s``, ``2h05m``, ``3d04h``; ``-`` when it has not ended."""
-    if start is None or end is None:
-        return "-"
-    seconds = max((end - start).total_seconds(), 0.0)
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    whole = int(seconds)
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    if whole < 86400:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
-
-
-def _print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-
-
-def _iso(when: datetime | None) -> str | None:
-    return None if when is None else when.isoformat()
-
-
-def _seconds(start: datetime | None, end: datetime | None) -> float | None:
-    return None if start is None or end is None else (end - start).total_seconds()
-
-
-def run_json(run: RunResult) -> dict[str, Any]:
-    return {
-        "run_id": run.run_id,
-        "program": run.program,
-        "status": run.status.value,
-        "reason": run.reason,
-        "created": _iso(run.created),
-        "ended": _iso(run.ended),
-        "duration": _seconds(run.created, run.ended),
-    }
-
-
-def _step_json(step: StepRun) -> dict[str, Any]:
-    return {
-        "step": step.step,
-        "sequence": step.sequence,
-        "recovery": step.recovery,
-        "attempt": step.attempt,
-        "status": step.status.value,
-        "host": step.host,
-        "worker": step.worker,
-        "pid": step.pid,
-        "result": step.result,
-        "error": step.error,
-        "created": _iso(step.created),
-        "started": _iso(step.started),
-        "ended": _iso(step.ended),
-        "duration": _seconds(step.started, step.ended),
-    }
-
-
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=repr))
 
 
 _SINCE = re.compile(r"(\d+)\s*([smhdw])")
@@ -362,11 +244,29 @@ def _load_target(target: str) -> Any:
     return value
 
 
+def stopped_watching(run_id: str) -> int:
+    """Ctrl-C while following a run: one line saying the run goes on; exit 130."""
+    print(
+        f"stopped watching; run {run_id} goes on (aeventor show {run_id})",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
+
+
 def _submit_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    return asyncio.run(_submit(args, environ))
+    submitted: list[str] = []
+    try:
+        return asyncio.run(_submit(args, environ, submitted))
+    except KeyboardInterrupt:
+        if submitted:
+            return stopped_watching(submitted[0])
+        print(f"{_PREFIX}: interrupted before the store returned a run id", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
-async def _submit(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+async def _submit(
+    args: argparse.Namespace, environ: Mapping[str, str], submitted: list[str]
+) -> int:
     from ..dispatch import Graph
     from ..signing import load_cluster_key
     from ..submission import follow, submit
@@ -385,7 +285,8 @@ async def _submit(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             ev.trigger_event(event, sequence)
         async with ev:
             run_id = await ev.submit()
-            print(run_id)
+            submitted.append(run_id)
+            print(run_id, flush=True)
             if args.wait:
                 assert ev._db is not None
                 result = await follow(ev._db, run_id)
@@ -401,7 +302,8 @@ async def _submit(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 )
         Graph(program)
         run_id = await submit(db, program, triggers, key=key)
-        print(run_id)
+        submitted.append(run_id)
+        print(run_id, flush=True)
         if args.wait:
             result = await follow(db, run_id)
             print(f"run {run_id}: {result.status.value}")

@@ -26,6 +26,16 @@ def mysql_store(tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def cli_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh store for the CLI's tests: a sqlite file path, or a (migrated) Postgres URL."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "runs.db")
+        return
+    with backend_url("postgres", tmp_path) as url:
+        yield url
+
+
 @pytest.fixture
 async def agents(tmp_path: Path) -> AsyncIterator[Agents]:
     """Starts agent processes; on teardown SIGTERMs those still running and waits for them."""

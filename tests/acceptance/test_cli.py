@@ -114,6 +114,10 @@ def test_help_lists_every_command_on_one_line_and_the_exit_codes(
         "submit",
         "runs",
         "show",
+        "watch",
+        "logs",
+        "diff",
+        "programs",
         "db",
         "cancel",
         "cleanup",
@@ -123,7 +127,7 @@ def test_help_lists_every_command_on_one_line_and_the_exit_codes(
     ]
     assert all(len(line.split()) > 1 for line in commands), commands  # each has its line
     epilog = out.split("\nexit codes:\n", 1)[1]
-    for code in "0123456":
+    for code in [*"0123456", "130", "141"]:
         assert f"\n  {code}  " in f"\n{epilog}"
 
 
@@ -141,6 +145,10 @@ def test_help_lists_every_command_on_one_line_and_the_exit_codes(
             ["show"],
             ["RUN", "--json", "0  the run succeeded", "1  the run failed", "4  the run is still "],
         ),
+        (["watch"], ["RUN", "1  the run failed", "130  Ctrl-C"]),
+        (["logs"], ["STEP[.SEQ]", "--follow", "--log-dir", "130  Ctrl-C"]),
+        (["diff"], ["RUN1", "RUN2", "--log-dir", "--json", "1  the runs differ"]),
+        (["programs"], ["--store", "--json"]),
     ],
 )
 def test_every_subtree_is_reachable_from_aeventor(

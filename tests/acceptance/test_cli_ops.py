@@ -1,5 +1,5 @@
 """``aeventor cancel`` and ``aeventor cleanup`` through the installed console script, on
-sqlite and Postgres, and ``--store``'s default ``$AEVENTOR_STORE``; with the library's
+sqlite, Postgres and MariaDB, and ``--store``'s default ``$AEVENTOR_STORE``; with the library's
 ``aeventor.cancel`` / ``aeventor.cleanup`` they stand on."""
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ async def acli(*argv: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, migrated store: a sqlite file path, or a Postgres URL."""
+    """A fresh store: a sqlite file path, a (migrated) Postgres URL, or a MariaDB URL."""
     if request.param == "sqlite":
         yield str(tmp_path / "runs.db")
         return
-    with backend_url("postgres", tmp_path) as url:
+    with backend_url(request.param, tmp_path) as url:
         yield url
 
 

@@ -67,7 +67,7 @@ from ...exceptions import (
 )
 from ...logs import get_logger
 from ...program.model import ProgramDef, RunStatus, StepStatus
-from ...records import RunResult, StepRun, run_log_dir
+from ...records import DelayedTarget, ProgramSummary, RunResult, StepRun, run_log_dir
 from ...utils import backoff, stop_at_deadline
 from . import schema as t
 
@@ -906,6 +906,26 @@ class Database(Store):
             )
             return [(r.event, r.sequence) for r in rows]
 
+    @retry_transient
+    async def run_delays(self, run_id: str) -> list[DelayedTarget]:
+        """A run's delayed associations that fired, pending or reached, by due time.
+
+        .. versionadded:: 0.1
+        """
+        d = t.delay.c
+        async with self.reading() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(d.event, d.sequence, d.recovery, d.kind, d.target, d.due, d.done)
+                    .where(d.run_id == run_id)
+                    .order_by(d.due, d.id)
+                )
+            ).all()
+        return [
+            DelayedTarget(r.event, r.sequence, r.recovery, r.kind, r.target, r.due, r.done)
+            for r in rows
+        ]
+
     def _pending_delays(self, run_id: str | None) -> sa.Select[Any]:
         d, r = t.delay.c, t.run.c
         query = (
@@ -1047,6 +1067,74 @@ class Database(Store):
         if id_prefix is not None:  # sqlite's and MySQL's LIKE ignore case
             rows = [r for r in rows if r.id.startswith(id_prefix)]
         return [_run_summary(r) for r in rows]
+
+    @retry_transient
+    async def list_programs(self) -> list[ProgramSummary]:
+        """Every program registered in the store, by name: its versions, and how many runs
+        it has and how the newest went (two grouped reads).
+
+        .. versionadded:: 0.1
+        """
+        program, run = t.program, t.run
+        newest = program.alias("newest")
+        latest_version = (
+            sa.select(newest.c.version)
+            .where(newest.c.name == program.c.name)
+            .order_by(newest.c.created.desc(), newest.c.id.desc())
+            .limit(1)
+            .correlate(program)
+            .scalar_subquery()
+        )
+        versions = (
+            sa.select(
+                program.c.name,
+                sa.func.count(program.c.id).label("versions"),
+                sa.func.max(program.c.created, type_=t.UTCDateTime()).label("registered"),
+                latest_version.label("latest_version"),
+            )
+            .group_by(program.c.name)
+            .order_by(program.c.name)
+        )
+        # The newest run of each program: its creation is its program's latest (ties, in
+        # the same microsecond, go to the greater id below).
+        counts = (
+            sa.select(
+                run.c.program_name,
+                sa.func.count(run.c.id).label("runs"),
+                sa.func.max(run.c.created, type_=t.UTCDateTime()).label("last_created"),
+            )
+            .group_by(run.c.program_name)
+            .subquery()
+        )
+        runs = sa.select(
+            counts.c.program_name, counts.c.runs, run.c.id, run.c.status, run.c.created
+        ).join(
+            run,
+            sa.and_(
+                run.c.program_name == counts.c.program_name,
+                run.c.created == counts.c.last_created,
+            ),
+        )
+        async with self.reading() as conn:
+            programs = (await conn.execute(versions)).all()
+            newest_runs: dict[str, Any] = {}
+            for r in (await conn.execute(runs)).all():
+                seen = newest_runs.get(r.program_name)
+                if seen is None or r.id > seen.id:
+                    newest_runs[r.program_name] = r
+        return [
+            ProgramSummary(
+                name=p.name,
+                versions=int(p.versions),
+                latest_version=p.latest_version,
+                registered=p.registered,
+                runs=0 if (last := newest_runs.get(p.name)) is None else int(last.runs),
+                last_run_id=None if last is None else last.id,
+                last_status=None if last is None else RunStatus(last.status),
+                last_run=None if last is None else last.created,
+            )
+            for p in programs
+        ]
 
     @retry_transient
     async def ended_runs(

@@ -133,6 +133,18 @@ class PostgresDatabase(Database):
                 f"{LISTENER_READY_TIMEOUT:.0f}s"
             )
 
+    async def listen_for_changes(self) -> None:
+        """Hear other processes' changes on a store opened by :meth:`open_for_reading`.
+
+        :meth:`open` listens already; a read-only opening does not, so that ``aeventor
+        runs`` costs one connection. ``aeventor watch`` and ``logs -f`` call this to be
+        woken by NOTIFY rather than only by their poll.
+
+        .. versionadded:: 0.1
+        """
+        if self._listener_task is None:
+            await self._start_listener()
+
     def _listener_died(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
