@@ -86,6 +86,8 @@ async def test_delays_on_a_sql_store(store_url: str) -> None:
             assert not (await db.mature(graph, delay)).recorded
         assert sorted(await drive(db, graph, run_id)) == ["b", "c"]
         assert await db.run_status(run_id) is RunStatus.success
+        # A run that had delays is deleted with them (cleanup).
+        assert await db.delete_runs([run_id]) == [run_id]
 
 
 async def test_a_run_waits_for_its_delay(make_eventor: Callable[..., evr.Eventor]) -> None:

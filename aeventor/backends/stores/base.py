@@ -1164,7 +1164,7 @@ class Database(Store):
 
     @retry_transient
     async def delete_runs(self, run_ids: Collection[str]) -> list[str]:
-        """Delete these runs with their step runs and triggers, in one transaction.
+        """Delete these runs with their step runs, triggers and delays, in one transaction.
 
         Only runs that have ended are deleted: one still running (or running again) is
         left alone. Returns the ids deleted.
@@ -1187,6 +1187,7 @@ class Database(Store):
             if gone:
                 await conn.execute(t.step_run.delete().where(t.step_run.c.run_id.in_(gone)))
                 await conn.execute(t.trigger.delete().where(t.trigger.c.run_id.in_(gone)))
+                await conn.execute(t.delay.delete().where(t.delay.c.run_id.in_(gone)))
                 await conn.execute(
                     t.run.delete().where(t.run.c.id.in_(gone), t.run.c.status.in_(ended))
                 )
