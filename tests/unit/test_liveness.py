@@ -30,13 +30,16 @@ def test_an_exited_process_is_gone() -> None:
 
 def test_a_zombie_is_gone() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    # Not reaped: it stays a zombie until wait(). Wait on /proc, with a deadline.
-    deadline = datetime.now(UTC) + timedelta(seconds=10)
-    while process_gone(child.pid, NOW) is None:
-        assert datetime.now(UTC) < deadline, "the child never became a zombie"
-        os.sched_yield()
-    assert "zombie" in (process_gone(child.pid, NOW) or "")
-    child.wait()
+    started = datetime.now(UTC)  # as its worker's row would say: after the process began
+    try:
+        # Not reaped: it stays a zombie until wait(). Wait on /proc, with a deadline.
+        deadline = datetime.now(UTC) + timedelta(seconds=10)
+        while process_gone(child.pid, started) is None:
+            assert datetime.now(UTC) < deadline, "the child never became a zombie"
+            os.sched_yield()
+        assert "zombie" in (process_gone(child.pid, started) or "")
+    finally:
+        child.wait()
 
 
 def test_a_process_that_started_after_the_worker_is_another_one() -> None:
