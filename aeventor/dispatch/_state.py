@@ -205,9 +205,10 @@ class Graph:
     def step_outcome(self, step: str, status: StepStatus) -> StepOutcome:
         """What a step entering ``status`` fires, and whether it stops the run."""
         events = self.trigger_events(step, status)
+        own = self.program.steps[step].stop_on_exception
         stop = (
             status in (StepStatus.failure, StepStatus.lost, StepStatus.cancelled)
-            and self.program.stop_on_exception
+            and (self.program.stop_on_exception if own is None else own)
             and not self._handles_failure(step)
         )
         return StepOutcome(events, stop)

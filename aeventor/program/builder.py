@@ -35,9 +35,11 @@ __all__ = ("Event", "Group", "ProgramBuilder", "Step", "check_name", "name_of")
 _NAME_MAX = 200
 _STEP_CONFIG_KEYS = {
     "executor",
+    "pass_logger_to_task",
     "recovery",
     "retry",
     "sequence_arg_name",
+    "stop_on_exception",
     "task_construct",
     "timeout",
 }
@@ -268,6 +270,11 @@ class ProgramBuilder:
                     f"step {name!r}: retry={given!r}: {exc}; its keys are attempts, "
                     "backoff, exponential, cap, jitter and on"
                 ) from None
+        for key in ("stop_on_exception", "pass_logger_to_task"):
+            if key in config and not isinstance(config[key], bool):
+                raise ProgramDefinitionError(
+                    f"step {name!r}: config {key}={config[key]!r}; give True or False"
+                )
         if retry is not None and not isinstance(retry, Retry):
             raise ProgramDefinitionError(
                 f"step {name!r}: retry={retry!r}; give aeventor.Retry(attempts=3, ...) or a "
@@ -369,6 +376,8 @@ class ProgramBuilder:
             recovery=recovery,
             timeout=None if timeout is None else float(timeout),
             retry=retry,
+            stop_on_exception=config.get("stop_on_exception"),
+            pass_logger=bool(config.get("pass_logger_to_task", False)),
         )
         return Step(name)
 

@@ -245,6 +245,12 @@ class StepDef:
     timeout: float | None = None
     #: How failed runs of the step are tried again (None: they are not).
     retry: Retry | None = None
+    #: Whether an unhandled failure of this step stops the run (None: the program's
+    #: ``stop_on_exception``); the original's per-step config key.
+    stop_on_exception: bool | None = None
+    #: Call the step's function with ``logger=`` its step logger (the original's
+    #: ``pass_logger_to_task``).
+    pass_logger: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +346,12 @@ class ProgramDef:
                     **({} if s.recovery == "rerun" else {"recovery": s.recovery}),
                     **({} if s.timeout is None else {"timeout": s.timeout}),
                     **({} if s.retry is None else {"retry": s.retry.to_json()}),
+                    **(
+                        {}
+                        if s.stop_on_exception is None
+                        else {"stop_on_exception": s.stop_on_exception}
+                    ),
+                    **({"pass_logger": True} if s.pass_logger else {}),
                 }
                 for s in sorted(self.steps.values(), key=lambda s: s.name)
             ],
@@ -383,6 +395,8 @@ class ProgramDef:
                 recovery=s.get("recovery", "rerun"),
                 timeout=s.get("timeout"),
                 retry=None if s.get("retry") is None else Retry.from_json(s["retry"]),
+                stop_on_exception=s.get("stop_on_exception"),
+                pass_logger=s.get("pass_logger", False),
             )
             for s in data["steps"]
         }

@@ -157,3 +157,9 @@ def fail_if(name: str, flag: str) -> str:
     if Path(flag).exists():
         raise RuntimeError(f"{name} broke")
     return name
+
+
+def log_through(name: str, *, logger: logging.Logger) -> str:
+    """The original's pass_logger_to_task: log through the ``logger`` it was given."""
+    logger.warning("hello from %s through %s", name, logger.name)
+    return logger.name

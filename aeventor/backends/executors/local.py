@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -111,6 +112,8 @@ class LocalExecutor:
         kwargs = dict(launch.step.kwargs)
         if launch.step.sequence_arg_name:
             kwargs[launch.step.sequence_arg_name] = context.sequence
+        if launch.step.pass_logger:
+            kwargs["logger"] = logging.getLogger(launch.env["EVENTOR_LOGGER_NAME"])
         lines: list[str] = []
         try:
             with (
@@ -327,6 +330,7 @@ def build_spec(
         "args": list(step.args),
         "kwargs": dict(step.kwargs),
         "sequence_arg_name": step.sequence_arg_name,
+        "pass_logger": step.pass_logger,
         "sys_path": list(sys_path),
         # A user's script may read its arguments at module level; the runner loads it
         # with this process's sys.argv (as multiprocessing's spawn does).

@@ -111,6 +111,8 @@ def _execute(spec: dict[str, Any]) -> dict[str, Any]:
         kwargs = dict(spec["kwargs"])
         if spec.get("sequence_arg_name"):
             kwargs[spec["sequence_arg_name"]] = os.environ["EVENTOR_STEP_SEQUENCE"]
+        if spec.get("pass_logger"):
+            kwargs["logger"] = logging.getLogger(os.environ["EVENTOR_LOGGER_NAME"])
         value = func(*spec["args"], **kwargs)
         if hasattr(value, "__await__"):
             # Imported only here: asyncio costs a third of this process's start-up.
