@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .exceptions import AeventorError
 
@@ -177,21 +177,99 @@ class StepContext:
 _current: contextvars.ContextVar[StepContext] = contextvars.ContextVar("aeventor_step")
 
 
+#: The variable that names a process step's channel to its worker (a socket descriptor).
+CHANNEL_ENV = "AEVENTOR_CHANNEL_FD"
+
+
 def current_step() -> StepContext:
-    """The :class:`StepContext` of the in-loop step running in this task.
+    """The :class:`StepContext` of the step running in this task: an in-loop step, or the
+    function of a process step (in its own process, where ``trigger`` sends the event to the
+    step's worker over the step's channel and returns once it is fired; call it, or await
+    it in an async function).
 
     Raises:
-        AeventorError: when called outside an in-loop step.
+        AeventorError: when called outside a step (or in a step on an SSH host, which has
+            no channel yet).
 
     .. versionadded:: 0.1
     """
     try:
         return _current.get()
     except LookupError:
-        raise AeventorError(
-            "current_step() is only available inside an in-loop (async def) step; "
-            "subprocess steps read the EVENTOR_* environment variables instead"
-        ) from None
+        pass
+    global _process_step
+    if _process_step is None and CHANNEL_ENV in os.environ:
+        _process_step = _ChannelStep.from_environ(os.environ)
+    if _process_step is not None:
+        return _process_step
+    raise AeventorError(
+        "current_step() is only available inside a step: an in-loop (async def) step, or "
+        "the function of a local process step; command and SSH steps read the EVENTOR_* "
+        "environment variables instead"
+    )
+
+
+class _Fired:
+    """What a process step's ``trigger`` returns: the event is already fired; awaiting this
+    (in an async step function) returns at once."""
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+@dataclass(frozen=True, slots=True)
+class _ChannelStep(StepContext):
+    """The context of a process step: its identity from its environment, its events sent to
+    its worker over the channel (one JSON line each way)."""
+
+    channel: object = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> _ChannelStep:
+        import socket
+
+        sock = socket.socket(fileno=int(environ[CHANNEL_ENV]))
+        return cls(
+            run_id=environ.get("EVENTOR_RUN_ID", ""),
+            program=environ.get("EVENTOR_PROGRAM", ""),
+            step=environ.get("EVENTOR_STEP_NAME", ""),
+            sequence=environ.get("EVENTOR_STEP_SEQUENCE", ""),
+            recovery=int(environ.get("EVENTOR_STEP_RECOVERY", "0") or 0),
+            attempt=int(environ.get("EVENTOR_STEP_ATTEMPT", "1") or 1),
+            env=dict(environ),
+            _trigger=_no_loop_trigger,
+            channel=sock.makefile("rwb"),
+        )
+
+    def trigger(  # type: ignore[override]  # blocking here: the step's own process
+        self, event: object, sequence: str | int | None = None
+    ) -> _Fired:
+        """Fire ``event`` in this run, for ``sequence`` (default: this step's sequence);
+        returns once the worker recorded it. Raises :class:`AeventorError` with the
+        worker's answer when it could not (an undefined event, a run that ended)."""
+        import json
+
+        name = getattr(event, "name", event)
+        if not isinstance(name, str):
+            raise AeventorError(f"trigger() takes an event or an event name, not {event!r}")
+        seq = self.sequence if sequence is None else str(sequence)
+        channel: Any = self.channel
+        channel.write(json.dumps({"event": name, "sequence": seq}).encode() + b"\n")
+        channel.flush()
+        line = channel.readline()
+        if not line:
+            raise AeventorError(f"trigger({name!r}): the step's worker closed its channel")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise AeventorError(f"trigger({name!r}): {reply['error']}")
+        return _Fired()
+
+
+async def _no_loop_trigger(event: str, sequence: str) -> None:  # pragma: no cover
+    raise AeventorError("a process step's context fires events through its channel")
+
+
+_process_step: _ChannelStep | None = None
 
 
 @contextlib.contextmanager

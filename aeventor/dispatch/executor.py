@@ -48,6 +48,10 @@ class StepLaunch:
     context: StepContext | None = field(default=None)
     #: The level of the step's loggers (see :mod:`aeventor.dispatch.logs`).
     log_level: int = logging.INFO
+    #: Fires ``(event, sequence)`` into the step's run for the step (its worker's
+    #: ``trigger``): what ``aeventor.current_step().trigger`` reaches, in-loop or from a
+    #: process step through its channel.
+    on_trigger: Callable[[str, str], Awaitable[None]] | None = None
 
 
 class Executor(Protocol):

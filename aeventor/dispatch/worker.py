@@ -52,7 +52,13 @@ from pathlib import Path
 from typing import Any
 
 from ..context import StepContext, launch_env
-from ..exceptions import AeventorError, ConnectionLost, ExecutorError, NoResult
+from ..exceptions import (
+    AeventorError,
+    ConnectionLost,
+    ExecutorError,
+    NoResult,
+    ProgramDefinitionError,
+)
 from ..logs import get_logger
 from ..program.model import ProgramDef, RunStatus, StepDef, StepStatus
 from ..utils import describe_exception, wait_any
@@ -684,12 +690,22 @@ class Worker:
             log_started(pid)
             self.apply(claim.run_id, await self.store.started(graph, claim, pid=pid))
 
+        async def fire(event: str, sequence: str) -> None:
+            """An event the step fires (in-loop, or from its process over its channel)."""
+            if event not in graph.program.events:
+                raise ProgramDefinitionError(
+                    f"step {claim.step!r} fired undefined event {event!r}; define it with "
+                    f"ev.add_event({event!r})"
+                )
+            advance = await self.trigger(graph, claim.run_id, event, sequence)
+            if not advance.recorded:
+                raise AeventorError(
+                    f"run {claim.run_id} has ended ({advance.run_status.value}); "
+                    f"event {event!r} was not fired"
+                )
+
         context = None
         if step.executor == "inloop":
-
-            async def fire(event: str, sequence: str) -> None:
-                await self.trigger(graph, claim.run_id, event, sequence)
-
             context = StepContext(
                 run_id=claim.run_id,
                 program=program,
@@ -729,6 +745,7 @@ class Worker:
             on_started=on_started,
             func=self.funcs.get(claim.step) if step.executor == "inloop" else None,
             context=context,
+            on_trigger=fire,
         )
         try:
             if step.timeout is None:

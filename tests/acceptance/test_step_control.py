@@ -128,3 +128,19 @@ async def test_a_delay_survives_a_restart_of_every_process(
     result = await evr.run_result(pg_store, run_id)
     assert result.ok, result.reason
     assert (result.step("later").created - result.step("first").created).total_seconds() >= 2.9
+
+
+@pytest.mark.postgres
+async def test_a_process_step_on_an_agent_fires_an_event(pg_store: str, agents: Agents) -> None:
+    await agents.start(pg_store, "s1", allow=(*ALLOW, "tests.integration.stepfuncs"))
+    ev = evr.Eventor(name="stepevents", store=pg_store, mode="distributed", cluster_key=CLUSTER_KEY)
+    ev.add_event("go")
+    ev.add_event("next")
+    ev.add_step("looper", stepfuncs.fire_events, args=["next", 2], host="s1")
+    ev.add_step("each", host="s1")
+    ev.add_assoc("go", "looper")
+    ev.add_assoc("next", "each")
+    ev.trigger_event("go")
+    result = await within(ev.run(), what="the run")
+    assert result.ok, [(s.step, s.error) for s in result.steps]
+    assert sorted(s.sequence for s in result.steps if s.step == "each") == ["0", "1"]

@@ -163,3 +163,26 @@ def log_through(name: str, *, logger: logging.Logger) -> str:
     """The original's pass_logger_to_task: log through the ``logger`` it was given."""
     logger.warning("hello from %s through %s", name, logger.name)
     return logger.name
+
+
+def fire_events(event: str, times: int) -> int:
+    """A process step firing ``event`` for sequences 0..times-1 (a loop, as the original's
+    runly040), then an undefined event, whose refusal it reports."""
+    import aeventor as evr
+
+    step = evr.current_step()
+    for n in range(times):
+        step.trigger(event, sequence=n)
+    try:
+        step.trigger("no_such_event")
+    except evr.AeventorError as exc:
+        return len(str(exc))
+    return -1
+
+
+async def fire_from_async(event: str) -> str:
+    """An async function run as a process step (in the step runner) awaits its trigger."""
+    import aeventor as evr
+
+    await evr.current_step().trigger(event)
+    return evr.current_step().step

@@ -105,7 +105,7 @@ async def test_concurrent_inloop_steps_each_see_their_own_context(
             "environ": [],  # in-loop steps never write os.environ
         }
     assert dict(os.environ) == environ_before
-    with pytest.raises(AeventorError, match="only available inside an in-loop"):
+    with pytest.raises(AeventorError, match="only available inside a step"):
         evr.current_step()
 
 

@@ -21,16 +21,17 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ...context import EnvPolicy, bind_step, process_env
 from ...dispatch.executor import ExecResult, StepLaunch
 from ...dispatch.logs import step_log_capture, write_step_log
-from ...exceptions import ExecutorError
+from ...exceptions import AeventorError, ExecutorError
 from ...utils import describe_exception
 from . import _lifeline
 
@@ -150,7 +151,7 @@ class LocalExecutor:
     # -- subprocesses -------------------------------------------------------------------
 
     async def _run_command(self, launch: StepLaunch, argv: list[str]) -> ExecResult:
-        returncode = await self._spawn(launch, argv, stdin_data=None, supervise=True)
+        returncode = await self._spawn(launch, argv, stdin_data=None, supervise=True, channel=False)
         return command_result(argv, returncode)
 
     async def _run_function(self, launch: StepLaunch) -> ExecResult:
@@ -159,7 +160,7 @@ class LocalExecutor:
         spec = build_spec(launch, result_path=result_path, sys_path=self.sys_path)
         argv = [self.python, "-c", _RUNNER_BOOT, _AEVENTOR_ROOT]
         returncode = await self._spawn(
-            launch, argv, stdin_data=json.dumps(spec).encode(), supervise=False
+            launch, argv, stdin_data=json.dumps(spec).encode(), supervise=False, channel=True
         )
         raw = await asyncio.to_thread(_read_result, result_path)
         return decode_result(launch, raw, returncode)
@@ -170,13 +171,22 @@ class LocalExecutor:
         return self._tmpdir
 
     async def _spawn(
-        self, launch: StepLaunch, argv: list[str], *, stdin_data: bytes | None, supervise: bool
+        self,
+        launch: StepLaunch,
+        argv: list[str],
+        *,
+        stdin_data: bytes | None,
+        supervise: bool,
+        channel: bool,
     ) -> int:
         """Start ``argv`` with a lifeline, wait for its end, return its exit status.
 
         Args:
             supervise: start ``argv`` (a command) through the lifeline supervisor; if false,
                 ``argv`` is the function runner, which arms its lifeline itself.
+            channel: give the step a channel to its worker (a socket whose descriptor is in
+                ``$AEVENTOR_CHANNEL_FD``), over which it fires events
+                (``aeventor.current_step().trigger``); served while it runs.
         """
         opening = asyncio.ensure_future(asyncio.to_thread(_open_log, launch.log_path))
         try:
@@ -207,13 +217,30 @@ class LocalExecutor:
             ]
         else:
             spawn = [*argv, "--lifeline", str(lifeline)]
+        ours: socket.socket | None = None
+        extra_env: dict[str, str] = {}
+        if channel and launch.on_trigger is not None:
+            ours, theirs = socket.socketpair()
+            fds.append(theirs.detach())  # closed by _start once the step has it
+            extra_env[CHANNEL_ENV] = str(fds[-1])
         try:
-            proc = await self._start(launch, spawn, log_file, fds, stdin_data=stdin_data)
+            proc = await self._start(
+                launch, spawn, log_file, fds, stdin_data=stdin_data, extra_env=extra_env
+            )
         except BaseException:
             os.close(lifeline_w)
             if exec_error is not None:
                 os.close(exec_error)
+            if ours is not None:
+                ours.close()
             raise
+        serving = (
+            None
+            if ours is None or launch.on_trigger is None
+            else asyncio.create_task(
+                _serve_channel(ours, launch.on_trigger), name=f"aeventor channel {launch.step.name}"
+            )
+        )
         try:
             if exec_error is not None:
                 # The supervisor's exec: end-of-file once it succeeded, errno if it failed.
@@ -244,6 +271,11 @@ class LocalExecutor:
                 with contextlib.suppress(OSError):
                     os.write(lifeline_w, _lifeline.ENDED)
             os.close(lifeline_w)
+            if serving is not None:
+                serving.cancel()
+                await asyncio.wait([serving])
+            if ours is not None:
+                ours.close()  # (already closed with the channel's stream, unless never opened)
 
     async def _start(
         self,
@@ -253,6 +285,7 @@ class LocalExecutor:
         fds: list[int],
         *,
         stdin_data: bytes | None,
+        extra_env: Mapping[str, str] | None = None,
     ) -> asyncio.subprocess.Process:
         """Start the step's process; close the descriptors it inherits, and the log, here."""
         # Closed without awaiting (nothing was written to it): no cancel may land between
@@ -266,7 +299,7 @@ class LocalExecutor:
                     else asyncio.subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=asyncio.subprocess.STDOUT,
-                    env=process_env(launch.env, self.env_policy),
+                    env={**process_env(launch.env, self.env_policy), **(extra_env or {})},
                     start_new_session=True,
                     pass_fds=fds,
                 )
@@ -277,6 +310,32 @@ class LocalExecutor:
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+#: The variable that names a process step's channel to its worker (a socket descriptor).
+CHANNEL_ENV = "AEVENTOR_CHANNEL_FD"
+
+
+async def _serve_channel(sock: socket.socket, fire: Callable[[str, str], Awaitable[None]]) -> None:
+    """Serve a step's channel: each line is ``{"event": ..., "sequence": ...}``; it is fired
+    and answered ``{"ok": true}`` or ``{"error": "..."}`` (the step raises that), in order."""
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    try:
+        while line := await reader.readline():
+            try:
+                message = json.loads(line)
+                await fire(str(message["event"]), str(message["sequence"]))
+                reply: dict[str, Any] = {"ok": True}
+            except AeventorError as exc:
+                reply = {"error": str(exc)}
+            except (ValueError, KeyError, TypeError) as exc:
+                reply = {"error": f"a message the worker cannot read ({exc!r}): {line[:200]!r}"}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass  # the step went away mid-message: what it fired is recorded or not, as it got
+    finally:
+        writer.close()
 
 
 def _read_and_close(fd: int) -> bytes:
