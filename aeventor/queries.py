@@ -824,13 +824,15 @@ async def follow_log(
     """The log's text as it grows (like ``tail -f``), until its run ends.
 
     The file is read from its start, off the event loop; its run's status comes from the
-    store. Once the run has ended, what was written meanwhile is yielded and the iterator
-    ends.
+    store. A step run's log moves on to the step's next attempt or recovery when there is
+    one (a retry, a recovery of the run), after a line that names the new file. Once the
+    run has ended, what was written meanwhile is yielded and the iterator ends.
 
     .. versionadded:: 0.1
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     offset = 0
+    path, current = log.path, log.step_run
     async with _reading(store) as db:
         if isinstance(db, _Listens):
             await db.listen_for_changes()
@@ -843,7 +845,22 @@ async def follow_log(
                 # the run: one more read, a poll later, picks those up).
                 was_ended = ended
                 ended = await db.run_status(log.result.run_id) is not RunStatus.running
-                data, offset = await asyncio.to_thread(_read_from, log.path, offset)
+                if current is not None:
+                    newer = (await db.load_result(log.result.run_id)).step(
+                        current.step, current.sequence
+                    )
+                    if (newer.recovery, newer.attempt) != (current.recovery, current.attempt):
+                        # Finish the file being followed, then follow the newer one.
+                        data, offset = await asyncio.to_thread(_read_from, path, offset)
+                        text = decoder.decode(data)
+                        if text:
+                            yield text
+                        current, offset = newer, 0
+                        path = step_log_path(
+                            path.parent, newer.step, newer.sequence, newer.attempt, newer.recovery
+                        )
+                        yield f"--- {path.name}: attempt {newer.attempt}, recovery {newer.recovery}\n"
+                data, offset = await asyncio.to_thread(_read_from, path, offset)
                 text = decoder.decode(data)
                 if text:
                     yield text

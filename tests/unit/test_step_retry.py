@@ -157,3 +157,40 @@ async def test_the_worker_retries_when_the_backoff_is_over(tmp_path: Path) -> No
         (1, "failure"), (2, "failure"), (3, "success"),
     ]  # fmt: skip
     assert result.ok and result.status is RunStatus.success
+
+
+async def test_following_a_step_log_moves_on_to_its_next_attempt(tmp_path: Path) -> None:
+    from aeventor import queries
+    from aeventor.records import run_log_dir, step_log_path
+
+    clock = FakeClock()
+    store = InMemoryStore(clock=clock)
+    graph = flaky_program(attempts=2)
+    program_id = await store.register_program(graph.program)
+    run_id, _ = await store.create_run(
+        graph, program_id=program_id, triggers=[("go", "0")], log_dir=str(tmp_path)
+    )
+    run_dir = run_log_dir(tmp_path, "flaky", run_id)
+
+    def write(attempt: int, text: str) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        step_log_path(run_dir, "flaky", "0", attempt).write_text(text)
+
+    await asyncio.to_thread(write, 1, "first try\n")
+    [first] = await store.claim(worker="w", limit=5, run_id=run_id)
+    log = await queries.log_file(store, run_id, "flaky")
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for text in queries.follow_log(store, log, poll=0.01):
+            seen.append(text)
+
+    async with asyncio.timeout(10), asyncio.TaskGroup() as tg:
+        tg.create_task(follow())
+        await store.complete(graph, first, status=F, error="no", retry_after=1)
+        await asyncio.to_thread(write, 2, "second try\n")
+        clock.advance(1)
+        [second] = await store.claim(worker="w", limit=5, run_id=run_id)
+        await store.complete(graph, second, status=StepStatus.success)
+    text = "".join(seen)
+    assert text.index("first try") < text.index("flaky.0.2.log") < text.index("second try")
