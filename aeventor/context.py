@@ -178,7 +178,7 @@ _current: contextvars.ContextVar[StepContext] = contextvars.ContextVar("aeventor
 
 
 #: The variable that names a process step's channel to its worker (a socket descriptor).
-CHANNEL_ENV = "AEVENTOR_CHANNEL_FD"
+CHANNEL_ENV = "EVENTOR_CHANNEL_FD"
 
 
 def current_step() -> StepContext:

@@ -348,8 +348,9 @@ async def test_steps_see_only_allowed_variables_and_what_pass_env_names(
     }
     assert {"PATH", "HOME", "LC_TIME", "PROJECT_ROOT", "PROJECT_MODE"} <= inherited
     function_env = result.step("environment").result
-    # Python coerces a C locale to UTF-8 by setting LC_CTYPE (PEP 538): not the agent's.
-    expected = inherited | EVENTOR_VARS | {"OWN_VAR"}
+    # Python coerces a C locale to UTF-8 by setting LC_CTYPE (PEP 538): not the agent's. A
+    # function step also gets its channel to its worker (a descriptor number).
+    expected = inherited | EVENTOR_VARS | {"OWN_VAR", "EVENTOR_CHANNEL_FD"}
     assert function_env.keys() - {"LC_CTYPE"} == expected - {"LC_CTYPE"}, function_env
     assert function_env["PROJECT_ROOT"] == "/srv/project"
     assert function_env["EVENTOR_HOST"] == "s1"

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...context import EnvPolicy, bind_step, process_env
+from ...context import CHANNEL_ENV, EnvPolicy, bind_step, process_env
 from ...dispatch.executor import ExecResult, StepLaunch
 from ...dispatch.logs import step_log_capture, write_step_log
 from ...exceptions import AeventorError, ExecutorError
@@ -185,7 +185,7 @@ class LocalExecutor:
             supervise: start ``argv`` (a command) through the lifeline supervisor; if false,
                 ``argv`` is the function runner, which arms its lifeline itself.
             channel: give the step a channel to its worker (a socket whose descriptor is in
-                ``$AEVENTOR_CHANNEL_FD``), over which it fires events
+                ``$EVENTOR_CHANNEL_FD``), over which it fires events
                 (``aeventor.current_step().trigger``); served while it runs.
         """
         opening = asyncio.ensure_future(asyncio.to_thread(_open_log, launch.log_path))
@@ -310,10 +310,6 @@ class LocalExecutor:
         finally:
             for fd in fds:
                 os.close(fd)
-
-
-#: The variable that names a process step's channel to its worker (a socket descriptor).
-CHANNEL_ENV = "AEVENTOR_CHANNEL_FD"
 
 
 async def _serve_channel(sock: socket.socket, fire: Callable[[str, str], Awaitable[None]]) -> None:
