@@ -43,7 +43,7 @@ if TYPE_CHECKING:
         runs,
     )
     from .records import ProgramSummary, RunResult, StepRun
-    from .recovery import recover, rerun
+    from .recovery import continue_run, recover, rerun
 
 __version__ = "0.1.0.dev0"
 
@@ -80,6 +80,7 @@ _WHERE = {
     "RecoveryRefused": "exceptions",
     "RunStillRunning": "exceptions",
     "recover": "recovery",
+    "continue_run": "recovery",
     "rerun": "recovery",
     "and_": "program.expr",
     "current_step": "context",
@@ -122,6 +123,7 @@ __all__ = (
     "attach",
     "cancel",
     "cleanup",
+    "continue_run",
     "current_step",
     "or_",
     "programs",

@@ -30,6 +30,7 @@ from .exceptions import (
     AeventorError,
     ConfigurationError,
     NoResult,
+    NothingToRecover,
     ProgramChanged,
     ProgramDefinitionError,
     RecoveryRefused,
@@ -592,6 +593,7 @@ class Eventor:
                 log_dir=state.log_dir or self.log_dir,
                 deterministic_logs=self.deterministic_logs,
                 log_level=self.level,
+                until_idle=state.until_idle,
             ),
             programs=OwnProgram(graph),
             route=functools.partial(_route, executor, inloop_as_process=state.inloop_as_process),
@@ -607,6 +609,12 @@ class Eventor:
             state.created.set()
             worker.apply(state.run_id, advance)
             await worker.run(state.stop)
+            if worker.status is RunStatus.running and worker.idle:
+                # aeventor continue: nothing more is due now; a later one goes on.
+                run_log.info(f"run {state.run_id} continued: nothing more is due now")
+                await run_log.flush()
+                state.final = await db.load_result(state.run_id)
+                return state.final
             if worker.status is RunStatus.running:
                 # Stopped (SIGTERM) before the run ended: its steps were drained.
                 reason = f"terminated by SIGTERM (running steps got {self.grace:g}s to finish)"
@@ -763,6 +771,59 @@ class Eventor:
         return await self._run(state, program, begin)
 
 
+async def _continue_run(eventor: Eventor, run_id: str) -> RunResult:
+    """Continue a standalone run in its generation: take it over from its dead (or
+    stopped) controller, act on what is due now (ready step runs, due delays and retries,
+    and what they cause), and return, the run still running if more is due later."""
+    from .liveness import judge, local_pids, process_gone
+    from .queries import run_result
+
+    async with eventor._run_store() as db:
+        found = await run_result(db, run_id)
+        run_id = found.run_id
+        if found.status is not RunStatus.running:
+            raise NothingToRecover(
+                f"run {run_id} has ended ({found.status.value}): nothing to continue; "
+                f"`aeventor recover {run_id[:8]}` runs what did not succeed again"
+            )
+        origin = await db.run_origin(run_id)
+        if origin.mode == "distributed":
+            raise ConfigurationError(
+                f"run {run_id} is distributed: its agents continue it (they reach its delays "
+                "when due); `aeventor recover` reruns what its dead agents left"
+            )
+        program = await db.run_program(run_id)
+        workers = await db.run_workers(run_id)
+        here = {
+            id_: await asyncio.to_thread(process_gone, state.pid, state.started)
+            for id_, state in local_pids(workers).items()
+        }
+        verdict = judge(workers, gone=here)
+        if verdict.alive:
+            raise RunStillRunning(f"run {run_id} is still running: " + "; ".join(verdict.alive))
+        if workers.holders:
+            raise RunStillRunning(
+                f"run {run_id}: its dead controller left step runs running; "
+                f"`aeventor recover {run_id[:8]}` runs them again"
+            )
+    state = _RunState(run_id, cancel_on_cancel=True)
+    if found.log_dir is not None:
+        state.log_dir = found.log_dir.parent.parent
+    state.funcs, state.inloop_as_process, state.until_idle = {}, True, True
+    expected = workers.controller
+
+    async def begin(
+        db: Database, state: _RunState, graph: Graph, worker: Worker, run_log: RunLog
+    ) -> Advance:
+        advance = await db.take_over(run_id, expected=expected, controller=worker.id)
+        if not advance.recorded:
+            raise NothingToRecover(f"run {run_id} ended meanwhile: nothing to continue")
+        run_log.info(f"run {run_id} continued")
+        return advance
+
+    return await eventor._run(state, program, begin)
+
+
 def _rerun_target(
     found: RunResult, program: ProgramDef, step: str, sequence: str | None
 ) -> tuple[str, str]:
@@ -838,6 +899,8 @@ class _RunState:
         self.funcs: Mapping[str, Callable[..., Any]] | None = None
         self.log_dir: Path | None = None
         self.inloop_as_process = False
+        #: Return once nothing of the run runs or is due now (``aeventor continue``).
+        self.until_idle = False
 
     def set_status(self, status: RunStatus) -> None:
         self.status = status

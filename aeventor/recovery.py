@@ -27,7 +27,7 @@ from sqlalchemy.engine import URL
 from ._eventor import Eventor
 from .records import RunResult
 
-__all__ = ("recover", "rerun")
+__all__ = ("continue_run", "recover", "rerun")
 
 
 async def recover(
@@ -95,3 +95,25 @@ async def rerun(
     )
     where = None if sequence is None else str(sequence)
     return await ev._recover(run_id, force=force, program=None, rerun=(step, where))
+
+
+async def continue_run(
+    store: str | Path | URL, run_id: str, *, max_concurrency: int | None = None
+) -> RunResult:
+    """Continue a standalone run in its generation (the original's ``RunMode.continue``):
+    act on what is due now (its ready step runs, the delays and retries that came due, and
+    what they cause) and return, the run still ``running`` if more is due later. Run it
+    again, from cron for example, when that comes due. Nothing is run again.
+
+    Raises:
+        RunStillRunning: its controller is alive, or left step runs running when it died
+            (``aeventor recover`` runs those again).
+        NothingToRecover: the run has ended.
+        ConfigurationError: a distributed run (its agents continue it).
+
+    .. versionadded:: 0.1
+    """
+    from ._eventor import _continue_run
+
+    ev = Eventor(name="aeventor", store=store, max_concurrency=max_concurrency)
+    return await _continue_run(ev, run_id)

@@ -906,6 +906,9 @@ class MemoryTx:
         row.lease_until = row.token = None
         return True
 
+    async def set_controller(self, run_id: str, controller: str) -> None:
+        self.tables.runs[run_id].controller = controller
+
     async def holders(self, run_id: str) -> set[str]:
         return {
             row.worker

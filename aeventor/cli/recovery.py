@@ -34,7 +34,8 @@ exit codes:
      newer version of the run's program exists (pass --force), a step only its script can
      run (recover from the script with ev.run(recover=RUN))
   {EXIT_DATABASE}  a database error
-  {EXIT_RUN_RUNNING}  refused: the run's controller, or a worker running its steps, is alive
+  {EXIT_RUN_RUNNING}  refused: the run's controller, or a worker running its steps, is alive;
+     (continue) the run goes on: more is due later
   {EXIT_RUN_CANCELLED}  the run was cancelled (Ctrl-C cancels it: recover it again to go on)
   {EXIT_RUN_ENDED}  refused: nothing to recover (the run succeeded, or every step run that
      did not succeed has recovery='skip')
@@ -79,6 +80,25 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     _common(rerun)
     rerun.set_defaults(handler=_rerun_command, error_prefix=_PREFIX)
+
+    cont = commands.add_parser(
+        "continue",
+        help="act on what is due now in a run, and return",
+        description="Continue a standalone run whose controller stopped or died, in its "
+        "generation (the original's RunMode.continue): its ready step runs, the delays and "
+        "retries that came due, and what they cause, run here; then the command returns, "
+        "the run still running if more is due later (run it again then, from cron for "
+        "example). Nothing is run again: `aeventor recover` does that.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cont.add_argument("run_id", metavar="RUN", help="a run id, or a unique prefix of one")
+    cont.add_argument("--store", help=STORE_HELP)
+    cont.add_argument(
+        "--max-concurrency", type=int, metavar="N", help="most step runs executing at once"
+    )
+    cont.add_argument("--json", action="store_true", help="print the run as a JSON object")
+    cont.set_defaults(handler=_continue_command, error_prefix=_PREFIX)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +145,15 @@ def _rerun_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     )
 
 
+def _continue_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from ..recovery import continue_run
+
+    store = store_from(args.store, environ)
+    return _report(
+        args, lambda: continue_run(store, args.run_id, max_concurrency=args.max_concurrency)
+    )
+
+
 def _report(args: argparse.Namespace, call: object) -> int:
     assert callable(call)
     try:
@@ -157,6 +186,9 @@ def _report(args: argparse.Namespace, call: object) -> int:
                 ],
             }
         )
+    elif args.handler is _continue_command:
+        print(f"run {result.run_id} of {result.program}: continued")
+        print(f"run {result.run_id}: {result.status.value}")
     else:
         again = [s for s in result.steps if s.recovery == result.recovery]
         print(f"run {result.run_id} of {result.program}: recovery {result.recovery}")

@@ -186,6 +186,9 @@ class StoreTx(Protocol):
     async def holders(self, run_id: str) -> set[str]:
         """The workers of the run's active step runs."""
 
+    async def set_controller(self, run_id: str, controller: str) -> None:
+        """Record the worker now driving the run."""
+
     async def supersede_step_runs(self, run_id: str, error: str) -> int:
         """Close the run's pending step runs for recovery: active ones ``lost`` (with
         ``error``), ready ones ``cancelled``; return how many."""
@@ -606,6 +609,12 @@ class Store(abc.ABC):
                 controller=controller,
                 program=program,
             )
+        )
+
+    async def take_over(self, run_id: str, *, expected: str | None, controller: str) -> Advance:
+        """See :func:`aeventor.dispatch.transactions.take_over`."""
+        return await self.write(
+            lambda tx: transactions.take_over(tx, run_id, expected=expected, controller=controller)
         )
 
     async def mature(self, graph: Graph, delay: Delay, *, take: Taker | None = None) -> Advance:

@@ -33,6 +33,7 @@ __all__ = (
     "recover_run",
     "requeue",
     "started",
+    "take_over",
     "trigger",
 )
 
@@ -337,6 +338,22 @@ async def cancel_step(
     status = RunStatus.running if ready else await _settle(tx, run_id, stopped=stopped)
     tx.notify(run_id, queues)
     return Advance(ready, status, due_in=tx.earliest_delay)
+
+
+async def take_over(tx: StoreTx, run_id: str, *, expected: str | None, controller: str) -> Advance:
+    """Make ``controller`` the run's controller in place of ``expected`` (judged dead), in
+    the same generation (``aeventor continue``). :class:`RunStillRunning` if another
+    process took the run meanwhile; ``recorded`` False if it has ended."""
+    run = await tx.lock_run(run_id)
+    if run.status is not RunStatus.running:
+        return Advance(0, run.status, recorded=False)
+    if run.controller != expected:
+        raise RunStillRunning(
+            f"run {run_id} was taken over meanwhile by {run.controller}; "
+            f"`aeventor show {run_id[:8]}` shows it"
+        )
+    await tx.set_controller(run_id, controller)
+    return Advance(1, RunStatus.running)
 
 
 async def mature(tx: StoreTx, graph: Graph, delay: Delay, *, take: Taker | None) -> Advance:

@@ -126,6 +126,8 @@ class WorkerConfig:
             see :mod:`aeventor.dispatch.logs`).
         log_level: level of the program log and of the steps' loggers (process and
             in-loop steps).
+        until_idle: (a run's worker) return once nothing of the run runs or is due now,
+            leaving later delays and retries for a later worker (``aeventor continue``).
 
     .. versionadded:: 0.1
     """
@@ -139,6 +141,7 @@ class WorkerConfig:
     log_dir: Path = field(default_factory=lambda: Path.cwd() / "aeventor_logs")
     deterministic_logs: bool = False
     log_level: int = logging.INFO
+    until_idle: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency is not None and self.concurrency < 1:
@@ -203,6 +206,8 @@ class Worker:
         self.log = log.bind(worker=self.id)
         #: The status of the scoped run (run-scoped workers).
         self.status = RunStatus.running
+        #: (``until_idle``) nothing of the run runs or is due now: the worker returns.
+        self.idle = False
         self._hosts = None if scope.hosts is None else frozenset[str | None](scope.hosts)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         #: The claims of the tasks, by step run id.
@@ -354,8 +359,10 @@ class Worker:
             self.log.warning("worker.stop_not_recorded", error=str(exc))
 
     def _done(self) -> bool:
-        return self._stop.is_set() or (
-            self.scope.run_id is not None and self.status is not RunStatus.running
+        return (
+            self._stop.is_set()
+            or self.idle
+            or (self.scope.run_id is not None and self.status is not RunStatus.running)
         )
 
     def _free(self) -> int:
@@ -425,6 +432,10 @@ class Worker:
                 # process). Read it back.
                 status = await self.store.run_status(self.scope.run_id)
                 self.apply(self.scope.run_id, Advance(0, status))
+                if self.config.until_idle and status is RunStatus.running:
+                    due = await self.store.next_delay(run_id=self.scope.run_id)
+                    # Nothing is due now (a delay due now is reached on the next round).
+                    self.idle = due is None or due > 0
                 return
             if self._maybe_work:
                 return

@@ -123,6 +123,7 @@ def test_help_lists_every_command_on_one_line_and_the_exit_codes(
         "cleanup",
         "recover",
         "rerun",
+        "continue",
         "config",
     ]
     assert all(len(line.split()) > 1 for line in commands), commands  # each has its line

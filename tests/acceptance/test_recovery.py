@@ -405,3 +405,41 @@ def test_the_command_line_recovers_in_loop_steps_of_a_script(state: Path, tmp_pa
     assert done.returncode == 0, done.stderr
     result = asyncio.run(evr.run_result(store, run_id))
     assert result.ok and result.step("check").result == "fine"
+
+
+async def test_continue_acts_on_what_is_due_and_returns(state: Path, store: str) -> None:
+    """The original's RunMode.continue: a run whose controller died with a delay pending is
+    continued when the delay is due, from a command that returns (as from cron)."""
+    script = state / "delayed.py"
+    script.write_text(DELAYED)
+    controller = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), store, str(state), "3", env=env(state),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await wait_until(lambda: ran(state) == ["first"], what="the first step")
+        run_id = await asyncio.to_thread(_only_run, store, state)
+
+        async def first_recorded() -> bool:
+            result = await evr.run_result(store, run_id)
+            return any(s.step == "first" and s.status.value == "success" for s in result.steps)
+
+        await wait_until(first_recorded, what="the first step's success")
+    finally:
+        controller.kill()
+        await controller.communicate()
+    early = await asyncio.to_thread(cli, state, "continue", run_id, "--store", store)
+    assert early.returncode == 4, early.stderr  # nothing due yet: the run goes on
+    assert "continued" in early.stdout and ran(state) == ["first"]
+
+    async def due() -> bool:
+        return (await evr.run_result(store, run_id)).created.timestamp() + 3 < time.time()
+
+    await wait_until(due, what="the delay to be due", deadline=10)
+    done = await asyncio.to_thread(cli, state, "continue", run_id, "--store", store)
+    assert done.returncode == 0, done.stderr
+    assert ran(state) == ["first", "later"]
+    result = await evr.run_result(store, run_id)
+    assert result.ok and result.recovery == 0
+    ended = await asyncio.to_thread(cli, state, "continue", run_id, "--store", store)
+    assert ended.returncode == 6 and "nothing to continue" in ended.stderr

@@ -1486,6 +1486,11 @@ class SqlTx:
         )
         return bool(updated.rowcount == 1)
 
+    async def set_controller(self, run_id: str, controller: str) -> None:
+        await self.conn.execute(
+            t.run.update().where(t.run.c.id == run_id).values(controller=controller)
+        )
+
     async def holders(self, run_id: str) -> set[str]:
         rows = await self.conn.execute(
             sa.select(t.step_run.c.worker)
