@@ -654,7 +654,7 @@ class Eventor:
         agents run them. The checks come first and change nothing: the run exists, the
         program is its version (or ``force``), its controller and workers are gone.
         """
-        from .liveness import judge, local_pids, process_gone
+        from .liveness import abandoned
         from .queries import run_result
         from .signing import program_signature, run_signature
 
@@ -715,19 +715,7 @@ class Eventor:
                 target = _rerun_target(found, program, *rerun)
             dead: frozenset[str] = frozenset()
             if found.status is RunStatus.running:
-                workers = await db.run_workers(run_id)
-                here = {
-                    id_: await asyncio.to_thread(process_gone, state.pid, state.started)
-                    for id_, state in local_pids(workers).items()
-                }
-                verdict = judge(workers, gone=here)
-                if verdict.alive:
-                    raise RunStillRunning(
-                        f"run {run_id} is still running: "
-                        + "; ".join(verdict.alive)
-                        + f". `aeventor cancel {run_id[:8]}` stops it"
-                    )
-                dead = verdict.dead
+                _, dead = await abandoned(db, run_id)
             generation = found.recovery
             if distributed:
                 graph = Graph(program, signer=step_run_signer(self._key()))
@@ -775,7 +763,7 @@ async def _continue_run(eventor: Eventor, run_id: str) -> RunResult:
     """Continue a standalone run in its generation: take it over from its dead (or
     stopped) controller, act on what is due now (ready step runs, due delays and retries,
     and what they cause), and return, the run still running if more is due later."""
-    from .liveness import judge, local_pids, process_gone
+    from .liveness import abandoned
     from .queries import run_result
 
     async with eventor._run_store() as db:
@@ -793,14 +781,7 @@ async def _continue_run(eventor: Eventor, run_id: str) -> RunResult:
                 "when due); `aeventor recover` reruns what its dead agents left"
             )
         program = await db.run_program(run_id)
-        workers = await db.run_workers(run_id)
-        here = {
-            id_: await asyncio.to_thread(process_gone, state.pid, state.started)
-            for id_, state in local_pids(workers).items()
-        }
-        verdict = judge(workers, gone=here)
-        if verdict.alive:
-            raise RunStillRunning(f"run {run_id} is still running: " + "; ".join(verdict.alive))
+        workers, _ = await abandoned(db, run_id)
         if workers.holders:
             raise RunStillRunning(
                 f"run {run_id}: its dead controller left step runs running; "

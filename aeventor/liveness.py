@@ -15,14 +15,17 @@ A worker with no heartbeat row is judged by the leases of the step runs it holds
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from .dispatch.claims import RunWorkers, WorkerState
+from .dispatch.store import Store
+from .exceptions import RunStillRunning
 
-__all__ = ("Verdict", "judge", "local_pids", "process_gone")
+__all__ = ("Verdict", "abandoned", "judge", "local_pids", "process_gone")
 
 #: How much later than its worker's recorded start a process may have started and still be
 #: that worker: covers clocks read at slightly different moments, never a reused pid (pids
@@ -132,3 +135,24 @@ def _why_alive(
         f"{worker} on host {state.hostname} (pid {state.pid}) still holds its lease; if it "
         "died, its lease lapses within the lease time (30 s by default): try again then"
     )
+
+
+async def abandoned(store: Store, run_id: str) -> tuple[RunWorkers, frozenset[str]]:
+    """The run's controller and workers, and the ids of those that are gone.
+
+    Raises:
+        RunStillRunning: one of them may be alive; the message says who and where.
+    """
+    workers = await store.run_workers(run_id)
+    gone = {
+        id_: await asyncio.to_thread(process_gone, state.pid, state.started)
+        for id_, state in local_pids(workers).items()
+    }
+    verdict = judge(workers, gone=gone)
+    if verdict.alive:
+        raise RunStillRunning(
+            f"run {run_id} is still running: "
+            + "; ".join(verdict.alive)
+            + f". `aeventor cancel {run_id[:8]}` stops it"
+        )
+    return workers, verdict.dead

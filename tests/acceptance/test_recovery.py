@@ -338,11 +338,13 @@ if __name__ == "__main__":
 """
 
 
-async def test_a_delay_survives_its_controllers_death(state: Path, store: str) -> None:
+async def killed_before_its_delay(state: Path, store: str, delay: str) -> str:
+    """Run the DELAYED program and SIGKILL its controller once its first step succeeded
+    (before the delay is due); return the run's id."""
     script = state / "delayed.py"
     script.write_text(DELAYED)
     controller = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), store, str(state), "4", env=env(state),
+        sys.executable, str(script), store, str(state), delay, env=env(state),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -357,6 +359,11 @@ async def test_a_delay_survives_its_controllers_death(state: Path, store: str) -
     finally:
         controller.kill()
         await controller.communicate()
+    return run_id
+
+
+async def test_a_delay_survives_its_controllers_death(state: Path, store: str) -> None:
+    run_id = await killed_before_its_delay(state, store, "4")
     assert ran(state) == ["first"]  # killed before the delay was due
     done = await within(
         asyncio.to_thread(cli, state, "recover", run_id, "--store", store), what="the recovery"
@@ -410,24 +417,7 @@ def test_the_command_line_recovers_in_loop_steps_of_a_script(state: Path, tmp_pa
 async def test_continue_acts_on_what_is_due_and_returns(state: Path, store: str) -> None:
     """The original's RunMode.continue: a run whose controller died with a delay pending is
     continued when the delay is due, from a command that returns (as from cron)."""
-    script = state / "delayed.py"
-    script.write_text(DELAYED)
-    controller = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), store, str(state), "3", env=env(state),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        await wait_until(lambda: ran(state) == ["first"], what="the first step")
-        run_id = await asyncio.to_thread(_only_run, store, state)
-
-        async def first_recorded() -> bool:
-            result = await evr.run_result(store, run_id)
-            return any(s.step == "first" and s.status.value == "success" for s in result.steps)
-
-        await wait_until(first_recorded, what="the first step's success")
-    finally:
-        controller.kill()
-        await controller.communicate()
+    run_id = await killed_before_its_delay(state, store, "3")
     early = await asyncio.to_thread(cli, state, "continue", run_id, "--store", store)
     assert early.returncode == 4, early.stderr  # nothing due yet: the run goes on
     assert "continued" in early.stdout and ran(state) == ["first"]
