@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
@@ -43,6 +43,7 @@ from .program.builder import (
     Group,
     ProgramBuilder,
     Step,
+    check_limit,
     check_name,
     name_of,
 )
@@ -91,7 +92,12 @@ class Eventor:
         deterministic_logs: write logs without timestamps, pids and run ids, and rewrite
             the program log in a fixed order when the run ends, so runs can be diffed.
         stop_on_exception: a step failure that fires no failure trigger stops the run.
-        max_concurrency: most step runs executing at once (default: no limit).
+        max_concurrency: most step runs of a run executing at once (default: no limit):
+            its worker's limit in standalone mode; in distributed mode a limit across the
+            agents, kept in the store like a pool's slots.
+        max_concurrency_per_host: most step runs executing at once on each host, counted
+            across every run (of any program) that sets it: a ``local`` pool of that size on
+            each host, which every step of this program takes one slot of.
         poll_interval: seconds between polls for work made by other processes; the store's
             default when None (sqlite in standalone mode needs none).
         mode: ``"standalone"`` (this process runs every step) or ``"distributed"`` (the run is
@@ -121,6 +127,7 @@ class Eventor:
         deterministic_logs: bool = False,
         stop_on_exception: bool = True,
         max_concurrency: int | None = None,
+        max_concurrency_per_host: int | None = None,
         poll_interval: float | None = None,
         mode: str = "standalone",
         default_host: str | None = None,
@@ -154,6 +161,9 @@ class Eventor:
         if not grace >= 0:
             raise ConfigurationError(f"grace={grace!r}: seconds, 0 or more (default 30)")
         self.max_concurrency = max_concurrency
+        self.max_concurrency_per_host = check_limit(
+            max_concurrency_per_host, "max_concurrency_per_host"
+        )
         self.poll_interval = poll_interval
         self._builder = ProgramBuilder()
         self.lease = float(lease)
@@ -190,6 +200,7 @@ class Eventor:
         host: str | None = None,
         env: Mapping[str, str] | None = None,
         config: Mapping[str, Any] | None = None,
+        max_concurrent: int | None = None,
     ) -> Group:
         """Define a group of steps sharing properties.
 
@@ -197,10 +208,40 @@ class Eventor:
             host: the host of member steps that name none.
             env: environment variables of member steps (a step's own ``env`` wins).
             config: default step config of members (the keys :meth:`add_step` takes).
+            max_concurrent: at most this many runs of the group's steps at once in a run
+                (also the config key ``max_concurrent``).
 
         .. versionadded:: 0.1
         """
-        return self._builder.add_group(name, host=host, env=env, config=config)
+        return self._builder.add_group(
+            name, host=host, env=env, config=config, max_concurrent=max_concurrent
+        )
+
+    def add_pool(self, name: str, size: int, *, scope: str = "program") -> None:
+        """Define a counted pool of ``size`` slots that steps take (``add_step(...,
+        acquires=[(name, n)])``).
+
+        A step run takes all the slots it asks for, of every pool, at once before it starts,
+        or waits holding none: no partial hold, no deadlock. Waiting step runs are served in
+        order (the higher ``priority`` first, then first come, first served), and a later
+        one never overtakes an earlier one that waits for the same pool. The slots go back
+        in the transaction that records the step's end, and a step run whose worker died
+        gives them back when its lease lapses.
+
+        Args:
+            size: how many slots.
+            scope: ``"program"`` (each run has a pool of its own), ``"local"`` (one pool per
+                host, shared by every run on it that defines it) or ``"cluster"`` (one pool
+                for every host, through the database). Programs sharing a local or cluster
+                pool should give it the same size: a step is admitted against the size its
+                own program gives.
+
+        Raises:
+            ProgramDefinitionError: a duplicate or bad name, a size below 1, an unknown scope.
+
+        .. versionadded:: 0.1
+        """
+        self._builder.add_pool(name, size, scope=scope)
 
     def add_step(
         self,
@@ -220,6 +261,10 @@ class Eventor:
         recovery: str | None = None,
         timeout: float | None = None,
         retry: Retry | Mapping[str, Any] | None = None,
+        acquires: Iterable[tuple[str, int]] | None = None,
+        releases: Iterable[tuple[str, int]] | None = None,
+        max_concurrent: int | None = None,
+        priority: int | None = None,
     ) -> Step:
         """Define a step.
 
@@ -251,6 +296,16 @@ class Eventor:
             retry: how failed runs of the step are tried again (:class:`aeventor.Retry`, or
                 a dict of its arguments): each attempt is a step run of its own with its
                 own log; the failure triggers fire only after the last attempt.
+            acquires: ``[(pool, slots), ...]`` taken all at once before a run of the step
+                starts (see :meth:`add_pool`); until then the step run is ``waiting``.
+            releases: ``[(pool, slots), ...]`` given back when a run of the step ends
+                (default: what it acquired). A step can keep slots for its run (``[]``) for
+                a later step to release; whatever a run still holds is given back when the
+                run ends.
+            max_concurrent: at most this many runs of the step at once in a run, across
+                its sequences.
+            priority: among step runs waiting for the same slots, higher goes first
+                (default 0; equal priorities are served first come, first served).
 
         Raises:
             ProgramDefinitionError: a duplicate name, a bad trigger, a callable that cannot
@@ -273,6 +328,10 @@ class Eventor:
             recovery=recovery,
             timeout=timeout,
             retry=retry,
+            acquires=acquires,
+            releases=releases,
+            max_concurrent=max_concurrent,
+            priority=priority,
         )
 
     def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:
@@ -317,6 +376,9 @@ class Eventor:
             stop_on_exception=self.stop_on_exception,
             distributed=self.mode == "distributed",
             default_host=self.default_host,
+            # A standalone run's worker applies max_concurrency itself.
+            max_concurrent=self.max_concurrency if self.mode == "distributed" else None,
+            host_max_concurrent=self.max_concurrency_per_host,
         )
 
     # What the run code reads of the definition.

@@ -59,6 +59,7 @@ from typing import Any, Self, TypeVar
 from .dispatch import PENDING
 from .dispatch.claims import Delay, RunWorkers, StepRunState, WorkerState, new_token
 from .dispatch.executor import ExecResult, StepLaunch
+from .dispatch.pools import Waiter
 from .dispatch.store import (
     Claim,
     NewStepRun,
@@ -212,6 +213,17 @@ class _Agent:
 
 
 @dataclass(slots=True)
+class _Slot:
+    pool: str
+    run_id: str
+    step_run_id: int | None
+    slots: int
+    size: int
+    priority: int
+    held: bool
+
+
+@dataclass(slots=True)
 class _Tables:
     programs: dict[int, _Program] = field(default_factory=dict)
     runs: dict[str, _Run] = field(default_factory=dict)
@@ -224,6 +236,8 @@ class _Tables:
     #: (run_id, sequence, recovery, event, kind, target) -> [id, due, done]
     delays: dict[tuple[str, str, int, str, str, str], list[Any]] = field(default_factory=dict)
     agents: dict[str, _Agent] = field(default_factory=dict)
+    #: slot id -> its row (see :mod:`aeventor.dispatch.pools`)
+    slots: dict[int, _Slot] = field(default_factory=dict)
     #: table -> last id given (each table counts on its own, as SQL sequences do)
     last_ids: dict[str, int] = field(default_factory=dict)
 
@@ -671,6 +685,7 @@ class MemoryTx:
         self.earliest_delay: float | None = None
         #: run ids to wake at commit
         self.notifications: dict[str, set[str | None]] = {}
+        self._handed_over: set[str] = set()
 
     async def lock_run(self, run_id: str) -> RunLock:
         run = self.tables.runs.get(run_id)
@@ -780,7 +795,103 @@ class MemoryTx:
     async def add_step_runs(self, rows: Sequence[NewStepRun]) -> None:
         now = self.clock()
         for row in rows:
-            self._insert(row, now)
+            inserted = self._insert(row, now)
+            if inserted is None:
+                continue
+            for need in row.needs:
+                self.tables.slots[self.tables.new_id("slot")] = _Slot(
+                    need.key, row.run_id, inserted.id, need.slots, need.size, row.priority, False
+                )
+
+    async def slot_waiters(self, keys: Sequence[str]) -> tuple[dict[str, int], list[Waiter]]:
+        # (The store's lock serialises transactions: nothing to lock here.)
+        now = self.clock()
+        slots = self.tables.slots.values()
+        waiting = {s.step_run_id for s in slots if s.pool in keys and not s.held}
+        pools = set(keys) | {s.pool for s in slots if s.step_run_id in waiting and not s.held}
+
+        def lapsed(step_run_id: int | None) -> bool:
+            row = self.tables.step_runs.get(step_run_id or 0)
+            if row is None or row.status is not StepStatus.active:
+                return False
+            agent = self.tables.agents.get(row.worker or "")
+            alive = (
+                agent is not None
+                and agent.stopped is None
+                and agent.lease_until is not None
+                and agent.lease_until >= now
+            )
+            return row.lease_until is not None and row.lease_until < now and not alive
+
+        held: dict[str, int] = {}
+        for slot in slots:
+            if slot.pool in pools and slot.held and not lapsed(slot.step_run_id):
+                held[slot.pool] = held.get(slot.pool, 0) + slot.slots
+        waiting = {s.step_run_id for s in slots if s.pool in pools and not s.held}
+        wanted: dict[int, dict[str, tuple[int, int]]] = {}
+        order: dict[int, tuple[int, int]] = {}
+        for slot in slots:
+            row = self.tables.step_runs.get(slot.step_run_id or 0)
+            if slot.held or slot.step_run_id not in waiting or row is None:
+                continue
+            if row.status is not StepStatus.waiting:
+                continue
+            wanted.setdefault(row.id, {})[slot.pool] = (slot.slots, slot.size)
+            order[row.id] = (-slot.priority, row.id)
+        return held, [
+            Waiter(id_, wanted[id_], complete=pools.issuperset(wanted[id_]))
+            for id_ in sorted(wanted, key=order.__getitem__)
+        ]
+
+    async def admit_step_runs(self, step_run_ids: Sequence[int]) -> list[tuple[str, str | None]]:
+        ids = set(step_run_ids)
+        for slot in self.tables.slots.values():
+            if slot.step_run_id in ids:
+                slot.held = True
+        admitted = []
+        for id_ in step_run_ids:
+            row = self.tables.step_runs[id_]
+            if row.status is StepStatus.waiting:
+                row.status = StepStatus.ready
+            admitted.append((row.run_id, row.queue))
+        return admitted
+
+    async def release_slots(self, run_id: str) -> set[str]:
+        ended = self.tables.runs[run_id].status is not RunStatus.running
+        freed = set()
+        for id_, slot in list(self.tables.slots.items()):
+            if slot.run_id != run_id:
+                continue
+            row = self.tables.step_runs.get(slot.step_run_id or 0)
+            if ended or (row is not None and row.status not in PENDING):
+                freed.add(slot.pool)
+                del self.tables.slots[id_]
+        freed |= self._handed_over
+        self._handed_over = set()
+        return freed
+
+    async def hand_over_slots(
+        self,
+        run_id: str,
+        step_run_id: int,
+        *,
+        keep: Mapping[str, int],
+        release: Mapping[str, int],
+    ) -> None:
+        for slot in self.tables.slots.values():
+            if slot.step_run_id == step_run_id and slot.held and slot.pool in keep:
+                slot.step_run_id, slot.slots = None, keep[slot.pool]
+        for key, count in release.items():
+            for id_, slot in sorted(self.tables.slots.items()):
+                if count <= 0:
+                    break
+                if slot.run_id == run_id and slot.pool == key and slot.step_run_id is None:
+                    taken = min(count, slot.slots)
+                    slot.slots -= taken
+                    count -= taken
+                    if slot.slots == 0:
+                        del self.tables.slots[id_]
+            self._handed_over.add(key)
 
     async def add_claimed_step_runs(
         self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta, token: str
@@ -868,7 +979,7 @@ class MemoryTx:
                 run.reason = reason
         now = self.clock()
         for row in self.tables.step_runs.values():
-            if row.run_id == run_id and row.status is StepStatus.ready:
+            if row.run_id == run_id and row.status in (StepStatus.ready, StepStatus.waiting):
                 row.status, row.ended = StepStatus.skipped, now
 
     async def end_run(self, run_id: str, status: RunStatus, reason: str | None = None) -> None:

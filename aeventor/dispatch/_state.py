@@ -20,6 +20,7 @@ from typing import Protocol
 
 from ..program import expr as _expr
 from ..program.model import ProgramDef, RunStatus, StepStatus
+from . import pools as _pools
 
 __all__ = (
     "FirePlan",
@@ -80,6 +81,7 @@ class StepOutcome:
 
 # Which status may follow which. ``ready`` rows are created, never entered.
 _TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
+    StepStatus.waiting: frozenset({StepStatus.ready, StepStatus.skipped, StepStatus.cancelled}),
     StepStatus.ready: frozenset({StepStatus.active, StepStatus.skipped, StepStatus.cancelled}),
     StepStatus.active: frozenset(
         {
@@ -99,7 +101,7 @@ _TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
 }
 
 #: Step-run statuses that keep a run alive.
-PENDING = (StepStatus.ready, StepStatus.active)
+PENDING = (StepStatus.ready, StepStatus.active, StepStatus.waiting)
 
 
 def check_transition(current: StepStatus, new: StepStatus) -> bool:
@@ -137,6 +139,8 @@ class Graph:
         self._version: str | None = None
         self._fanout: dict[str, tuple[tuple[str, str], ...]] = dict(program.assocs)
         self._delayed = dict(program.delays)
+        #: Per step, the pools and limits its step runs take slots of (none: not listed).
+        self.slots = _pools.templates(program)
         dependents: dict[str, list[str]] = {}
         self._exprs: dict[str, _expr.Expr] = {}
         for event in program.events.values():

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..program.model import RunStatus, StepStatus
+from .pools import Request
 
 __all__ = (
     "Advance",
@@ -211,6 +212,9 @@ class NewStepRun:
     mac: str | None = None
     #: Seconds from now (the server's clock) before it may be claimed: a retry's backoff.
     delay: float | None = None
+    #: The slots it must hold before it may be claimed (made ``waiting`` until it does).
+    needs: tuple[Request, ...] = ()
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ from .claims import (
     StoredProgram,
     Taker,
 )
+from .pools import Waiter
 
 __all__ = (
     "Advance",
@@ -140,7 +141,32 @@ class StoreTx(Protocol):
     ) -> None: ...
 
     async def add_step_runs(self, rows: Sequence[NewStepRun]) -> None:
-        """Insert step runs (ready or skipped), skipping existing ones."""
+        """Insert step runs (ready, waiting or skipped), skipping existing ones; a row with
+        ``needs`` gets the slots it waits for (once), and their pools exist from then on."""
+
+    async def slot_waiters(self, keys: Sequence[str]) -> tuple[dict[str, int], list[Waiter]]:
+        """Lock the pools ``keys`` and those their waiting step runs also need (in key
+        order), and return the slots held per pool (a holder whose worker's lease and own
+        lease both lapsed holds none) and the waiting step runs in the order they are served
+        (priority, then first come)."""
+
+    async def admit_step_runs(self, step_run_ids: Sequence[int]) -> list[tuple[str, str | None]]:
+        """Give waiting step runs their slots and make them ready; their ``(run, queue)``."""
+
+    async def release_slots(self, run_id: str) -> set[str]:
+        """Free the slots of the run's step runs that ended (every slot of the run once it
+        ended); return the pools that gained room."""
+
+    async def hand_over_slots(
+        self,
+        run_id: str,
+        step_run_id: int,
+        *,
+        keep: Mapping[str, int],
+        release: Mapping[str, int],
+    ) -> None:
+        """A step run with its own ``releases`` ended: its run keeps ``keep`` slots of
+        those pools, and gives back ``release`` slots it kept before."""
 
     async def add_claimed_step_runs(
         self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta, token: str
@@ -167,7 +193,8 @@ class StoreTx(Protocol):
         """Mark a delay reached, unless it already was; whether this call did."""
 
     async def stop_run(self, run_id: str, reason: str | None) -> None:
-        """Mark the run stopped and its ready step runs skipped (None keeps its reason)."""
+        """Mark the run stopped and its ready and waiting step runs skipped (None keeps its
+        reason)."""
 
     async def end_run(self, run_id: str, status: RunStatus, reason: str | None = None) -> None:
         """Set the final status of a running run."""
@@ -191,7 +218,7 @@ class StoreTx(Protocol):
 
     async def supersede_step_runs(self, run_id: str, error: str) -> int:
         """Close the run's pending step runs for recovery: active ones ``lost`` (with
-        ``error``), ready ones ``cancelled``; return how many."""
+        ``error``), ready and waiting ones ``cancelled``; return how many."""
 
     async def step_run_states(self, run_id: str) -> list[StepRunState]:
         """Every step run of the run, in creation order."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import NoResult, NothingToRecover, RunStillRunning
 from ..program.model import RunStatus, StepStatus
+from . import pools
 from ._state import Graph, final_run_status
 from .claims import Advance, Claim, Delay, NewStepRun, Recovery, StepRunState, Taker
 
@@ -187,8 +188,10 @@ async def complete(
         if await _ended_earlier(tx, claim, status):
             return Advance(1, run.status, tuple(await _claimed_earlier(tx, take, [])))
         return Advance(0, run.status, recorded=False)
+    # Its slots go back in the transaction that records its end (a retry waits anew).
+    freed = await _release(tx, graph, claim.run_id, ended=(claim.id, claim.step))
     if run.status is not RunStatus.running:
-        return Advance(0, run.status)
+        return Advance(freed, run.status)
     retry = graph.program.steps[claim.step].retry
     if (
         retry_after is not None
@@ -197,7 +200,8 @@ async def complete(
         and claim.attempt < retry.attempts
         and not run.stopped
     ):
-        return await _retry(tx, graph, claim, run.mode, retry_after)
+        advance = await _retry(tx, graph, claim, run.mode, retry_after)
+        return dataclasses.replace(advance, ready=advance.ready + freed)
     stopped = run.stopped
     if outcome.stop_run and not stopped:
         stopped = True
@@ -205,6 +209,8 @@ async def complete(
             claim.run_id,
             f"step {claim.step}[{claim.sequence}] failed and fires no failure trigger",
         )
+        # Its waiting and ready step runs were skipped: their slots go back.
+        freed += await _release(tx, graph, claim.run_id)
     ready, claims, queues = await _fire(
         tx,
         graph,
@@ -217,9 +223,12 @@ async def complete(
         mode=run.mode,
         replay=run.replay,
     )
+    ready += freed
     # A run that just gained step runs cannot have ended.
     run_status = (
-        RunStatus.running if ready or claims else await _settle(tx, claim.run_id, stopped=stopped)
+        RunStatus.running
+        if ready or claims
+        else await _settle(tx, claim.run_id, stopped=stopped, graph=graph)
     )
     if ready:
         tx.notify(claim.run_id, queues)
@@ -240,8 +249,12 @@ async def _retry(tx: StoreTx, graph: Graph, claim: Claim, mode: str, delay: floa
     )
     await tx.add_step_runs([dataclasses.replace(row, delay=max(delay, 0.0))])
     # Nobody can claim it before its backoff: its worker wakes then (Advance.due_in), other
-    # claimers find it when they next look.
-    return Advance(0, RunStatus.running, due_in=max(delay, 0.0))
+    # claimers find it when they next look. (Needing slots, it waits for them behind the
+    # step runs that waited before it, and holds them through its backoff.)
+    admitted = (
+        await _admit(tx, [r.key for r in row.needs], count_for=claim.run_id) if row.needs else 0
+    )
+    return Advance(admitted, RunStatus.running, due_in=max(delay, 0.0))
 
 
 async def fail_untrusted(
@@ -268,10 +281,12 @@ async def fail_untrusted(
     )
     if not ended:
         return Advance(0, run.status, recorded=await _ended_earlier(tx, claim, status))
+    await _release_all_ended(tx, claim.run_id)
     if run.status is not RunStatus.running:
         return Advance(0, run.status)
     if not run.stopped:
         await tx.stop_run(claim.run_id, f"step {claim.step}[{claim.sequence}]: {error}")
+        await _release_all_ended(tx, claim.run_id)
     return Advance(0, await _settle(tx, claim.run_id, stopped=True))
 
 
@@ -289,6 +304,7 @@ async def requeue(tx: StoreTx, claim: Claim, *, only_if_lapsed: bool = False) ->
         return Advance(0, run.status)
     if run.stopped:
         await tx.stop_run(claim.run_id, None)
+        await _release_all_ended(tx, claim.run_id)
         return Advance(0, await _settle(tx, claim.run_id, stopped=True))
     tx.notify(claim.run_id, {claim.queue})
     return Advance(1, RunStatus.running)
@@ -300,6 +316,7 @@ async def cancel_run(tx: StoreTx, run_id: str, *, reason: str) -> None:
     await tx.cancel_step_runs(run_id)
     if run.status is RunStatus.running:
         await tx.end_run(run_id, RunStatus.cancelled, reason)
+    await _release_all_ended(tx, run_id)
     tx.notify(run_id)
 
 
@@ -319,11 +336,13 @@ async def cancel_step(
     found = await tx.pending_step_run(run_id, step, sequence)
     if found is None or not await tx.cancel_step_run(found[0], reason):
         return Advance(0, run.status, recorded=False)
+    freed = await _release(tx, graph, run_id, ended=(found[0], step))
     outcome = graph.step_outcome(step, StepStatus.cancelled)
     stopped = run.stopped
     if outcome.stop_run and not stopped:
         stopped = True
         await tx.stop_run(run_id, f"step {step}[{sequence}] was cancelled ({reason})")
+        freed += await _release(tx, graph, run_id)
     ready, _, queues = await _fire(
         tx,
         graph,
@@ -335,7 +354,8 @@ async def cancel_step(
         mode=run.mode,
         replay=run.replay,
     )
-    status = RunStatus.running if ready else await _settle(tx, run_id, stopped=stopped)
+    ready += freed
+    status = RunStatus.running if ready else await _settle(tx, run_id, stopped=stopped, graph=graph)
     tx.notify(run_id, queues)
     return Advance(ready, status, due_in=tx.earliest_delay)
 
@@ -397,7 +417,9 @@ async def mature(tx: StoreTx, graph: Graph, delay: Delay, *, take: Taker | None)
             )
             ready, queues = ready + more, queues | more_queues
     status = (
-        RunStatus.running if ready or claims else await _settle(tx, run_id, stopped=run.stopped)
+        RunStatus.running
+        if ready or claims
+        else await _settle(tx, run_id, stopped=run.stopped, graph=graph)
     )
     if ready:
         tx.notify(run_id, queues)
@@ -460,6 +482,7 @@ async def recover_run(
         superseded = await tx.supersede_step_runs(
             run_id, f"its worker died; the run was recovered as recovery {new}"
         )
+        await _release(tx, graph, run_id)
     states = await tx.step_run_states(run_id)
     latest: dict[tuple[str, str], StepRunState] = {}
     for state in states:
@@ -637,8 +660,11 @@ async def _make_ready(
         return 0, [], set()
     mine: list[str] = []
     rest: list[str] = []
+    waiting: list[str] = []
     for step in make:
-        if (
+        if step in graph.slots:
+            waiting.append(step)  # ready once it holds its slots
+        elif (
             take is not None
             and tx.claims_on_insert
             and len(mine) < take.budget
@@ -649,6 +675,11 @@ async def _make_ready(
             rest.append(step)
     if rest:
         await tx.add_step_runs([row(s, StepStatus.ready) for s in rest])
+    admitted = 0
+    if waiting:
+        rows = [row(s, StepStatus.waiting) for s in waiting]
+        await tx.add_step_runs(rows)
+        admitted = await _admit(tx, [r.key for new in rows for r in new.needs], count_for=run_id)
     claims: list[Claim] = []
     if mine:
         assert take is not None
@@ -659,7 +690,7 @@ async def _make_ready(
             token=take.token,
         )
     queues = {steps[s].host if distributed else None for s in rest}
-    return len(rest), claims, queues
+    return len(rest) + admitted, claims, queues
 
 
 def _new_step_run(
@@ -691,28 +722,94 @@ def _new_step_run(
         if mode == "distributed"
         else None
     )
+    wanted = graph.slots.get(step)
+    needs = () if wanted is None else pools.requests(wanted, run_id=run_id, host=host)
     return NewStepRun(
         run_id=run_id,
         step=step,
         sequence=sequence,
         recovery=recovery,
-        status=status,
+        status=StepStatus.waiting if needs and status is StepStatus.ready else status,
         host=host,
         queue=queue,
         attempt=attempt,
         mac=mac,
+        needs=needs,
+        priority=graph.program.steps[step].priority,
     )
 
 
-async def _settle(tx: StoreTx, run_id: str, *, stopped: bool) -> RunStatus:
-    """End the run if nothing is ready or active any more, and (unless it stopped) no delay
-    is pending; return its status. (A stopped run's pending delays wait for a recovery.)"""
+async def _settle(
+    tx: StoreTx, run_id: str, *, stopped: bool, graph: Graph | None = None
+) -> RunStatus:
+    """End the run if nothing is waiting, ready or active any more, and (unless it stopped)
+    no delay is pending; return its status. (A stopped run's pending delays wait for a
+    recovery.) An ended run gives back every slot it still holds."""
     pending = await tx.pending(run_id, delays=not stopped)
     status = final_run_status(pending=pending, stopped=stopped, cancelled=False)
     if status is not RunStatus.running:
         await tx.end_run(run_id, status)
+        if graph is None or graph.slots:
+            await _release_all_ended(tx, run_id)
         tx.notify(run_id)
     return status
+
+
+async def _release(
+    tx: StoreTx, graph: Graph, run_id: str, *, ended: tuple[int, str] | None = None
+) -> int:
+    """Give back the slots of the run's step runs that ended (``ended``: the one that just
+    did, ``(id, step)``, whose ``releases`` apply), and admit who waited for them; return
+    how many step runs of the run that made ready."""
+    if not graph.slots:
+        return 0
+    if ended is not None:
+        step = graph.program.steps[ended[1]]
+        if step.releases is not None:
+            await _hand_over(tx, graph, run_id, ended[0], step.name)
+    return await _release_all_ended(tx, run_id, count_for=run_id)
+
+
+async def _hand_over(tx: StoreTx, graph: Graph, run_id: str, step_run_id: int, step: str) -> None:
+    """A step with its own ``releases``: what it acquired and does not release stays with
+    the run; what it releases beyond that comes out of what the run kept."""
+    definition = graph.program.steps[step]
+    program_pools = graph.program.pools
+    host = definition.host
+
+    def key(pool: str) -> str:
+        return pools.pool_key(program_pools[pool].scope, pool, run_id=run_id, host=host)
+
+    acquired = {key(p): n for p, n in definition.acquires}
+    released = {key(p): n for p, n in definition.releases or ()}
+    keep = {k: n - released.get(k, 0) for k, n in acquired.items() if n > released.get(k, 0)}
+    more = {k: n - acquired.get(k, 0) for k, n in released.items() if n > acquired.get(k, 0)}
+    await tx.hand_over_slots(run_id, step_run_id, keep=keep, release=more)
+
+
+async def _release_all_ended(tx: StoreTx, run_id: str, *, count_for: str | None = None) -> int:
+    """Free the slots of the run's ended step runs (all of them once the run ended), admit
+    the step runs waiting for those pools; return how many of ``count_for``'s it admitted."""
+    freed = await tx.release_slots(run_id)
+    if not freed:
+        return 0
+    return await _admit(tx, freed, count_for=count_for)
+
+
+async def _admit(tx: StoreTx, keys: Iterable[str], *, count_for: str | None = None) -> int:
+    """Admit the step runs waiting for the pools ``keys`` that can now hold all their slots
+    (:func:`.pools.admit`, under the pools' locks): they become ready, and their workers are
+    woken. Returns how many of them belong to ``count_for`` (default: any run)."""
+    held, waiters = await tx.slot_waiters(sorted(set(keys)))
+    admitted = pools.admit(waiters, held)
+    if not admitted:
+        return 0
+    mine = 0
+    for run_id, queue in await tx.admit_step_runs(admitted):
+        tx.notify(run_id, {queue})
+        if count_for is None or run_id == count_for:
+            mine += 1
+    return mine
 
 
 async def _ended_earlier(tx: StoreTx, claim: Claim, status: StepStatus) -> bool:

@@ -19,9 +19,11 @@ from . import expr as _expr
 from .hosts import resolve_hosts
 from .model import (
     EXECUTORS,
+    POOL_SCOPES,
     TRIGGER_STATUSES,
     EventDef,
     GroupDef,
+    PoolDef,
     ProgramDef,
     Retry,
     StepDef,
@@ -30,12 +32,16 @@ from .model import (
     check_json,
 )
 
-__all__ = ("Event", "Group", "ProgramBuilder", "Step", "check_name", "name_of")
+__all__ = ("Event", "Group", "ProgramBuilder", "Step", "check_limit", "check_name", "name_of")
 
 _NAME_MAX = 200
 _STEP_CONFIG_KEYS = {
+    "acquires",
     "executor",
+    "max_concurrent",
     "pass_logger_to_task",
+    "priority",
+    "releases",
     "recovery",
     "retry",
     "sequence_arg_name",
@@ -86,8 +92,8 @@ class Step(_Named):
 
 
 #: What a built program depends on besides the definitions: (name, stop_on_exception,
-#: distributed, default_host).
-_BuildKey = tuple[str, bool, bool, str | None]
+#: distributed, default_host, max_concurrent, host_max_concurrent).
+_BuildKey = tuple[str, bool, bool, str | None, int | None, int | None]
 
 
 class ProgramBuilder:
@@ -113,6 +119,7 @@ class ProgramBuilder:
         self.events: dict[str, EventDef] = {}
         self.steps: dict[str, StepDef] = {}
         self.groups: dict[str, GroupDef] = {}
+        self.pools: dict[str, PoolDef] = {}
         self.funcs: dict[str, Callable[..., Any]] = {}
         self.assocs: dict[str, dict[tuple[str, str], None]] = {}
         self.delays: dict[str, dict[tuple[str, str], float]] = {}
@@ -131,6 +138,8 @@ class ProgramBuilder:
         stop_on_exception: bool = True,
         distributed: bool = False,
         default_host: str | None = None,
+        max_concurrent: int | None = None,
+        host_max_concurrent: int | None = None,
     ) -> ProgramDef:
         """The program's definition as data, validated; with ``distributed``, every step's
         host decided by the host rules (see :mod:`aeventor.program.hosts`).
@@ -143,7 +152,14 @@ class ProgramBuilder:
             ProgramDefinitionError: a reference to something undefined, or (distributed) a
                 step whose host cannot be decided.
         """
-        key: _BuildKey = (name, stop_on_exception, distributed, default_host)
+        key: _BuildKey = (
+            name,
+            stop_on_exception,
+            distributed,
+            default_host,
+            max_concurrent,
+            host_max_concurrent,
+        )
         if self._built is not None and self._built[0] == key:
             return self._built[1]
         self.builds += 1
@@ -158,6 +174,9 @@ class ProgramBuilder:
                 k: tuple((kind, target, delay) for (kind, target), delay in v.items())
                 for k, v in self.delays.items()
             },
+            pools=dict(self.pools),
+            max_concurrent=max_concurrent,
+            host_max_concurrent=host_max_concurrent,
         )
         definition.validate()
         if distributed:
@@ -175,6 +194,25 @@ class ProgramBuilder:
         self.events[name] = EventDef(name, normalized)
         return Event(name, normalized)
 
+    def add_pool(self, name: str, size: int, *, scope: str = "program") -> None:
+        """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_pool` (see there)."""
+        check_name(name, "pool")
+        if name in self.pools:
+            raise ProgramDefinitionError(f"pool {name!r} is already defined")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ProgramDefinitionError(
+                f"pool {name!r}: size={size!r}; give how many slots it has, a whole number "
+                "of 1 or more"
+            )
+        if scope not in POOL_SCOPES:
+            raise ProgramDefinitionError(
+                f"pool {name!r}: scope={scope!r}; use 'program' (each run has its own), "
+                "'local' (one per host, shared by the runs there) or 'cluster' (one for "
+                "every host, through the database)"
+            )
+        self._changed()
+        self.pools[name] = PoolDef(name, size, scope)
+
     def add_group(
         self,
         name: str,
@@ -182,6 +220,7 @@ class ProgramBuilder:
         host: str | None = None,
         env: Mapping[str, str] | None = None,
         config: Mapping[str, Any] | None = None,
+        max_concurrent: int | None = None,
     ) -> Group:
         """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_group` (see there)."""
         check_name(name, "group")
@@ -194,8 +233,11 @@ class ProgramBuilder:
         config = dict(config or {})
         _check_config(config, f"group {name!r}")
         check_json(config, what=f"group {name!r}: config")
+        if max_concurrent is None:
+            max_concurrent = config.pop("max_concurrent", None)
+        limit = check_limit(max_concurrent, f"group {name!r}: max_concurrent")
         self._changed()
-        self.groups[name] = GroupDef(name, host, env, config)
+        self.groups[name] = GroupDef(name, host, env, config, limit)
         return Group(name)
 
     def add_step(
@@ -216,6 +258,10 @@ class ProgramBuilder:
         recovery: str | None = None,
         timeout: float | None = None,
         retry: Retry | Mapping[str, Any] | None = None,
+        acquires: Iterable[tuple[str, int]] | None = None,
+        releases: Iterable[tuple[str, int]] | None = None,
+        max_concurrent: int | None = None,
+        priority: int | None = None,
     ) -> Step:
         """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_step` (see there)."""
         self._check_new_name(name, "step")
@@ -279,6 +325,21 @@ class ProgramBuilder:
             raise ProgramDefinitionError(
                 f"step {name!r}: retry={retry!r}; give aeventor.Retry(attempts=3, ...) or a "
                 "dict of its arguments"
+            )
+        acquired = self._slots(
+            name, "acquires", acquires if acquires is not None else config.get("acquires")
+        )
+        released_given = releases if releases is not None else config.get("releases")
+        released = None if released_given is None else self._slots(name, "releases", released_given)
+        if max_concurrent is None:
+            max_concurrent = config.get("max_concurrent")
+        limit = check_limit(max_concurrent, f"step {name!r}: max_concurrent")
+        if priority is None:
+            priority = config.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ProgramDefinitionError(
+                f"step {name!r}: priority={priority!r}; give a whole number (higher goes "
+                "first among steps waiting for the same slots; default 0)"
             )
         kwargs = dict(kwargs or {})
         args = tuple(args)
@@ -378,8 +439,46 @@ class ProgramBuilder:
             retry=retry,
             stop_on_exception=config.get("stop_on_exception"),
             pass_logger=bool(config.get("pass_logger_to_task", False)),
+            acquires=acquired,
+            releases=released,
+            max_concurrent=limit,
+            priority=priority,
         )
         return Step(name)
+
+    def _slots(self, step: str, what: str, given: Any) -> tuple[tuple[str, int], ...]:
+        """``acquires``/``releases`` as ``((pool, slots), ...)``, each pool defined."""
+        if given is None:
+            return ()
+        fix = f"give a list of (pool, slots) pairs, e.g. {what}=[('db', 1)]"
+        if isinstance(given, str | bytes) or not isinstance(given, Iterable):
+            raise ProgramDefinitionError(f"step {step!r}: {what}={given!r}; {fix}")
+        wanted: dict[str, int] = {}
+        for item in given:
+            if isinstance(item, str):
+                item = (item, 1)
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                raise ProgramDefinitionError(f"step {step!r}: {what}={given!r}; {fix}")
+            pool, slots = name_of(item[0]), item[1]
+            if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+                raise ProgramDefinitionError(
+                    f"step {step!r}: {what} {slots!r} slots of pool {pool!r}; give a whole "
+                    "number of 1 or more"
+                )
+            definition = self.pools.get(pool)
+            if definition is None:
+                raise ProgramDefinitionError(
+                    f"step {step!r}: {what} names undefined pool {pool!r}; define it first "
+                    f"with ev.add_pool({pool!r}, size)"
+                )
+            wanted[pool] = wanted.get(pool, 0) + slots
+            if what == "acquires" and wanted[pool] > definition.size:
+                raise ProgramDefinitionError(
+                    f"step {step!r}: acquires {wanted[pool]} slots of pool {pool!r}, which "
+                    f"has {definition.size}: it could never start; ask for fewer or make "
+                    "the pool larger"
+                )
+        return tuple(wanted.items())
 
     def add_assoc(self, event: Event | str, *targets: Step | Event | str, delay: float = 0) -> None:
         """The checks and bookkeeping behind :meth:`aeventor.Eventor.add_assoc` (see there)."""
@@ -501,6 +600,17 @@ def _check_config(config: Mapping[str, Any], where: str) -> None:
             f"{where}: unknown config key(s) {sorted(unknown)}; "
             f"known keys are {sorted(_STEP_CONFIG_KEYS)}"
         )
+
+
+def check_limit(value: Any, what: str) -> int | None:
+    """A ``max_concurrent``-style limit: None, or a whole number of 1 or more."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProgramDefinitionError(
+            f"{what}={value!r}; give a whole number of 1 or more, or None for no limit"
+        )
+    return value
 
 
 def _check_env(env: Mapping[str, Any], where: str) -> None:

@@ -23,9 +23,11 @@ from ..exceptions import ProgramDefinitionError, SerializationError
 from . import expr as _expr
 
 __all__ = (
+    "POOL_SCOPES",
     "TRIGGER_STATUSES",
     "EventDef",
     "GroupDef",
+    "PoolDef",
     "ProgramDef",
     "Retry",
     "RunStatus",
@@ -53,6 +55,9 @@ class StepStatus(StrEnum):
     skipped = "skipped"
     #: Terminated or never started because the run was cancelled.
     cancelled = "cancelled"
+    #: Made ready, waiting for the slots of its pools and limits (``acquires``,
+    #: ``max_concurrent``); it becomes ``ready`` once it holds all of them.
+    waiting = "waiting"
     #: Its worker died or hung past its lease while it ran; its failure triggers fire.
     lost = "lost"
 
@@ -100,6 +105,22 @@ class GroupDef:
     host: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     config: Mapping[str, Any] = field(default_factory=dict)
+    #: At most this many step runs of the group's steps at once in a run (None: no limit).
+    max_concurrent: int | None = None
+
+
+#: Where a pool's slots are counted: ``program`` (each run has its own), ``local`` (one pool
+#: per host, shared by every run there), ``cluster`` (one pool for every host).
+POOL_SCOPES = ("program", "local", "cluster")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDef:
+    """A counted pool of slots that steps acquire (``ev.add_pool``)."""
+
+    name: str
+    size: int
+    scope: str = "program"
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +272,14 @@ class StepDef:
     #: Call the step's function with ``logger=`` its step logger (the original's
     #: ``pass_logger_to_task``).
     pass_logger: bool = False
+    #: ``(pool, slots)`` taken all at once before a run of the step starts.
+    acquires: tuple[tuple[str, int], ...] = ()
+    #: ``(pool, slots)`` given back when a run of it ends (None: what it acquired).
+    releases: tuple[tuple[str, int], ...] | None = None
+    #: At most this many runs of the step at once in a run, across its sequences.
+    max_concurrent: int | None = None
+    #: Among step runs waiting for the same slots, higher priorities go first (then FIFO).
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +298,12 @@ class ProgramDef:
     stop_on_exception: bool = True
     groups: Mapping[str, GroupDef] = field(default_factory=dict)
     delays: Mapping[str, tuple[tuple[str, str, float], ...]] = field(default_factory=dict)
+    pools: Mapping[str, PoolDef] = field(default_factory=dict)
+    #: At most this many step runs of a run at once, across agents (distributed runs; a
+    #: standalone run's worker applies ``max_concurrency`` itself).
+    max_concurrent: int | None = None
+    #: At most this many step runs at once on each host, across every run that says so.
+    host_max_concurrent: int | None = None
 
     def targets(self, event: str) -> Iterator[tuple[str, str]]:
         """Every ``(kind, name)`` the event leads to, at once or after a delay."""
@@ -310,6 +345,25 @@ class ProgramDef:
                         f"define it with ev.add_{kind}({target!r}, ...)"
                     )
         for step in self.steps.values():
+            for what, wanted in (("acquires", step.acquires), ("releases", step.releases or ())):
+                for pool_name, slots in wanted:
+                    pool = self.pools.get(pool_name)
+                    if pool is None:
+                        raise ProgramDefinitionError(
+                            f"step {step.name!r}: {what} names undefined pool {pool_name!r}; "
+                            f"define it with ev.add_pool({pool_name!r}, size)"
+                        )
+                    if what == "acquires" and slots > pool.size:
+                        raise ProgramDefinitionError(
+                            f"step {step.name!r}: acquires {slots} slots of pool "
+                            f"{pool_name!r}, which has {pool.size}: it could never start; "
+                            "ask for fewer or make the pool larger"
+                        )
+            if step.group is not None and step.group not in self.groups:
+                raise ProgramDefinitionError(
+                    f"step {step.name!r}: undefined group {step.group!r}; define it with "
+                    f"ev.add_group({step.group!r}, ...)"
+                )
             for status, fired in step.triggers.items():
                 for event_name in fired:
                     if event_name not in self.events:
@@ -352,11 +406,21 @@ class ProgramDef:
                         else {"stop_on_exception": s.stop_on_exception}
                     ),
                     **({"pass_logger": True} if s.pass_logger else {}),
+                    **({"acquires": [list(a) for a in s.acquires]} if s.acquires else {}),
+                    **({} if s.releases is None else {"releases": [list(r) for r in s.releases]}),
+                    **({} if s.max_concurrent is None else {"max_concurrent": s.max_concurrent}),
+                    **({"priority": s.priority} if s.priority else {}),
                 }
                 for s in sorted(self.steps.values(), key=lambda s: s.name)
             ],
             "groups": [
-                {"name": g.name, "host": g.host, "env": dict(g.env), "config": dict(g.config)}
+                {
+                    "name": g.name,
+                    "host": g.host,
+                    "env": dict(g.env),
+                    "config": dict(g.config),
+                    **({} if g.max_concurrent is None else {"max_concurrent": g.max_concurrent}),
+                }
                 for g in sorted(self.groups.values(), key=lambda g: g.name)
             ],
             "assocs": {k: [list(t) for t in v] for k, v in sorted(self.assocs.items())},
@@ -365,6 +429,22 @@ class ProgramDef:
                 {"delays": {k: [list(t) for t in v] for k, v in sorted(self.delays.items())}}
                 if self.delays
                 else {}
+            ),
+            **(
+                {
+                    "pools": [
+                        {"name": p.name, "size": p.size, "scope": p.scope}
+                        for p in sorted(self.pools.values(), key=lambda p: p.name)
+                    ]
+                }
+                if self.pools
+                else {}
+            ),
+            **({} if self.max_concurrent is None else {"max_concurrent": self.max_concurrent}),
+            **(
+                {}
+                if self.host_max_concurrent is None
+                else {"host_max_concurrent": self.host_max_concurrent}
             ),
         }
 
@@ -397,11 +477,21 @@ class ProgramDef:
                 retry=None if s.get("retry") is None else Retry.from_json(s["retry"]),
                 stop_on_exception=s.get("stop_on_exception"),
                 pass_logger=s.get("pass_logger", False),
+                acquires=tuple((a[0], int(a[1])) for a in s.get("acquires", ())),
+                releases=(
+                    None
+                    if s.get("releases") is None
+                    else tuple((r[0], int(r[1])) for r in s["releases"])
+                ),
+                max_concurrent=s.get("max_concurrent"),
+                priority=s.get("priority", 0),
             )
             for s in data["steps"]
         }
         groups = {
-            g["name"]: GroupDef(g["name"], g["host"], dict(g["env"]), dict(g["config"]))
+            g["name"]: GroupDef(
+                g["name"], g["host"], dict(g["env"]), dict(g["config"]), g.get("max_concurrent")
+            )
             for g in data.get("groups", [])
         }
         assocs = {k: tuple((t[0], t[1]) for t in v) for k, v in data["assocs"].items()}
@@ -417,6 +507,12 @@ class ProgramDef:
             delays=delays,
             stop_on_exception=data["stop_on_exception"],
             groups=groups,
+            pools={
+                p["name"]: PoolDef(p["name"], int(p["size"]), p["scope"])
+                for p in data.get("pools", [])
+            },
+            max_concurrent=data.get("max_concurrent"),
+            host_max_concurrent=data.get("host_max_concurrent"),
         )
 
     def canonical_json(self) -> str:

@@ -186,3 +186,28 @@ async def fire_from_async(event: str) -> str:
 
     await evr.current_step().trigger(event)
     return evr.current_step().step
+
+
+def occupy(journal: str, seconds: float = 0.0, release: str | None = None) -> str:
+    """Record this step run's start and end in ``journal`` (one appended line each, atomic
+    with O_APPEND): ``start|end <step>.<sequence> <time>``; in between, sleep ``seconds``
+    and, with ``release``, wait until that file exists."""
+    label = f"{os.environ['EVENTOR_STEP_NAME']}.{os.environ['EVENTOR_STEP_SEQUENCE']}"
+
+    def note(what: str) -> None:
+        fd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{what} {label} {time.time():.6f}\n".encode())
+        finally:
+            os.close(fd)
+
+    note("start")
+    time.sleep(seconds)
+    if release is not None:
+        deadline = time.monotonic() + DEADLINE
+        while not Path(release).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{release} did not appear within {DEADLINE} s")
+            time.sleep(0.01)
+    note("end")
+    return label

@@ -617,9 +617,9 @@ def test_config_spells_executor_and_sequence_arg_name() -> None:
 def test_an_unknown_config_key_is_rejected_listing_the_known_keys() -> None:
     ev = new_eventor()
     raises_definition_error(
-        lambda: ev.add_step("s", config={"max_concurrent": 2}),
+        lambda: ev.add_step("s", config={"max_concurency": 2}),
         "step 's'",
-        "max_concurrent",
+        "max_concurency",
         "'executor'",
         "'sequence_arg_name'",
         "'task_construct'",

@@ -561,6 +561,9 @@ ALLOWED = {
     (S.active, S.cancelled),
     (S.active, S.lost),
     (S.active, S.ready),  # requeued: claimed, never started
+    (S.waiting, S.ready),  # admitted: holds its slots
+    (S.waiting, S.skipped),
+    (S.waiting, S.cancelled),
 }
 
 

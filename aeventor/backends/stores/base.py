@@ -27,6 +27,7 @@ from collections.abc import (
     Callable,
     Collection,
     Coroutine,
+    Iterable,
     Iterator,
     Mapping,
     Sequence,
@@ -43,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ...dispatch import PENDING
 from ...dispatch.claims import Delay, RunWorkers, StepRunState, WorkerState, new_token
+from ...dispatch.pools import Waiter, run_scoped
 from ...dispatch.store import (
     Claim,
     NewStepRun,
@@ -1222,6 +1224,9 @@ class SqlTx:
         self.earliest_delay: float | None = None
         #: run id -> queues to NOTIFY at commit
         self.notifications: dict[str, set[str | None]] = {}
+        #: Pools a step's ``releases`` gave run-kept slots back to (release_slots reports
+        #: them with the rest).
+        self.freed_by_hand_over: set[str] = set()
 
     async def lock_run(self, run_id: str) -> RunLock:
         row = (await self.conn.execute(_LOCK_RUN, {"run_id": run_id})).one_or_none()
@@ -1364,6 +1369,192 @@ class SqlTx:
                     ),
                     [_step_row(row, now)],
                 )
+        needy = [row for row in rows if row.needs]
+        if needy:
+            await self._add_slots(needy, now)
+
+    async def _add_slots(self, rows: Sequence[NewStepRun], now: datetime) -> None:
+        """The slots the new ``rows`` wait for (their pools' rows made if new)."""
+        keys = {r.key for row in rows for r in row.needs}
+        await self.conn.execute(
+            self.db._insert_ignore(t.pool),
+            [
+                {"name": key, "run_id": rows[0].run_id if run_scoped(key) else None, "created": now}
+                for key in sorted(keys)
+            ],
+        )
+        c = t.step_run.c
+        found = await self.conn.execute(
+            sa.select(c.id, c.step, c.sequence, c.recovery, c.attempt).where(
+                c.run_id == rows[0].run_id,
+                sa.tuple_(c.step, c.sequence, c.recovery, c.attempt).in_(
+                    [(r.step, r.sequence, r.recovery, r.attempt) for r in rows]
+                ),
+            )
+        )
+        ids = {(r.step, r.sequence, r.recovery, r.attempt): r.id for r in found}
+        # A retried transaction's first attempt may have made them already.
+        have = set(
+            (
+                await self.conn.execute(
+                    sa.select(t.slot.c.step_run_id).where(t.slot.c.step_run_id.in_(ids.values()))
+                )
+            ).scalars()
+        )
+        values = [
+            {
+                "pool": need.key,
+                "run_id": row.run_id,
+                "step_run_id": step_run_id,
+                "slots": need.slots,
+                "size": need.size,
+                "priority": row.priority,
+                "held": False,
+                "created": now,
+            }
+            for row in rows
+            if (step_run_id := ids[(row.step, row.sequence, row.recovery, row.attempt)]) not in have
+            for need in row.needs
+        ]
+        if values:
+            await self.conn.execute(t.slot.insert(), values)
+
+    async def slot_waiters(self, keys: Sequence[str]) -> tuple[dict[str, int], list[Waiter]]:
+        slot, step_run = t.slot, t.step_run
+        waiting = (
+            sa.select(slot.c.step_run_id)
+            .where(slot.c.pool.in_(keys), slot.c.held.is_(False))
+            .scalar_subquery()
+        )
+        extra = (
+            await self.conn.execute(
+                sa.select(slot.c.pool)
+                .distinct()
+                .where(slot.c.step_run_id.in_(waiting), slot.c.held.is_(False))
+            )
+        ).scalars()
+        pools = sorted(set(keys) | set(extra))
+        # The pools' locks, in one order for every transaction: whoever counts a pool's
+        # slots holds its row until commit, so two never admit into the same room.
+        await self.conn.execute(
+            sa.select(t.pool.c.name)
+            .where(t.pool.c.name.in_(pools))
+            .order_by(t.pool.c.name)
+            .with_for_update()
+        )
+        agent = t.agent
+        now = self.db.server_now()
+        worker_alive = (
+            sa.exists()
+            .where(
+                agent.c.id == step_run.c.worker,
+                agent.c.stopped.is_(None),
+                agent.c.lease_until >= now,
+            )
+            .correlate(step_run)
+        )
+        # A holder whose lease and whose worker's lease both lapsed holds nothing: its
+        # worker died (the reaper records it lost; until then its slots are free).
+        lapsed = sa.and_(
+            step_run.c.status == StepStatus.active.value,
+            step_run.c.lease_until < now,
+            ~worker_alive,
+        )
+        held_rows = await self.conn.execute(
+            sa.select(slot.c.pool, sa.func.sum(slot.c.slots))
+            .select_from(slot.outerjoin(step_run, step_run.c.id == slot.c.step_run_id))
+            .where(
+                slot.c.pool.in_(pools),
+                slot.c.held.is_(True),
+                sa.or_(slot.c.step_run_id.is_(None), ~lapsed),
+            )
+            .group_by(slot.c.pool)
+        )
+        held = {row[0]: int(row[1]) for row in held_rows}
+        wanted = await self.conn.execute(
+            sa.select(slot.c.step_run_id, slot.c.pool, slot.c.slots, slot.c.size)
+            .select_from(slot.join(step_run, step_run.c.id == slot.c.step_run_id))
+            .where(
+                slot.c.step_run_id.in_(
+                    sa.select(slot.c.step_run_id).where(
+                        slot.c.pool.in_(pools), slot.c.held.is_(False)
+                    )
+                ),
+                slot.c.held.is_(False),
+                step_run.c.status == StepStatus.waiting.value,
+            )
+            .order_by(slot.c.priority.desc(), slot.c.step_run_id, slot.c.pool)
+        )
+        return held, _waiters(wanted, set(pools))
+
+    async def admit_step_runs(self, step_run_ids: Sequence[int]) -> list[tuple[str, str | None]]:
+        ids = list(step_run_ids)
+        await self.conn.execute(
+            t.slot.update().where(t.slot.c.step_run_id.in_(ids)).values(held=True)
+        )
+        c = t.step_run.c
+        await self.conn.execute(
+            t.step_run.update()
+            .where(c.id.in_(ids), c.status == StepStatus.waiting.value)
+            .values(status=StepStatus.ready.value)
+        )
+        rows = await self.conn.execute(sa.select(c.run_id, c.queue).where(c.id.in_(ids)))
+        return [(r.run_id, r.queue) for r in rows]
+
+    async def release_slots(self, run_id: str) -> set[str]:
+        slot, step_run = t.slot, t.step_run
+        status = (
+            await self.conn.execute(sa.select(t.run.c.status).where(t.run.c.id == run_id))
+        ).scalar_one()
+        if status != RunStatus.running.value:
+            query = sa.select(slot.c.id, slot.c.pool).where(slot.c.run_id == run_id)
+        else:
+            query = (
+                sa.select(slot.c.id, slot.c.pool)
+                .select_from(slot.join(step_run, step_run.c.id == slot.c.step_run_id))
+                .where(
+                    slot.c.run_id == run_id,
+                    step_run.c.status.not_in([s.value for s in PENDING]),
+                )
+            )
+        rows = (await self.conn.execute(query)).all()
+        freed, self.freed_by_hand_over = self.freed_by_hand_over, set()
+        if rows:
+            await self.conn.execute(t.slot.delete().where(t.slot.c.id.in_([r.id for r in rows])))
+        return freed | {r.pool for r in rows}
+
+    async def hand_over_slots(
+        self,
+        run_id: str,
+        step_run_id: int,
+        *,
+        keep: Mapping[str, int],
+        release: Mapping[str, int],
+    ) -> None:
+        slot = t.slot
+        for key, slots in keep.items():
+            await self.conn.execute(
+                slot.update()
+                .where(slot.c.step_run_id == step_run_id, slot.c.pool == key, slot.c.held.is_(True))
+                .values(step_run_id=None, slots=slots)
+            )
+        for key, slots in release.items():
+            kept = await self.conn.execute(
+                sa.select(slot.c.id, slot.c.slots)
+                .where(slot.c.run_id == run_id, slot.c.pool == key, slot.c.step_run_id.is_(None))
+                .order_by(slot.c.id)
+            )
+            for row in kept.all():
+                if slots <= 0:
+                    break
+                if row.slots <= slots:
+                    await self.conn.execute(slot.delete().where(slot.c.id == row.id))
+                else:
+                    await self.conn.execute(
+                        slot.update().where(slot.c.id == row.id).values(slots=row.slots - slots)
+                    )
+                slots -= row.slots
+            self.freed_by_hand_over.add(key)
 
     async def add_claimed_step_runs(
         self, rows: Sequence[NewStepRun], *, worker: str, lease: timedelta, token: str
@@ -1427,7 +1618,7 @@ class SqlTx:
             t.step_run.update()
             .where(
                 t.step_run.c.run_id == run_id,
-                t.step_run.c.status == StepStatus.ready.value,
+                t.step_run.c.status.in_([StepStatus.ready.value, StepStatus.waiting.value]),
             )
             .values(status=StepStatus.skipped.value, ended=t.utcnow())
         )
@@ -1508,6 +1699,7 @@ class SqlTx:
         for status, new, why in (
             (StepStatus.active, StepStatus.lost, error),
             (StepStatus.ready, StepStatus.cancelled, None),
+            (StepStatus.waiting, StepStatus.cancelled, None),
         ):
             updated = await self.conn.execute(
                 t.step_run.update()
@@ -1580,6 +1772,17 @@ class SqlTx:
 
     def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
         self.notifications.setdefault(run_id, set()).update(queues)
+
+
+def _waiters(rows: Iterable[Any], locked: set[str]) -> list[Waiter]:
+    """Slot rows (ordered by priority, step run) grouped per waiting step run."""
+    needs: dict[int, dict[str, tuple[int, int]]] = {}
+    for row in rows:
+        needs.setdefault(int(row.step_run_id), {})[row.pool] = (int(row.slots), int(row.size))
+    return [
+        Waiter(step_run_id, wanted, complete=locked.issuperset(wanted))
+        for step_run_id, wanted in needs.items()
+    ]
 
 
 def _revoked(

@@ -175,7 +175,8 @@ class MySQLDatabase(Database):
     def _insert_ignore(self, table: sa.Table) -> Any:
         # Not INSERT IGNORE: that also turns truncation and other errors into warnings.
         # "id = id" leaves the existing row as it is.
-        return mysql_insert(table).on_duplicate_key_update({"id": table.c.id})
+        key = table.primary_key.columns.values()[0]
+        return mysql_insert(table).on_duplicate_key_update({key.name: key})
 
     def server_now(self) -> sa.ColumnElement[datetime]:
         # Naive UTC, as every DATETIME column holds.

@@ -27,7 +27,18 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ("agent", "delay", "metadata", "program", "run", "step_run", "trigger", "utcnow")
+__all__ = (
+    "agent",
+    "delay",
+    "metadata",
+    "pool",
+    "program",
+    "run",
+    "slot",
+    "step_run",
+    "trigger",
+    "utcnow",
+)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -203,6 +214,36 @@ delay = Table(
     # The due ones, for whoever reaches them; a run's pending ones.
     Index(None, "done", "due"),
     Index(None, "run_id", "done"),
+)
+
+#: One row per pool (see :mod:`aeventor.dispatch.pools`), locked by whoever counts its slots.
+pool = Table(
+    "aeventor_pool",
+    metadata,
+    Column("name", String(300), primary_key=True),
+    #: The run a run-scoped pool belongs to (removed with it), else NULL.
+    Column("run_id", String(36), nullable=True),
+    Column("created", UTCDateTime, nullable=False),
+    Index(None, "run_id"),
+)
+
+#: Slots of a pool wanted (``held`` false) or held by a step run, or (``step_run_id`` NULL)
+#: kept by its run after the step run ended, for a later step to release.
+slot = Table(
+    "aeventor_slot",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("pool", String(300), nullable=False),
+    Column("run_id", String(36), ForeignKey("aeventor_run.id"), nullable=False),
+    Column("step_run_id", _BigId, nullable=True),
+    Column("slots", Integer, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("held", Boolean, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    Index(None, "pool", "held"),
+    Index(None, "step_run_id"),
+    Index(None, "run_id"),
 )
 
 agent = Table(
