@@ -14,6 +14,7 @@ __all__ = (
     "DelayedTarget",
     "ProgramSummary",
     "RunResult",
+    "Slots",
     "StepRun",
     "run_log_dir",
     "step_log_path",
@@ -129,6 +130,28 @@ class ProgramSummary:
     last_run_id: str | None
     last_status: RunStatus | None
     last_run: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """Slots of a pool a run's step run waits for or holds (``acquires``, ``max_concurrent``).
+
+    Attributes:
+        pool: the pool's key: ``cluster:<name>``, ``local:<host>:<name>``,
+            ``program:<run>:<name>``, ``step:<run>:<step>``, ``group:<run>:<group>``,
+            ``run:<run>`` or ``host:<host>``.
+        step, sequence: the step run's (None: kept by the run after its step ended, for a
+            later step's ``releases``).
+        slots: how many; ``held`` True once taken, False while waiting.
+
+    .. versionadded:: 0.1
+    """
+
+    pool: str
+    step: str | None
+    sequence: str | None
+    slots: int
+    held: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,7 +72,7 @@ from .dispatch.store import (
 )
 from .exceptions import NoResult, UniqueViolation
 from .program.model import ProgramDef, RunStatus, StepStatus
-from .records import DelayedTarget, ProgramSummary, RunResult, StepRun, run_log_dir
+from .records import DelayedTarget, ProgramSummary, RunResult, Slots, StepRun, run_log_dir
 
 __all__ = ("FakeClock", "FakeExecutor", "InMemoryStore")
 
@@ -533,6 +533,17 @@ class InMemoryStore(Store):
         ]
         return [delay for _, _, delay in sorted(found, key=lambda item: item[:2])]
 
+    async def run_slots(self, run_id: str) -> list[Slots]:
+        """The slots a run's step runs wait for or hold (as the SQL stores')."""
+        found = []
+        for _, slot in sorted(self._t.slots.items()):
+            row = self._t.step_runs.get(slot.step_run_id or 0)
+            if slot.run_id == run_id:
+                step = None if row is None else row.step
+                sequence = None if row is None else row.sequence
+                found.append(Slots(slot.pool, step, sequence, slot.slots, slot.held))
+        return found
+
     def _pending_delays(self, run_id: str | None) -> list[tuple[Delay, datetime]]:
         found = []
         for key, (id_, due, done) in self._t.delays.items():
@@ -855,6 +866,13 @@ class MemoryTx:
                 row.status = StepStatus.ready
             admitted.append((row.run_id, row.queue))
         return admitted
+
+    async def waiting_pools(self, run_id: str | None) -> set[str]:
+        return {
+            s.pool
+            for s in self.tables.slots.values()
+            if not s.held and (run_id is None or s.run_id == run_id)
+        }
 
     async def release_slots(self, run_id: str) -> set[str]:
         ended = self.tables.runs[run_id].status is not RunStatus.running

@@ -49,6 +49,7 @@ _STYLES = {
     "running": "yellow",
     "active": "yellow",
     "ready": "cyan",
+    "waiting": "yellow",
     "cancelled": "magenta",
     "skipped": "dim",
 }

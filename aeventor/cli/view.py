@@ -350,7 +350,7 @@ async def _watch(store: str, run_id: str, seen: list[RunResult], *, as_json: boo
                 live.update(_progress_view(result))
 
 
-_PENDING = (StepStatus.ready, StepStatus.active)
+_PENDING = (StepStatus.waiting, StepStatus.ready, StepStatus.active)
 
 
 def _counts(result: RunResult) -> tuple[int, int, list[StepRun]]:
@@ -455,7 +455,7 @@ def _missing(log: queries.LogFile) -> ConfigurationError:
     what = "program log" if log.step_run is None else "log"
     if log.step_run is not None:
         what += f" of step run {log.step_run.step}[{log.step_run.sequence}]"
-        if log.step_run.status in (StepStatus.skipped, StepStatus.ready):
+        if log.step_run.status in (StepStatus.skipped, StepStatus.ready, StepStatus.waiting):
             what += f" ({log.step_run.status.value}: it never started)"
     return ConfigurationError(
         f"no {what} at {str(log.path)!r}; if the run's logs were moved, pass --log-dir DIR"

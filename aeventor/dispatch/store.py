@@ -153,6 +153,9 @@ class StoreTx(Protocol):
     async def admit_step_runs(self, step_run_ids: Sequence[int]) -> list[tuple[str, str | None]]:
         """Give waiting step runs their slots and make them ready; their ``(run, queue)``."""
 
+    async def waiting_pools(self, run_id: str | None) -> set[str]:
+        """The pools step runs (of the run, or of any) wait for."""
+
     async def release_slots(self, run_id: str) -> set[str]:
         """Free the slots of the run's step runs that ended (every slot of the run once it
         ended); return the pools that gained room."""
@@ -647,6 +650,13 @@ class Store(abc.ABC):
     async def mature(self, graph: Graph, delay: Delay, *, take: Taker | None = None) -> Advance:
         """Reach a due delay's target (see :func:`aeventor.dispatch.transactions.mature`)."""
         return await self.write(lambda tx: transactions.mature(tx, graph, delay, take=take))
+
+    async def admit_waiting(self, *, run_id: str | None = None) -> int:
+        """Admit the step runs (of one run, or of any) waiting for slots that have come free
+        without a transaction that gave them back: those of a holder whose worker died, once
+        its lease and its worker's lapsed. Returns how many were admitted. The workers call it
+        from their reaper's round."""
+        return await self.write(lambda tx: transactions.admit_waiting(tx, run_id=run_id))
 
     @abc.abstractmethod
     async def due_delays(self, *, run_id: str | None = None, limit: int = 100) -> list[Delay]:

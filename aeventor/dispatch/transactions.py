@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .store import StoreTx
 
 __all__ = (
+    "admit_waiting",
     "cancel_run",
     "cancel_step",
     "complete",
@@ -424,6 +425,12 @@ async def mature(tx: StoreTx, graph: Graph, delay: Delay, *, take: Taker | None)
     if ready:
         tx.notify(run_id, queues)
     return Advance(ready, status, tuple(claims), due_in=tx.earliest_delay)
+
+
+async def admit_waiting(tx: StoreTx, *, run_id: str | None) -> int:
+    """Admit what waits for slots that came free without a release (a dead holder)."""
+    pools_waited = await tx.waiting_pools(run_id)
+    return await _admit(tx, pools_waited) if pools_waited else 0
 
 
 #: The step-run statuses recovery runs again (policy permitting): what did not succeed.

@@ -853,6 +853,16 @@ class Worker:
         while True:
             await asyncio.sleep(self.config.lease / 2)
             await self._round("reap", self.reap)
+            await self._round("admit", self._admit_waiting)
+
+    async def _admit_waiting(self) -> None:
+        """Give waiting step runs the slots of holders that died (their leases lapsed, no
+        release recorded yet), and look for the work that makes ready."""
+        if not self._may_reap():
+            return
+        if await self.store.admit_waiting(run_id=self.scope.run_id):
+            self._maybe_work = True
+            self._wake.set()
 
     async def reap(self) -> int:
         """Deal with the step runs nobody will finish; return how many were recorded.

@@ -69,7 +69,7 @@ from ...exceptions import (
 )
 from ...logs import get_logger
 from ...program.model import ProgramDef, RunStatus, StepStatus
-from ...records import DelayedTarget, ProgramSummary, RunResult, StepRun, run_log_dir
+from ...records import DelayedTarget, ProgramSummary, RunResult, Slots, StepRun, run_log_dir
 from ...utils import backoff, stop_at_deadline
 from . import schema as t
 
@@ -928,6 +928,26 @@ class Database(Store):
             for r in rows
         ]
 
+    @retry_transient
+    async def run_slots(self, run_id: str) -> list[Slots]:
+        """The slots a run's step runs wait for or hold, and those it kept.
+
+        .. versionadded:: 0.1
+        """
+        slot, step_run = t.slot, t.step_run
+        async with self.reading() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(
+                        slot.c.pool, step_run.c.step, step_run.c.sequence, slot.c.slots, slot.c.held
+                    )
+                    .select_from(slot.outerjoin(step_run, step_run.c.id == slot.c.step_run_id))
+                    .where(slot.c.run_id == run_id)
+                    .order_by(slot.c.id)
+                )
+            ).all()
+        return [Slots(r.pool, r.step, r.sequence, int(r.slots), bool(r.held)) for r in rows]
+
     def _pending_delays(self, run_id: str | None) -> sa.Select[Any]:
         d, r = t.delay.c, t.run.c
         query = (
@@ -1166,7 +1186,8 @@ class Database(Store):
 
     @retry_transient
     async def delete_runs(self, run_ids: Collection[str]) -> list[str]:
-        """Delete these runs with their step runs, triggers and delays, in one transaction.
+        """Delete these runs with their step runs, triggers, delays, slots and own pools, in
+        one transaction.
 
         Only runs that have ended are deleted: one still running (or running again) is
         left alone. Returns the ids deleted.
@@ -1190,6 +1211,8 @@ class Database(Store):
                 await conn.execute(t.step_run.delete().where(t.step_run.c.run_id.in_(gone)))
                 await conn.execute(t.trigger.delete().where(t.trigger.c.run_id.in_(gone)))
                 await conn.execute(t.delay.delete().where(t.delay.c.run_id.in_(gone)))
+                await conn.execute(t.slot.delete().where(t.slot.c.run_id.in_(gone)))
+                await conn.execute(t.pool.delete().where(t.pool.c.run_id.in_(gone)))
                 await conn.execute(
                     t.run.delete().where(t.run.c.id.in_(gone), t.run.c.status.in_(ended))
                 )
@@ -1500,6 +1523,12 @@ class SqlTx:
         )
         rows = await self.conn.execute(sa.select(c.run_id, c.queue).where(c.id.in_(ids)))
         return [(r.run_id, r.queue) for r in rows]
+
+    async def waiting_pools(self, run_id: str | None) -> set[str]:
+        query = sa.select(t.slot.c.pool).distinct().where(t.slot.c.held.is_(False))
+        if run_id is not None:
+            query = query.where(t.slot.c.run_id == run_id)
+        return set((await self.conn.execute(query)).scalars())
 
     async def release_slots(self, run_id: str) -> set[str]:
         slot, step_run = t.slot, t.step_run
