@@ -1105,7 +1105,10 @@ class MemoryTx:
         if program is not None:
             run.program_id, run.signature = program
 
-    def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
+    def notify(
+        self, run_id: str, queues: Collection[str | None] = (), *, here: bool = False
+    ) -> None:
+        # (Every notification wakes this process's workers.)
         self.notifications.setdefault(run_id, set()).update(queues)
 
 

@@ -247,8 +247,12 @@ class StoreTx(Protocol):
         """Start a new recovery generation: running again, not stopped, no reason nor end;
         ``program`` switches the run to another (program id, run signature)."""
 
-    def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
-        """Tell other processes, at commit, that the run (and these queues) may have work."""
+    def notify(
+        self, run_id: str, queues: Collection[str | None] = (), *, here: bool = False
+    ) -> None:
+        """Tell other processes, at commit, that the run (and these queues) may have work;
+        with ``here``, this process's workers too (work the caller's advance does not
+        count: another run's)."""
 
 
 class Notifier:

@@ -813,9 +813,11 @@ async def _admit(tx: StoreTx, keys: Iterable[str], *, count_for: str | None = No
         return 0
     mine = 0
     for run_id, queue in await tx.admit_step_runs(admitted):
-        tx.notify(run_id, {queue})
         if count_for is None or run_id == count_for:
             mine += 1
+            tx.notify(run_id, {queue})
+        else:
+            tx.notify(run_id, {queue}, here=True)
     return mine
 
 

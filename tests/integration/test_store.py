@@ -284,6 +284,8 @@ async def test_a_database_at_an_older_revision_is_upgraded_keeping_its_rows(
         async with engine.begin() as conn:
             # Start from nothing (the Postgres test database is a copy of a migrated one).
             for table in (
+                "aeventor_slot",
+                "aeventor_pool",
                 "aeventor_delay",
                 "aeventor_step_run",
                 "aeventor_trigger",

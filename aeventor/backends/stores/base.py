@@ -455,6 +455,12 @@ class Database(Store):
             value = await operation(tx)
             for run_id, queues in tx.notifications.items():
                 await self._notify_work(conn, run_id, queues)
+        # Work this transaction made for other runs (slots it gave back): this process's
+        # workers hear of it here, as other processes do through the store.
+        for run_id, queues in tx.here.items():
+            self.notifier.notify(run_id)
+            for queue in queues:
+                self.notifier.notify_queue(queue)
         return value
 
     @contextmanager
@@ -1247,6 +1253,8 @@ class SqlTx:
         self.earliest_delay: float | None = None
         #: run id -> queues to NOTIFY at commit
         self.notifications: dict[str, set[str | None]] = {}
+        #: run id -> queues to wake in this process too, after commit
+        self.here: dict[str, set[str | None]] = {}
         #: Pools a step's ``releases`` gave run-kept slots back to (release_slots reports
         #: them with the rest).
         self.freed_by_hand_over: set[str] = set()
@@ -1799,8 +1807,12 @@ class SqlTx:
             values["program_id"], values["signature"] = program
         await self.conn.execute(t.run.update().where(t.run.c.id == run_id).values(**values))
 
-    def notify(self, run_id: str, queues: Collection[str | None] = ()) -> None:
+    def notify(
+        self, run_id: str, queues: Collection[str | None] = (), *, here: bool = False
+    ) -> None:
         self.notifications.setdefault(run_id, set()).update(queues)
+        if here:
+            self.here.setdefault(run_id, set()).update(queues)
 
 
 def _waiters(rows: Iterable[Any], locked: set[str]) -> list[Waiter]:
