@@ -40,5 +40,9 @@ async def test_a_process_step_fires_events_that_start_other_steps(
 
 
 def test_current_step_outside_a_step_says_where_it_works() -> None:
-    with pytest.raises(evr.AeventorError, match="local process step"):
+    with pytest.raises(evr.AeventorError, match="process step") as caught:
         evr.current_step()
+    # Only command steps are sent to the variables: process steps on SSH hosts have a channel.
+    message = str(caught.value)
+    assert "on an SSH host" in message
+    assert "command steps read the EVENTOR_* environment variables" in message
