@@ -177,35 +177,42 @@ class StepContext:
 _current: contextvars.ContextVar[StepContext] = contextvars.ContextVar("aeventor_step")
 
 
-#: The variable that names a process step's channel to its worker (a socket descriptor).
+#: The variable that names a local process step's channel to its worker (a socket
+#: descriptor it inherits).
 CHANNEL_ENV = "EVENTOR_CHANNEL_FD"
+#: The variable that names the channel of a process step on an SSH host: the path of a
+#: Unix socket on that host, which SSH forwards to the step's worker.
+CHANNEL_PATH_ENV = "EVENTOR_CHANNEL_PATH"
 
 
 def current_step() -> StepContext:
     """The :class:`StepContext` of the step running in this task: an in-loop step, or the
-    function of a process step (in its own process, where ``trigger`` sends the event to the
-    step's worker over the step's channel and returns once it is fired; call it, or await
-    it in an async function).
+    function of a process step, local or on an SSH host (in its own process, where
+    ``trigger`` sends the event to the step's worker over the step's channel and returns
+    once it is fired; call it, or await it in an async function).
 
     Raises:
-        AeventorError: when called outside a step (or in a step on an SSH host, which has
-            no channel yet).
+        AeventorError: when called outside a step (or in a command step, which reads the
+            ``EVENTOR_*`` variables instead).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.1
+        In the function of a process step on an SSH host.
     """
     try:
         return _current.get()
     except LookupError:
         pass
     global _process_step
-    if _process_step is None and CHANNEL_ENV in os.environ:
+    if _process_step is None and (CHANNEL_ENV in os.environ or CHANNEL_PATH_ENV in os.environ):
         _process_step = _ChannelStep.from_environ(os.environ)
     if _process_step is not None:
         return _process_step
     raise AeventorError(
         "current_step() is only available inside a step: an in-loop (async def) step, or "
-        "the function of a local process step; command and SSH steps read the EVENTOR_* "
-        "environment variables instead"
+        "the function of a process step (local, or on an SSH host whose sshd allows "
+        "stream-local forwarding); command steps read the EVENTOR_* environment variables "
+        "instead"
     )
 
 
@@ -226,9 +233,22 @@ class _ChannelStep(StepContext):
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> _ChannelStep:
+        """The step's context, its channel open: the socket it inherited (a local step), or
+        a connection to the Unix socket its host forwards to the worker (an SSH step)."""
         import socket
 
-        sock = socket.socket(fileno=int(environ[CHANNEL_ENV]))
+        if CHANNEL_ENV in environ:
+            sock = socket.socket(fileno=int(environ[CHANNEL_ENV]))
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(environ[CHANNEL_PATH_ENV])
+            except OSError as exc:
+                sock.close()
+                raise AeventorError(
+                    f"current_step(): cannot reach the step's worker through its channel "
+                    f"{environ[CHANNEL_PATH_ENV]!r}: {exc}"
+                ) from exc
         return cls(
             run_id=environ.get("EVENTOR_RUN_ID", ""),
             program=environ.get("EVENTOR_PROGRAM", ""),

@@ -65,6 +65,10 @@ def blockbuster(request: pytest.FixtureRequest) -> Iterator[BlockBuster | None]:
         # asyncpg stats ~/.pgpass and client certificate paths on every connect.
         for func in ("os.stat", "os.path.abspath"):
             allow[func].can_block_in("asyncpg/connect_utils.py", "_parse_connect_arguments")
+        # asyncssh reads the known_hosts file and the client keys on every connect (once
+        # per host: the SSH executor reuses its connections).
+        for func in ("io.TextIOWrapper.read", "io.BufferedReader.read"):
+            allow[func].can_block_in("asyncssh/misc.py", "read_file")
         # pysqlite makes the file name absolute; open_store already did, so no syscall.
         allow["os.path.abspath"].can_block_in(
             "sqlalchemy/dialects/sqlite/pysqlite.py", "create_connect_args"

@@ -54,3 +54,32 @@ def spawn_and_sleep(marker: str, report: str) -> None:
 def environment() -> dict[str, str]:
     """The step's whole environment."""
     return dict(os.environ)
+
+
+def fire(event: str, *sequences: str) -> dict[str, object]:
+    """Fire ``event`` through the step's channel: for the step's own sequence, then for each
+    of ``sequences``; return where it ran and the channel it used (raises what ``trigger``
+    raises: the step fails with the worker's message)."""
+    import aeventor as evr
+
+    step = evr.current_step()
+    step.trigger(event)
+    for sequence in sequences:
+        step.trigger(event, sequence=sequence)
+    return {
+        "ssh_connection": os.environ.get("SSH_CONNECTION"),
+        "channel": os.environ.get("EVENTOR_CHANNEL_PATH"),
+        "step": step.step,
+        "run_id": step.run_id,
+    }
+
+
+def no_channel() -> str:
+    """What ``current_step()`` says to a step that was given no channel."""
+    import aeventor as evr
+
+    try:
+        evr.current_step()
+    except evr.AeventorError as exc:
+        return str(exc)
+    return "current_step() worked"

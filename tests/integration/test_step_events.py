@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -40,5 +41,19 @@ async def test_a_process_step_fires_events_that_start_other_steps(
 
 
 def test_current_step_outside_a_step_says_where_it_works() -> None:
-    with pytest.raises(evr.AeventorError, match="local process step"):
+    with pytest.raises(evr.AeventorError, match="process step") as caught:
         evr.current_step()
+    # Only command steps are sent to the variables: process steps on SSH hosts have a channel.
+    message = str(caught.value)
+    assert "on an SSH host" in message
+    assert "command steps read the EVENTOR_* environment variables" in message
+
+
+def test_a_step_whose_channel_path_is_gone_is_told_so(tmp_path: Path) -> None:
+    """An SSH step's channel is a path on its host: nothing listening there is an error."""
+    from aeventor.context import CHANNEL_PATH_ENV, _ChannelStep
+
+    gone = tmp_path / "aeventor-gone.sock"
+    with pytest.raises(evr.AeventorError, match="cannot reach the step's worker") as caught:
+        _ChannelStep.from_environ({CHANNEL_PATH_ENV: str(gone), "EVENTOR_STEP_NAME": "s"})
+    assert str(gone) in str(caught.value)

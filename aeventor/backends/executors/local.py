@@ -24,16 +24,17 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ...context import CHANNEL_ENV, EnvPolicy, bind_step, process_env
 from ...dispatch.executor import ExecResult, StepLaunch
 from ...dispatch.logs import step_log_capture, write_step_log
-from ...exceptions import AeventorError, ExecutorError
+from ...exceptions import ExecutorError
 from ...utils import describe_exception
 from . import _lifeline
+from ._channel import Fire, serve_channel
 
 __all__ = (
     "ExecResult",
@@ -238,7 +239,7 @@ class LocalExecutor:
             None
             if ours is None or launch.on_trigger is None
             else asyncio.create_task(
-                _serve_channel(ours, launch.on_trigger), name=f"aeventor channel {launch.step.name}"
+                _serve_socket(ours, launch.on_trigger), name=f"aeventor channel {launch.step.name}"
             )
         )
         try:
@@ -312,26 +313,10 @@ class LocalExecutor:
                 os.close(fd)
 
 
-async def _serve_channel(sock: socket.socket, fire: Callable[[str, str], Awaitable[None]]) -> None:
-    """Serve a step's channel: each line is ``{"event": ..., "sequence": ...}``; it is fired
-    and answered ``{"ok": true}`` or ``{"error": "..."}`` (the step raises that), in order."""
+async def _serve_socket(sock: socket.socket, fire: Fire) -> None:
+    """Serve the worker's end of a local step's channel (see :mod:`._channel`)."""
     reader, writer = await asyncio.open_unix_connection(sock=sock)
-    try:
-        while line := await reader.readline():
-            try:
-                message = json.loads(line)
-                await fire(str(message["event"]), str(message["sequence"]))
-                reply: dict[str, Any] = {"ok": True}
-            except AeventorError as exc:
-                reply = {"error": str(exc)}
-            except (ValueError, KeyError, TypeError) as exc:
-                reply = {"error": f"a message the worker cannot read ({exc!r}): {line[:200]!r}"}
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass  # the step went away mid-message: what it fired is recorded or not, as it got
-    finally:
-        writer.close()
+    await serve_channel(reader, writer, fire)
 
 
 def _read_and_close(fd: int) -> bytes:

@@ -37,6 +37,13 @@ A function step's runner reads its spec as the first line of stdin, then watches
 (``--lifeline 0``); a command step's script starts a ``sh`` watcher first (``_WATCHER``),
 so commands still need no Python on their host.
 
+A function step fires events (``aeventor.current_step().trigger``) over a channel to its
+worker, as a local one does, with the same protocol (:mod:`._channel`): its host listens on
+a Unix socket among the step's temporary files, whose path the step finds in
+``$EVENTOR_CHANNEL_PATH``, and SSH forwards the step's connection to it back to this
+process (``streamlocal-forward``, ``ssh -R PATH:...``). The step needs no database
+connection; the socket is removed with the step's other files.
+
 Differences from :class:`~aeventor.backends.executors.local.LocalExecutor`: a step ends when its
 output is closed by every process that holds it (a daemon it spawns with inherited stdout
 keeps the step running); a step's environment there is the login environment sshd gives it,
@@ -61,18 +68,19 @@ import re
 import shlex
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
 import asyncssh
 import tenacity
 
-from ...context import EnvPolicy, process_env
+from ...context import CHANNEL_PATH_ENV, EnvPolicy, process_env
 from ...exceptions import ConfigurationError, ExecutorError, HostUnreachable
 from ...logs import get_logger
 from ...utils import backoff
 from . import _lifeline
+from ._channel import Fire, serve_channel
 from .local import (
     TERMINATE_GRACE,
     ExecResult,
@@ -104,6 +112,9 @@ KEEPALIVE_INTERVAL = 15.0
 KEEPALIVE_COUNT_MAX = 3
 #: Bytes read from a step's output at a time.
 CHUNK = 64 * 1024
+#: The longest path of a step's channel socket (``sun_path`` holds 104 bytes on BSDs and
+#: macOS, 108 on Linux, the final NUL included).
+_SOCKET_PATH_MAX = 103
 
 _Process = asyncssh.SSHClientProcess[bytes]
 
@@ -281,10 +292,11 @@ class SshExecutor:
             raise ExecutorError(f"step {step.name!r} names no host to run on over SSH")
         host = self._host(step.host)
         files = _StepFiles.new(host.target.tmpdir)
-        env = _env_prefix(launch, process_env(launch.env, self.env_policy, remote=True))
+        step_env = process_env(launch.env, self.env_policy, remote=True)
         if step.executor == "command":
             assert step.argv is not None
             argv = list(step.argv)
+            env = _env_prefix(launch, step_env)
             script = f"{_PRELUDE} {_WATCHER} exec {env}{shlex.join(argv)} 3<&-"
             returncode = await self._run_remote(host, launch, script, files, stdin_data=b"")
             return command_result(argv, returncode)
@@ -292,10 +304,12 @@ class SshExecutor:
             launch, result_path=files.result, sys_path=self.sys_path, pid_path=files.pid
         )
         runner = [host.target.python, *_RUNNER, "--lifeline", "0"]
-        script = f"{_PRELUDE} exec {env}{shlex.join(runner)}"
-        returncode = await self._run_remote(
-            host, launch, script, files, stdin_data=json.dumps(spec).encode() + b"\n"
-        )
+        async with self._channel(host, launch, files) as channel_env:
+            env = _env_prefix(launch, {**step_env, **channel_env})
+            script = f"{_PRELUDE} exec {env}{shlex.join(runner)}"
+            returncode = await self._run_remote(
+                host, launch, script, files, stdin_data=json.dumps(spec).encode() + b"\n"
+            )
         result = await self._control(
             host,
             f"cat {shlex.quote(files.result)} 2>/dev/null; {files.remove()}",
@@ -412,6 +426,119 @@ class SshExecutor:
                         return await process.wait()
             finally:
                 process.close()
+
+    # -- the steps' channels -------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _channel(
+        self, host: _Host, launch: StepLaunch, files: _StepFiles
+    ) -> AsyncIterator[dict[str, str]]:
+        """The channel of a function step to its worker, for the block: yields the variables
+        that name it to the step (none when it has no channel).
+
+        The step's host listens on a Unix socket among the step's temporary files (sshd
+        creates it mode 0600, owned by the login user), and SSH forwards each connection to
+        it back here (OpenSSH's ``streamlocal-forward``, as ``ssh -R PATH:...`` does), where
+        :func:`._channel.serve_channel` serves it, as it serves a local step's socket pair.
+        The step connects when it first calls ``current_step()``. A server that refuses the
+        forwarding (``AllowStreamLocalForwarding no``) runs the step without a channel.
+        """
+        fire = launch.on_trigger
+        if fire is None:
+            yield {}
+            return
+        path = files.channel
+        if len(os.fsencode(path)) > _SOCKET_PATH_MAX:
+            log.warning(
+                "step.channel_unavailable",
+                host=host.name,
+                step=launch.step.name,
+                reason=f"the socket path {path!r} is longer than {_SOCKET_PATH_MAX} bytes; "
+                "give the host a shorter tmpdir",
+            )
+            yield {}
+            return
+        served = _Served(launch.step.name, fire)
+        listener = await self._listen(host, path, served.accept, launch)
+        if listener is None:
+            yield {}
+            return
+        failed = False
+        try:
+            yield {CHANNEL_PATH_ENV: path}
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            listener.close()
+            try:
+                await served.aclose()
+            finally:
+                await self._closed(host, listener, path, remove=failed)
+
+    async def _listen(
+        self,
+        host: _Host,
+        path: str,
+        accept: Callable[[], Callable[[_Reader, _Writer], None]],
+        launch: StepLaunch,
+    ) -> asyncssh.SSHListener | None:
+        """Have the host listen on ``path`` for the step; None if its server refuses to."""
+        for reconnected in (False, True):
+            conn = await self._connection(host)
+            listening = asyncio.ensure_future(conn.start_unix_server(accept, path, encoding=None))
+            try:
+                with _wrap_exceptions(host, "forwarding a step's channel"):
+                    try:
+                        # Shielded: once the request is sent, the host listens whether or
+                        # not we still wait for its reply (closed below if we do not).
+                        return await asyncio.shield(listening)
+                    except asyncssh.ChannelListenError:
+                        if conn.is_closed():
+                            raise asyncssh.ConnectionLost(
+                                "the connection closed while the step's channel was set up"
+                            ) from None
+                        log.warning(
+                            "step.channel_unavailable",
+                            host=host.name,
+                            step=launch.step.name,
+                            reason="the SSH server refused to listen on a Unix socket for "
+                            "the step (sshd_config: AllowStreamLocalForwarding); the step "
+                            "runs without a channel (current_step() is not available to it)",
+                        )
+                        return None
+            except asyncio.CancelledError:
+                await asyncio.wait([listening], timeout=CONTROL_TIMEOUT)
+                if listening.done() and not listening.cancelled() and not listening.exception():
+                    listener = listening.result()
+                    listener.close()
+                    await self._closed(host, listener, path, remove=True)
+                else:
+                    listening.cancel()
+                raise
+            except ExecutorError:
+                if reconnected or not conn.is_closed():
+                    raise
+                await self._forget(host, conn)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _closed(
+        self, host: _Host, listener: asyncssh.SSHListener, path: str, *, remove: bool
+    ) -> None:
+        """Wait until the host stopped listening on ``path``; with ``remove``, remove the
+        socket too (sshd leaves it behind; a step that ended, or was stopped once its pid
+        was known, had it removed with its other files)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONTROL_TIMEOUT):
+                await listener.wait_closed()
+        if not remove:
+            return
+        try:
+            await self._control(
+                host, f"rm -f {shlex.quote(path)}", doing="removing a step's channel"
+            )
+        except ExecutorError as exc:
+            log.warning("could not remove a step's channel", host=host.name, error=str(exc))
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -567,6 +694,11 @@ class _StepFiles:
     def result(self) -> str:
         return f"{self.stem}.json"
 
+    @property
+    def channel(self) -> str:
+        """The Unix socket the step reaches its worker through (see ``_channel``)."""
+        return f"{self.stem}.sock"
+
     def remove(self) -> str:
         """A command removing every file of the step (the runner's temporary one included)."""
         return f"rm -f {shlex.quote(self.stem)}.*"
@@ -610,6 +742,51 @@ async def _abandon(
         process.close()
     else:
         await abandon(process)
+
+
+_Reader = asyncssh.SSHReader[bytes]
+_Writer = asyncssh.SSHWriter[bytes]
+
+
+async def _serve_forwarded(reader: _Reader, writer: _Writer, fire: Fire) -> None:
+    """Serve one forwarded connection to a step's channel (see :mod:`._channel`)."""
+    try:
+        await serve_channel(reader, writer, fire)
+    except asyncssh.Error:
+        pass  # the connection went away mid-message, as serve_channel's ConnectionError
+
+
+class _Served:
+    """The connections a step made to its channel, each served in a task of this set until
+    the step closes it, or until :meth:`aclose` (the step ended)."""
+
+    def __init__(self, name: str, fire: Fire) -> None:
+        self.name = name
+        self.fire = fire
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def accept(self) -> Callable[[_Reader, _Writer], None]:
+        """asyncssh's ``handler_factory``: every forwarded connection is accepted."""
+        return self._start
+
+    def _start(self, reader: _Reader, writer: _Writer) -> None:
+        # Our task, not asyncssh's (which would only log its failure): aclose() awaits it.
+        self._tasks.add(
+            asyncio.create_task(
+                _serve_forwarded(reader, writer, self.fire), name=f"aeventor channel {self.name}"
+            )
+        )
+
+    async def aclose(self) -> None:
+        """Stop serving; raise what a connection's task raised (a bug: serve_channel answers
+        the step with the errors it expects)."""
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
 
 
 class _Output:
