@@ -14,7 +14,6 @@ import pytest
 
 import aeventor as evr
 from aeventor.backends.stores import open_store
-from aeventor.exceptions import ProgramDefinitionError
 from aeventor.records import Slots
 
 from ..waiting import wait_until
@@ -332,22 +331,3 @@ async def test_slots_kept_by_the_run_until_a_later_step_releases_them(
     events = [(what, label) for what, label, _ in await journal(log)]
     assert events.index(("start", "other.0")) > events.index(("end", "give.0"))
     assert await ev_slots(ev, result.run_id) == []
-
-
-def test_bad_pools_are_refused_with_the_fix(
-    make_eventor: Callable[..., evr.Eventor],
-) -> None:
-    ev = make_eventor("bad")
-    ev.add_pool("p", 2)
-    with pytest.raises(ProgramDefinitionError, match=r"undefined pool 'q'.*add_pool\('q'"):
-        ev.add_step("s", acquires=[("q", 1)])
-    with pytest.raises(ProgramDefinitionError, match=r"3 slots of pool 'p', which has 2"):
-        ev.add_step("s", acquires=[("p", 3)])
-    with pytest.raises(ProgramDefinitionError, match=r"scope='node'.*'local'"):
-        ev.add_pool("n", 1, scope="node")
-    with pytest.raises(ProgramDefinitionError, match=r"size=0"):
-        ev.add_pool("z", 0)
-    with pytest.raises(ProgramDefinitionError, match=r"max_concurrent=0"):
-        ev.add_step("s", max_concurrent=0)
-    with pytest.raises(ProgramDefinitionError, match=r"already defined"):
-        ev.add_pool("p", 1)
