@@ -37,6 +37,7 @@ from .records import (
     DelayedTarget,
     ProgramSummary,
     RunResult,
+    Slots,
     StepRun,
     run_log_dir,
     step_log_path,
@@ -99,6 +100,8 @@ class RunReader(Protocol):
     async def fired_events(self, run_id: str) -> list[tuple[str, str]]: ...
 
     async def run_delays(self, run_id: str) -> list[DelayedTarget]: ...
+
+    async def run_slots(self, run_id: str) -> list[Slots]: ...
 
     async def run_program(self, run_id: str) -> ProgramDef: ...
 
@@ -524,6 +527,7 @@ class RunDetails:
         sequences: the tree, per sequence in first-firing order.
         mode: ``standalone`` or ``distributed``.
         delays: its delayed associations that fired, pending or reached, by due time.
+        slots: the slots of pools and limits its step runs wait for or hold.
 
     .. versionadded:: 0.1
     """
@@ -534,6 +538,7 @@ class RunDetails:
     sequences: tuple[SequenceTree, ...]
     mode: str
     delays: tuple[DelayedTarget, ...] = ()
+    slots: tuple[Slots, ...] = ()
 
 
 async def run_details(store: StoreArg, run_id: str) -> RunDetails:
@@ -550,6 +555,7 @@ async def run_details(store: StoreArg, run_id: str) -> RunDetails:
         fired = tuple(dict.fromkeys(await db.fired_events(result.run_id)))
         origin = await db.run_origin(result.run_id)
         delays = tuple(await db.run_delays(result.run_id))
+        slots = tuple(await db.run_slots(result.run_id))
     return RunDetails(
         result=result,
         program=program,
@@ -557,6 +563,7 @@ async def run_details(store: StoreArg, run_id: str) -> RunDetails:
         sequences=build_tree(program, fired, result.steps, delays=delays),
         mode=origin.mode,
         delays=delays,
+        slots=slots,
     )
 
 

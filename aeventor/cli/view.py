@@ -215,6 +215,16 @@ def _show_command(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                     }
                     for d in details.delays
                 ],
+                "slots": [
+                    {
+                        "pool": slot.pool,
+                        "step": slot.step,
+                        "sequence": slot.sequence,
+                        "slots": slot.slots,
+                        "held": slot.held,
+                    }
+                    for slot in details.slots
+                ],
             }
         )
     else:
@@ -245,6 +255,10 @@ def _header(details: queries.RunDetails) -> Text:
         lines.append(f"logs: {result.log_dir}")
     elif details.mode == "distributed":
         lines.append("logs: on the agents' hosts (aeventor logs --log-dir there)")
+    for slot in details.slots:
+        owner = "the run" if slot.step is None else f"{slot.step}[{slot.sequence}]"
+        verb = "holds" if slot.held else "waits for"
+        lines.append(f"{owner} {verb} {slot.slots} of {slot.pool}")
     for line in lines:
         text.append("\n  " + line)
     return text

@@ -129,6 +129,32 @@ async def test_a_cluster_pool_is_shared_by_runs_on_two_hosts(
     assert hosts == {"h1", "h2"}
 
 
+async def test_a_distributed_runs_limit_holds_across_its_agents(
+    shared_store: str, agents: Agents, tmp_path: Path
+) -> None:
+    """``max_concurrency=2`` of a distributed run: at most 2 of its steps at once, whichever of
+    its two agents runs them."""
+    await agents.start(shared_store, "h1", allow=STEPS)
+    await agents.start(shared_store, "h2", allow=STEPS)
+    log = tmp_path / "journal"
+    ev = evr.Eventor(
+        name="limited", store=shared_store, mode="distributed", cluster_key=CLUSTER_KEY,
+        max_concurrency=2,
+    )  # fmt: skip
+    ev.add_event("go")
+    for host in ("h1", "h2"):
+        ev.add_step(
+            f"on_{host}", stepfuncs.occupy, host=host, kwargs={"journal": str(log), "seconds": 0.2}
+        )
+        ev.add_assoc("go", f"on_{host}")
+    for sequence in range(4):
+        ev.trigger_event("go", sequence)
+    result = await within(ev.run(), what="the run")
+    assert result.ok, result.reason
+    assert len(await ended(log)) == 8
+    assert most_at_once(await journal(log)) <= 2
+
+
 @pytest.mark.postgres
 async def test_a_slot_held_on_a_killed_agent_comes_back(
     pg_store: str, agents: Agents, tmp_path: Path

@@ -7,6 +7,8 @@ checked from those records, not from what the engine says it did.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from ..waiting import wait_until
 from . import stepfuncs
 
 pytestmark = pytest.mark.timeout(90)
+
+AEVENTOR = str(Path(sys.executable).with_name("aeventor"))
 
 F = evr.StepStatus.failure
 S = evr.StepStatus.success
@@ -155,6 +159,14 @@ async def test_a_step_needing_two_pools_takes_both_at_once_or_holds_none(
             return len(slots) == 2 and not any(s.held for s in slots)
 
         await wait_until(ab_waits_holding_nothing, what="ab to wait for a and b")
+        shown = await asyncio.to_thread(
+            subprocess.run,
+            [AEVENTOR, "show", run_id, "--store", str(ev.store)],
+            capture_output=True,
+            text=True,
+        )
+        assert "ab[0] waits for 1 of program:" in shown.stdout, shown.stdout + shown.stderr
+        assert "x[0] holds 1 of program:" in shown.stdout
         await asyncio.to_thread(free_x.touch)  # a is free, b is not: ab still holds nothing
 
         async def x_ended() -> bool:
@@ -331,3 +343,23 @@ async def test_slots_kept_by_the_run_until_a_later_step_releases_them(
     events = [(what, label) for what, label, _ in await journal(log)]
     assert events.index(("start", "other.0")) > events.index(("end", "give.0"))
     assert await ev_slots(ev, result.run_id) == []
+
+
+async def test_a_host_limit_is_shared_by_every_run_that_sets_it(
+    make_eventor: Callable[..., evr.Eventor], tmp_path: Path
+) -> None:
+    log = tmp_path / "journal"
+
+    def program(name: str) -> evr.Eventor:
+        ev = make_eventor(name, max_concurrency_per_host=1)
+        ev.add_event("go")
+        ev.add_step("s", stepfuncs.occupy, kwargs=occupy(log, 0.05))
+        ev.add_assoc("go", "s")
+        for sequence in range(3):
+            ev.trigger_event("go", f"{name}{sequence}")
+        return ev
+
+    results = await asyncio.wait_for(asyncio.gather(program("a").run(), program("b").run()), 60)
+    assert all(r.ok for r in results), [r.reason for r in results]
+    assert len(await ended(log)) == 6
+    assert most_at_once(await journal(log)) == 1
