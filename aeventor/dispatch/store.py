@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import (
@@ -547,19 +548,7 @@ class Store(abc.ABC):
         recorded as a failure whose error says why; an error text too large is truncated.
         ``retry_after``: see :func:`aeventor.dispatch.transactions.complete`.
         """
-        if self.max_value_bytes is not None:
-            # The result is JSON-encoded here to be measured, and again by the transaction
-            # (transactions.complete): twice for now, and only on stores with a limit.
-            if result is not None:
-                too_large = self.oversize(
-                    f"step {claim.step}[{claim.sequence}]'s result",
-                    json.dumps(result),
-                    fix="return less (write large data to a file and return its path)",
-                )
-                if too_large is not None:
-                    status, result, error = StepStatus.failure, None, too_large
-            if error is not None:
-                error = _fit(error, self.max_value_bytes, self.value_size, self.describe_limit())
+        status, result, error = self._fit_outcome(claim, status, result, error)
         return await self.write(
             lambda tx: transactions.complete(
                 tx,
@@ -573,6 +562,41 @@ class Store(abc.ABC):
                 retry_after=retry_after,
             )
         )
+
+    async def complete_many(
+        self, items: Sequence[transactions.Completion], *, take: Taker | None = None
+    ) -> list[Advance]:
+        """Record several step runs' ends in one transaction (group commit; see
+        :func:`aeventor.dispatch.transactions.complete_many`), each as :meth:`complete`
+        would; one advance per item, in order."""
+        fitted = []
+        for item in items:
+            status, result, error = self._fit_outcome(
+                item.claim, item.status, item.result, item.error
+            )
+            fitted.append(dataclasses.replace(item, status=status, result=result, error=error))
+        return await self.write(lambda tx: transactions.complete_many(tx, fitted, take=take))
+
+    def _fit_outcome(
+        self, claim: Claim, status: StepStatus, result: Any, error: str | None
+    ) -> tuple[StepStatus, Any, str | None]:
+        """A step's outcome as the store can hold it: a result larger than
+        :attr:`max_value_bytes` once encoded becomes a failure saying why; an error text too
+        large is truncated."""
+        if self.max_value_bytes is not None:
+            # The result is JSON-encoded here to be measured, and again by the transaction
+            # (transactions.complete): twice for now, and only on stores with a limit.
+            if result is not None:
+                too_large = self.oversize(
+                    f"step {claim.step}[{claim.sequence}]'s result",
+                    json.dumps(result),
+                    fix="return less (write large data to a file and return its path)",
+                )
+                if too_large is not None:
+                    status, result, error = StepStatus.failure, None, too_large
+            if error is not None:
+                error = _fit(error, self.max_value_bytes, self.value_size, self.describe_limit())
+        return status, result, error
 
     async def launching(self, claim: Claim) -> bool:
         """Mark a claimed step run as starting (pid 0 until its process is known), while

@@ -29,6 +29,7 @@ __all__ = (
     "cancel_run",
     "cancel_step",
     "complete",
+    "complete_many",
     "create_run",
     "fail_untrusted",
     "mature",
@@ -163,6 +164,7 @@ async def complete(
     take: Taker | None,
     only_if_lapsed: bool,
     retry_after: float | None = None,
+    settle: bool = True,
 ) -> Advance:
     """Record a step's end and everything it causes.
 
@@ -174,6 +176,9 @@ async def complete(
     With ``retry_after`` (seconds), a failed or lost attempt that its step's retry policy
     allows another attempt fires nothing: the next attempt is made ready, claimable after
     that backoff, and the advance's ``due_in`` says when.
+
+    ``settle=False`` does not look whether the run ended: the caller knows another step run
+    of it is still active in this transaction (see :func:`complete_many`).
     """
     outcome = graph.step_outcome(claim.step, status)
     run = await tx.lock_run(claim.run_id)
@@ -228,12 +233,68 @@ async def complete(
     # A run that just gained step runs cannot have ended.
     run_status = (
         RunStatus.running
-        if ready or claims
+        if ready or claims or not settle
         else await _settle(tx, claim.run_id, stopped=stopped, graph=graph)
     )
     if ready:
         tx.notify(claim.run_id, queues)
     return Advance(ready, run_status, tuple(claims), due_in=tx.earliest_delay)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Completion:
+    """One step run's end, as :func:`complete` takes it (for :func:`complete_many`)."""
+
+    graph: Graph
+    claim: Claim
+    status: StepStatus
+    result: Any = None
+    error: str | None = None
+    retry_after: float | None = None
+
+
+async def complete_many(
+    tx: StoreTx, items: Sequence[Completion], *, take: Taker | None
+) -> list[Advance]:
+    """Record several step runs' ends in one transaction (group commit), each with
+    everything it causes, exactly as :func:`complete` records one: a step's end, the events
+    it fires and the steps it makes ready still commit together.
+
+    Runs are locked in id order, so two such transactions never wait on each other in a
+    cycle. Only the last completion of each run looks whether the run ended (until it is
+    recorded, that run still has an active step run). What ``take`` claims comes back in
+    the last advance.
+    """
+    advances: list[Advance | None] = [None] * len(items)
+    by_run: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        by_run.setdefault(item.claim.run_id, []).append(index)
+    claimed: dict[int, Claim] = {}
+    for run_id in sorted(by_run):
+        indexes = by_run[run_id]
+        for position, index in enumerate(indexes):
+            item = items[index]
+            advance = await complete(
+                tx,
+                item.graph,
+                item.claim,
+                status=item.status,
+                result=item.result,
+                error=item.error,
+                take=take,
+                only_if_lapsed=False,
+                retry_after=item.retry_after,
+                settle=position == len(indexes) - 1,
+            )
+            for claim in advance.claims:
+                claimed.setdefault(claim.id, claim)
+            if take is not None:
+                take.budget = max(take.budget - len(advance.claims), 0)
+            advances[index] = dataclasses.replace(advance, claims=())
+    done = [advance for advance in advances if advance is not None]
+    if claimed and done:
+        done[-1] = dataclasses.replace(done[-1], claims=tuple(claimed.values()))
+    return done
 
 
 async def _retry(tx: StoreTx, graph: Graph, claim: Claim, mode: str, delay: float) -> Advance:

@@ -62,6 +62,7 @@ from ..exceptions import (
 from ..logs import get_logger
 from ..program.model import ProgramDef, RunStatus, StepDef, StepStatus
 from ..utils import describe_exception, wait_any
+from . import transactions
 from ._state import Graph
 from .claims import Advance, Claim, Taker
 from .executor import ExecResult, Executor, StepLaunch
@@ -232,6 +233,10 @@ class Worker:
         self._maybe_delays = True
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        #: Outcomes waiting for the committer, each with its waiting step task's future.
+        self._outcomes: list[tuple[transactions.Completion, asyncio.Future[Advance]]] = []
+        self._outcomes_queued = asyncio.Event()
+        self._committer = False
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.scope}>"
@@ -327,6 +332,7 @@ class Worker:
                         tg.create_task(self._heartbeat_loop(), name="aeventor heartbeat"),
                         tg.create_task(self._reaper_loop(), name="aeventor reaper"),
                         tg.create_task(self._log_writer_loop(), name="aeventor log writer"),
+                        tg.create_task(self._commit_loop(), name="aeventor committer"),
                     ]
                     pending, self._pending = self._pending, []
                     for claim in pending:
@@ -558,7 +564,6 @@ class Worker:
                 )
                 return
             status = StepStatus.success if result.ok else StepStatus.failure
-            take = self.taker(freeing=1)
             retry_after = self._retry_after(
                 graph,
                 claim,
@@ -566,17 +571,12 @@ class Worker:
                 exit_code=result.value if step_is_command(graph, claim) else None,
                 error=result.error,
             )
+            outcome = transactions.Completion(
+                graph, claim, status, result.value, result.error, retry_after
+            )
             while True:
                 try:
-                    advance = await self.store.complete(
-                        graph,
-                        claim,
-                        status=status,
-                        result=result.value,
-                        error=result.error,
-                        take=take,
-                        retry_after=retry_after,
-                    )
+                    advance = await self._record(outcome)
                     break
                 except ConnectionLost as exc:
                     # The database has been gone longer than the store retries. An agent
@@ -626,6 +626,77 @@ class Worker:
             self._revoked.discard(claim.id)
             self._wake.set()
             await asyncio.shield(self._forget_run_log(claim.run_id))
+
+    async def _record(self, outcome: transactions.Completion) -> Advance:
+        """Record a step run's end through the committer; its advance."""
+        future: asyncio.Future[Advance] = asyncio.get_running_loop().create_future()
+        self._outcomes.append((outcome, future))
+        self._outcomes_queued.set()
+        if not self._committer:
+            # The committer has stopped (the worker is closing): commit ourselves.
+            await self._commit(self._take_outcomes())
+        return await future
+
+    def _take_outcomes(self) -> list[tuple[transactions.Completion, asyncio.Future[Advance]]]:
+        self._outcomes_queued.clear()
+        batch, self._outcomes = self._outcomes, []
+        return batch
+
+    async def _commit_loop(self) -> None:
+        """Group commit: record every outcome queued while the previous transaction ran in
+        one transaction (each step's end still commits with all it causes)."""
+        self._committer = True
+        try:
+            while True:
+                await self._outcomes_queued.wait()
+                batch = self._take_outcomes()
+                if batch:
+                    await self._commit(batch)
+        finally:
+            self._committer = False
+            # What was queued as it stopped is committed by its own tasks (_record).
+            if self._outcomes:
+                self._outcomes_queued.set()
+
+    async def _commit(
+        self, batch: list[tuple[transactions.Completion, asyncio.Future[Advance]]]
+    ) -> None:
+        if len(batch) > 1:
+            try:
+                advances = await self.store.complete_many(
+                    [outcome for outcome, _ in batch], take=self.taker(freeing=len(batch))
+                )
+            except ConnectionLost as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - each outcome is tried alone below
+                # One outcome the store refuses (a value it cannot hold, a statement
+                # timeout) must not fail the others: record them one by one.
+                self.log.info("step.group_commit_split", size=len(batch), error=str(exc))
+            else:
+                for (_, future), advance in zip(batch, advances, strict=True):
+                    if not future.done():
+                        future.set_result(advance)
+                return
+        for index, (outcome, future) in enumerate(batch):
+            try:
+                advance = await self.store.complete(
+                    outcome.graph,
+                    outcome.claim,
+                    status=outcome.status,
+                    result=outcome.result,
+                    error=outcome.error,
+                    take=self.taker(freeing=len(batch) - index),
+                    retry_after=outcome.retry_after,
+                )
+            except Exception as exc:  # noqa: BLE001 - raised in the step's own task
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(advance)
 
     async def _graph_for(self, claim: Claim) -> Graph:
         """The program of a claim; :class:`Refused` if it cannot be trusted or read, or

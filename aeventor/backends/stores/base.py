@@ -1255,15 +1255,23 @@ class SqlTx:
         self.notifications: dict[str, set[str | None]] = {}
         #: run id -> queues to wake in this process too, after commit
         self.here: dict[str, set[str | None]] = {}
+        #: The runs this transaction locked, as it read them.
+        self._locked: dict[str, RunLock] = {}
         #: Pools a step's ``releases`` gave run-kept slots back to (release_slots reports
         #: them with the rest).
         self.freed_by_hand_over: set[str] = set()
 
     async def lock_run(self, run_id: str) -> RunLock:
+        # Locked once per transaction: the lock holds until commit, and what this
+        # transaction changes of the row (stop_run, end_run, resume_run, set_controller)
+        # forgets what it read.
+        known = self._locked.get(run_id)
+        if known is not None:
+            return known
         row = (await self.conn.execute(_LOCK_RUN, {"run_id": run_id})).one_or_none()
         if row is None:
             raise NoResult(f"no run {run_id!r} in {self.db!r}")
-        return RunLock(
+        self._locked[run_id] = locked = RunLock(
             RunStatus(row.status),
             bool(row.stopped),
             int(row.recovery),
@@ -1271,6 +1279,7 @@ class SqlTx:
             row.replay,
             row.controller,
         )
+        return locked
 
     async def insert_run(
         self,
@@ -1647,6 +1656,7 @@ class SqlTx:
         return bool(updated.rowcount == 1)
 
     async def stop_run(self, run_id: str, reason: str | None) -> None:
+        self._locked.pop(run_id, None)
         values: dict[str, Any] = {"stopped": True}
         if reason is not None:
             values["reason"] = reason
@@ -1661,6 +1671,7 @@ class SqlTx:
         )
 
     async def end_run(self, run_id: str, status: RunStatus, reason: str | None = None) -> None:
+        self._locked.pop(run_id, None)
         values: dict[str, Any] = {"status": status.value, "ended": t.utcnow()}
         if reason is not None:
             values["reason"] = reason
@@ -1715,6 +1726,7 @@ class SqlTx:
         return bool(updated.rowcount == 1)
 
     async def set_controller(self, run_id: str, controller: str) -> None:
+        self._locked.pop(run_id, None)
         await self.conn.execute(
             t.run.update().where(t.run.c.id == run_id).values(controller=controller)
         )
@@ -1794,6 +1806,7 @@ class SqlTx:
         controller: str | None,
         program: tuple[int, str | None] | None = None,
     ) -> None:
+        self._locked.pop(run_id, None)
         values: dict[str, Any] = {
             "status": RunStatus.running.value,
             "stopped": False,
