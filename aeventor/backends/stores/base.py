@@ -430,6 +430,15 @@ class Database(Store):
             async with self.engine.connect() as conn:
                 yield conn
 
+    def claims_on_insert_in(self, conn: AsyncConnection, *, retried: bool) -> bool:
+        """Whether a transaction on ``conn`` can insert step runs already claimed (it sees
+        which rows it inserted)."""
+        return self.claims_on_insert
+
+    def _insert_claimed(self, table: sa.Table) -> Any:
+        """The INSERT of step runs claimed as they are made (see :meth:`claims_on_insert_in`)."""
+        return self._insert_ignore(table)
+
     @abc.abstractmethod
     def _insert_ignore(self, table: sa.Table) -> Any:
         """An INSERT that silently skips rows whose unique key exists."""
@@ -1248,7 +1257,7 @@ class SqlTx:
     def __init__(self, db: Database, conn: AsyncConnection, *, retried: bool = False) -> None:
         self.db = db
         self.conn = conn
-        self.claims_on_insert = db.claims_on_insert
+        self.claims_on_insert = db.claims_on_insert_in(conn, retried=retried)
         self.retried = retried
         self.earliest_delay: float | None = None
         #: run id -> queues to NOTIFY at commit
@@ -1611,7 +1620,7 @@ class SqlTx:
         ]
         for row in values:
             del row["lease_until"]  # set by the statement, on the server's clock
-        statement = self.db._insert_ignore(t.step_run).values(
+        statement = self.db._insert_claimed(t.step_run).values(
             lease_until=self.db.server_now_plus(lease)
         )
         inserted = await self.conn.execute(statement.returning(*_CLAIM_COLUMNS), values)

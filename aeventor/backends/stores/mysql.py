@@ -28,7 +28,7 @@ from sqlalchemy import Connection, event
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ...exceptions import SchemaVersionError, ValueTooLarge
 from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind, migrations_module
@@ -56,8 +56,7 @@ class MySQLDatabase(Database):
     """A MySQL or MariaDB database, polled for other processes' work."""
 
     default_poll_interval = 0.25
-    # INSERT ... ON DUPLICATE KEY UPDATE cannot say which rows it inserted: claim after.
-    claims_on_insert = False
+    claims_on_insert = True
 
     def __init__(
         self,
@@ -118,6 +117,10 @@ class MySQLDatabase(Database):
         if packet is None:
             return
         rows = parameters if executemany else (parameters,)
+        if executemany and parameters and not isinstance(parameters[0], tuple | list | dict):
+            # SQLAlchemy's "insertmanyvalues" (INSERT ... RETURNING of many rows) sends one
+            # statement with every row's values in one flat tuple.
+            rows = (parameters,)
         # pymysql batches an executemany INSERT into statements it keeps far below any
         # packet limit, so each row is checked as a statement of its own.
         for row in rows or ((),):
@@ -171,6 +174,16 @@ class MySQLDatabase(Database):
 
     async def _ensure_schema(self) -> None:
         await (await migrations_module()).upgrade_to_head(self.engine, lock=self._named_lock)
+
+    def claims_on_insert_in(self, conn: AsyncConnection, *, retried: bool) -> bool:
+        # MariaDB (10.5+) has INSERT ... RETURNING, MySQL has not. A plain INSERT says which
+        # rows it inserted; INSERT ... ON DUPLICATE KEY UPDATE cannot. A plain INSERT fails
+        # on a row that exists, which only a retried transaction can meet (its first attempt
+        # may have committed): that one claims after, as MySQL always does.
+        return bool(conn.dialect.insert_returning) and not retried
+
+    def _insert_claimed(self, table: sa.Table) -> Any:
+        return table.insert()
 
     def _insert_ignore(self, table: sa.Table) -> Any:
         # Not INSERT IGNORE: that also turns truncation and other errors into warnings.
