@@ -123,3 +123,10 @@ def test_bad_pools_and_limits_name_the_fix(call: object, message: str) -> None:
 def test_a_bad_host_limit_is_refused() -> None:
     with pytest.raises(evr.ProgramDefinitionError, match="max_concurrency_per_host=0"):
         evr.Eventor(name="bad", store=":memory:", max_concurrency_per_host=0)
+
+
+def test_the_schema_head_the_fast_open_checks_is_alembics_head() -> None:
+    from aeventor.backends.stores.migrations import head_revision
+    from aeventor.backends.stores.schema import HEAD_REVISION
+
+    assert head_revision() == HEAD_REVISION

@@ -254,6 +254,8 @@ _REQUEUE_STEP = (
 )
 
 
+_REVISION = sa.text(f"SELECT version_num FROM {t.VERSION_TABLE}")
+
 #: A run without its step runs: the listings' read.
 _RUN_SUMMARY = sa.select(
     t.run.c.id,
@@ -340,7 +342,7 @@ class Database(Store):
         if self._engine is not None:
             return
         self._engine = self._create_engine()
-        upgrade = asyncio.ensure_future(self._ensure_schema())
+        upgrade = asyncio.ensure_future(self._ensure_current_schema())
         try:
             with self.wrap_exceptions():
                 await asyncio.shield(upgrade)
@@ -349,6 +351,21 @@ class Database(Store):
             await asyncio.wait([upgrade])
             await self.aclose()
             raise
+
+    async def _ensure_current_schema(self) -> None:
+        # The fast path: a schema at this aeventor's head needs neither Alembic (whose
+        # import costs most of an open) nor a lock. A revision is recorded only with the
+        # migration that makes it, so a reader that sees the head sees the whole schema.
+        if await self._revision() != t.HEAD_REVISION:
+            await self._ensure_schema()
+
+    async def _revision(self) -> str | None:
+        """The schema's recorded revision; None when there is none (or no table yet)."""
+        try:
+            async with self.engine.connect() as conn:
+                return (await conn.execute(_REVISION)).scalar_one_or_none()
+        except DBAPIError:
+            return None  # no version table: a new database (the upgrade makes it)
 
     async def _ensure_schema(self) -> None:
         await (await migrations_module()).upgrade_to_head(self.engine)

@@ -28,6 +28,8 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.types import TypeDecorator
 
 __all__ = (
+    "HEAD_REVISION",
+    "VERSION_TABLE",
     "agent",
     "delay",
     "metadata",
@@ -79,6 +81,13 @@ LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 _BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 NAME = 200
+
+#: The revision of the newest migration (``migrations/versions``): a store whose schema
+#: is there opens without Alembic. A test checks it against Alembic's own head.
+HEAD_REVISION = "0005"
+#: aeventor's own version table (not ``alembic_version``: it can share a database with an
+#: application that uses Alembic itself).
+VERSION_TABLE = "aeventor_alembic_version"
 
 metadata = MetaData(
     naming_convention={

@@ -45,7 +45,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ....exceptions import SchemaVersionError
-from ..schema import metadata
+from ..schema import VERSION_TABLE, metadata
 
 __all__ = (
     "ALEMBIC_LOCK",
@@ -58,7 +58,6 @@ __all__ = (
     "upgrade_to_head",
 )
 
-VERSION_TABLE = "aeventor_alembic_version"
 _HERE = Path(__file__).parent
 
 #: Held by the migration that owns Alembic's module-level proxies; process-wide, whatever
