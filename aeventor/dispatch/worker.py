@@ -275,7 +275,13 @@ class Worker:
         if advance.ready:
             self._maybe_work = True
         self._expect(advance)
-        if run_id == self.scope.run_id and advance.run_status is not self.status:
+        if (
+            run_id == self.scope.run_id
+            and advance.run_status is not self.status
+            # An ended run does not run again under this worker (a group commit's earlier
+            # completions may be taken in after the one that ended it).
+            and self.status is RunStatus.running
+        ):
             self.status = advance.run_status
             if self.on_status is not None:
                 self.on_status(self.status)
