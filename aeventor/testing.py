@@ -745,6 +745,9 @@ class MemoryTx:
             return None
         return row
 
+    async def lock_step_runs(self, step_run_ids: Sequence[int]) -> None:
+        """(The store's lock serialises its transactions.)"""
+
     async def end_step(
         self,
         claim_id: int,

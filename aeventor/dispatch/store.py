@@ -103,6 +103,9 @@ class StoreTx(Protocol):
         log_dir: str | None = None,
     ) -> None: ...
 
+    async def lock_step_runs(self, step_run_ids: Sequence[int]) -> None:
+        """Lock these step runs, in the order given (where the store has row locks)."""
+
     async def end_step(
         self,
         claim_id: int,

@@ -270,6 +270,12 @@ async def complete_many(
     for index, item in enumerate(items):
         by_run.setdefault(item.claim.run_id, []).append(index)
     claimed: dict[int, Claim] = {}
+    # The runs first (in id order, as anyone locks a run before its step runs), then every
+    # step run of the batch in id order, as the heartbeat renews them: no transaction
+    # waits on this one in a cycle.
+    for run_id in sorted(by_run):
+        await tx.lock_run(run_id)
+    await tx.lock_step_runs(sorted(item.claim.id for item in items))
     for run_id in sorted(by_run):
         indexes = by_run[run_id]
         for position, index in enumerate(indexes):

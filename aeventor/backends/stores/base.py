@@ -809,7 +809,10 @@ class Database(Store):
                 )
             if not held:
                 return {}
-            ids = list(held)
+            ids = sorted(held)
+            # Locked in id order first, as a group commit locks them: an UPDATE of many rows
+            # locks them in whatever order its plan reads them.
+            await _lock_step_runs(conn, ids)
             await conn.execute(
                 step_run.update()
                 .where(
@@ -1336,6 +1339,9 @@ class SqlTx:
             )
         )
 
+    async def lock_step_runs(self, step_run_ids: Sequence[int]) -> None:
+        await _lock_step_runs(self.conn, step_run_ids)
+
     async def end_step(
         self,
         claim_id: int,
@@ -1852,6 +1858,17 @@ class SqlTx:
         self.notifications.setdefault(run_id, set()).update(queues)
         if here:
             self.here.setdefault(run_id, set()).update(queues)
+
+
+async def _lock_step_runs(conn: AsyncConnection, ids: Sequence[int]) -> None:
+    """Lock step runs in the order of ``ids`` (sqlite: its write lock covers them)."""
+    if ids and conn.dialect.name != "sqlite":
+        await conn.execute(
+            sa.select(t.step_run.c.id)
+            .where(t.step_run.c.id.in_(list(ids)))
+            .order_by(t.step_run.c.id)
+            .with_for_update()
+        )
 
 
 def _waiters(rows: Iterable[Any], locked: set[str]) -> list[Waiter]:
