@@ -854,17 +854,9 @@ class Database(Store):
             run_id: only this run's step runs.
             worker: the caller's id.
         """
-        step_run, agent = t.step_run, t.agent
+        step_run = t.step_run
         now = self.server_now()
-        alive = (
-            sa.exists()
-            .where(
-                agent.c.id == step_run.c.worker,
-                agent.c.stopped.is_(None),
-                agent.c.lease_until >= now,
-            )
-            .correlate(step_run)
-        )
+        alive = _worker_alive(now)
         orphaned = ~alive if worker is None else sa.or_(~alive, step_run.c.worker == worker)
         query = _ACTIVE_CLAIMS.where(step_run.c.lease_until < now, orphaned)
         if run_id is not None:
@@ -1514,17 +1506,8 @@ class SqlTx:
             .order_by(t.pool.c.name)
             .with_for_update()
         )
-        agent = t.agent
         now = self.db.server_now()
-        worker_alive = (
-            sa.exists()
-            .where(
-                agent.c.id == step_run.c.worker,
-                agent.c.stopped.is_(None),
-                agent.c.lease_until >= now,
-            )
-            .correlate(step_run)
-        )
+        worker_alive = _worker_alive(now)
         # A holder whose lease and whose worker's lease both lapsed holds nothing: its
         # worker died (the reaper records it lost; until then its slots are free).
         lapsed = sa.and_(
@@ -1858,6 +1841,21 @@ class SqlTx:
         self.notifications.setdefault(run_id, set()).update(queues)
         if here:
             self.here.setdefault(run_id, set()).update(queues)
+
+
+def _worker_alive(now: sa.ColumnElement[datetime]) -> sa.Exists:
+    """Whether a step run's worker is alive: not stopped, its lease not lapsed at ``now``
+    (the server's clock)."""
+    agent = t.agent
+    return (
+        sa.exists()
+        .where(
+            agent.c.id == t.step_run.c.worker,
+            agent.c.stopped.is_(None),
+            agent.c.lease_until >= now,
+        )
+        .correlate(t.step_run)
+    )
 
 
 async def _lock_step_runs(conn: AsyncConnection, ids: Sequence[int]) -> None:
