@@ -521,7 +521,13 @@ class ProgramDef:
     @property
     def version(self) -> str:
         """A content hash: two equal definitions share it, any change alters it."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:32]
+        return version_of(self.canonical_json())
+
+
+def version_of(canonical_json: str) -> str:
+    """The version of the program whose :meth:`ProgramDef.canonical_json` this is (for a
+    caller that needs both, without building the JSON twice)."""
+    return hashlib.sha256(canonical_json.encode()).hexdigest()[:32]
 
 
 def _json_problem(value: Any, path: str) -> str | None:

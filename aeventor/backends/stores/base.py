@@ -68,7 +68,7 @@ from ...exceptions import (
     ValueTooLarge,
 )
 from ...logs import get_logger
-from ...program.model import ProgramDef, RunStatus, StepStatus
+from ...program.model import ProgramDef, RunStatus, StepStatus, version_of
 from ...records import DelayedTarget, ProgramSummary, RunResult, Slots, StepRun, run_log_dir
 from ...utils import backoff, stop_at_deadline
 from . import schema as t
@@ -577,8 +577,8 @@ class Database(Store):
             ValueTooLarge: the definition is larger than the store can take
                 (:attr:`max_value_bytes`).
         """
-        version = program.version
         definition = program.canonical_json()
+        version = version_of(definition)
         too_large = self.oversize(
             f"program {program.name!r}'s definition",
             definition,
