@@ -261,9 +261,9 @@ async def complete_many(
     it fires and the steps it makes ready still commit together.
 
     Runs are locked in id order, so two such transactions never wait on each other in a
-    cycle. Only the last completion of each run looks whether the run ended (until it is
-    recorded, that run still has an active step run). What ``take`` claims comes back in
-    the last advance.
+    cycle. Whether a run ended is asked once, after its completions (until the last is
+    recorded, the run has an active step run); the last advance of the run says it. What
+    ``take`` claims comes back in the last advance.
     """
     advances: list[Advance | None] = [None] * len(items)
     by_run: dict[str, list[int]] = {}
@@ -278,7 +278,8 @@ async def complete_many(
     await tx.lock_step_runs(sorted(item.claim.id for item in items))
     for run_id in sorted(by_run):
         indexes = by_run[run_id]
-        for position, index in enumerate(indexes):
+        moved = recorded = False
+        for index in indexes:
             item = items[index]
             advance = await complete(
                 tx,
@@ -290,13 +291,23 @@ async def complete_many(
                 take=take,
                 only_if_lapsed=False,
                 retry_after=item.retry_after,
-                settle=position == len(indexes) - 1,
+                settle=False,
             )
+            moved = moved or bool(advance.ready or advance.claims)
+            recorded = recorded or advance.recorded
             for claim in advance.claims:
                 claimed.setdefault(claim.id, claim)
             if take is not None:
                 take.budget = max(take.budget - len(advance.claims), 0)
             advances[index] = dataclasses.replace(advance, claims=())
+        # Whether the run ended is asked once, after its last completion here (whichever
+        # of them was recorded: one cancelled meanwhile is not).
+        run = await tx.lock_run(run_id)
+        if recorded and not moved and run.status is RunStatus.running:
+            status = await _settle(tx, run_id, stopped=run.stopped, graph=items[indexes[-1]].graph)
+            last = advances[indexes[-1]]
+            assert last is not None
+            advances[indexes[-1]] = dataclasses.replace(last, run_status=status)
     done = [advance for advance in advances if advance is not None]
     if claimed and done:
         done[-1] = dataclasses.replace(done[-1], claims=tuple(claimed.values()))
