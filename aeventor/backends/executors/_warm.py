@@ -394,7 +394,6 @@ class WarmPool:
                         "id": rid,
                         "spec": spec,
                         "env": env,
-                        "cwd": os.getcwd(),
                         "channel": channel,
                         "preload": key not in self._no_preload,
                     }

@@ -6,7 +6,7 @@ with the executor's import path and the environment its steps inherit (their own
 aside). It imports the step runner, then serves its *control socket* (a Unix socket pair
 with the executor), one JSON line each way:
 
-* ``{"id": N, "spec": ..., "env": ..., "cwd": ..., "channel": bool, "preload": bool}``
+* ``{"id": N, "spec": ..., "env": ..., "channel": bool, "preload": bool}``
   with the descriptors ``[log, lifeline]`` (and the step's channel) attached
   (``SCM_RIGHTS``). The zygote imports the step's callable, once per zygote (``preload``;
   with the step's environment set while it imports, and what the import prints copied to
@@ -23,7 +23,7 @@ with the executor), one JSON line each way:
 
 The child is what a fresh step runner would be: it leads a session of its own (``setsid``),
 its stdout and stderr are the log file, its stdin ``/dev/null``, its environment exactly the
-step's (``os.environ`` cleared, then set), its working directory the executor's, its
+step's (``os.environ`` cleared, then set), its
 lifeline held (:func:`._lifeline.hold`, which also asks for SIGTERM should the zygote die),
 and it writes its result file and exits through :func:`.runner.run_spec`. It never returns
 into the zygote's loop.
@@ -81,6 +81,10 @@ def _stamp(path: str | None) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size
+
+
+#: What :meth:`Zygote._preload` returns when the import left threads running.
+_THREADED = _Loaded(None, None, None)
 
 
 def _threads() -> int:
@@ -191,7 +195,7 @@ class Zygote:
                 return
             if loaded is None:
                 loaded = self._preload(request, fds[0])
-                if _threads() > 1:
+                if loaded is _THREADED:
                     self._retire(
                         rid,
                         f"importing {spec['target']} started threads; it is imported in each "
@@ -252,9 +256,10 @@ class Zygote:
             if not ok:
                 for name in set(sys.modules) - modules:
                     del sys.modules[name]
-                # The step's logger is not set up here: a warning of the import went to the
-                # last-resort handler (captured above); leave the logging tree as it was.
                 return None
+            if _threads() > 1:
+                # Retired without forking: the step is asked again, and its output with it.
+                return _THREADED
             out.seek(0)
             while chunk := out.read(1 << 16):
                 os.write(log_fd, chunk)
@@ -285,8 +290,6 @@ class Zygote:
                 os.set_inheritable(fds[2], True)
                 env[CHANNEL_ENV] = str(fds[2])
             _set_environ(env)
-            if request.get("cwd"):
-                os.chdir(request["cwd"])
             _lifeline.hold(lifeline, ended_by_byte=True)
             spec = request["spec"]
             func = None

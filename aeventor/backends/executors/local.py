@@ -206,6 +206,8 @@ class LocalExecutor:
         env = process_env(launch.env, self.env_policy)
         log_file = await _open_log_file(launch.log_path)
         lifeline, lifeline_w = os.pipe()
+        # Its one byte never waits (nobody else writes to it); non-blocking says so.
+        os.set_blocking(lifeline_w, False)
         fds = [log_file.fileno(), lifeline]
         ours: socket.socket | None = None
         theirs: socket.socket | None = None
