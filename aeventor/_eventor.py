@@ -610,6 +610,9 @@ class Eventor:
         """A standalone run: a worker scoped to the run, in this process."""
         graph = Graph(program)
         executor = LocalExecutor()
+        if any(step.executor == "warm" for step in program.steps.values()):
+            # The zygote starts while the store opens and the run is created.
+            executor.prestart()
         try:
             async with self._run_store() as db:
                 with drain_on_sigterm(state.stop):

@@ -129,6 +129,9 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.worker.run(stop, ready=worker_ready))
                 await worker_ready.wait()
+                if any(h not in self.config.ssh_targets for h in self.config.hosts):
+                    # Local steps: their warm pool's zygote starts before the first one.
+                    self._local.prestart()
                 self.log.info("agent.ready", hosts=self.config.all_hosts)
                 if ready is not None:
                     ready.set()

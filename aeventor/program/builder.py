@@ -19,8 +19,8 @@ from . import expr as _expr
 from .hosts import resolve_hosts
 from .model import (
     EXECUTORS,
-    PROCESS_EXECUTORS,
     POOL_SCOPES,
+    PROCESS_EXECUTORS,
     TRIGGER_STATUSES,
     EventDef,
     GroupDef,
@@ -395,7 +395,7 @@ class ProgramBuilder:
                 raise ProgramDefinitionError(
                     f"step {name!r}: executor 'inloop' needs an async def function; "
                     f"{func.__qualname__} is a plain function (let it run as a 'warm' or "
-                "'process' step)"
+                    "'process' step)"
                 )
             target, main_path, importable = callable_target(func, step=name)
             if not importable:

@@ -249,3 +249,44 @@ async def test_a_killed_zygote_fails_its_running_step_and_is_replaced(tmp_path: 
     await gone(pid)
     assert session_members(pid) == []
     assert value(result, "after")["ppid"] not in (zygote, os.getpid())
+
+
+EDITED_MODULE = '''\
+import os
+import pathlib
+
+VERSION = {version}
+
+
+def edit_and_report() -> dict[str, int]:
+    """Rewrite this module (the next step must see the new version), report this one."""
+    path = pathlib.Path(__file__)
+    path.write_text(path.read_text().replace("VERSION = 1\\n", "VERSION = 222\\n"))
+    return {{"version": VERSION, "ppid": os.getppid()}}
+'''
+
+
+async def test_a_module_edited_on_disk_is_imported_again_by_a_new_zygote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "edited"
+    await asyncio.to_thread(package.mkdir)
+    module = package / "warm_edited_module.py"
+    await asyncio.to_thread(module.write_text, EDITED_MODULE.format(version=1))
+    monkeypatch.syspath_prepend(str(package))
+    import importlib
+
+    edited = importlib.import_module("warm_edited_module")
+    ev = eventor(tmp_path)
+    ev.add_event("next")
+    ev.add_step("first", edited.edit_and_report, triggers={S.success: ("next",)})
+    ev.add_step("second", edited.edit_and_report)
+    ev.add_assoc("go", "first")
+    ev.add_assoc("next", "second")
+    try:
+        result = await run(ev)
+    finally:
+        monkeypatch.delitem(sys.modules, "warm_edited_module")
+    first, second = value(result, "first"), value(result, "second")
+    assert (first["version"], second["version"]) == (1, 222)
+    assert first["ppid"] != second["ppid"]

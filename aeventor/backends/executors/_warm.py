@@ -188,11 +188,8 @@ class _Zygote:
             try:
                 return socket.send_fds(self.sock, [data], list(fds))
             except (BlockingIOError, InterruptedError):
-                writable = loop.create_future()
-                loop.add_writer(
-                    self.sock.fileno(),
-                    lambda: writable.done() or writable.set_result(None),
-                )
+                writable: asyncio.Future[None] = loop.create_future()
+                loop.add_writer(self.sock.fileno(), _set_once, writable)
                 try:
                     await writable
                 finally:
@@ -201,6 +198,11 @@ class _Zygote:
                 raise ExecutorError(
                     f"cannot reach the warm pool's zygote (pid {self.pid}): {exc}"
                 ) from exc
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class WarmChild:

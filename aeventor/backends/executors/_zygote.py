@@ -120,7 +120,7 @@ class Zygote:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._send({"ready": os.getpid(), "threads": _threads()})
         while True:
-            readable, _, _ = select.select([self.sock, self.wake_r], [], [])
+            readable, _, _ = select.select([self.sock.fileno(), self.wake_r], [], [])
             if self.wake_r in readable:
                 try:
                     while os.read(self.wake_r, 512):
@@ -128,7 +128,7 @@ class Zygote:
                 except BlockingIOError:
                     pass
                 self._reap()
-            if self.sock in readable:
+            if self.sock.fileno() in readable:
                 self._receive()
 
     def _receive(self) -> None:
@@ -242,7 +242,7 @@ class Zygote:
                 os.dup2(out.fileno(), 2)
                 func = runner._load(spec["target"], main_path, spec["step"])
                 ok = True
-            except BaseException:  # noqa: BLE001 - the child fails with it instead
+            except BaseException:  # noqa: BLE001, S110 - the child fails with it instead
                 pass
             finally:
                 _flush()
@@ -368,15 +368,14 @@ def main() -> int:
     import asyncio  # noqa: F401
     import ctypes  # noqa: F401
     import logging.handlers  # noqa: F401
+
     sock = socket.socket(fileno=control)
     sock.setblocking(True)
     try:
         Zygote(sock, sys_path).serve()
     except BaseException:  # noqa: BLE001 - tell the executor, then go
         try:
-            sock.sendall(
-                json.dumps({"fatal": traceback.format_exc()}).encode() + b"\n"
-            )
+            sock.sendall(json.dumps({"fatal": traceback.format_exc()}).encode() + b"\n")
         finally:
             os._exit(70)
 
