@@ -290,3 +290,15 @@ async def test_a_module_edited_on_disk_is_imported_again_by_a_new_zygote(
     first, second = value(result, "first"), value(result, "second")
     assert (first["version"], second["version"]) == (1, 222)
     assert first["ppid"] != second["ppid"]
+
+
+async def test_many_warm_steps_at_once_each_get_their_own_process(tmp_path: Path) -> None:
+    ev = eventor(tmp_path)
+    names = [f"w{i}" for i in range(40)]
+    for name in names:
+        ev.add_step(name, warmfuncs.whoami, env={"WHO": name})
+    ev.add_assoc("go", *names)
+    result = await run(ev)
+    seen = [value(result, name) for name in names]
+    assert len({who["pid"] for who in seen}) == len(names)
+    assert len({who["ppid"] for who in seen}) == 1

@@ -51,6 +51,10 @@ class _Retired(Exception):
         self.preload = preload
 
 
+class _Gone(ExecutorError):
+    """The zygote was gone before the request was sent: ask another."""
+
+
 class _Zygote:
     """One zygote process and its control socket."""
 
@@ -164,7 +168,7 @@ class _Zygote:
         exit_: asyncio.Future[int] = loop.create_future()
         async with self.send_lock:
             if not self.alive:
-                raise ExecutorError(f"the warm pool's zygote (pid {self.pid}) exited")
+                raise _Gone(f"the warm pool's zygote (pid {self.pid}) exited")
             self.starts[rid], self.exits[rid] = start, exit_
             try:
                 sent = await self._send_fds(data, fds)
@@ -402,7 +406,10 @@ class WarmPool:
                 ).encode()
                 + b"\n"
             )
-            started, exited = await zygote.request(rid, data, fds)
+            try:
+                started, exited = await zygote.request(rid, data, fds)
+            except _Gone:
+                continue  # nothing was sent
             try:
                 pid = await asyncio.shield(started)
             except _Retired as exc:
@@ -414,7 +421,9 @@ class WarmPool:
                 await self._abandon(zygote, started, exited, grace)
                 raise
             return WarmChild(pid, exited, zygote)
-        raise ExecutorError(f"step {spec['step']!r}: the warm pool's zygotes kept retiring")
+        raise ExecutorError(
+            f"step {spec['step']!r}: the warm pool's zygotes kept retiring or exiting"
+        )
 
     async def _abandon(
         self,
