@@ -42,6 +42,7 @@ from __future__ import annotations
 import atexit
 import gc
 import json
+import logging
 import os
 import select
 import signal
@@ -235,6 +236,8 @@ class Zygote:
         spec = request["spec"]
         main_path = spec.get("main_path")
         modules, path, argv = set(sys.modules), list(sys.path), list(sys.argv)
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
         saved = (os.dup(1), os.dup(2))
         ok = False
         with tempfile.TemporaryFile() as out:
@@ -244,12 +247,21 @@ class Zygote:
                     sys.argv = list(spec["argv"])
                 os.dup2(out.fileno(), 1)
                 os.dup2(out.fileno(), 2)
+                # What the import logs is formatted as in the step's process.
+                runner._setup_logging(
+                    bool(spec.get("deterministic_logs")),
+                    int(spec.get("log_level", logging.INFO)),
+                )
                 func = runner._load(spec["target"], main_path, spec["step"])
                 ok = True
             except BaseException:  # noqa: BLE001, S110 - the child fails with it instead
                 pass
             finally:
                 _flush()
+                for handler in root.handlers[len(handlers) :]:
+                    handler.flush()
+                root.handlers[:] = handlers
+                root.setLevel(level)
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
                 os.close(saved[0])
