@@ -912,8 +912,9 @@ def _route(
     executor: LocalExecutor, step: StepDef, *, inloop_as_process: bool
 ) -> tuple[LocalExecutor, StepDef]:
     if inloop_as_process and step.executor == "inloop":
-        # No callables of the defining process: the step runner imports and awaits it.
-        step = dataclasses.replace(step, executor="process")
+        # No callables of the defining process: the step runner imports and awaits it (in a
+        # process forked by the warm pool).
+        step = dataclasses.replace(step, executor="warm")
     return executor, step
 
 

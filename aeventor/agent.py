@@ -117,8 +117,8 @@ class Agent:
     def _route(self, step: StepDef) -> tuple[Executor, StepDef]:
         if step.executor == "inloop":
             # An agent has no loop of the defining process: async functions run in the step
-            # runner, which awaits them.
-            step = dataclasses.replace(step, executor="process")
+            # runner, which awaits them (forked by the warm pool; over SSH, a fresh one).
+            step = dataclasses.replace(step, executor="warm")
         if step.host in self.config.ssh_targets:
             return self._ssh, step
         return self._local, step
