@@ -302,3 +302,27 @@ async def test_many_warm_steps_at_once_each_get_their_own_process(tmp_path: Path
     seen = [value(result, name) for name in names]
     assert len({who["pid"] for who in seen}) == len(names)
     assert len({who["ppid"] for who in seen}) == 1
+
+
+async def test_an_import_that_hangs_holds_up_no_other_warm_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aeventor.backends.executors import _warm
+
+    monkeypatch.setattr(_warm, "PRELOAD_LIMIT", 0.5)
+    ev = eventor(tmp_path)
+    ev.add_event("later")
+    ev.add_step("hangs", warmfuncs.whoami, env={"WARMFUNCS_HANG": "300"}, timeout=4)
+    # Asked of the zygote while it is stuck importing for "hangs".
+    ev.add_step("other", stepfuncs.add, kwargs={"a": 1, "b": 2}, env={"PAD": "x"})
+    ev.add_assoc("go", "hangs")
+    ev.add_assoc("go", "later", delay=0.2)
+    ev.add_assoc("later", "other")
+    result = await run(ev)
+    hangs, other = result.step("hangs"), result.step("other")
+    assert hangs.status is S.failure
+    assert "ran longer than its timeout of 4s" in (hangs.error or "")
+    assert other.result == 3
+    # The zygote gave up the import after 0.5 s, so "other" did not wait for the timeout.
+    assert other.ended is not None and hangs.ended is not None
+    assert other.ended < hangs.ended

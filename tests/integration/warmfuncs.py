@@ -1,8 +1,8 @@
 """Step functions of the warm pool's tests (imported by path, in a zygote or a fresh runner).
 
 Importing this module prints a line (the step's log gets it, once per process that imports
-it), refuses to be imported where ``WARMFUNCS_REFUSE`` is set, and starts a thread where
-``WARMFUNCS_THREAD`` is set: the zygote imports it with the step's environment.
+it), refuses to be imported where ``WARMFUNCS_REFUSE`` is set, sleeps ``WARMFUNCS_HANG`` seconds
+where it is set, and starts a thread where ``WARMFUNCS_THREAD`` is set: the zygote imports it with the step's environment.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from .stepfuncs import DEADLINE
 print(f"warmfuncs imported in {os.getpid()}", flush=True)  # noqa: T201 - the step's log
 if os.environ.get("WARMFUNCS_REFUSE"):
     raise RuntimeError("warmfuncs refuses to be imported here")
+if os.environ.get("WARMFUNCS_HANG"):
+    time.sleep(float(os.environ["WARMFUNCS_HANG"]))
 if os.environ.get("WARMFUNCS_THREAD"):
     threading.Thread(target=time.sleep, args=(300,), daemon=True, name="warmfuncs").start()
 

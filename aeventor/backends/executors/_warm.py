@@ -41,6 +41,9 @@ log = get_logger("aeventor.warm")
 START_TIMEOUT = 60.0
 #: How many zygotes a request may be asked of when they retire (see the module's doc).
 ATTEMPTS = 3
+#: Seconds a zygote may spend importing a step's module (while it does, it forks no other
+#: step); a slower import is done in each step's own process instead.
+PRELOAD_LIMIT = 10.0
 
 
 class _Retired(Exception):
@@ -91,7 +94,15 @@ class _Zygote:
         self._buffer += data
         while b"\n" in self._buffer:
             line, _, self._buffer = self._buffer.partition(b"\n")
-            self._dispatch(json.loads(line))
+            try:
+                message = json.loads(line)
+                self._dispatch(message)
+            except (ValueError, KeyError, TypeError) as exc:
+                # Not what a zygote says: it cannot be trusted with more steps.
+                self.fatal = f"unreadable message {line[:200]!r} ({exc})"
+                self.kill()
+                self._lost()
+                return
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if "ready" in message:
@@ -402,6 +413,7 @@ class WarmPool:
                         "env": env,
                         "channel": channel,
                         "preload": key not in self._no_preload,
+                        "preload_limit": PRELOAD_LIMIT,
                     }
                 ).encode()
                 + b"\n"

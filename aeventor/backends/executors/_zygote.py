@@ -6,7 +6,8 @@ with the executor's import path and the environment its steps inherit (their own
 aside). It imports the step runner, then serves its *control socket* (a Unix socket pair
 with the executor), one JSON line each way:
 
-* ``{"id": N, "spec": ..., "env": ..., "channel": bool, "preload": bool}``
+* ``{"id": N, "spec": ..., "env": ..., "channel": bool, "preload": bool,
+  "preload_limit": SECONDS}``
   with the descriptors ``[log, lifeline]`` (and the step's channel) attached
   (``SCM_RIGHTS``). The zygote imports the step's callable, once per zygote (``preload``;
   with the step's environment set while it imports, and what the import prints copied to
@@ -17,7 +18,9 @@ with the executor), one JSON line each way:
   :attr:`subprocess.Popen.returncode`: negative for a signal).
 * ``{"id": N, "retire": REASON, "preload": bool}``, without forking: the import left
   threads running (forking a threaded process may deadlock the child; ``preload`` false:
-  never preload this step again), or a module it preloaded changed on disk. The zygote
+  never preload this step again), or took longer than ``preload_limit`` (it would hold up
+  every other warm step; never preload it again either), or a module it preloaded changed
+  on disk. The zygote
   answers every later request so too, but still reaps and reports the children it forked;
   the executor asks a new zygote, and closes this one once its last child ended.
 
@@ -88,6 +91,19 @@ def _stamp(path: str | None) -> tuple[int, int] | None:
 
 #: What :meth:`Zygote._preload` returns when the import left threads running.
 _THREADED = _Loaded(None, None, None)
+
+
+#: What :meth:`Zygote._preload` returns when the import took longer than its limit.
+_SLOW = _Loaded(None, None, None)
+
+
+class _PreloadTimeout(BaseException):
+    """Raised into an import that outlived its limit (a BaseException: a module's
+    ``except Exception`` does not swallow it)."""
+
+
+def _too_slow(signum: int, frame: object) -> None:
+    raise _PreloadTimeout
 
 
 def _threads() -> int:
@@ -198,6 +214,15 @@ class Zygote:
                 return
             if loaded is None:
                 loaded = self._preload(request, fds[0])
+                if loaded is _SLOW:
+                    self._retire(
+                        rid,
+                        f"importing {spec['target']} took longer than "
+                        f"{request.get('preload_limit')}s; it is imported in each step's "
+                        "process instead",
+                        False,
+                    )
+                    return
                 if loaded is _THREADED:
                     self._retire(
                         rid,
@@ -240,9 +265,14 @@ class Zygote:
         root = logging.getLogger()
         handlers, level = list(root.handlers), root.level
         saved = (os.dup(1), os.dup(2))
-        ok = False
+        ok = slow = False
+        limit = float(request.get("preload_limit") or 0)
+        previous = signal.signal(signal.SIGALRM, _too_slow)
         with _scratch_file() as out:
             try:
+                # An import that hangs would hold up every other warm step: it is stopped
+                # after ``preload_limit`` seconds and left to the step's own process.
+                signal.setitimer(signal.ITIMER_REAL, limit)
                 _set_environ(request["env"])
                 if main_path and spec.get("argv"):
                     sys.argv = list(spec["argv"])
@@ -255,9 +285,13 @@ class Zygote:
                 )
                 func = runner._load(spec["target"], main_path, spec["step"])
                 ok = True
+            except _PreloadTimeout:
+                slow = True
             except BaseException:  # noqa: BLE001, S110 - the child fails with it instead
                 pass
             finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
                 _flush()
                 for handler in root.handlers[len(handlers) :]:
                     handler.flush()
@@ -270,6 +304,8 @@ class Zygote:
                 _set_environ(self.environ)
                 sys.argv = argv
                 sys.path[:] = path
+            if slow:
+                return _SLOW  # the zygote retires: what the import left does not matter
             if not ok:
                 for name in set(sys.modules) - modules:
                     del sys.modules[name]
@@ -278,8 +314,11 @@ class Zygote:
                 # Retired without forking: the step is asked again, and its output with it.
                 return _THREADED
             out.seek(0)
-            while chunk := out.read(1 << 16):
-                os.write(log_fd, chunk)
+            try:
+                while chunk := out.read(1 << 16):
+                    os.write(log_fd, chunk)
+            except OSError:
+                pass  # a full disk loses the import's output, not the zygote
         if _is_async(func):
             import asyncio  # noqa: F401 - once here, not in each child (asyncio.run)
         if main_path:
