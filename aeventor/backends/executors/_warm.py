@@ -197,6 +197,24 @@ class _Zygote:
                     raise
         return start, exit_
 
+    def doom(self, pid: int) -> None:
+        """Have the zygote SIGKILL ``pid``'s process group as soon as it reaped ``pid``.
+
+        Best effort and without awaiting (it is part of a termination, which a cancel must
+        not interrupt): skipped while a request is being sent, or if the socket is full.
+        """
+        if not self.alive or self.send_lock.locked():
+            return
+        data = json.dumps({"doom": pid}).encode() + b"\n"
+        try:
+            sent = self.sock.send(data)
+        except OSError:  # full (the zygote is stuck), or gone
+            return
+        if sent < len(data):
+            # Half a line would garble the next request: a zygote this far behind goes.
+            self.fatal = "its control socket filled up"
+            self.kill()
+
     async def _send_fds(self, data: bytes, fds: Sequence[int]) -> int:
         loop = asyncio.get_running_loop()
         while True:
@@ -256,6 +274,7 @@ class WarmChild:
         if self.returncode is not None:
             return
         if not self._exit.done():
+            self._zygote.doom(self.pid)
             self._killpg(signal.SIGTERM)
             try:
                 async with asyncio.timeout(grace):

@@ -14,6 +14,9 @@ with the executor), one JSON line each way:
   the step's log), forks, answers ``{"id": N, "pid": PID}``, and closes its copies of the
   descriptors. Should the import fail, the child imports it again and fails as a fresh
   process would (the same error in the same log).
+* ``{"doom": PID}``: the executor is terminating that child; once it is reaped, the zygote
+  SIGKILLs the rest of its process group before it reports the end (the executor does too,
+  a moment later).
 * ``{"id": N, "exit": CODE}`` once it reaped the child (``CODE`` as
   :attr:`subprocess.Popen.returncode`: negative for a signal).
 * ``{"id": N, "retire": REASON, "preload": bool}``, without forking: the import left
@@ -127,6 +130,7 @@ class Zygote:
         self.loaded: dict[tuple[str, str | None], _Loaded] = {}
         self.environ = dict(os.environ)
         self.retired: tuple[str, bool] | None = None
+        self.doomed: set[int] = set()  # children being terminated
         self.wake_r, self.wake_w = os.pipe()
 
     # -- the loop ------------------------------------------------------------------------
@@ -140,6 +144,10 @@ class Zygote:
         self._send({"ready": os.getpid(), "threads": _threads()})
         while True:
             readable, _, _ = select.select([self.sock.fileno(), self.wake_r], [], [])
+            # Requests first: a "doom" sent before its child was signalled is then known
+            # when the child is reaped.
+            if self.sock.fileno() in readable:
+                self._receive()
             if self.wake_r in readable:
                 try:
                     while os.read(self.wake_r, 512):
@@ -147,8 +155,6 @@ class Zygote:
                 except BlockingIOError:
                     pass
                 self._reap()
-            if self.sock.fileno() in readable:
-                self._receive()
 
     def _receive(self) -> None:
         try:
@@ -166,6 +172,9 @@ class Zygote:
         while b"\n" in self.buffer:
             line, _, self.buffer = self.buffer.partition(b"\n")
             request = json.loads(line)
+            if "doom" in request:
+                self.doomed.add(int(request["doom"]))
+                continue
             count = 3 if request.get("channel") else 2
             if len(self.fds) < count:
                 self._fatal(f"request {request.get('id')} came without its descriptors")
@@ -184,6 +193,15 @@ class Zygote:
                 return
             if pid == 0:
                 return
+            if pid in self.doomed:
+                # Being terminated: the rest of its group (its lifeline's watcher, which
+                # ignores SIGTERM, and what it started) goes at once, as the executor would
+                # have it go once told of this end.
+                self.doomed.discard(pid)
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
             rid = self.children.pop(pid, None)
             if rid is not None:
                 self._send({"id": rid, "exit": os.waitstatus_to_exitcode(status)})
