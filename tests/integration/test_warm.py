@@ -326,3 +326,41 @@ async def test_an_import_that_hangs_holds_up_no_other_warm_step(
     # The zygote gave up the import after 0.5 s, so "other" did not wait for the timeout.
     assert other.ended is not None and hangs.ended is not None
     assert other.ended < hangs.ended
+
+
+@pytest.mark.parametrize("warm", [1, 2, 0])
+async def test_the_executors_warm_pool_size(tmp_path: Path, warm: int) -> None:
+    """``LocalExecutor(warm=N)`` runs N zygotes; ``warm=0`` runs warm steps fresh."""
+    from aeventor.backends.executors.local import LocalExecutor
+    from aeventor.dispatch.claims import Claim
+    from aeventor.dispatch.executor import StepLaunch
+    from aeventor.program.model import StepDef
+
+    async def started(pid: int) -> None:
+        pass
+
+    executor = LocalExecutor(warm=warm)
+    step = StepDef(name="who", executor="warm", target=f"{warmfuncs.__name__}:whoami")
+    launches = [
+        StepLaunch(
+            claim=Claim(id=i, run_id="run-1", step="who", sequence=str(i), recovery=0, attempt=1),
+            step=step,
+            program="prog",
+            env={"EVENTOR_LOGGER_NAME": "prog.step"},
+            log_path=tmp_path / f"who.{i}.log",
+            deterministic_logs=True,
+            on_started=started,
+        )
+        for i in range(6)
+    ]
+    try:
+        results = await asyncio.gather(*(executor.run(launch) for launch in launches))
+    finally:
+        await executor.aclose()
+    assert all(r.ok for r in results), [r.error for r in results]
+    parents = {r.value["ppid"] for r in results}
+    if warm:
+        assert os.getpid() not in parents
+        assert 1 <= len(parents) <= warm
+    else:
+        assert parents == {os.getpid()}
