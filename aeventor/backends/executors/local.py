@@ -205,28 +205,31 @@ class LocalExecutor:
         spec = build_spec(launch, result_path=result_path, sys_path=self.sys_path)
         env = process_env(launch.env, self.env_policy)
         log_file = await _open_log_file(launch.log_path)
-        lifeline, lifeline_w = os.pipe()
-        # Its one byte never waits (nobody else writes to it); non-blocking says so.
-        os.set_blocking(lifeline_w, False)
-        fds = [log_file.fileno(), lifeline]
+        lifeline = lifeline_w = -1
         ours: socket.socket | None = None
         theirs: socket.socket | None = None
-        if launch.on_trigger is not None:
-            ours, theirs = socket.socketpair()
-            fds.append(theirs.fileno())
         try:
+            lifeline, lifeline_w = os.pipe()
+            # Its one byte never waits (nobody else writes to it); non-blocking says so.
+            os.set_blocking(lifeline_w, False)
+            fds = [log_file.fileno(), lifeline]
+            if launch.on_trigger is not None:
+                ours, theirs = socket.socketpair()
+                fds.append(theirs.fileno())
             child = await pool.start(
                 spec=spec, env=env, fds=fds, channel=theirs is not None, grace=TERMINATE_GRACE
             )
         except BaseException:
-            os.close(lifeline_w)
+            if lifeline_w >= 0:
+                os.close(lifeline_w)
             if ours is not None:
                 ours.close()
             raise
         finally:
             # The zygote has its copies (and the child its own): close ours without awaiting.
             log_file.close()
-            os.close(lifeline)
+            if lifeline >= 0:
+                os.close(lifeline)
             if theirs is not None:
                 theirs.close()
         serving = (
