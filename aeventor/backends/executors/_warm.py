@@ -228,9 +228,9 @@ class _Zygote:
                 finally:
                     loop.remove_writer(self.sock.fileno())
             except OSError as exc:
-                raise ExecutorError(
-                    f"cannot reach the warm pool's zygote (pid {self.pid}): {exc}"
-                ) from exc
+                # Gone (its end-of-file not read yet): nothing of the request was delivered.
+                self._lost()
+                raise _Gone(f"cannot reach the warm pool's zygote (pid {self.pid}): {exc}") from exc
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
