@@ -270,14 +270,17 @@ class Eventor:
 
         Args:
             func: what the step runs; None makes a no-op that succeeds. A plain function
-                runs in a subprocess that imports it by path (so it must be defined at
-                module level); an ``async def`` runs in the engine's loop by default.
+                runs in a process of its own that imports it by path (so it must be defined
+                at module level): by default (``"warm"``) a process forked by the warm pool,
+                which imported it once; an ``async def`` runs in the engine's loop by
+                default.
             args, kwargs: JSON-serialisable arguments.
             triggers: ``{StepStatus.success: (event, ...), ...}`` for the statuses ready,
                 active, success, failure and complete (= success or failure).
             host: the host the step is assigned to (recorded; used in distributed mode).
             command: an argv to run instead of a function (exit code 0 is success).
-            executor: ``"process"``, ``"inloop"`` or ``"command"`` to override the default.
+            executor: ``"warm"``, ``"process"`` (a fresh interpreter for each run),
+                ``"inloop"`` or ``"command"`` to override the default.
             sequence_arg_name: pass the sequence to ``func`` as this keyword argument.
             config: the original eventor's per-step config keys ``task_construct``
                 (``"process"`` or ``"invoke"``), ``executor``, ``sequence_arg_name`` and
@@ -607,6 +610,9 @@ class Eventor:
         """A standalone run: a worker scoped to the run, in this process."""
         graph = Graph(program)
         executor = LocalExecutor()
+        if any(step.executor == "warm" for step in program.steps.values()):
+            # The zygote starts while the store opens and the run is created.
+            executor.prestart()
         try:
             async with self._run_store() as db:
                 with drain_on_sigterm(state.stop):
@@ -906,8 +912,9 @@ def _route(
     executor: LocalExecutor, step: StepDef, *, inloop_as_process: bool
 ) -> tuple[LocalExecutor, StepDef]:
     if inloop_as_process and step.executor == "inloop":
-        # No callables of the defining process: the step runner imports and awaits it.
-        step = dataclasses.replace(step, executor="process")
+        # No callables of the defining process: the step runner imports and awaits it (in a
+        # process forked by the warm pool).
+        step = dataclasses.replace(step, executor="warm")
     return executor, step
 
 

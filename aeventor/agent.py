@@ -117,8 +117,8 @@ class Agent:
     def _route(self, step: StepDef) -> tuple[Executor, StepDef]:
         if step.executor == "inloop":
             # An agent has no loop of the defining process: async functions run in the step
-            # runner, which awaits them.
-            step = dataclasses.replace(step, executor="process")
+            # runner, which awaits them (forked by the warm pool; over SSH, a fresh one).
+            step = dataclasses.replace(step, executor="warm")
         if step.host in self.config.ssh_targets:
             return self._ssh, step
         return self._local, step
@@ -129,6 +129,9 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.worker.run(stop, ready=worker_ready))
                 await worker_ready.wait()
+                if any(h not in self.config.ssh_targets for h in self.config.hosts):
+                    # Local steps: their warm pool's zygote starts before the first one.
+                    self._local.prestart()
                 self.log.info("agent.ready", hosts=self.config.all_hosts)
                 if ready is not None:
                     ready.set()

@@ -1220,7 +1220,7 @@ class FakeExecutor:
         self._changes.changed()
         try:
             step = launch.step
-            if step.executor in ("process", "command") and (
+            if step.executor in ("warm", "process", "command") and (
                 step.target is not None or step.argv is not None
             ):
                 self._next_pid += 1

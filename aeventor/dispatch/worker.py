@@ -804,7 +804,7 @@ class Worker:
                 env=env,
                 _trigger=fire,
             )
-        spawns = step.executor in ("process", "command") and (
+        spawns = step.executor in ("warm", "process", "command") and (
             step.target is not None or step.argv is not None
         )
         if not spawns:

@@ -20,6 +20,7 @@ from .hosts import resolve_hosts
 from .model import (
     EXECUTORS,
     POOL_SCOPES,
+    PROCESS_EXECUTORS,
     TRIGGER_STATUSES,
     EventDef,
     GroupDef,
@@ -384,20 +385,21 @@ class ProgramBuilder:
                     f"step {name!r}: func must be a callable, got {func!r}"
                 )
             is_async = inspect.iscoroutinefunction(inspect.unwrap(func))
-            executor = executor or ("inloop" if is_async else "process")
+            executor = executor or ("inloop" if is_async else "warm")
             if executor not in EXECUTORS - {"command"}:
                 raise ProgramDefinitionError(
-                    f"step {name!r}: executor={executor!r} is not one of 'process', 'inloop' "
-                    "(or pass command=[...] for a command step)"
+                    f"step {name!r}: executor={executor!r} is not one of 'warm', 'process', "
+                    "'inloop' (or pass command=[...] for a command step)"
                 )
             if executor == "inloop" and not is_async:
                 raise ProgramDefinitionError(
                     f"step {name!r}: executor 'inloop' needs an async def function; "
-                    f"{func.__qualname__} is a plain function (let it run as a 'process' step)"
+                    f"{func.__qualname__} is a plain function (let it run as a 'warm' or "
+                    "'process' step)"
                 )
             target, main_path, importable = callable_target(func, step=name)
             if not importable:
-                if executor == "process":
+                if executor in PROCESS_EXECUTORS:
                     raise ProgramDefinitionError(
                         f"step {name!r}: func {target} cannot be imported by path, so a step "
                         "subprocess cannot find it (a lambda, a nested function, or a script "
@@ -412,7 +414,7 @@ class ProgramBuilder:
                 raise ProgramDefinitionError(
                     f"step {name!r}: args/kwargs given but no func to pass them to"
                 )
-            if executor not in (None, "process", "inloop"):
+            if executor not in (None, "warm", "process", "inloop"):
                 raise ProgramDefinitionError(
                     f"step {name!r}: executor={executor!r} does not fit a no-op step (no func, "
                     "no command); leave executor out, or pass func=... or command=[...]"

@@ -86,9 +86,13 @@ class RunStatus(StrEnum):
     cancelled = "cancelled"
 
 
-#: How a step runs: ``process`` (a subprocess importing the function by path), ``inloop``
-#: (an ``async def`` awaited in the engine's own loop) or ``command`` (an argv, no Python).
-EXECUTORS = frozenset({"process", "inloop", "command"})
+#: How a step runs: ``warm`` (a process forked by the executor's warm pool, which imported
+#: the function by path; the default for a plain function), ``process`` (a fresh interpreter
+#: importing the function by path), ``inloop`` (an ``async def`` awaited in the engine's own
+#: loop) or ``command`` (an argv, no Python). On an SSH host, ``warm`` runs as ``process``.
+EXECUTORS = frozenset({"warm", "process", "inloop", "command"})
+#: The executors of a function that runs in a process of its own (local or on an SSH host).
+PROCESS_EXECUTORS = frozenset({"warm", "process"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,8 @@ from ..backends import backend_url
 from .helpers import DEADLINE, pid_alive, session_members, wait_until
 from .test_steps import steps_of, with_project_on_path
 
+#: The controller's steps that start a grandchild: warm, fresh interpreter, command.
+STEPS = ("func", "fresh", "cmd")
 #: Seconds the steps' processes may take to go once their worker died: the watcher's grace
 #: period, and slack for a loaded machine.
 GONE_DEADLINE = _lifeline.GRACE + 4.0
@@ -48,12 +50,16 @@ def spawn_and_sleep(pid_file):
 if __name__ == "__main__":
     store, workdir = sys.argv[1], Path(sys.argv[2])
     ev = evr.Eventor(name="lifetime", store=store, log_dir=workdir / "logs")
+    # A warm step (the default: forked by the warm pool's zygote) and a fresh interpreter.
     ev.add_step("func", func=spawn_and_sleep, args=(str(workdir / "func.pids"),))
+    ev.add_step(
+        "fresh", func=spawn_and_sleep, args=(str(workdir / "fresh.pids"),), executor="process"
+    )
     pids = workdir / "cmd.pids"
     script = f"sleep 300 & echo $$ $! > {pids}.tmp && mv {pids}.tmp {pids}; sleep 300"
     ev.add_step("cmd", command=["sh", "-c", script])
     start = ev.add_event("start")
-    ev.add_assoc(start, "func", "cmd")
+    ev.add_assoc(start, "func", "fresh", "cmd")
     ev.trigger_event(start)
     print(os.getpid(), flush=True)
     asyncio.run(ev.run())
@@ -100,6 +106,14 @@ def _session_pipes(session: int) -> dict[int, set[str]]:
     return pipes
 
 
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
 def _kill_all(pids: set[int]) -> None:
     """Should the engine leave them behind, do not let them outlive the test."""
     for pid in pids:
@@ -127,10 +141,10 @@ async def test_sigkilled_worker_takes_its_steps_and_grandchildren_along(tmp_path
         grandchildren: dict[str, int] = {}
         try:
             await wait_until(
-                lambda: all(_read_pids(tmp_path / f"{s}.pids") for s in ("func", "cmd")),
+                lambda: all(_read_pids(tmp_path / f"{s}.pids") for s in STEPS),
                 what="both steps' pid files",
             )
-            for step in ("func", "cmd"):
+            for step in STEPS:
                 pids = _read_pids(tmp_path / f"{step}.pids")
                 assert pids is not None
                 sessions[step] = pids[0]
@@ -144,17 +158,25 @@ async def test_sigkilled_worker_takes_its_steps_and_grandchildren_along(tmp_path
                 )
                 assert grandchildren[step] in session_members(leader)
                 seen.update(session_members(leader))
+            # The warm step was forked by the controller's zygote, which must go too; the
+            # fresh interpreter is the controller's own child.
+            zygote = await asyncio.to_thread(_ppid, sessions["func"])
+            assert zygote not in (controller.pid, None)
+            assert await asyncio.to_thread(_ppid, sessions["fresh"]) == controller.pid
+            seen.add(zygote)
 
             # Each lifeline's write end is the controller's alone; its read end reaches one
             # step's session, never another's.
             worker_w = {i for i, modes in _pipes(controller.pid).items() if "w" in modes}
-            func, cmd = (_session_pipes(sessions[s]) for s in ("func", "cmd"))
-            for pipes in (func, cmd):
+            lifelines = {}
+            for step in STEPS:
+                pipes = _session_pipes(sessions[step])
                 assert not {i for i, modes in pipes.items() if "w" in modes} & worker_w
-            func_lifelines = worker_w & {i for i, m in func.items() if "r" in m}
-            cmd_lifelines = worker_w & {i for i, m in cmd.items() if "r" in m}
-            assert func_lifelines and cmd_lifelines
-            assert not func_lifelines & cmd_lifelines
+                lifelines[step] = worker_w & {i for i, m in pipes.items() if "r" in m}
+                assert lifelines[step], step
+            for step in STEPS:
+                for other in STEPS:
+                    assert step == other or not lifelines[step] & lifelines[other]
 
             controller.kill()
             await controller.wait()
@@ -179,7 +201,7 @@ async def test_sigkilled_worker_takes_its_steps_and_grandchildren_along(tmp_path
 
     # The steps' logs say why they ended.
     logs = [p.read_text() for p in (tmp_path / "logs").rglob("*") if p.is_file()]
-    assert sum("the worker that started this step is gone" in text for text in logs) == 2, logs
+    assert sum("the worker that started this step is gone" in text for text in logs) == 3, logs
     # Both trees went at SIGTERM (no step here ignores it), not at the grace's SIGKILL.
     assert elapsed < _lifeline.GRACE + 1.0, elapsed
 

@@ -19,8 +19,9 @@ from . import stepfuncs
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.mark.parametrize("executor", ["warm", "process"])
 async def test_a_process_step_that_ignores_sigterm_is_killed_with_its_child(
-    make_eventor: Callable[..., evr.Eventor], tmp_path: Path
+    make_eventor: Callable[..., evr.Eventor], tmp_path: Path, executor: str
 ) -> None:
     report = tmp_path / "stubborn.json"
     ev = make_eventor("timeouts")
@@ -28,7 +29,7 @@ async def test_a_process_step_that_ignores_sigterm_is_killed_with_its_child(
     ev.add_event("timed_out")
     ev.add_step(
         "stubborn", stepfuncs.stubborn, kwargs={"report": str(report)}, timeout=1,
-        triggers={evr.StepStatus.failure: ("timed_out",)},
+        triggers={evr.StepStatus.failure: ("timed_out",)}, executor=executor,
     )  # fmt: skip
     ev.add_step("handler")
     ev.add_assoc("go", "stubborn")

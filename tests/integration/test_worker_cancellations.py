@@ -35,6 +35,7 @@ from aeventor.program.model import ProgramDef
 from aeventor.submission import submit
 from tests.backends import backend_url
 
+from ..waiting import pid_alive
 from . import stepfuncs
 from .helpers import wait_event, wait_until
 
@@ -77,8 +78,9 @@ async def db(url: str) -> AsyncIterator[Database]:
         yield database
 
 
-def program(report: Path, release: Path) -> ProgramDef:
-    """``work`` holds until released; its success runs ``after``, its failure ``recover``."""
+def program(report: Path, release: Path, executor: str | None = None) -> ProgramDef:
+    """``work`` holds until released; its success runs ``after``, its failure ``recover``.
+    ``work`` runs as ``executor`` (default: a plain function's, ``warm``)."""
     ev = evr.Eventor(name="cancel_worker", mode="distributed", cluster_key=KEY)
     start, done, lost = ev.add_event("start"), ev.add_event("done"), ev.add_event("lost")
     ev.add_step(
@@ -87,6 +89,7 @@ def program(report: Path, release: Path) -> ProgramDef:
         func=stepfuncs.hold,
         kwargs={"report": str(report), "release": str(release)},
         triggers={S.success: (done,), S.failure: (lost,)},
+        executor=executor,
     )
     ev.add_step("after", host=HOST, func=stepfuncs.add, kwargs={"a": 1, "b": 2})
     ev.add_step("recover", host=HOST, func=stepfuncs.add, kwargs={"a": 2, "b": 2})
@@ -164,11 +167,13 @@ def make_worker(
     return worker, programs
 
 
-async def cancel_at(point: str, db: Database, tmp_path: Path) -> None:
+async def cancel_at(
+    point: str, db: Database, tmp_path: Path, executor_name: str | None = None
+) -> None:
     work_dir = tmp_path / point
     await asyncio.to_thread(work_dir.mkdir)
     report, release = work_dir / "report", work_dir / "release"
-    run_id = await submit(db, program(report, release), [("start", "0")], key=KEY)
+    run_id = await submit(db, program(report, release, executor_name), [("start", "0")], key=KEY)
     # "hold" returns once released: released from the start where the cancel must come
     # after the step's end, never where it must come while the step runs.
     if point in ("complete", "completed"):
@@ -182,6 +187,9 @@ async def cancel_at(point: str, db: Database, tmp_path: Path) -> None:
     db.complete = hooks.wrap("complete", "completed", db.complete)  # type: ignore[method-assign]
     executor.run = hooks.wrap("launch", None, executor.run)  # type: ignore[method-assign]
     executor._start = hooks.wrap("spawn", None, executor._start)  # type: ignore[method-assign]
+    # A warm step's start: the request to the warm pool's zygote, until the child's pid.
+    assert executor._warm is not None
+    executor._warm.start = hooks.wrap("spawn", None, executor._warm.start)  # type: ignore[method-assign]
     try:
         task = asyncio.create_task(worker.run())
         hooks.worker_task = task
@@ -197,8 +205,18 @@ async def cancel_at(point: str, db: Database, tmp_path: Path) -> None:
     # own once told, a moment after its step: wait for that, briefly.
     left: list[str] = []
 
+    def reported() -> list[str]:
+        # A warm step (forked, its environment set after the fork) keeps its zygote's in
+        # /proc/PID/environ: the pids it reported name it.
+        try:
+            pids = report.read_text().split()
+        except FileNotFoundError:
+            return []
+        return [f"{pid} (reported by the step)" for pid in pids if pid_alive(int(pid))]
+
     async def gone() -> bool:
         left[:] = await asyncio.to_thread(run_processes, run_id)
+        left.extend(await asyncio.to_thread(reported))
         return not left
 
     try:
@@ -259,3 +277,11 @@ async def test_cancel_the_worker_at_every_point_of_a_step(
     point: str, db: Database, tmp_path: Path
 ) -> None:
     await cancel_at(point, db, tmp_path)
+
+
+@pytest.mark.parametrize("point", ["spawn", "wait"])
+async def test_cancel_the_worker_at_the_start_of_a_fresh_process_step(
+    point: str, db: Database, tmp_path: Path
+) -> None:
+    """``executor="process"``: a fresh interpreter, started by the worker itself."""
+    await cancel_at(point, db, tmp_path, "process")

@@ -88,7 +88,7 @@ def test_program_json_round_trip_keeps_step_details() -> None:
     restored = ProgramDef.from_json(json.loads(json.dumps(full_eventor().program.to_json())))
     work = restored.steps["work"]
     assert work.target == f"{__name__}:module_level_step"
-    assert work.executor == "process"
+    assert work.executor == "warm"  # the default for a plain function
     assert work.args == (1,)
     assert work.kwargs == {"k": {"nested": [1, 2.5, None, True]}}
     assert work.triggers == {S.success: ("ok",), S.failure: ("bad",), S.complete: ("ok",)}
@@ -502,14 +502,23 @@ def test_a_trigger_value_that_is_not_iterable_is_rejected() -> None:
 # --- Eventor: functions and executors --------------------------------------------------------
 
 
-def test_a_module_level_function_runs_as_a_process_step() -> None:
+def test_a_module_level_function_runs_as_a_warm_process_step() -> None:
     ev = new_eventor()
     ev.add_step("s", module_level_step, args=(1,))
+    ev.add_step("fresh", module_level_step, executor="process")
     step = ev.program.steps["s"]
     assert (step.executor, step.target, step.local_only) == (
-        "process",
+        "warm",
         f"{__name__}:module_level_step",
         False,
+    )
+    assert ev.program.steps["fresh"].executor == "process"
+
+
+def test_a_warm_step_must_be_importable() -> None:
+    ev = new_eventor()
+    raises_definition_error(
+        lambda: ev.add_step("s", lambda: None, executor="warm"), "cannot be imported by path"
     )
 
 

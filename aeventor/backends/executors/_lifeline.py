@@ -77,7 +77,7 @@ EXEC_FAILED = 127
 _PR_SET_PDEATHSIG = 1
 
 
-def hold(fd: int, *, ended_by_byte: bool) -> None:
+def hold(fd: int, *, ended_by_byte: bool, reap: bool = True) -> int:
     """Tie the calling process's group to the lifeline ``fd``; close ``fd`` here.
 
     Call it in the group's leader, single-threaded, before starting anything else.
@@ -88,6 +88,13 @@ def hold(fd: int, *, ended_by_byte: bool) -> None:
             leader also asks for SIGTERM when its parent dies (Linux). If false (over
             SSH, where the channel closes as the step ends), end-of-file terminates the
             group only if the leader still exists.
+        reap: wait for the intermediate process of the double fork (it exits at once).
+            If false (a warm step, whose start this wait would lengthen by a scheduling
+            round trip), the caller may reap it later; unreaped, it stays a zombie child
+            of the leader until the leader exits.
+
+    Returns:
+        The pid of the intermediate process.
     """
     if ended_by_byte:
         _parent_death_signal(signal.SIGTERM)
@@ -100,7 +107,9 @@ def hold(fd: int, *, ended_by_byte: bool) -> None:
         finally:
             os._exit(0)
     os.close(fd)
-    os.waitpid(pid, 0)
+    if reap:
+        os.waitpid(pid, 0)
+    return pid
 
 
 def _parent_death_signal(signum: int) -> None:

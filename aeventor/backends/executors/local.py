@@ -1,5 +1,9 @@
 """Run steps on this host: subprocesses (functions and commands) and in-loop coroutines.
 
+A ``warm`` function step is forked by a zygote of the executor's warm pool (see
+:mod:`._warm` and :mod:`._zygote`) instead of starting an interpreter; it gets the same
+session, log, lifeline, channel, environment and termination as a fresh ``process`` step.
+
 Every subprocess starts in a session of its own, so a cancel or a timeout kills its whole
 process group, grandchildren included. Its stdout and stderr go straight to the step's log
 file (no pipe that could fill up); its result comes back through a small JSON file.
@@ -35,6 +39,7 @@ from ...exceptions import ExecutorError
 from ...utils import describe_exception
 from . import _lifeline
 from ._channel import Fire, serve_channel
+from ._warm import WarmPool
 
 __all__ = (
     "ExecResult",
@@ -69,8 +74,12 @@ class LocalExecutor:
         env: which of this process's environment variables the steps inherit (default: a
             standalone run's, all but aeventor's secrets; agents pass
             :meth:`EnvPolicy.agent <aeventor.context.EnvPolicy.agent>`).
+        warm: how many zygotes the warm pool runs (see :mod:`._warm`); 0: none, ``warm``
+            steps then start a fresh interpreter, as ``process`` steps do.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.1
+        ``warm``: the warm process pool.
     """
 
     def __init__(
@@ -79,13 +88,33 @@ class LocalExecutor:
         python: str | None = None,
         sys_path: list[str] | None = None,
         env: EnvPolicy | None = None,
+        warm: int = 1,
     ) -> None:
         self.python = python or sys.executable
         self.sys_path = list(sys.path if sys_path is None else sys_path)
         self.env_policy = EnvPolicy() if env is None else env
         self._tmpdir: str | None = None
+        self._warm = (
+            WarmPool(
+                python=self.python,
+                sys_path=self.sys_path,
+                environ=lambda: self.env_policy.inherited(os.environ),
+                aeventor_root=_AEVENTOR_ROOT,
+                size=warm,
+            )
+            if warm
+            else None
+        )
+
+    def prestart(self) -> None:
+        """Start the warm pool's zygote now, in the background (call it in the loop that
+        runs the steps); otherwise the first ``warm`` step starts it."""
+        if self._warm is not None:
+            self._warm.prestart()
 
     async def aclose(self) -> None:
+        if self._warm is not None:
+            await self._warm.aclose()
         tmpdir, self._tmpdir = self._tmpdir, None
         if tmpdir is not None:
             await asyncio.to_thread(shutil.rmtree, tmpdir, True)
@@ -100,6 +129,8 @@ class LocalExecutor:
         if executor == "command":
             assert launch.step.argv is not None
             return await self._run_command(launch, list(launch.step.argv))
+        if executor == "warm" and self._warm is not None:
+            return await self._run_warm(launch, self._warm)
         return await self._run_function(launch)
 
     # -- in-loop ------------------------------------------------------------------------
@@ -166,6 +197,68 @@ class LocalExecutor:
         raw = await asyncio.to_thread(_read_result, result_path)
         return decode_result(launch, raw, returncode)
 
+    async def _run_warm(self, launch: StepLaunch, pool: WarmPool) -> ExecResult:
+        """A function step forked by the warm pool: what :meth:`_spawn` does for a fresh
+        runner (log, lifeline, channel, session, termination), a fork instead of a start."""
+        tmpdir = await self._ensure_tmpdir()
+        result_path = os.path.join(tmpdir, f"{launch.claim.id}-{launch.claim.attempt}.json")
+        spec = build_spec(launch, result_path=result_path, sys_path=self.sys_path)
+        env = process_env(launch.env, self.env_policy)
+        log_file = await _open_log_file(launch.log_path)
+        lifeline = lifeline_w = -1
+        ours: socket.socket | None = None
+        theirs: socket.socket | None = None
+        try:
+            lifeline, lifeline_w = os.pipe()
+            # Its one byte never waits (nobody else writes to it); non-blocking says so.
+            os.set_blocking(lifeline_w, False)
+            fds = [log_file.fileno(), lifeline]
+            if launch.on_trigger is not None:
+                ours, theirs = socket.socketpair()
+                fds.append(theirs.fileno())
+            child = await pool.start(
+                spec=spec, env=env, fds=fds, channel=theirs is not None, grace=TERMINATE_GRACE
+            )
+        except BaseException:
+            if lifeline_w >= 0:
+                os.close(lifeline_w)
+            if ours is not None:
+                ours.close()
+            raise
+        finally:
+            # The zygote has its copies (and the child its own): close ours without awaiting.
+            log_file.close()
+            if lifeline >= 0:
+                os.close(lifeline)
+            if theirs is not None:
+                theirs.close()
+        serving = (
+            None
+            if ours is None or launch.on_trigger is None
+            else asyncio.create_task(
+                _serve_socket(ours, launch.on_trigger), name=f"aeventor channel {launch.step.name}"
+            )
+        )
+        try:
+            await launch.on_started(child.pid)
+            returncode = await child.wait()
+        except BaseException:
+            await child.terminate(TERMINATE_GRACE)
+            raise
+        finally:
+            if child.returncode is not None:
+                # Reaped (by its zygote): its watcher exits without touching what it left.
+                with contextlib.suppress(OSError):
+                    os.write(lifeline_w, _lifeline.ENDED)
+            os.close(lifeline_w)
+            if serving is not None:
+                serving.cancel()
+                await asyncio.wait([serving])
+            if ours is not None:
+                ours.close()
+        raw = await asyncio.to_thread(_read_result, result_path)
+        return decode_result(launch, raw, returncode)
+
     async def _ensure_tmpdir(self) -> str:
         if self._tmpdir is None:
             self._tmpdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="aeventor-")
@@ -189,15 +282,7 @@ class LocalExecutor:
                 ``$EVENTOR_CHANNEL_FD``), over which it fires events
                 (``aeventor.current_step().trigger``); served while it runs.
         """
-        opening = asyncio.ensure_future(asyncio.to_thread(_open_log, launch.log_path))
-        try:
-            log_file = await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            # The thread opens the file whatever happens to us: close what it opened.
-            await asyncio.wait([opening])
-            if not opening.cancelled() and opening.exception() is None:
-                opening.result().close()
-            raise
+        log_file = await _open_log_file(launch.log_path)
         # Both ends close-on-exec: the step gets the read end through pass_fds alone, and
         # no step (nor anything else this process runs) ever gets the write end.
         lifeline, lifeline_w = os.pipe()
@@ -317,6 +402,19 @@ async def _serve_socket(sock: socket.socket, fire: Fire) -> None:
     """Serve the worker's end of a local step's channel (see :mod:`._channel`)."""
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     await serve_channel(reader, writer, fire)
+
+
+async def _open_log_file(path: Path) -> Any:
+    """Open the step's log file for appending (its directory made), off the loop."""
+    opening = asyncio.ensure_future(asyncio.to_thread(_open_log, path))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        # The thread opens the file whatever happens to us: close what it opened.
+        await asyncio.wait([opening])
+        if not opening.cancelled() and opening.exception() is None:
+            opening.result().close()
+        raise
 
 
 def _read_and_close(fd: int) -> bytes:

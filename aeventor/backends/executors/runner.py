@@ -31,7 +31,7 @@ from ...exceptions import UnguardedMainError
 from ...guard import MainImportStopped, importing_main
 from . import _lifeline
 
-__all__ = ("main",)
+__all__ = ("main", "run_spec")
 
 MAIN_MODULE = "__aeventor_main__"
 
@@ -104,10 +104,11 @@ def _load(target: str, main_path: str | None, step: str) -> Any:
     return _resolve(importlib.import_module(module_name), qualname)
 
 
-def _execute(spec: dict[str, Any]) -> dict[str, Any]:
+def _execute(spec: dict[str, Any], func: Any = None) -> dict[str, Any]:
     step = spec["step"]
     try:
-        func = _load(spec["target"], spec.get("main_path"), step)
+        if func is None:
+            func = _load(spec["target"], spec.get("main_path"), step)
         kwargs = dict(spec["kwargs"])
         if spec.get("sequence_arg_name"):
             kwargs[spec["sequence_arg_name"]] = os.environ["EVENTOR_STEP_SEQUENCE"]
@@ -186,10 +187,21 @@ def main() -> int:
     for entry in reversed(spec.get("sys_path", [])):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+    return run_spec(spec)
+
+
+def run_spec(spec: dict[str, Any], func: Any = None) -> int:
+    """Run the step ``spec`` describes in this process, write its outcome to its result
+    file, and return the exit status (0: it succeeded).
+
+    Args:
+        func: the step's callable, already loaded (by the warm pool's zygote, see
+            :mod:`._zygote`); None: it is loaded here, by path.
+    """
     if spec.get("main_path") and spec.get("argv"):
         sys.argv = list(spec["argv"])
     _setup_logging(bool(spec.get("deterministic_logs")), int(spec.get("log_level", logging.INFO)))
-    outcome = _execute(spec)
+    outcome = _execute(spec, func)
     if not outcome["ok"]:
         print(outcome["error"], file=sys.stderr)  # noqa: T201 - the step's log is stderr
     sys.stdout.flush()
