@@ -794,7 +794,7 @@ class MemoryTx:
         return True
 
     async def fired(
-        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+        self, run_id: str, sequence: str, recovery: int, events: Collection[str]
     ) -> set[str]:
         return {e for e in events if (run_id, sequence, recovery, e) in self.tables.triggers}
 

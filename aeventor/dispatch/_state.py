@@ -150,7 +150,11 @@ class Graph:
             for ref in dict.fromkeys(_expr.names(event.expr)):
                 dependents.setdefault(ref, []).append(event.name)
         self._dependents = {k: tuple(v) for k, v in dependents.items()}
-        self._facts_cache: dict[str, frozenset[str]] = {}
+        #: Per event: what firing it may reach, and the derived events among that.
+        self._reach_cache: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {}
+        #: Per derived event, the events its expression names (shared by every event that
+        #: reaches it: a join of n steps keeps one set of n names, not one per step).
+        self._operands = {name: frozenset(_expr.names(expr)) for name, expr in self._exprs.items()}
 
     @property
     def version(self) -> str:
@@ -283,11 +287,15 @@ class Graph:
         """The events whose fired-state :meth:`fire` may consult when firing ``events``."""
         needed: set[str] = set()
         for event in events:
-            needed |= self._facts_for(event)
+            reached, derived = self._reach(event)
+            needed |= reached
+            for name in derived:
+                needed |= self._operands[name]
         return frozenset(needed)
 
-    def _facts_for(self, start: str) -> frozenset[str]:
-        cached = self._facts_cache.get(start)
+    def _reach(self, start: str) -> tuple[frozenset[str], tuple[str, ...]]:
+        """What firing ``start`` may reach (at once), and the derived events among it."""
+        cached = self._reach_cache.get(start)
         if cached is not None:
             return cached
         reachable: set[str] = set()
@@ -303,11 +311,6 @@ class Graph:
                 else:
                     queue.extend(self.trigger_events(target, StepStatus.ready))
             queue.extend(self._dependents.get(event, ()))
-        facts = set(reachable)
-        for event in reachable:
-            expr = self._exprs.get(event)
-            if expr is not None:
-                facts.update(_expr.names(expr))
-        result = frozenset(facts)
-        self._facts_cache[start] = result
+        result = (frozenset(reachable), tuple(e for e in reachable if e in self._operands))
+        self._reach_cache[start] = result
         return result

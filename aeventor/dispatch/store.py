@@ -136,7 +136,7 @@ class StoreTx(Protocol):
         """Record a claimed step's process, while the claim is still the caller's."""
 
     async def fired(
-        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+        self, run_id: str, sequence: str, recovery: int, events: Collection[str]
     ) -> set[str]:
         """Which of ``events`` already fired for this run, sequence and recovery."""
 

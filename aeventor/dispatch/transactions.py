@@ -687,7 +687,7 @@ async def _fire(
     events = list(events)
     if not events:
         return 0, [], set()
-    needed = sorted(graph.facts_needed(events))
+    needed = graph.facts_needed(events)
     fired = await tx.fired(run_id, sequence, recovery, needed)
     plan = graph.fire(fired, events)
     if plan.events:

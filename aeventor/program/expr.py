@@ -12,6 +12,7 @@ Users write them as in the original eventor: a tuple means AND, ``or_(...)`` mea
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -105,9 +106,24 @@ def holds(expr: Expr, fired: AbstractSet[str]) -> bool:
     """Whether the expression holds given the set of events fired for one sequence."""
     if isinstance(expr, str):
         return expr in fired
+    leaves = _leaves(expr)
+    if leaves is not None:
+        # A node over event names only (the usual join of many steps): one set operation,
+        # not a generator over its operands at every firing.
+        if isinstance(expr, And):
+            return leaves <= fired
+        return not leaves.isdisjoint(fired)
     if isinstance(expr, And):
         return all(holds(o, fired) for o in expr.operands)
     return any(holds(o, fired) for o in expr.operands)
+
+
+@functools.lru_cache(maxsize=4096)
+def _leaves(expr: And | Or) -> frozenset[str] | None:
+    """The operands of a node whose operands are all event names, else None."""
+    if all(isinstance(o, str) for o in expr.operands):
+        return frozenset(o for o in expr.operands if isinstance(o, str))
+    return None
 
 
 def to_json(expr: Expr) -> Any:

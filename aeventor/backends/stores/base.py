@@ -32,6 +32,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -1278,6 +1279,9 @@ class SqlTx:
         self.here: dict[str, set[str | None]] = {}
         #: The runs this transaction locked, as it read them.
         self._locked: dict[str, RunLock] = {}
+        #: (run, sequence, recovery) -> (the events whose state this transaction knows,
+        #: those of them that fired).
+        self._facts: dict[tuple[str, str, int], tuple[set[str], set[str]]] = {}
         #: Pools a step's ``releases`` gave run-kept slots back to (release_slots reports
         #: them with the rest).
         self.freed_by_hand_over: set[str] = set()
@@ -1393,17 +1397,34 @@ class SqlTx:
         return bool(updated.rowcount == 1)
 
     async def fired(
-        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+        self, run_id: str, sequence: str, recovery: int, events: Collection[str]
     ) -> set[str]:
-        rows = await self.conn.execute(
-            _FIRED,
-            {"run_id": run_id, "sequence": sequence, "recovery": recovery, "events": events},
-        )
-        return {r.event for r in rows}
+        # Known for the rest of the transaction: whoever fires an event of a run holds the
+        # run's lock, which this transaction took before asking. A group commit's
+        # completions then read an AND of many events once, not once each.
+        known, fired = self._facts.setdefault((run_id, sequence, recovery), (set(), set()))
+        wanted = events if isinstance(events, AbstractSet) else set(events)
+        unknown = wanted - known
+        if unknown:
+            rows = await self.conn.execute(
+                _FIRED,
+                {
+                    "run_id": run_id,
+                    "sequence": sequence,
+                    "recovery": recovery,
+                    "events": sorted(unknown),
+                },
+            )
+            fired.update(r.event for r in rows)
+            known |= unknown
+        return set(wanted & fired)
 
     async def add_triggers(
         self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
     ) -> None:
+        known, fired = self._facts.setdefault((run_id, sequence, recovery), (set(), set()))
+        known.update(events)
+        fired.update(events)
         now = t.utcnow()
         await self.conn.execute(
             self.db._insert_ignore(t.trigger),
