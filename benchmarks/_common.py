@@ -17,6 +17,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import aeventor as evr
 
@@ -96,21 +97,22 @@ async def server_versions(*, postgres: bool = True, mysql: bool = True) -> list[
 
 async def server_up(backend: str) -> bool:
     """Whether ``backend``'s server answers (sqlite always does)."""
-    if backend == "sqlite":
-        return True
-    try:
-        if backend == "postgres":
-            import asyncpg
+    if backend == "postgres":
+        import asyncpg
 
+        try:
             conn = await asyncpg.connect(PG_ADMIN, timeout=5)
-            await conn.close()
-        else:
-            import aiomysql
+        except (OSError, TimeoutError, asyncpg.PostgresError):
+            return False
+        await conn.close()
+    elif backend == "mariadb":
+        import aiomysql
 
+        try:
             my = await aiomysql.connect(**MY_ADMIN, connect_timeout=5)
-            my.close()
-    except Exception:  # any failure to connect means: not available for this run
-        return False
+        except (OSError, TimeoutError, aiomysql.Error):
+            return False
+        my.close()
     return True
 
 
@@ -193,7 +195,9 @@ def chain(ev: evr.Eventor, n: int, func: Callable[..., object] | None, **step: o
     """Steps ``s0 .. s{n-1}``, each started by the success of the one before."""
     events = [ev.add_event(f"e{i}") for i in range(n)]
     for i in range(n):
-        triggers = {evr.StepStatus.success: (events[i + 1],)} if i + 1 < n else {}
+        triggers: dict[evr.StepStatus | str, Any] = {}
+        if i + 1 < n:
+            triggers[evr.StepStatus.success] = (events[i + 1],)
         ev.add_step(f"s{i}", func=func, triggers=triggers, **step)  # type: ignore[arg-type]
         ev.add_assoc(events[i], f"s{i}")
     ev.trigger_event(events[0], 1)
@@ -212,10 +216,10 @@ def fan_out(
     go = ev.add_event("go")
     done = []
     for i in range(n):
-        triggers = {}
+        triggers: dict[evr.StepStatus | str, Any] = {}
         if join:
             done.append(ev.add_event(f"d{i}"))
-            triggers = {evr.StepStatus.success: (done[-1],)}
+            triggers[evr.StepStatus.success] = (done[-1],)
         host = hosts[i % len(hosts)] if hosts else None
         ev.add_step(f"s{i}", func=func, triggers=triggers, host=host)
         ev.add_assoc(go, f"s{i}")
@@ -311,7 +315,9 @@ class Table:
         lines += [header, "-" * len(header)]
         for row in cells:
             lines.append(
-                "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row))
+                "  ".join(
+                    c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)
+                )
             )
         lines += [f"  {note}" for note in self.notes]
         lines += [f"  target: {t.line()}" for t in self.targets]

@@ -76,7 +76,7 @@ async def agents(
     url: str, hosts: Sequence[str], logs: Path, *, concurrency: int | None
 ) -> AsyncIterator[list[AgentProc]]:
     """One agent per host name, all ready; SIGTERMed (then killed) on the way out."""
-    logs.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
     started: list[AgentProc] = []
     try:
         for host in hosts:
@@ -190,7 +190,9 @@ async def run_on_agents(url: str, dsn: str, n: int, hosts: Sequence[str]) -> Clu
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Not ru_maxrss: Linux carries the parent's high-water mark at fork over exec, so a
+    # child of a large benchmark process would report at least the parent's size.
+    return vm_hwm_mb(os.getpid()) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 async def _standalone(store: str, n: int, logs: str) -> dict[str, object]:
