@@ -298,6 +298,8 @@ class Table:
     rows: list[Sequence[object]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
+    #: The benchmark raised instead of measuring (its one row says what).
+    failed: bool = False
 
     def add(self, *cells: object) -> None:
         self.rows.append(cells)

@@ -156,7 +156,10 @@ async def run_on_agents(url: str, dsn: str, n: int, hosts: Sequence[str]) -> Clu
         submitted = time.perf_counter()
         peak = peak_listeners = 0
         status = "running"
+        deadline = time.monotonic() + 300 + n / 10
         while status == "running":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the agents did not end run {run_id} of {n} steps in time")
             row = await monitor.fetchrow(
                 "SELECT count(*) AS n, count(*) FILTER (WHERE application_name = $1) AS l"
                 " FROM pg_stat_activity WHERE datname = current_database()"
