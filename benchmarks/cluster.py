@@ -9,7 +9,8 @@ engine rather than interpreter starts).
 
 ``python -m benchmarks.cluster standalone --store URL --steps N`` is the standalone child of
 the memory benchmark: it runs a fan-out of ``N`` in-loop no-op steps and prints one JSON line
-with its peak RSS before and after the run.
+with its peak RSS before and after the run; ``open --store URL`` times the first store open
+of a new process (the open benchmark's cold row).
 """
 
 from __future__ import annotations
@@ -213,9 +214,18 @@ async def _standalone(store: str, n: int, logs: str) -> dict[str, object]:
     }
 
 
+async def _first_open(store: str) -> dict[str, object]:
+    db = open_store(store, program="bench")
+    began = time.perf_counter()
+    await db.open()
+    opened = time.perf_counter() - began
+    await db.aclose()
+    return {"first_open_ms": opened * 1000}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="the standalone child of the memory benchmark")
-    parser.add_argument("mode", choices=["standalone", "baseline"])
+    parser = argparse.ArgumentParser(description="the children of the memory and open benchmarks")
+    parser.add_argument("mode", choices=["standalone", "baseline", "open"])
     parser.add_argument("--store", default=":memory:")
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--log-dir", default=".")
@@ -228,6 +238,11 @@ def main() -> None:
         from aeventor.backends.stores import postgres  # noqa: F401
 
         print(json.dumps({"rss_peak_mb": _rss_mb()}))
+        return
+    if args.mode == "open":
+        # The first open of a new process: aeventor is imported, the backend and the
+        # migrations are not yet (as in a CLI command or an agent starting).
+        print(json.dumps(asyncio.run(_first_open(args.store))))
         return
     print(json.dumps(asyncio.run(_standalone(args.store, args.steps, args.log_dir))))
 
