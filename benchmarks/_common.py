@@ -281,7 +281,7 @@ class Target:
             return f"{self.label} = n/a (target {self.op} {self.limit:g}x){self._note()}"
         mark = "met" if self.met else "MISSED"
         return (
-            f"{self.label} = {self.ratio:.2f}x (target {self.op} {self.limit:g}x)  {mark}"
+            f"{self.label} = {self.ratio:.3g}x (target {self.op} {self.limit:g}x)  {mark}"
             f"{self._note()}"
         )
 

@@ -102,7 +102,6 @@ class Context:
     backends: list[str]
     #: Figures other tables show beside their own ("floors.pgq_rate", ...).
     figures: dict[str, float] = field(default_factory=dict)
-    targets: list[Target] = field(default_factory=list)
 
     def size(self, name: str) -> Any:
         return getattr(self.args, name)
@@ -552,10 +551,11 @@ async def bench_scaleout(ctx: Context) -> list[Table]:
             need = int(k * per_agent_estimate) + 5
             # Leave room for whatever else uses the shared server (a CI run).
             if need + SPARE_CONNECTIONS > free:
-                table.add(
-                    k,
-                    f"skipped: ~{need} connections needed, {free} free "
-                    f"(keeping {SPARE_CONNECTIONS} spare)",
+                table.add(k, "skipped")
+                table.notes.append(
+                    f"{k} agents skipped: ~{need} connections needed at "
+                    f"{per_agent_estimate:g} per agent, {free} free, {SPARE_CONNECTIONS} kept "
+                    "spare for others (Postgres max_connections)"
                 )
                 continue
             async with open_store(scratch.url, program="bench"):
@@ -566,7 +566,10 @@ async def bench_scaleout(ctx: Context) -> list[Table]:
             ):
                 result = await cluster.run_on_agents(scratch.url, scratch.dsn, n, hosts)
         if result.status != "success" or result.steps != n:
-            table.add(k, f"run {result.status}, {result.steps} steps", *[None] * 5)
+            table.add(k, "failed")
+            table.notes.append(
+                f"{k} agents: the run ended {result.status} after {result.steps} steps"
+            )
             continue
         rate = n / result.span if result.span else 0.0
         rates.append((k, rate))
