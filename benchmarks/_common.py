@@ -340,6 +340,23 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def describe(exc: BaseException) -> str:
+    """One line per distinct leaf of ``exc`` (exception groups flattened)."""
+    leaves: list[str] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        else:
+            line = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            if line not in leaves:
+                leaves.append(line)
+
+    walk(exc)
+    return "; ".join(leaves)
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None

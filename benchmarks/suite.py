@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from benchmarks._common import (
     Table,
     Target,
     chain,
+    describe,
     fan_out,
     hops,
     machine,
@@ -359,10 +361,17 @@ async def bench_fanout(ctx: Context) -> list[Table]:
     )
     for backend in ctx.backends:
         for size, join in ((max(1, n // 5), True), (n, True), (n, False)):
-            async with scratch_database(backend, str(ctx.tmp)) as scratch:
-                async with open_store(scratch.url, program="bench"):
-                    pass  # the schema is not what is timed
-                wall, cpu = await run_fan_out(scratch.url, size, ctx.logs("fanout"), join=join)
+            try:
+                async with scratch_database(backend, str(ctx.tmp)) as scratch:
+                    async with open_store(scratch.url, program="bench"):
+                        pass  # the schema is not what is timed
+                    logs = ctx.logs("fanout")
+                    wall, cpu = await run_fan_out(scratch.url, size, logs, join=join)
+            except Exception as exc:  # noqa: BLE001 - the other rows still measure
+                traceback.print_exception(exc, file=sys.stderr)
+                table.add(backend, "AND" if join else "none", size + join, "failed")
+                table.notes.append(f"{backend}, {size + join} steps failed: {describe(exc)}")
+                continue
             steps = size + join
             cpu_ms = cpu / steps * 1000
             table.add(
@@ -765,9 +774,10 @@ async def run_suite(args: argparse.Namespace, out: Callable[[str], None] = print
             try:
                 produced = await BENCHMARKS[name][1](ctx)
             except Exception as exc:  # noqa: BLE001 - one failed benchmark must not lose the rest
-                # Printed in its table and counted: main() exits non-zero.
+                # Printed in its table (the traceback on stderr) and counted: main() exits 1.
+                traceback.print_exception(exc, file=sys.stderr)
                 failed = Table(name, ["failed"])
-                failed.add(f"{type(exc).__name__}: {exc}"[:2000])
+                failed.add(describe(exc))
                 failed.failed = True
                 produced = [failed]
             for table in produced:
