@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -139,6 +140,42 @@ class ClusterRun:
     peak_connections: int
     peak_listeners: int
     status: str
+    #: Times the monitor's connection was lost and opened again (the server restarted).
+    monitor_reconnects: int = 0
+
+
+class Monitor:
+    """A plain asyncpg connection to the benchmark's database, opened again if the server
+    drops it (a CI run beside the benchmark may restart the shared server)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn: Any = None
+        self.reconnects = 0
+
+    async def query(self, how: str, sql: str, *args: object) -> Any:
+        for attempt in range(30):
+            try:
+                if self.conn is None:
+                    self.conn = await asyncpg.connect(self.dsn)
+                return await getattr(self.conn, how)(sql, *args)
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.exceptions._base.InternalClientError,
+            ):
+                if attempt == 29:
+                    raise
+                await self.aclose()
+                self.reconnects += 1
+                await asyncio.sleep(1.0)
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.terminate()
 
 
 async def run_on_agents(url: str, dsn: str, n: int, hosts: Sequence[str]) -> ClusterRun:
@@ -149,8 +186,9 @@ async def run_on_agents(url: str, dsn: str, n: int, hosts: Sequence[str]) -> Clu
     """
     ev = distributed_fan_out(n, hosts)
     program = ev.program
-    monitor = await asyncpg.connect(dsn)
+    monitor = Monitor(dsn)
     try:
+        await monitor.query("fetchval", "SELECT 1")
         began = time.perf_counter()
         async with open_store(url, program="bench-submit") as db:
             run_id = await submit(db, program, [("go", "1")], key=KEY.encode())
@@ -161,24 +199,28 @@ async def run_on_agents(url: str, dsn: str, n: int, hosts: Sequence[str]) -> Clu
         while status == "running":
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the agents did not end run {run_id} of {n} steps in time")
-            row = await monitor.fetchrow(
+            row = await monitor.query(
+                "fetchrow",
                 "SELECT count(*) AS n, count(*) FILTER (WHERE application_name = $1) AS l"
                 " FROM pg_stat_activity WHERE datname = current_database()"
                 " AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
                 LISTENER,
             )
             peak, peak_listeners = max(peak, row["n"]), max(peak_listeners, row["l"])
-            status = await monitor.fetchval("SELECT status FROM aeventor_run WHERE id = $1", run_id)
+            status = await monitor.query(
+                "fetchval", "SELECT status FROM aeventor_run WHERE id = $1", run_id
+            )
             if status == "running":
                 await asyncio.sleep(0.05)
         wall = time.perf_counter() - began
-        span_row = await monitor.fetchrow(
+        span_row = await monitor.query(
+            "fetchrow",
             "SELECT count(*) AS n, extract(epoch FROM max(ended) - min(started)) AS s"
             " FROM aeventor_step_run WHERE run_id = $1",
             run_id,
         )
     finally:
-        await monitor.close()
+        await monitor.aclose()
     return ClusterRun(
         wall=wall,
         submit=submitted - began,
@@ -187,6 +229,7 @@ async def run_on_agents(url: str, dsn: str, n: int, hosts: Sequence[str]) -> Clu
         peak_connections=peak,
         peak_listeners=peak_listeners,
         status=str(status),
+        monitor_reconnects=monitor.reconnects,
     )
 
 
