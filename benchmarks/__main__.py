@@ -1,5 +1,5 @@
-"""``python -m benchmarks`` runs every benchmark."""
+"""``python -m benchmarks``: the side-by-side suite (:mod:`benchmarks.suite`); ``--help``."""
 
-from benchmarks import bench_engine
+from benchmarks.suite import main
 
-bench_engine.main()
+main()

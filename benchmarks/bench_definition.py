@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 import aeventor as evr
-from benchmarks.bench_engine import machine
+from benchmarks._common import machine
 
 S = evr.StepStatus
 

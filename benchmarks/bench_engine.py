@@ -9,7 +9,8 @@
    of 1,000 no-op steps on Postgres, steps/s) beside a standalone run of the same fan-out.
 
 Run: ``.venv/bin/python -m benchmarks.bench_engine`` (``--skip-servers`` for sqlite only,
-``--skip-worker`` without 3); ``python -m benchmarks`` runs this.
+``--skip-worker`` without 3). ``python -m benchmarks`` runs the side-by-side suite
+(:mod:`benchmarks.suite`), which measures these and more.
 """
 
 from __future__ import annotations
@@ -17,98 +18,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import structlog
 
 import aeventor as evr
+from benchmarks._common import (
+    PG_ADMIN,
+    chain,
+    fan_out,
+    machine,
+    median_p95,
+    scratch_database,
+    server_versions,
+)
 from benchmarks._steps import noop
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/{db}"
-MY_URL = "mysql+aiomysql://root@127.0.0.1:3306/{db}"
-BENCH_DB = "aeventor_bench"
-
-
-def machine() -> list[str]:
-    mem = ""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            mem = f", {int(fh.readline().split()[1]) // 1024 // 1024} GiB"
-    except OSError:
-        pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return [
-        f"machine   {platform.platform()}",
-        f"cpu       {cpu}, {os.cpu_count()} cores{mem}",
-        f"python    {sys.version.split()[0]}, aeventor {evr.__version__ if hasattr(evr, '__version__') else '?'}",
-    ]
-
-
-async def server_versions(*, postgres: bool = True, mysql: bool = True) -> list[str]:
-    """The servers' versions, for the machine lines (a server that does not answer says so)."""
-    lines = []
-    if postgres:
-        try:
-            import asyncpg
-
-            conn = await asyncpg.connect(PG_ADMIN, timeout=5)
-            try:
-                lines.append(f"postgres  {await conn.fetchval('SHOW server_version')}")
-            finally:
-                await conn.close()
-        except (OSError, asyncpg.PostgresError) as exc:
-            lines.append(f"postgres  unavailable ({exc})")
-    if mysql:
-        try:
-            import aiomysql
-
-            my = await aiomysql.connect(host="127.0.0.1", port=3306, user="root")
-            try:
-                async with my.cursor() as cursor:
-                    await cursor.execute("SELECT version()")
-                    row = await cursor.fetchone()
-                lines.append(f"mariadb   {row[0] if row else '?'}")
-            finally:
-                my.close()
-        except (OSError, aiomysql.Error) as exc:
-            lines.append(f"mariadb   unavailable ({exc})")
-    return lines
-
-
 # -- 1. subprocess steps on sqlite ------------------------------------------------------
-
-
-def chain(ev: evr.Eventor, n: int, func: Callable[..., object]) -> None:
-    events = [ev.add_event(f"e{i}") for i in range(n)]
-    for i in range(n):
-        triggers = {evr.StepStatus.success: (events[i + 1],)} if i + 1 < n else {}
-        ev.add_step(f"s{i}", func=func, triggers=triggers)
-        ev.add_assoc(events[i], f"s{i}")
-    ev.trigger_event(events[0], 1)
-
-
-def fan_out(ev: evr.Eventor, n: int, func: Callable[..., object]) -> None:
-    go = ev.add_event("go")
-    for i in range(n):
-        ev.add_step(f"s{i}", func=func)
-        ev.add_assoc(go, f"s{i}")
-    ev.trigger_event(go, 1)
 
 
 async def timed_run(build: Callable[[evr.Eventor], None], store: str, logs: Path) -> float:
@@ -185,48 +117,26 @@ async def notify_floor(n: int) -> tuple[list[float], list[float]]:
     return notify, select
 
 
-async def fresh_database(backend: str) -> str:
-    if backend == "postgres":
-        import asyncpg
-
-        conn = await asyncpg.connect(PG_ADMIN)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-        finally:
-            await conn.close()
-        return PG_URL.format(db=BENCH_DB)
-    import aiomysql
-
-    conn = await aiomysql.connect(host="127.0.0.1", port=3306, user="root")
-    try:
-        async with conn.cursor() as cursor:
-            await cursor.execute(f"DROP DATABASE IF EXISTS `{BENCH_DB}`")
-            await cursor.execute(f"CREATE DATABASE `{BENCH_DB}`")
-    finally:
-        conn.close()
-    return MY_URL.format(db=BENCH_DB)
-
-
 def _stats(samples: list[float]) -> tuple[float, float]:
-    ms = sorted(s * 1000 for s in samples)
-    return statistics.median(ms), ms[min(len(ms) - 1, int(len(ms) * 0.95))]
+    return median_p95([x * 1000 for x in samples])
 
 
 async def hop_table(tmp: Path, hops: int, servers: bool) -> list[str]:
-    stores: list[tuple[str, Callable[[], Awaitable[str]]]] = []
+    stores: list[tuple[str, Callable[[], AbstractAsyncContextManager[str]]]] = []
 
-    async def sqlite_store() -> str:
-        return str(tmp / "hops.db")
+    @asynccontextmanager
+    async def scratch(backend: str) -> AsyncIterator[str]:
+        async with scratch_database(backend, str(tmp)) as db:
+            yield db.url
 
-    stores.append(("sqlite (file, WAL)", sqlite_store))
+    stores.append(("sqlite (file, WAL)", lambda: scratch("sqlite")))
     if servers:
-        stores.append(("postgres (LISTEN/NOTIFY)", lambda: fresh_database("postgres")))
-        stores.append(("mariadb (polling)", lambda: fresh_database("mysql")))
+        stores.append(("postgres (LISTEN/NOTIFY)", lambda: scratch("postgres")))
+        stores.append(("mariadb (polling)", lambda: scratch("mariadb")))
     lines = [f"{'hop: step end -> next start (ms)':<44}{'median':>8}{'p95':>8}{'hops':>8}"]
     for label, make in stores:
-        store = await make()
-        samples = await hop_latencies(store, hops, tmp / "logs")
+        async with make() as store:
+            samples = await hop_latencies(store, hops, tmp / "logs")
         median, p95 = _stats(samples)
         lines.append(f"{label:<44}{median:>8.3f}{p95:>8.3f}{len(samples):>8}")
     if servers:

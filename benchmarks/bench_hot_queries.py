@@ -1,6 +1,6 @@
 """The store's hot queries on an empty database and beside a million finished step runs.
 
-For Postgres and MariaDB, in a fresh database ``aeventor_bench_hot`` (dropped at the end):
+For Postgres and MariaDB, in a scratch database ``aev_bench_<pid>_<n>`` (dropped at the end):
 
 1. time each hot operation through the real :class:`~aeventor.backends.stores.base.Database` code
    on the empty schema;
@@ -37,7 +37,6 @@ import asyncio
 import logging
 import statistics
 import time
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -52,12 +51,8 @@ from aeventor.backends.stores import schema as t
 from aeventor.backends.stores.base import Database, SqlTx
 from aeventor.dispatch import Graph
 from aeventor.dispatch.store import Claim, Taker
-from benchmarks.bench_engine import machine
+from benchmarks._common import PG_ADMIN, PG_DSN, machine, scratch_database
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/{db}"
-MY_URL = "mysql+aiomysql://root@127.0.0.1:3306/{db}"
-BENCH_DB = "aeventor_bench_hot"
 WORKER = "bench:1"
 #: Step runs and triggers per finished run of the fill (10,000 runs for a million rows).
 PER_RUN = 100
@@ -316,13 +311,13 @@ async def fill_mysql(db: Database, rows: int) -> None:
     async with db.transaction() as conn:
         # Bulk load: the filler's rows are consistent by construction.
         await conn.execute(sa.text("SET SESSION foreign_key_checks = 0, unique_checks = 0"))
-        program_id = (
-            await conn.execute(
-                t.program.insert().values(
-                    name="filler", version="v1", definition="{}", created=t.utcnow()
-                )
+        inserted = await conn.execute(
+            t.program.insert().values(
+                name="filler", version="v1", definition="{}", created=t.utcnow()
             )
-        ).inserted_primary_key[0]
+        )
+        assert inserted.inserted_primary_key is not None
+        program_id = inserted.inserted_primary_key[0]
         await conn.execute(
             sa.text(
                 "INSERT INTO aeventor_run (id, program_id, program_name, status, stopped, "
@@ -364,10 +359,10 @@ async def fill_mysql(db: Database, rows: int) -> None:
 # -- plans -----------------------------------------------------------------------------
 
 
-async def explain_postgres(capture: Capture) -> list[str]:
+async def explain_postgres(capture: Capture, dsn: str) -> list[str]:
     import asyncpg
 
-    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{BENCH_DB}")
+    conn = await asyncpg.connect(dsn)
     lines: list[str] = []
     try:
         for n, (labels, statement, parameters) in enumerate(capture.distinct()):
@@ -451,52 +446,18 @@ async def pg_version() -> str:
 
 
 @asynccontextmanager
-async def fresh_store(backend: str) -> AsyncIterator[tuple[Database, str]]:
-    """A store on a new ``aeventor_bench_hot`` database, dropped afterwards."""
-    if backend == "postgres":
-        import asyncpg
-
-        async def admin(*statements: str) -> None:
-            conn = await asyncpg.connect(PG_ADMIN)
-            try:
-                for statement in statements:
-                    await conn.execute(statement)
-            finally:
-                await conn.close()
-
-        url = PG_URL.format(db=BENCH_DB)
-        drop = f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)'
-        create = f'CREATE DATABASE "{BENCH_DB}"'
-    else:
-        import aiomysql
-
-        async def admin(*statements: str) -> None:
-            conn = await aiomysql.connect(host="127.0.0.1", port=3306, user="root")
-            try:
-                async with conn.cursor() as cursor:
-                    for statement in statements:
-                        # DROP DATABASE IF EXISTS of a missing database warns: expected.
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore", aiomysql.Warning)
-                            await cursor.execute(statement)
-            finally:
-                conn.close()
-
-        url = MY_URL.format(db=BENCH_DB)
-        drop = f"DROP DATABASE IF EXISTS `{BENCH_DB}`"
-        create = f"CREATE DATABASE `{BENCH_DB}`"
-    await admin(drop, create)
-    try:
-        db = open_store(url, program="bench")
+async def fresh_store(backend: str) -> AsyncIterator[tuple[Database, str, str]]:
+    """A store on a scratch database (``aev_bench_<pid>_<n>``), dropped afterwards; with its
+    server version and database name."""
+    async with scratch_database("mariadb" if backend == "mysql" else backend) as scratch:
+        db = open_store(scratch.url, program="bench")
         await db.open()
         try:
             async with db.reading() as conn:
                 version = (await conn.execute(sa.text("SELECT version()"))).scalar_one()
-            yield db, str(version)
+            yield db, str(version), scratch.name
         finally:
             await db.aclose()
-    finally:
-        await admin(drop)
 
 
 @dataclass
@@ -513,7 +474,7 @@ async def bench_backend(backend: str, rows: int, repeats: int) -> Report:
     fill: Callable[[Database, int], Awaitable[None]] = (
         fill_postgres if backend == "postgres" else fill_mysql
     )
-    async with fresh_store(backend) as (db, version):
+    async with fresh_store(backend) as (db, version, name):
         capture = Capture()
         capture.attach(db)
         fixture = await make_fixture(db)
@@ -527,7 +488,7 @@ async def bench_backend(backend: str, rows: int, repeats: int) -> Report:
         capture.enabled = True
         full = await measure(db, await make_fixture(db), repeats, capture)
         if backend == "postgres":
-            plans = await explain_postgres(capture)
+            plans = await explain_postgres(capture, PG_DSN.format(db=name))
         else:
             plans = await explain_mysql(db, capture)
     label = "mariadb" if "mariadb" in version.lower() else backend

@@ -1,7 +1,7 @@
 """The one ``Worker`` in its agent role, beside a standalone run of the same program.
 
-A fan-out of ``--steps`` (1,000) no-op steps on host ``h`` from one event, on Postgres (a fresh
-database ``aeventor_bench_worker``, dropped at the end), timed two ways in the same run:
+A fan-out of ``--steps`` (1,000) no-op steps on host ``h`` from one event, on Postgres (a scratch
+database ``aev_bench_<pid>_<n>``, dropped at the end), timed two ways in the same run:
 
 - **standalone**: ``await Eventor(store=pg).run()``: a worker scoped to the run, in this
   process (register, create the run, every step, load the result);
@@ -43,10 +43,8 @@ from aeventor.dispatch.trust import SignedPrograms
 from aeventor.dispatch.worker import Scope, Worker, WorkerConfig
 from aeventor.program.model import StepDef
 from aeventor.submission import submit
+from benchmarks._common import machine, scratch_database, server_versions
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/{db}"
-BENCH_DB = "aeventor_bench_worker"
 HOST = "h"
 KEY = b"benchmark-cluster-key"
 #: The agent's defaults (aeventor.agent.AgentConfig).
@@ -160,33 +158,11 @@ async def agent_run(agent: AgentWorker, submitter: Database, n: int, logs: Path)
     return elapsed
 
 
-async def fresh_database() -> str:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{BENCH_DB}"')
-    finally:
-        await conn.close()
-    return PG_URL.format(db=BENCH_DB)
-
-
-async def drop_database() -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 async def worker_table(tmp: Path, n: int, repeats: int) -> list[str]:
-    url = await fresh_database()
     logs = tmp / "worker-logs"
     rows: list[tuple[str, list[float]]] = []
-    try:
+    async with scratch_database("postgres") as scratch:
+        url = scratch.url
         # The schema exists before anything is timed.
         async with open_store(url, program="bench"):
             pass
@@ -208,8 +184,6 @@ async def worker_table(tmp: Path, n: int, repeats: int) -> list[str]:
             limit = "no limit" if concurrency is None else f"concurrency {concurrency}"
             rows.append((f"standalone Eventor.run(), {limit}", alone))
             rows.append((f"agent worker Scope(hosts), {limit}", agent_times))
-    finally:
-        await drop_database()
     head = f"postgres, fan-out of {n:,} no-op steps"
     lines = [
         f"{head:<44}{'steps/s':>9}{'wall s':>8}{'min s':>8}{'max s':>8}{'ratio':>7}",
@@ -230,8 +204,6 @@ async def worker_table(tmp: Path, n: int, repeats: int) -> list[str]:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    from benchmarks.bench_engine import machine, server_versions
-
     with tempfile.TemporaryDirectory(prefix="aeventor-bench-") as tmp_name:
         lines = await worker_table(Path(tmp_name), args.steps, args.repeats)
     print("\n".join(machine() + await server_versions(mysql=False)))
