@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aeventor as evr
 from benchmarks import _steps
@@ -41,7 +42,9 @@ def chain(n: int, executor: str, workdir: Path, tag: str) -> evr.Eventor:
     )
     events = [ev.add_event(f"e{i}") for i in range(n)]
     for i in range(n):
-        triggers = {evr.StepStatus.success: (events[i + 1],)} if i + 1 < n else {}
+        triggers: dict[evr.StepStatus | str, Any] = (
+            {evr.StepStatus.success: (events[i + 1],)} if i + 1 < n else {}
+        )
         func = noop_inloop if executor == "inloop" else _steps.noop
         step = ev.add_step(f"s{i}", func, executor=executor, triggers=triggers)
         ev.add_assoc(events[i], step)
