@@ -161,6 +161,10 @@ def _retry_event(exc: BaseException) -> str:
 
 RECONNECT_INITIAL_DELAY = 0.05
 RECONNECT_MAX_DELAY = 2.0
+#: The connection pool of a process's store: a worker's writes go through its committer, its
+#: claim loop, its heartbeat and its reaper, so a few connections serve it; whoever else
+#: needs one waits (longer than a statement may run) rather than opening more.
+POOL = {"pool_size": 4, "max_overflow": 0, "pool_timeout": 180}
 #: Seconds a statement may run before the server cancels it, unless the store sets its own.
 DEFAULT_STATEMENT_TIMEOUT = 60.0
 

@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ...exceptions import SchemaVersionError, ValueTooLarge
-from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind, migrations_module
+from .base import DEFAULT_STATEMENT_TIMEOUT, POOL, Database, ErrorKind, migrations_module
 from .schema import UTCDateTime
 
 __all__ = ("MySQLDatabase", "backend_class")
@@ -76,8 +76,7 @@ class MySQLDatabase(Database):
         engine = create_async_engine(
             self.url,
             isolation_level="READ COMMITTED",
-            pool_size=10,
-            max_overflow=20,
+            **POOL,
             pool_recycle=3600,
             pool_pre_ping=True,
         )

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ...exceptions import ConnectionLost
 from ...logs import get_logger
-from .base import DEFAULT_STATEMENT_TIMEOUT, Database, ErrorKind, migrations_module
+from .base import DEFAULT_STATEMENT_TIMEOUT, POOL, Database, ErrorKind, migrations_module
 from .pg_listener import PgListener, asyncpg_dsn
 from .schema import UTCDateTime
 
@@ -89,8 +89,7 @@ class PostgresDatabase(Database):
         timeout_ms = round((self.statement_timeout or 0) * 1000)
         return create_async_engine(
             self.url,
-            pool_size=10,
-            max_overflow=20,
+            **POOL,
             connect_args={"server_settings": {"statement_timeout": str(timeout_ms)}},
         )
 
