@@ -246,16 +246,8 @@ class LocalExecutor:
             await child.terminate(TERMINATE_GRACE)
             raise
         finally:
-            if child.returncode is not None:
-                # Reaped (by its zygote): its watcher exits without touching what it left.
-                with contextlib.suppress(OSError):
-                    os.write(lifeline_w, _lifeline.ENDED)
-            os.close(lifeline_w)
-            if serving is not None:
-                serving.cancel()
-                await asyncio.wait([serving])
-            if ours is not None:
-                ours.close()
+            # (Reaped by its zygote when it has a return code.)
+            await _after_step(child.returncode is not None, lifeline_w, serving, ours)
         raw = await asyncio.to_thread(_read_result, result_path)
         return decode_result(launch, raw, returncode)
 
@@ -351,17 +343,7 @@ class LocalExecutor:
             await _terminate(proc)
             raise
         finally:
-            if proc.returncode is not None:
-                # The step ended and is reaped: its watcher exits without touching what the
-                # step left behind. (Cancelled, the group, watcher included, was killed.)
-                with contextlib.suppress(OSError):
-                    os.write(lifeline_w, _lifeline.ENDED)
-            os.close(lifeline_w)
-            if serving is not None:
-                serving.cancel()
-                await asyncio.wait([serving])
-            if ours is not None:
-                ours.close()  # (already closed with the channel's stream, unless never opened)
+            await _after_step(proc.returncode is not None, lifeline_w, serving, ours)
 
     async def _start(
         self,
@@ -530,3 +512,23 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
     # Grandchildren may outlive the leader; the group id is still theirs.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def _after_step(
+    reaped: bool,
+    lifeline_w: int,
+    serving: asyncio.Task[None] | None,
+    ours: socket.socket | None,
+) -> None:
+    """Close what a step's launch opened. A step that ended and was reaped tells its watcher
+    first, so that the watcher exits without touching what the step left behind (a step
+    cancelled had its group, watcher included, killed)."""
+    if reaped:
+        with contextlib.suppress(OSError):
+            os.write(lifeline_w, _lifeline.ENDED)
+    os.close(lifeline_w)
+    if serving is not None:
+        serving.cancel()
+        await asyncio.wait([serving])
+    if ours is not None:
+        ours.close()  # (already closed with the channel's stream, unless never opened)
