@@ -32,7 +32,10 @@ def work(name: str) -> str:
     with open(state() / "ran.txt", "a", encoding="utf-8") as fh:
         fh.write(f"{name}\n")
     if (state() / f"{name}.wait").exists():
-        (state() / f"{name}.started").write_text(str(os.getpid()))
+        # Written whole or not at all: the test reads it as soon as it exists.
+        started = state() / f"{name}.started"
+        started.with_suffix(".tmp").write_text(str(os.getpid()))
+        started.with_suffix(".tmp").replace(started)
         deadline = time.monotonic() + 120
         while not (state() / "release").exists():
             if time.monotonic() > deadline:
