@@ -1510,16 +1510,16 @@ class SqlTx:
 
     async def slot_waiters(self, keys: Sequence[str]) -> tuple[dict[str, int], list[Waiter]]:
         slot, step_run = t.slot, t.step_run
-        waiting = (
-            sa.select(slot.c.step_run_id)
-            .where(slot.c.pool.in_(keys), slot.c.held.is_(False))
-            .scalar_subquery()
-        )
+
+        def waiting_on(pools: Sequence[str]) -> sa.ColumnElement[bool]:
+            """The slot belongs to a step run waiting for one of ``pools``."""
+            return slot.c.step_run_id.in_(
+                sa.select(slot.c.step_run_id).where(slot.c.pool.in_(pools), slot.c.held.is_(False))
+            )
+
         extra = (
             await self.conn.execute(
-                sa.select(slot.c.pool)
-                .distinct()
-                .where(slot.c.step_run_id.in_(waiting), slot.c.held.is_(False))
+                sa.select(slot.c.pool).distinct().where(waiting_on(keys), slot.c.held.is_(False))
             )
         ).scalars()
         pools = sorted(set(keys) | set(extra))
@@ -1555,11 +1555,7 @@ class SqlTx:
             sa.select(slot.c.step_run_id, slot.c.pool, slot.c.slots, slot.c.size)
             .select_from(slot.join(step_run, step_run.c.id == slot.c.step_run_id))
             .where(
-                slot.c.step_run_id.in_(
-                    sa.select(slot.c.step_run_id).where(
-                        slot.c.pool.in_(pools), slot.c.held.is_(False)
-                    )
-                ),
+                waiting_on(pools),
                 slot.c.held.is_(False),
                 step_run.c.status == StepStatus.waiting.value,
             )
