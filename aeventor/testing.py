@@ -50,14 +50,15 @@ import copy
 import dataclasses
 import json
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from .dispatch import PENDING
-from .dispatch.claims import Delay, RunWorkers, StepRunState, WorkerState, new_token
+from .dispatch.claims import Delay, RunWorkers, StepEnd, StepRunState, WorkerState, new_token
 from .dispatch.executor import ExecResult, StepLaunch
 from .dispatch.pools import Waiter
 from .dispatch.store import (
@@ -745,8 +746,19 @@ class MemoryTx:
             return None
         return row
 
-    async def lock_step_runs(self, step_run_ids: Sequence[int]) -> None:
-        """(The store's lock serialises its transactions.)"""
+    async def end_steps(self, ends: Sequence[StepEnd]) -> set[int]:
+        # (The store's lock serialises its transactions: nothing to lock.)
+        return {
+            end.claim_id
+            for end in sorted(ends, key=lambda end: end.claim_id)
+            if await self.end_step(
+                end.claim_id,
+                token=end.token,
+                status=end.status,
+                result=end.result,
+                error=end.error,
+            )
+        }
 
     async def end_step(
         self,
@@ -794,9 +806,14 @@ class MemoryTx:
         return True
 
     async def fired(
-        self, run_id: str, sequence: str, recovery: int, events: Collection[str]
-    ) -> set[str]:
-        return {e for e in events if (run_id, sequence, recovery, e) in self.tables.triggers}
+        self,
+        run_id: str,
+        sequence: str,
+        recovery: int,
+        groups: Iterable[AbstractSet[str]],
+    ) -> AbstractSet[str]:
+        triggers = self.tables.triggers
+        return {e for group in groups for e in group if (run_id, sequence, recovery, e) in triggers}
 
     async def add_triggers(
         self, run_id: str, sequence: str, recovery: int, events: Sequence[str]

@@ -182,7 +182,7 @@ async def measure(db: Database, fx: Fixture, repeats: int, capture: Capture) -> 
         # The two reads alone, through the store's own primitives on a read connection.
         with capture.label(FIRED), samples.timed(FIRED, keep):
             async with db.reading() as conn:
-                fired = await SqlTx(db, conn).fired(run_id, "1", 0, ["e1"])
+                fired = await SqlTx(db, conn).fired(run_id, "1", 0, [frozenset({"e1"})])
         assert fired == {"e1"}, fired
         with capture.label(PENDING), samples.timed(PENDING, keep):
             async with db.reading() as conn:

@@ -13,7 +13,7 @@ fired-event facts that walk can consult, so the caller reads only those rows.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
@@ -123,6 +123,30 @@ def final_run_status(*, pending: int, stopped: bool, cancelled: bool) -> RunStat
     return RunStatus.failure if stopped else RunStatus.success
 
 
+class _Seen(AbstractSet[str]):
+    """The events of a sequence seen during one :meth:`Graph.fire`: those that had fired
+    before (read, not copied) and those it fires."""
+
+    __slots__ = ("before", "new")
+
+    def __init__(self, before: AbstractSet[str]) -> None:
+        self.before = before
+        self.new: set[str] = set()
+
+    def __contains__(self, event: object) -> bool:
+        return event in self.new or event in self.before
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.before
+        yield from (e for e in self.new if e not in self.before)
+
+    def __len__(self) -> int:
+        return len(self.before) + sum(1 for e in self.new if e not in self.before)
+
+    def add(self, event: str) -> None:
+        self.new.add(event)
+
+
 class Graph:
     """Indexes of a program for the state machine; immutable once built.
 
@@ -155,6 +179,17 @@ class Graph:
         #: Per derived event, the events its expression names (shared by every event that
         #: reaches it: a join of n steps keeps one set of n names, not one per step).
         self._operands = {name: frozenset(_expr.names(expr)) for name, expr in self._exprs.items()}
+        #: Per derived event that is an AND or OR of event names only (the usual join):
+        #: its operands in order, checked without building sets (see :meth:`_holds`).
+        self._flat: dict[str, tuple[bool, tuple[str, ...]]] = {}
+        for name, expr in self._exprs.items():
+            if not isinstance(expr, str) and all(isinstance(o, str) for o in expr.operands):
+                operands = tuple(dict.fromkeys(o for o in expr.operands if isinstance(o, str)))
+                self._flat[name] = (isinstance(expr, _expr.And), operands)
+        #: Per flat AND, where its last check found an operand that had not fired: the next
+        #: check starts there. Only a hint (any run may move it, each check verifies it), so
+        #: a run's n-step join checks about 2n operands in all, not n each time.
+        self._blocker: dict[str, int] = {}
 
     @property
     def version(self) -> str:
@@ -232,9 +267,11 @@ class Graph:
 
         Follows associations (to steps and to events), the ready triggers of the steps made
         ready, and derived events whose expressions come to hold; each event fires once.
-        ``fired`` must contain at least :meth:`facts_needed` of ``new``.
+        ``fired`` must contain at least :meth:`facts_needed` of ``new`` (it may hold any other
+        event that fired in the sequence); it is read, never copied: a firing costs what it
+        reaches, not the size of the sequence's history.
         """
-        seen = set(fired)
+        seen = _Seen(fired)
         events: list[str] = []
         steps: dict[str, None] = {}
         delays: list[tuple[str, str, str, float]] = []
@@ -255,9 +292,26 @@ class Graph:
                     steps[target] = None
                     queue.extend(self.trigger_events(target, StepStatus.ready))
             for derived in self._dependents.get(event, ()):
-                if derived not in seen and _expr.holds(self._exprs[derived], seen):
+                if derived not in seen and self._holds(derived, event, seen):
                     queue.append(derived)
         return FirePlan(tuple(events), tuple(steps), tuple(delays))
+
+    def _holds(self, derived: str, because: str, seen: _Seen) -> bool:
+        """Whether ``derived`` holds now that ``because`` (one of its operands) fired."""
+        flat = self._flat.get(derived)
+        if flat is None:
+            return _expr.holds(self._exprs[derived], seen)
+        conjunction, operands = flat
+        if not conjunction:
+            return True  # an OR of names, one of which (``because``) just fired
+        n = len(operands)
+        start = self._blocker.get(derived, 0) % n
+        for k in range(n):
+            index = (start + k) % n
+            if operands[index] not in seen:
+                self._blocker[derived] = index
+                return False
+        return True
 
     def downstream(self, step: str) -> frozenset[str]:
         """The events a run of ``step`` can cause, directly or not: those its triggers fire
@@ -285,13 +339,19 @@ class Graph:
 
     def facts_needed(self, events: Iterable[str]) -> frozenset[str]:
         """The events whose fired-state :meth:`fire` may consult when firing ``events``."""
-        needed: set[str] = set()
+        return frozenset().union(*self.fact_groups(events))
+
+    def fact_groups(self, events: Iterable[str]) -> tuple[frozenset[str], ...]:
+        """:meth:`facts_needed` as the sets whose union it is, each shared by every caller
+        that needs it (a join's operands are one set, whichever of them fires): a reader
+        that remembers which groups it read asks only for new ones."""
+        groups: dict[frozenset[str], None] = {}
         for event in events:
             reached, derived = self._reach(event)
-            needed |= reached
+            groups[reached] = None
             for name in derived:
-                needed |= self._operands[name]
-        return frozenset(needed)
+                groups[self._operands[name]] = None
+        return tuple(groups)
 
     def _reach(self, start: str) -> tuple[frozenset[str], tuple[str, ...]]:
         """What firing ``start`` may reach (at once), and the derived events among it."""

@@ -20,6 +20,7 @@ __all__ = (
     "RunLock",
     "RunOrigin",
     "RunWorkers",
+    "StepEnd",
     "StepRunState",
     "StoredProgram",
     "Taker",
@@ -195,6 +196,19 @@ class Recovery:
     rerun: tuple[tuple[str, str], ...]
     superseded: int
     advance: Advance
+
+
+@dataclass(frozen=True, slots=True)
+class StepEnd:
+    """A step run's end, as a transaction records it (:meth:`StoreTx.end_steps`)."""
+
+    claim_id: int
+    #: The fencing token it must still be active under.
+    token: str | None
+    status: StepStatus
+    #: The result, JSON-encoded.
+    result: str | None
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)

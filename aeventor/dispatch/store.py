@@ -30,6 +30,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
@@ -47,6 +48,7 @@ from .claims import (
     RunLock,
     RunOrigin,
     RunWorkers,
+    StepEnd,
     StepRunState,
     StoredProgram,
     Taker,
@@ -62,6 +64,7 @@ __all__ = (
     "RunLock",
     "RunOrigin",
     "RunWorkers",
+    "StepEnd",
     "StepRunState",
     "Store",
     "StoreTx",
@@ -103,8 +106,10 @@ class StoreTx(Protocol):
         log_dir: str | None = None,
     ) -> None: ...
 
-    async def lock_step_runs(self, step_run_ids: Sequence[int]) -> None:
-        """Lock these step runs, in the order given (where the store has row locks)."""
+    async def end_steps(self, ends: Sequence[StepEnd]) -> set[int]:
+        """Lock these step runs in id order (where the store has row locks) and end each
+        that is active under its fencing token, as :meth:`end_step` does one, in as few
+        statements as the store can; the ids it ended."""
 
     async def end_step(
         self,
@@ -136,9 +141,15 @@ class StoreTx(Protocol):
         """Record a claimed step's process, while the claim is still the caller's."""
 
     async def fired(
-        self, run_id: str, sequence: str, recovery: int, events: Collection[str]
-    ) -> set[str]:
-        """Which of ``events`` already fired for this run, sequence and recovery."""
+        self,
+        run_id: str,
+        sequence: str,
+        recovery: int,
+        groups: Iterable[AbstractSet[str]],
+    ) -> AbstractSet[str]:
+        """A set holding which events of ``groups`` (:meth:`Graph.fact_groups`) already
+        fired for this run, sequence and recovery; it may hold other events of it that
+        fired. The caller only reads it, before the transaction's next statement."""
 
     async def add_triggers(
         self, run_id: str, sequence: str, recovery: int, events: Sequence[str]

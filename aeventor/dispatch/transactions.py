@@ -19,7 +19,7 @@ from ..exceptions import NoResult, NothingToRecover, RunStillRunning
 from ..program.model import RunStatus, StepStatus
 from . import pools
 from ._state import Graph, final_run_status
-from .claims import Advance, Claim, Delay, NewStepRun, Recovery, StepRunState, Taker
+from .claims import Advance, Claim, Delay, NewStepRun, Recovery, StepEnd, StepRunState, Taker
 
 if TYPE_CHECKING:
     from .store import StoreTx
@@ -165,6 +165,7 @@ async def complete(
     only_if_lapsed: bool,
     retry_after: float | None = None,
     settle: bool = True,
+    ended: bool | None = None,
 ) -> Advance:
     """Record a step's end and everything it causes.
 
@@ -178,18 +179,20 @@ async def complete(
     that backoff, and the advance's ``due_in`` says when.
 
     ``settle=False`` does not look whether the run ended: the caller knows another step run
-    of it is still active in this transaction (see :func:`complete_many`).
+    of it is still active in this transaction (see :func:`complete_many`). ``ended`` says
+    whether the caller has ended the step run already (:meth:`StoreTx.end_steps`).
     """
     outcome = graph.step_outcome(claim.step, status)
     run = await tx.lock_run(claim.run_id)
-    ended = await tx.end_step(
-        claim.id,
-        token=claim.token,
-        status=status,
-        result=None if result is None else json.dumps(result),
-        error=error,
-        only_if_lapsed=only_if_lapsed,
-    )
+    if ended is None:
+        ended = await tx.end_step(
+            claim.id,
+            token=claim.token,
+            status=status,
+            result=_encoded(result),
+            error=error,
+            only_if_lapsed=only_if_lapsed,
+        )
     if not ended:
         if await _ended_earlier(tx, claim, status):
             return Advance(1, run.status, tuple(await _claimed_earlier(tx, take, [])))
@@ -275,7 +278,12 @@ async def complete_many(
     # waits on this one in a cycle.
     for run_id in sorted(by_run):
         await tx.lock_run(run_id)
-    await tx.lock_step_runs(sorted(item.claim.id for item in items))
+    ended = await tx.end_steps(
+        [
+            StepEnd(item.claim.id, item.claim.token, item.status, _encoded(item.result), item.error)
+            for item in items
+        ]
+    )
     for run_id in sorted(by_run):
         indexes = by_run[run_id]
         moved = recorded = False
@@ -292,6 +300,7 @@ async def complete_many(
                 only_if_lapsed=False,
                 retry_after=item.retry_after,
                 settle=False,
+                ended=item.claim.id in ended,
             )
             moved = moved or bool(advance.ready or advance.claims)
             recorded = recorded or advance.recorded
@@ -312,6 +321,11 @@ async def complete_many(
     if claimed and done:
         done[-1] = dataclasses.replace(done[-1], claims=tuple(claimed.values()))
     return done
+
+
+def _encoded(result: Any) -> str | None:
+    """A step's result as stored (JSON)."""
+    return None if result is None else json.dumps(result)
 
 
 async def _retry(tx: StoreTx, graph: Graph, claim: Claim, mode: str, delay: float) -> Advance:
@@ -687,8 +701,7 @@ async def _fire(
     events = list(events)
     if not events:
         return 0, [], set()
-    needed = graph.facts_needed(events)
-    fired = await tx.fired(run_id, sequence, recovery, needed)
+    fired = await tx.fired(run_id, sequence, recovery, graph.fact_groups(events))
     plan = graph.fire(fired, events)
     if plan.events:
         await tx.add_triggers(run_id, sequence, recovery, plan.events)

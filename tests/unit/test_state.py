@@ -251,6 +251,25 @@ def test_an_event_reached_through_fan_out_completes_a_derived_event() -> None:
     assert graph.fire(set(), ["a"]) == FirePlan(events=("a", "b", "c", "d"), steps=())
 
 
+def test_a_join_shared_by_interleaved_runs_fires_at_each_runs_last_operand() -> None:
+    """Each check of an AND starts where the last one (of any run) found an operand missing:
+    only a hint, whatever order and however many runs share the program."""
+    names = [f"e{i}" for i in range(12)]
+    graph = build(events=names, derived={"d": tuple(names)}, steps=["s"], assocs={"d": ["s"]})
+    rng = random.Random(7)
+    for _ in range(30):
+        orders = [rng.sample(names, len(names)) for _ in range(3)]
+        fired: list[set[str]] = [set(), set(), set()]
+        for step in range(len(names)):
+            for run in rng.sample(range(3), 3):
+                event = orders[run][step]
+                plan = graph.fire(frozenset(fired[run]), [event])
+                fired[run].update(plan.events)
+                last = step == len(names) - 1
+                assert ("d" in plan.events) is last, (run, step)
+                assert plan.steps == (("s",) if last else ())
+
+
 NESTED = {
     "and": ("a", "b", "c"),
     "or": evr.or_("a", "b", "c"),

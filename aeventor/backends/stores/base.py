@@ -44,7 +44,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ...dispatch import PENDING
-from ...dispatch.claims import Delay, RunWorkers, StepRunState, WorkerState, new_token
+from ...dispatch.claims import (
+    Delay,
+    RunWorkers,
+    StepEnd,
+    StepRunState,
+    WorkerState,
+    new_token,
+)
 from ...dispatch.pools import Waiter, run_scoped
 from ...dispatch.store import (
     Claim,
@@ -225,6 +232,30 @@ _END_STEP = (
         ended=sa.bindparam("now"),
         lease_until=None,
     )
+)
+#: end_steps' statements, on rows it locked and found active under their token.
+_END_VALUES: dict[str, Any] = {
+    "status": sa.bindparam("new_status"),
+    "result": sa.bindparam("new_result"),
+    "error": sa.bindparam("new_error"),
+    "ended": sa.bindparam("now"),
+    "lease_until": None,
+}
+_END_STEPS = (
+    t.step_run.update()
+    .where(
+        t.step_run.c.id.in_(sa.bindparam("claim_ids", expanding=True)),
+        t.step_run.c.status == StepStatus.active.value,
+    )
+    .values(**_END_VALUES)
+)
+_END_STEP_LOCKED = (
+    t.step_run.update()
+    .where(
+        t.step_run.c.id == sa.bindparam("claim_id"),
+        t.step_run.c.status == StepStatus.active.value,
+    )
+    .values(**_END_VALUES)
 )
 
 # Active step runs as claims (the reaper's and a stopping worker's reads).
@@ -484,6 +515,7 @@ class Database(Store):
         async with self.transaction() as conn:
             tx = SqlTx(self, conn, retried=attempt > 1)
             value = await operation(tx)
+            await tx.flush()
             for run_id, queues in tx.notifications.items():
                 await self._notify_work(conn, run_id, queues)
         # Work this transaction made for other runs (slots it gave back): this process's
@@ -1268,12 +1300,46 @@ class Database(Store):
         return StoredProgram(program_id, row.name, row.version, row.definition, row.signature)
 
 
+@dataclasses.dataclass(slots=True)
+class _Facts:
+    """What one transaction knows of the events fired in a run's sequence."""
+
+    #: The events whose state it knows.
+    known: set[str] = dataclasses.field(default_factory=set)
+    #: Those of them that fired (and the events it fired itself).
+    fired: set[str] = dataclasses.field(default_factory=set)
+    #: The groups of events (:meth:`Graph.fact_groups`) it read.
+    groups: set[frozenset[str]] = dataclasses.field(default_factory=set)
+
+
+class _Flushing:
+    """A transaction's connection that first writes the rows the transaction deferred."""
+
+    __slots__ = ("_tx",)
+
+    def __init__(self, tx: SqlTx) -> None:
+        self._tx = tx
+
+    @property
+    def dialect(self) -> sa.Dialect:
+        return self._tx._conn.dialect
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        await self._tx.flush()
+        return await self._tx._conn.execute(statement, parameters)
+
+
 class SqlTx:
     """:class:`~aeventor.dispatch.store.StoreTx` on one SQLAlchemy connection."""
 
     def __init__(self, db: Database, conn: AsyncConnection, *, retried: bool = False) -> None:
         self.db = db
-        self.conn = conn
+        self._conn = conn
+        #: The connection, writing the deferred rows before any other statement.
+        self.conn = _Flushing(self)
+        #: Trigger rows written at the next statement or at commit (:meth:`flush`): a group
+        #: commit's steps each fire their events, in one INSERT.
+        self._triggers: list[dict[str, Any]] = []
         self.claims_on_insert = db.claims_on_insert_in(conn, retried=retried)
         self.retried = retried
         self.earliest_delay: float | None = None
@@ -1283,9 +1349,8 @@ class SqlTx:
         self.here: dict[str, set[str | None]] = {}
         #: The runs this transaction locked, as it read them.
         self._locked: dict[str, RunLock] = {}
-        #: (run, sequence, recovery) -> (the events whose state this transaction knows,
-        #: those of them that fired).
-        self._facts: dict[tuple[str, str, int], tuple[set[str], set[str]]] = {}
+        #: (run, sequence, recovery) -> what this transaction knows of its fired events.
+        self._facts: dict[tuple[str, str, int], _Facts] = {}
         #: Pools a step's ``releases`` gave run-kept slots back to (release_slots reports
         #: them with the rest).
         self.freed_by_hand_over: set[str] = set()
@@ -1339,8 +1404,36 @@ class SqlTx:
             )
         )
 
-    async def lock_step_runs(self, step_run_ids: Sequence[int]) -> None:
-        await _lock_step_runs(self.conn, step_run_ids)
+    async def end_steps(self, ends: Sequence[StepEnd]) -> set[int]:
+        if not ends:
+            return set()
+        # Read under lock what end_step's WHERE would check, then end what is ours in one
+        # UPDATE per distinct outcome (most steps of a batch end alike) and the rest in
+        # one executemany: a group commit of n steps is a few statements, not n.
+        lock = (
+            sa.select(t.step_run.c.id, t.step_run.c.status, t.step_run.c.token)
+            .where(t.step_run.c.id.in_(sorted({end.claim_id for end in ends})))
+            .order_by(t.step_run.c.id)
+        )
+        if self.conn.dialect.name != "sqlite":  # its write lock covers them
+            lock = lock.with_for_update()
+        state = {int(row.id): (row.status, row.token) for row in await self.conn.execute(lock)}
+        active = StepStatus.active.value
+        held = [end for end in ends if state.get(end.claim_id) == (active, end.token)]
+        alike: dict[tuple[str, str | None, str | None], list[int]] = {}
+        for end in held:
+            alike.setdefault((end.status.value, end.result, end.error), []).append(end.claim_id)
+        now = t.utcnow()
+        single: list[dict[str, Any]] = []
+        for (status, result, error), ids in alike.items():
+            values = {"new_status": status, "new_result": result, "new_error": error, "now": now}
+            if len(ids) == 1:
+                single.append({"claim_id": ids[0], **values})
+            else:
+                await self.conn.execute(_END_STEPS, {"claim_ids": ids, **values})
+        if single:
+            await self.conn.execute(_END_STEP_LOCKED, single)
+        return {end.claim_id for end in held}
 
     async def end_step(
         self,
@@ -1401,16 +1494,27 @@ class SqlTx:
         return bool(updated.rowcount == 1)
 
     async def fired(
-        self, run_id: str, sequence: str, recovery: int, events: Collection[str]
-    ) -> set[str]:
+        self,
+        run_id: str,
+        sequence: str,
+        recovery: int,
+        groups: Iterable[AbstractSet[str]],
+    ) -> AbstractSet[str]:
         # Known for the rest of the transaction: whoever fires an event of a run holds the
         # run's lock, which this transaction took before asking. A group commit's
-        # completions then read an AND of many events once, not once each.
-        known, fired = self._facts.setdefault((run_id, sequence, recovery), (set(), set()))
-        wanted = events if isinstance(events, AbstractSet) else set(events)
-        unknown = wanted - known
+        # completions then read an AND of many events once, not once each; and a group
+        # read before (the same set object: Graph.fact_groups shares them) costs a lookup.
+        facts = self._facts.get((run_id, sequence, recovery))
+        if facts is None:
+            facts = self._facts[(run_id, sequence, recovery)] = _Facts()
+        unknown: set[str] = set()
+        for group in groups:
+            if group not in facts.groups:
+                facts.groups.add(frozenset(group))
+                unknown |= group - facts.known
         if unknown:
-            rows = await self.conn.execute(
+            # Deferred trigger rows are known already: none of them is asked for here.
+            rows = await self._conn.execute(
                 _FIRED,
                 {
                     "run_id": run_id,
@@ -1419,30 +1523,37 @@ class SqlTx:
                     "events": sorted(unknown),
                 },
             )
-            fired.update(r.event for r in rows)
-            known |= unknown
-        return set(wanted & fired)
+            facts.fired.update(r.event for r in rows)
+            facts.known |= unknown
+        return facts.fired
 
     async def add_triggers(
         self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
     ) -> None:
-        known, fired = self._facts.setdefault((run_id, sequence, recovery), (set(), set()))
-        known.update(events)
-        fired.update(events)
+        # What fired is known to this transaction at once (fired() answers from it); the
+        # rows are written before its next statement, or at commit.
+        facts = self._facts.get((run_id, sequence, recovery))
+        if facts is None:
+            facts = self._facts[(run_id, sequence, recovery)] = _Facts()
+        facts.known.update(events)
+        facts.fired.update(events)
         now = t.utcnow()
-        await self.conn.execute(
-            self.db._insert_ignore(t.trigger),
-            [
-                {
-                    "run_id": run_id,
-                    "event": e,
-                    "sequence": sequence,
-                    "recovery": recovery,
-                    "created": now,
-                }
-                for e in events
-            ],
+        self._triggers.extend(
+            {
+                "run_id": run_id,
+                "event": e,
+                "sequence": sequence,
+                "recovery": recovery,
+                "created": now,
+            }
+            for e in events
         )
+
+    async def flush(self) -> None:
+        """Write the deferred rows (the store calls it before commit)."""
+        if self._triggers:
+            rows, self._triggers = self._triggers, []
+            await self._conn.execute(self.db._insert_ignore(t.trigger), rows)
 
     async def add_step_runs(self, rows: Sequence[NewStepRun]) -> None:
         now = t.utcnow()

@@ -1,0 +1,85 @@
+"""Group commit on every SQL store: a batch of step runs' ends is a few statements (one
+UPDATE per distinct outcome, the fired events in one INSERT), yet each step run gets its own
+outcome, a refused one changes nothing, and a join fires once its last operand is recorded."""
+
+from __future__ import annotations
+
+import aeventor as evr
+from aeventor.backends.stores import open_store
+from aeventor.dispatch import Graph
+from aeventor.dispatch.transactions import Completion
+from aeventor.program.model import RunStatus, StepStatus
+
+S, F = StepStatus.success, StepStatus.failure
+Eventor = evr.Eventor  # imported here, not in the event loop
+
+
+def fan_out(*steps: str, then: str | None = None) -> Graph:
+    ev = Eventor(name="batch", store=":memory:")
+    ev.add_event("go")
+    ev.add_event("all_done", tuple(f"{s}_done" for s in steps) if then else None)
+    for step in steps:
+        ev.add_event(f"{step}_done")
+        ev.add_step(step, triggers={S: (f"{step}_done",)})
+        ev.add_assoc("go", step)
+    if then:
+        ev.add_step(then)
+        ev.add_assoc("all_done", then)
+    return Graph(ev.program)
+
+
+async def test_each_step_run_of_a_batch_gets_its_own_outcome(store_url: str) -> None:
+    graph = fan_out("a", "b", "c", "d", "e", then="join")
+    async with open_store(store_url, program="batch") as db:
+        program_id = await db.register_program(graph.program)
+        run_id, _ = await db.create_run(graph, program_id=program_id, triggers=[("go", "0")])
+        claims = {c.step: c for c in await db.claim(worker="w", limit=9, run_id=run_id)}
+        assert sorted(claims) == ["a", "b", "c", "d", "e"]
+        # e is cancelled meanwhile: its outcome, in the batch, is refused.
+        await db.cancel_step(graph, run_id, "e", "0", reason="test")
+        outcomes = [
+            Completion(graph, claims["a"], S, 1),
+            Completion(graph, claims["b"], S, 1),
+            Completion(graph, claims["c"], S, {"k": "v"}),
+            Completion(graph, claims["d"], F, None, "boom"),
+            Completion(graph, claims["e"], S, 2),
+        ]
+        advances = await db.complete_many(outcomes)
+        assert [a.recorded for a in advances] == [True, True, True, True, False]
+        result = await db.load_result(run_id)
+        assert result.status is RunStatus.failure  # d failed, and no trigger handles it
+        by_step = {s.step: s for s in result.steps}
+        assert {k: (s.status, s.result, s.error) for k, s in by_step.items()} == {
+            "a": (S, 1, None),
+            "b": (S, 1, None),
+            "c": (S, {"k": "v"}, None),
+            "d": (F, None, "boom"),
+            "e": (StepStatus.cancelled, None, by_step["e"].error),
+        }
+        assert all(by_step[k].ended is not None for k in "abcd")
+        fired = {event for event, _ in await db.fired_events(run_id)}
+        assert {"a_done", "b_done", "c_done"} <= fired
+        assert not {"d_done", "e_done", "all_done"} & fired
+
+
+async def test_a_join_fires_in_the_batch_that_records_its_last_operand(store_url: str) -> None:
+    steps = [f"s{i}" for i in range(30)]
+    graph = fan_out(*steps, then="join")
+    async with open_store(store_url, program="batch") as db:
+        program_id = await db.register_program(graph.program)
+        run_id, _ = await db.create_run(graph, program_id=program_id, triggers=[("go", "0")])
+        claims = await db.claim(worker="w", limit=100, run_id=run_id)
+        assert len(claims) == 30
+        # Two batches, the operands in an order unlike their definition's.
+        first, second = claims[::2], claims[1::2]
+        advances = await db.complete_many([Completion(graph, c, S) for c in reversed(first)])
+        assert sum(a.ready for a in advances) == 0
+        assert "all_done" not in {e for e, _ in await db.fired_events(run_id)}
+        advances = await db.complete_many([Completion(graph, c, S) for c in second])
+        assert sum(a.ready for a in advances) == 1
+        fired = [e for e, _ in await db.fired_events(run_id)]
+        assert sorted(fired) == sorted(["go", "all_done", *(f"{s}_done" for s in steps)])
+        [join] = await db.claim(worker="w", limit=5, run_id=run_id)
+        assert join.step == "join"
+        [last] = await db.complete_many([Completion(graph, join, S)])
+        assert last.run_status is RunStatus.success
