@@ -805,6 +805,11 @@ class MemoryTx:
         row.pid = pid
         return True
 
+    async def fire_new(
+        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+    ) -> AbstractSet[str] | None:
+        return None  # reads first, as stores without INSERT ... RETURNING do
+
     async def fired(
         self,
         run_id: str,

@@ -313,6 +313,8 @@ class _StepLogHandler(logging.Handler):
         self.logger = logger
         self.saved_level = logger.level
         self.levels: collections.Counter[int] = collections.Counter()
+        #: Its retirement, due at the loop's next turn (see :meth:`leave`).
+        self._retiring: asyncio.Handle | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         sink = _sink.get()
@@ -324,18 +326,45 @@ class _StepLogHandler(logging.Handler):
             self.handleError(record)
 
     def enter(self, level: int) -> None:
+        if self._retiring is not None:
+            self._retiring.cancel()
+            self._retiring = None
         self.levels[level] += 1
-        self.logger.setLevel(min(self.levels))
+        self._level(min(self.levels))
 
     def leave(self, level: int) -> None:
         self.levels[level] -= 1
         if not self.levels[level]:
             del self.levels[level]
         if self.levels:
-            self.logger.setLevel(min(self.levels))
-        else:
-            self.logger.setLevel(self.saved_level)
+            self._level(min(self.levels))
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._retire()
+            return
+        # At the loop's next turn, unless another step enters first: in-loop steps that
+        # run one after another do not set the logger's level (which clears the cache of
+        # every logger) and its handler twice each.
+        self._retiring = loop.call_soon(self._retire)
+
+    def _level(self, level: int) -> None:
+        if self.logger.level != level:
+            self.logger.setLevel(level)
+
+    def _retire(self) -> None:
+        self._retiring = None
+        if not self.levels:
+            self._level(self.saved_level)
             self.logger.removeHandler(self)
+
+
+#: The formatters of step records, deterministic or not (one each: they keep no state).
+_FORMATTERS = {
+    deterministic: logging.Formatter(step_format(deterministic=deterministic))
+    for deterministic in (False, True)
+}
 
 
 @contextlib.contextmanager
@@ -351,7 +380,7 @@ def step_log_capture(logger_name: str, *, level: int, deterministic: bool) -> It
     if handler is None:
         handler = _StepLogHandler(logger)
         logger.addHandler(handler)
-    sink = _Sink(handler, level, logging.Formatter(step_format(deterministic=deterministic)))
+    sink = _Sink(handler, level, _FORMATTERS[deterministic])
     handler.enter(level)
     token = _sink.set(sink)
     try:

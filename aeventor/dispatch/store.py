@@ -151,6 +151,14 @@ class StoreTx(Protocol):
         fired for this run, sequence and recovery; it may hold other events of it that
         fired. The caller only reads it, before the transaction's next statement."""
 
+    async def fire_new(
+        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+    ) -> AbstractSet[str] | None:
+        """Record ``events`` as fired for this run, sequence and recovery, and return those
+        of them that had fired before, in one statement; None if the store cannot tell in
+        one (then the caller asks :meth:`fired` and calls :meth:`add_triggers`).
+        :meth:`add_triggers` does not write them again."""
+
     async def add_triggers(
         self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
     ) -> None: ...

@@ -701,7 +701,14 @@ async def _fire(
     events = list(events)
     if not events:
         return 0, [], set()
-    fired = await tx.fired(run_id, sequence, recovery, graph.fact_groups(events))
+    groups = graph.fact_groups(events)
+    fired = None
+    if all(group.issubset(events) for group in groups):
+        # Firing consults nothing but the events themselves (a chain's link): record them
+        # and learn which had fired before in one statement, where the store can.
+        fired = await tx.fire_new(run_id, sequence, recovery, events)
+    if fired is None:
+        fired = await tx.fired(run_id, sequence, recovery, groups)
     plan = graph.fire(fired, events)
     if plan.events:
         await tx.add_triggers(run_id, sequence, recovery, plan.events)

@@ -822,7 +822,7 @@ class Worker:
             program=program,
             env=env,
             log_path=step_log_path(
-                run_log_dir(self.config.log_dir, program, claim.run_id),
+                run_log.path.parent,  # the run's log directory
                 claim.step,
                 claim.sequence,
                 claim.attempt,

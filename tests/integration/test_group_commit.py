@@ -83,3 +83,27 @@ async def test_a_join_fires_in_the_batch_that_records_its_last_operand(store_url
         assert join.step == "join"
         [last] = await db.complete_many([Completion(graph, join, S)])
         assert last.run_status is RunStatus.success
+
+
+async def test_an_event_that_fired_before_fires_nothing_again(store_url: str) -> None:
+    """Postgres and sqlite record a chain's event and learn whether it had fired in one
+    INSERT ... RETURNING: one that had (from outside, here) makes nothing ready twice."""
+    ev = Eventor(name="again", store=":memory:")
+    ev.add_event("go")
+    ev.add_event("e")
+    ev.add_step("a", triggers={S: ("e",)})
+    ev.add_step("b")
+    ev.add_assoc("go", "a")
+    ev.add_assoc("e", "b")
+    graph = Graph(ev.program)
+    async with open_store(store_url, program="again") as db:
+        program_id = await db.register_program(graph.program)
+        run_id, _ = await db.create_run(graph, program_id=program_id, triggers=[("go", "0")])
+        [a] = await db.claim(worker="w", limit=5, run_id=run_id)
+        fired = await db.trigger(graph, run_id=run_id, event="e", sequence="0")
+        assert fired.ready == 1  # b
+        again = await db.complete(graph, a, status=S)
+        assert again.recorded and again.ready == 0 and not again.claims
+        [b] = await db.claim(worker="w", limit=5, run_id=run_id)
+        assert b.step == "b" and not await db.claim(worker="w", limit=5, run_id=run_id)
+        assert [e for e, _ in await db.fired_events(run_id)].count("e") == 1

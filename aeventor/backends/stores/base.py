@@ -342,6 +342,9 @@ class Database(Store):
     #: Whether an insert that skips duplicates can report the rows it inserted (RETURNING),
     #: which claiming at insert time needs.
     claims_on_insert = True
+    #: Whether an INSERT of fired events can say which rows it inserted (RETURNING on an
+    #: insert that skips existing rows): :meth:`SqlTx.fire_new`.
+    fires_on_insert = False
 
     #: Seconds a store operation keeps retrying while the server is unreachable.
     reconnect_deadline: float = 120.0
@@ -1310,6 +1313,8 @@ class _Facts:
     fired: set[str] = dataclasses.field(default_factory=set)
     #: The groups of events (:meth:`Graph.fact_groups`) it read.
     groups: set[frozenset[str]] = dataclasses.field(default_factory=set)
+    #: The fired events whose rows it wrote already (:meth:`SqlTx.fire_new`).
+    written: set[str] = dataclasses.field(default_factory=set)
 
 
 class _Flushing:
@@ -1527,6 +1532,38 @@ class SqlTx:
             facts.known |= unknown
         return facts.fired
 
+    async def fire_new(
+        self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
+    ) -> AbstractSet[str] | None:
+        if not self.db.fires_on_insert:
+            return None
+        facts = self._facts.get((run_id, sequence, recovery))
+        if facts is None:
+            facts = self._facts[(run_id, sequence, recovery)] = _Facts()
+        before = {e for e in events if e in facts.fired}
+        new = [e for e in dict.fromkeys(events) if e not in facts.fired]
+        if new:
+            now = t.utcnow()
+            rows = await self.conn.execute(
+                self.db._insert_ignore(t.trigger).returning(t.trigger.c.event),
+                [
+                    {
+                        "run_id": run_id,
+                        "event": e,
+                        "sequence": sequence,
+                        "recovery": recovery,
+                        "created": now,
+                    }
+                    for e in new
+                ],
+            )
+            # A row that was there already did not come back: that event had fired.
+            before.update(set(new) - {row.event for row in rows})
+            facts.known.update(new)
+            facts.fired.update(new)
+            facts.written.update(new)
+        return before
+
     async def add_triggers(
         self, run_id: str, sequence: str, recovery: int, events: Sequence[str]
     ) -> None:
@@ -1547,6 +1584,7 @@ class SqlTx:
                 "created": now,
             }
             for e in events
+            if e not in facts.written
         )
 
     async def flush(self) -> None:

@@ -69,6 +69,8 @@ def queue_channel(queue: str | None) -> str:
 class PostgresDatabase(Database):
     """A Postgres database; LISTEN/NOTIFY carries wake-ups between processes."""
 
+    fires_on_insert = True
+
     def __init__(
         self,
         *,

@@ -37,6 +37,8 @@ BUSY_TIMEOUT_MS = 30_000
 class SqliteDatabase(Database):
     """A sqlite file, or ``:memory:`` (private to this store object)."""
 
+    fires_on_insert = True
+
     def __init__(
         self,
         *,
