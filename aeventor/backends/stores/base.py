@@ -345,6 +345,9 @@ class Database(Store):
     #: Whether an INSERT of fired events can say which rows it inserted (RETURNING on an
     #: insert that skips existing rows): :meth:`SqlTx.fire_new`.
     fires_on_insert = False
+    #: Whether :meth:`server_now` is the server's clock in SQL (not a value of this
+    #: process's, as sqlite's is): then statements that use it can be built once and reused.
+    clock_in_sql = False
 
     #: Seconds a store operation keeps retrying while the server is unreachable.
     reconnect_deadline: float = 120.0
@@ -367,6 +370,9 @@ class Database(Store):
         )
         self.notifier = Notifier()
         self._engine: AsyncEngine | None = None
+        #: Statements built once per kind of caller (see :meth:`_claim_statements`).
+        self._claim_cache: dict[tuple[bool, bool, timedelta], _ClaimStatements] = {}
+        self._insert_claimed_cache: dict[timedelta, Any] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url.render_as_string(hide_password=True)}>"
@@ -710,6 +716,71 @@ class Database(Store):
             worker=worker, limit=limit, run_id=run_id, hosts=hosts, lease=lease, token=new_token()
         )
 
+    def _claim_statements(
+        self, dialect: sa.Dialect, *, by_run: bool, by_hosts: bool, lease: timedelta
+    ) -> _ClaimStatements:
+        """The claim's statements for one kind of claimer, built once (SQLAlchemy then
+        finds their compiled form from the statement objects, not by walking new ones)."""
+        key = (by_run, by_hosts, lease)
+        cached = self._claim_cache.get(key) if self.clock_in_sql else None
+        if cached is not None:
+            return cached
+        step_run = t.step_run
+        # Inline, not a bound parameter: a prepared statement's generic plan could not use
+        # the partial index on status = 'ready' (a full scan at a million rows).
+        is_ready = step_run.c.status == sa.literal(StepStatus.ready.value, literal_execute=True)
+
+        def candidates(*columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
+            query = sa.select(*columns).where(
+                is_ready,
+                # A retry waits out its backoff (on the server's clock).
+                sa.or_(step_run.c.not_before.is_(None), step_run.c.not_before <= self.server_now()),
+            )
+            if by_run:
+                query = query.where(step_run.c.run_id == sa.bindparam("claim_run"))
+            if by_hosts:
+                query = query.where(step_run.c.queue.in_(sa.bindparam("hosts", expanding=True)))
+            return (
+                query.order_by(step_run.c.id)
+                .limit(sa.bindparam("limit", type_=sa.Integer))
+                .with_for_update(skip_locked=True)
+            )
+
+        take = {
+            "status": StepStatus.active.value,
+            "worker": sa.bindparam("claim_worker"),
+            "started": sa.bindparam("claim_started"),
+            "lease_until": self.server_now_plus(lease),
+            "token": sa.bindparam("claim_token"),
+        }
+        pick = candidates(*_CLAIM_COLUMNS)
+        if dialect.update_returning:
+            # Postgres and sqlite: one statement. Postgres locks the candidates in the
+            # subquery (SKIP LOCKED passes over rows other claimers hold) and rechecks
+            # status = 'ready' on the row's latest version; sqlite has no FOR UPDATE, its
+            # write lock (BEGIN IMMEDIATE) serialises claimers.
+            picked = candidates(step_run.c.id)
+            # Postgres: "= ANY(ARRAY(subquery))", an InitPlan run once. With IN the planner
+            # may make a semi join that re-runs the locking subquery for every ready row of
+            # every run, and may then take more than ``limit`` rows.
+            chosen = (
+                step_run.c.id == sa.any_(sa.func.array(picked.scalar_subquery()))
+                if dialect.name == "postgresql"
+                else step_run.c.id.in_(picked)
+            )
+            update = step_run.update().where(chosen, is_ready).values(take)
+            statements = _ClaimStatements(pick, update.returning(*_CLAIM_COLUMNS))
+        else:
+            # MariaDB/MySQL: no UPDATE ... RETURNING, and no LIMIT in an IN subquery. Lock
+            # the candidates (pick), then take them all in one UPDATE.
+            update = step_run.update().where(
+                step_run.c.id.in_(sa.bindparam("ids", expanding=True)), is_ready
+            )
+            statements = _ClaimStatements(pick, update.values(take))
+        if self.clock_in_sql:
+            self._claim_cache[key] = statements
+        return statements
+
     @retry_transient
     async def _claim_ready(
         self,
@@ -723,33 +794,17 @@ class Database(Store):
         attempt: int = 1,
     ) -> list[Claim]:
         step_run = t.step_run
-
-        def is_ready() -> sa.ColumnElement[bool]:
-            # Inline, not a bound parameter: a prepared statement's generic plan could not
-            # use the partial index on status = 'ready' (a full scan at a million rows).
-            return step_run.c.status == sa.literal(StepStatus.ready.value, literal_execute=True)
-
-        def candidates(*columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
-            query = sa.select(*columns).where(
-                is_ready(),
-                # A retry waits out its backoff (on the server's clock).
-                sa.or_(step_run.c.not_before.is_(None), step_run.c.not_before <= self.server_now()),
-            )
-            if run_id is not None:
-                query = query.where(step_run.c.run_id == run_id)
-            if hosts is not None:
-                query = query.where(step_run.c.queue.in_(list(hosts)))
-            return query.order_by(step_run.c.id).limit(limit).with_for_update(skip_locked=True)
-
         now = t.utcnow()
-        take = {
-            "status": StepStatus.active.value,
-            "worker": worker,
-            "started": now,
-            "lease_until": self.server_now_plus(lease),
-            "token": token,
+        params: dict[str, Any] = {
+            "claim_worker": worker,
+            "claim_started": now,
+            "claim_token": token,
+            "limit": limit,
         }
-        columns = _CLAIM_COLUMNS
+        if run_id is not None:
+            params["claim_run"] = run_id
+        if hosts is not None:
+            params["hosts"] = list(hosts)
         async with self.transaction() as conn:
             if attempt > 1:
                 # An earlier attempt may have committed before its connection was lost: what
@@ -761,34 +816,18 @@ class Database(Store):
                 rows = sorted(earlier.all(), key=lambda row: row.id)
                 if rows:
                     return [Claim.from_row(r) for r in rows]
+            statements = self._claim_statements(
+                conn.dialect, by_run=run_id is not None, by_hosts=hosts is not None, lease=lease
+            )
             if conn.dialect.update_returning:
-                # Postgres and sqlite: one statement. Postgres locks the candidates in the
-                # subquery (SKIP LOCKED passes over rows other claimers hold) and rechecks
-                # status = 'ready' on the row's latest version; sqlite has no FOR UPDATE,
-                # its write lock (BEGIN IMMEDIATE) serialises claimers.
-                picked = candidates(step_run.c.id)
-                # Postgres: "= ANY(ARRAY(subquery))", an InitPlan run once. With IN the
-                # planner may make a semi join that re-runs the locking subquery for every
-                # ready row of every run, and may then take more than ``limit`` rows.
-                chosen = (
-                    step_run.c.id == sa.any_(sa.func.array(picked.scalar_subquery()))
-                    if conn.dialect.name == "postgresql"
-                    else step_run.c.id.in_(picked)
-                )
-                taken = await conn.execute(
-                    step_run.update().where(chosen, is_ready()).values(take).returning(*columns)
-                )
+                taken = await conn.execute(statements.take, params)
                 rows = sorted(taken.all(), key=lambda row: row.id)
             else:
-                # MariaDB/MySQL: no UPDATE ... RETURNING, and no LIMIT in an IN subquery.
-                # Lock the candidates, then take them all in one UPDATE.
-                rows = list((await conn.execute(candidates(*columns))).all())
+                rows = list((await conn.execute(statements.pick, params)).all())
                 if not rows:
                     return []
                 ids = [row.id for row in rows]
-                result = await conn.execute(
-                    step_run.update().where(step_run.c.id.in_(ids), is_ready()).values(take)
-                )
+                result = await conn.execute(statements.take, {**params, "ids": ids})
                 if result.rowcount != len(ids):
                     # Not expected (this transaction holds the rows' locks), but never hand
                     # out a row that another claimer took: keep only those taken here.
@@ -1303,6 +1342,15 @@ class Database(Store):
         return StoredProgram(program_id, row.name, row.version, row.definition, row.signature)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ClaimStatements:
+    """A claim's statements: the candidates, locked (what MySQL reads first), and the
+    update that takes them."""
+
+    pick: Any
+    take: Any
+
+
 @dataclasses.dataclass(slots=True)
 class _Facts:
     """What one transaction knows of the events fired in a run's sequence."""
@@ -1796,10 +1844,16 @@ class SqlTx:
         ]
         for row in values:
             del row["lease_until"]  # set by the statement, on the server's clock
-        statement = self.db._insert_claimed(t.step_run).values(
-            lease_until=self.db.server_now_plus(lease)
-        )
-        inserted = await self.conn.execute(statement.returning(*_CLAIM_COLUMNS), values)
+        statement = self.db._insert_claimed_cache.get(lease)
+        if statement is None:
+            statement = (
+                self.db._insert_claimed(t.step_run)
+                .values(lease_until=self.db.server_now_plus(lease))
+                .returning(*_CLAIM_COLUMNS)
+            )
+            if self.db.clock_in_sql:
+                self.db._insert_claimed_cache[lease] = statement
+        inserted = await self.conn.execute(statement, values)
         return [Claim.from_row(r) for r in inserted.all()]
 
     async def pending(self, run_id: str, *, delays: bool = True) -> int:

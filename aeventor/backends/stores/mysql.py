@@ -55,6 +55,8 @@ _ESCAPED = (b"\\", b"'", b'"', b"\n", b"\r", b"\0", b"\x1a")
 class MySQLDatabase(Database):
     """A MySQL or MariaDB database, polled for other processes' work."""
 
+    clock_in_sql = True
+
     default_poll_interval = 0.25
     claims_on_insert = True
 

@@ -69,6 +69,8 @@ def queue_channel(queue: str | None) -> str:
 class PostgresDatabase(Database):
     """A Postgres database; LISTEN/NOTIFY carries wake-ups between processes."""
 
+    clock_in_sql = True
+
     fires_on_insert = True
 
     def __init__(
