@@ -49,6 +49,32 @@ def _to_stdlib(
     return (message,), kwargs
 
 
+#: The level of each logging method (``log`` and others not listed go through).
+_METHOD_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+
+class _BoundLogger(structlog.stdlib.BoundLogger):
+    """A bound logger whose disabled levels cost one (cached) level check: no processor
+    runs, no event dict is built (the worker logs each step run's start and end)."""
+
+    def _proxy_to_logger(
+        self, method_name: str, event: str | None = None, *event_args: Any, **event_kw: Any
+    ) -> Any:
+        level = _METHOD_LEVELS.get(method_name)
+        if level is not None and not self._logger.isEnabledFor(level):
+            return None
+        return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)
+
+
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """A structlog logger that writes to the standard library logger ``name``.
 
@@ -62,7 +88,7 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """
     # Built directly rather than through structlog.get_logger()/wrap_logger(), which fill
     # what is not given from structlog's global configuration.
-    return structlog.stdlib.BoundLogger(
+    return _BoundLogger(
         logging.getLogger(name),
         processors=[
             structlog.stdlib.filter_by_level,

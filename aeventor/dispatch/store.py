@@ -200,9 +200,9 @@ class StoreTx(Protocol):
         """Insert step runs already active, leased to ``worker`` under fencing ``token``."""
 
     async def pending(self, run_id: str, *, delays: bool = True) -> int:
-        """How many step runs of the run are ready or active, or (when none is, and with
-        ``delays``) how many of its delays are not reached yet: nonzero while the run has
-        something to do."""
+        """Nonzero while the run has something to do: a step run waiting, ready or active,
+        or (with ``delays``) a delay not reached yet. Not a count: a store may stop at the
+        first it finds."""
 
     async def add_delays(
         self,

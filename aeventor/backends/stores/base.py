@@ -202,18 +202,20 @@ _FIRED = sa.select(t.trigger.c.event).where(
     t.trigger.c.recovery == sa.bindparam("recovery"),
     t.trigger.c.event.in_(sa.bindparam("events", expanding=True)),
 )
+# Whether a run has anything left to do: one row is enough (a count would read every
+# pending row of a large fan-out at each of its completions).
 _PENDING = (
-    sa.select(sa.func.count())
-    .select_from(t.step_run)
+    sa.select(t.step_run.c.id)
     .where(
         t.step_run.c.run_id == sa.bindparam("run_id"),
         t.step_run.c.status.in_([sa.literal(s.value, literal_execute=True) for s in PENDING]),
     )
+    .limit(1)
 )
 _PENDING_DELAYS = (
-    sa.select(sa.func.count())
-    .select_from(t.delay)
+    sa.select(t.delay.c.id)
     .where(t.delay.c.run_id == sa.bindparam("run_id"), t.delay.c.done.is_(None))
+    .limit(1)
 )
 #: The step run is active under this claim: its fencing token is the claimer's. A worker
 #: whose lease was taken (reaped, requeued, claimed again) holds a stale token.
@@ -1857,10 +1859,12 @@ class SqlTx:
         return [Claim.from_row(r) for r in inserted.all()]
 
     async def pending(self, run_id: str, *, delays: bool = True) -> int:
-        count = int((await self.conn.execute(_PENDING, {"run_id": run_id})).scalar_one())
-        if count or not delays:
-            return count
-        return int((await self.conn.execute(_PENDING_DELAYS, {"run_id": run_id})).scalar_one())
+        params = {"run_id": run_id}
+        if (await self.conn.execute(_PENDING, params)).first() is not None:
+            return 1
+        if not delays:
+            return 0
+        return int((await self.conn.execute(_PENDING_DELAYS, params)).first() is not None)
 
     async def add_delays(
         self,
