@@ -58,7 +58,15 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from .dispatch import PENDING
-from .dispatch.claims import Delay, RunWorkers, StepEnd, StepRunState, WorkerState, new_token
+from .dispatch.claims import (
+    Delay,
+    RunWorkers,
+    StepEnd,
+    StepRunState,
+    Taker,
+    WorkerState,
+    new_token,
+)
 from .dispatch.executor import ExecResult, StepLaunch
 from .dispatch.pools import Waiter
 from .dispatch.store import (
@@ -247,6 +255,39 @@ class _Tables:
         return id_
 
 
+def _take_ready(
+    tables: _Tables,
+    now: datetime,
+    *,
+    worker: str,
+    limit: int,
+    run_id: str | None,
+    hosts: Collection[str | None] | None,
+    lease: timedelta,
+    token: str,
+) -> list[Claim]:
+    """Claim up to ``limit`` ready step runs, in id order (the in-memory claim)."""
+    claimed: list[Claim] = []
+    for row in tables.step_runs.values():  # in id order
+        if len(claimed) >= limit:
+            break
+        if row.status is not StepStatus.ready:
+            continue
+        if row.not_before is not None and row.not_before > now:
+            continue
+        if run_id is not None and row.run_id != run_id:
+            continue
+        if hosts is not None and row.queue not in hosts:
+            continue
+        row.status = StepStatus.active
+        row.worker = worker
+        row.started = now
+        row.lease_until = now + lease
+        row.token = token
+        claimed.append(Claim.from_row(row))
+    return claimed
+
+
 class InMemoryStore(Store):
     """A store in plain dicts, for tests: same semantics as the SQL stores, no database.
 
@@ -336,25 +377,17 @@ class InMemoryStore(Store):
             return []
         async with self._lock:
             now = self.clock()
-            claimed: list[Claim] = []
             token = new_token()
-            for row in self._t.step_runs.values():  # in id order
-                if len(claimed) == limit:
-                    break
-                if row.status is not StepStatus.ready:
-                    continue
-                if row.not_before is not None and row.not_before > now:
-                    continue
-                if run_id is not None and row.run_id != run_id:
-                    continue
-                if hosts is not None and row.queue not in hosts:
-                    continue
-                row.status = StepStatus.active
-                row.worker = worker
-                row.started = now
-                row.lease_until = now + lease
-                row.token = token
-                claimed.append(Claim.from_row(row))
+            claimed = _take_ready(
+                self._t,
+                now,
+                worker=worker,
+                limit=limit,
+                run_id=run_id,
+                hosts=hosts,
+                lease=lease,
+                token=token,
+            )
             if claimed:
                 self._changes.changed()
             if self._lost_acks:
@@ -797,6 +830,18 @@ class MemoryTx:
             for row in self.tables.step_runs.values()
             if row.status is StepStatus.active and row.worker == worker and row.token == token
         ]
+
+    async def claim_ready(self, take: Taker) -> list[Claim]:
+        return _take_ready(
+            self.tables,
+            self.clock(),
+            worker=take.worker,
+            limit=take.budget,
+            run_id=take.run_id,
+            hosts=take.hosts,
+            lease=take.lease,
+            token=take.token,
+        )
 
     async def set_pid(self, step_run_id: int, pid: int, *, token: str | None) -> bool:
         row = self._held(step_run_id, token, False)

@@ -49,6 +49,11 @@ class Taker:
         token: the fencing token of the step runs it claims; one per transaction, so a
             transaction retried after a lost acknowledgement finds what its first attempt
             claimed.
+        run_id: only step runs of this run (a run's own worker; None: any).
+        ready: also take step runs that were ready already (of ``run_id``, or queued for
+            ``hosts``), with the budget left at the end of a group commit: a worker that
+            has more to do claims it in the transaction that frees its room, not in one of
+            its own.
     """
 
     worker: str
@@ -56,6 +61,8 @@ class Taker:
     hosts: frozenset[str | None] | None = None
     lease: timedelta = timedelta(seconds=30)
     token: str = field(default_factory=new_token)
+    run_id: str | None = None
+    ready: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,6 +137,11 @@ class StoreTx(Protocol):
     async def claimed(self, *, worker: str, token: str) -> list[Claim]:
         """The step runs active under ``worker`` with fencing ``token``, by id."""
 
+    async def claim_ready(self, take: Taker) -> list[Claim]:
+        """Claim up to ``take.budget`` ready step runs of ``take.run_id`` (or queued for
+        ``take.hosts``) for ``take.worker`` under ``take.token``, passing over those other
+        claimers hold, as :meth:`Store.claim` does in a transaction of its own."""
+
     async def set_pid(self, step_run_id: int, pid: int, *, token: str | None) -> bool:
         """Record a claimed step's process, while the claim is still the caller's."""
 

@@ -317,6 +317,11 @@ async def complete_many(
             last = advances[indexes[-1]]
             assert last is not None
             advances[indexes[-1]] = dataclasses.replace(last, run_status=status)
+    if take is not None and take.ready and take.budget > 0:
+        # Room the batch freed, filled in the same transaction (SKIP LOCKED: it waits for
+        # nobody, so it adds no lock to wait on in a cycle).
+        for claim in await tx.claim_ready(take):
+            claimed.setdefault(claim.id, claim)
     done = [advance for advance in advances if advance is not None]
     if claimed and done:
         done[-1] = dataclasses.replace(done[-1], claims=tuple(claimed.values()))

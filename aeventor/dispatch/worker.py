@@ -248,11 +248,13 @@ class Worker:
         """How many step runs this worker is executing."""
         return len(self._tasks) + len(self._pending)
 
-    def taker(self, *, freeing: int = 0) -> Taker | None:
+    def taker(self, *, freeing: int = 0, ready: bool = False) -> Taker | None:
         """Lets a transaction claim the step runs it makes ready, up to our free capacity.
 
         Args:
             freeing: slots the caller is about to free (a completing step frees its own).
+            ready: the transaction also claims step runs that were ready already, with
+                what its budget has left (a group commit, while there may be such).
         """
         if self._stopping:
             return None
@@ -266,6 +268,8 @@ class Worker:
             budget=max(free, 0),
             hosts=self._hosts,
             lease=timedelta(seconds=self.config.lease),
+            run_id=self.scope.run_id,
+            ready=ready,
         )
 
     def apply(self, run_id: str, advance: Advance) -> None:
@@ -667,10 +671,14 @@ class Worker:
     async def _commit(
         self, batch: list[tuple[transactions.Completion, asyncio.Future[Advance]]]
     ) -> None:
-        if len(batch) > 1:
+        # While the claim loop found more ready than it had room for, the batch's
+        # transaction fills the room the batch frees: one transaction a round, not two.
+        fill = self._maybe_work
+        if len(batch) > 1 or fill:
+            take = self.taker(freeing=len(batch), ready=fill)
             try:
                 advances = await self.store.complete_many(
-                    [outcome for outcome, _ in batch], take=self.taker(freeing=len(batch))
+                    [outcome for outcome, _ in batch], take=take
                 )
             except ConnectionLost as exc:
                 for _, future in batch:
@@ -682,6 +690,10 @@ class Worker:
                 # timeout) must not fail the others: record them one by one.
                 self.log.info("step.group_commit_split", size=len(batch), error=str(exc))
             else:
+                if take is not None and take.ready:
+                    # Less than asked for: nothing more is ready (until someone says so).
+                    taken = sum(len(advance.claims) for advance in advances)
+                    self._maybe_work = taken >= take.budget
                 for (_, future), advance in zip(batch, advances, strict=True):
                     if not future.done():
                         future.set_result(advance)

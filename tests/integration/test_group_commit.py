@@ -7,6 +7,7 @@ from __future__ import annotations
 import aeventor as evr
 from aeventor.backends.stores import open_store
 from aeventor.dispatch import Graph
+from aeventor.dispatch.claims import Taker
 from aeventor.dispatch.transactions import Completion
 from aeventor.program.model import RunStatus, StepStatus
 
@@ -107,3 +108,24 @@ async def test_an_event_that_fired_before_fires_nothing_again(store_url: str) ->
         [b] = await db.claim(worker="w", limit=5, run_id=run_id)
         assert b.step == "b" and not await db.claim(worker="w", limit=5, run_id=run_id)
         assert [e for e, _ in await db.fired_events(run_id)].count("e") == 1
+
+
+async def test_a_batch_fills_the_room_it_frees_with_ready_step_runs(store_url: str) -> None:
+    """With ``Taker(ready=True)``, the transaction that records a batch also claims step
+    runs that were ready already (its budget's worth, in id order): one transaction per
+    round of a worker, not a claim's and a completion's."""
+    graph = fan_out(*(f"s{i}" for i in range(6)))
+    async with open_store(store_url, program="batch") as db:
+        program_id = await db.register_program(graph.program)
+        run_id, _ = await db.create_run(graph, program_id=program_id, triggers=[("go", "0")])
+        first = await db.claim(worker="w", limit=2, run_id=run_id)
+        take = Taker(worker="w", budget=3, run_id=run_id, ready=True)
+        advances = await db.complete_many([Completion(graph, c, S) for c in first], take=take)
+        taken = [c for a in advances for c in a.claims]
+        assert [c.step for c in taken] == ["s2", "s3", "s4"]
+        assert {c.token for c in taken} == {take.token}
+        # They are ours: their outcomes are recorded, and the run ends with the last one.
+        last = await db.claim(worker="w", limit=5, run_id=run_id)
+        assert [c.step for c in last] == ["s5"]
+        done = await db.complete_many([Completion(graph, c, S) for c in [*taken, *last]])
+        assert all(a.recorded for a in done) and done[-1].run_status is RunStatus.success

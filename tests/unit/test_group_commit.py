@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import aeventor as evr
 from aeventor.dispatch import Graph
+from aeventor.dispatch.claims import Taker
 from aeventor.dispatch.transactions import Completion
 from aeventor.program.model import RunStatus, StepStatus
 from aeventor.testing import InMemoryStore
@@ -68,3 +69,22 @@ async def test_a_refused_last_outcome_still_lets_the_run_end() -> None:
     assert a.recorded and not b.recorded
     assert await store.run_status(run_id) is RunStatus.failure
     assert RunStatus.failure in (a.run_status, b.run_status)
+
+
+async def test_a_batch_claims_what_was_ready_with_the_budget_left() -> None:
+    store = InMemoryStore()
+    graph = fan_out("a", "b", "c", "d")
+    program_id = await store.register_program(graph.program)
+    run_id, _ = await store.create_run(graph, program_id=program_id, triggers=[("go", "0")])
+    [a] = await store.claim(worker="w", limit=1, run_id=run_id)
+    take = Taker(worker="w", budget=2, run_id=run_id, ready=True)
+    [advance] = await store.complete_many([Completion(graph, a, S)], take=take)
+    assert [c.step for c in advance.claims] == ["b", "c"]
+    # Without ready=True, nothing that was ready already is taken.
+    [b, c] = advance.claims
+    [plain] = await store.complete_many(
+        [Completion(graph, b, S)], take=Taker(worker="w", budget=5, run_id=run_id)
+    )
+    assert plain.claims == ()
+    assert [x.step for x in await store.claim(worker="w", limit=5, run_id=run_id)] == ["d"]
+    del c

@@ -62,6 +62,7 @@ from ...dispatch.store import (
     Store,
     StoredProgram,
     StoreTx,
+    Taker,
 )
 from ...exceptions import (
     AuthenticationError,
@@ -795,11 +796,46 @@ class Database(Store):
         token: str,
         attempt: int = 1,
     ) -> list[Claim]:
-        step_run = t.step_run
-        now = t.utcnow()
+        async with self.transaction() as conn:
+            if attempt > 1:
+                # An earlier attempt may have committed before its connection was lost: what
+                # it claimed carries our token. Hand that out, or it would stay active,
+                # leased to us and run by nobody.
+                step_run = t.step_run
+                earlier = await conn.execute(
+                    _ACTIVE_CLAIMS.where(step_run.c.worker == worker, step_run.c.token == token)
+                )
+                rows = sorted(earlier.all(), key=lambda row: row.id)
+                if rows:
+                    return [Claim.from_row(r) for r in rows]
+            return await self._take_ready(
+                conn,
+                worker=worker,
+                limit=limit,
+                run_id=run_id,
+                hosts=hosts,
+                lease=lease,
+                token=token,
+            )
+
+    async def _take_ready(
+        self,
+        conn: AsyncConnection | _Flushing,
+        *,
+        worker: str,
+        limit: int,
+        run_id: str | None,
+        hosts: Sequence[str] | None,
+        lease: timedelta,
+        token: str,
+    ) -> list[Claim]:
+        """Claim up to ``limit`` ready step runs (of one run, or of host queues) in the
+        caller's transaction, passing over those other claimers hold."""
+        if limit <= 0:
+            return []
         params: dict[str, Any] = {
             "claim_worker": worker,
-            "claim_started": now,
+            "claim_started": t.utcnow(),
             "claim_token": token,
             "limit": limit,
         }
@@ -807,45 +843,32 @@ class Database(Store):
             params["claim_run"] = run_id
         if hosts is not None:
             params["hosts"] = list(hosts)
-        async with self.transaction() as conn:
-            if attempt > 1:
-                # An earlier attempt may have committed before its connection was lost: what
-                # it claimed carries our token. Hand that out, or it would stay active,
-                # leased to us and run by nobody.
-                earlier = await conn.execute(
-                    _ACTIVE_CLAIMS.where(step_run.c.worker == worker, step_run.c.token == token)
-                )
-                rows = sorted(earlier.all(), key=lambda row: row.id)
-                if rows:
-                    return [Claim.from_row(r) for r in rows]
-            statements = self._claim_statements(
-                conn.dialect, by_run=run_id is not None, by_hosts=hosts is not None, lease=lease
-            )
-            if conn.dialect.update_returning:
-                taken = await conn.execute(statements.take, params)
-                rows = sorted(taken.all(), key=lambda row: row.id)
-            else:
-                rows = list((await conn.execute(statements.pick, params)).all())
-                if not rows:
-                    return []
-                ids = [row.id for row in rows]
-                result = await conn.execute(statements.take, {**params, "ids": ids})
-                if result.rowcount != len(ids):
-                    # Not expected (this transaction holds the rows' locks), but never hand
-                    # out a row that another claimer took: keep only those taken here.
-                    mine = set(
-                        (
-                            await conn.execute(
-                                sa.select(step_run.c.id).where(
-                                    step_run.c.id.in_(ids), step_run.c.token == token
-                                )
-                            )
-                        ).scalars()
+        statements = self._claim_statements(
+            conn.dialect, by_run=run_id is not None, by_hosts=hosts is not None, lease=lease
+        )
+        if conn.dialect.update_returning:
+            taken = await conn.execute(statements.take, params)
+            return [Claim.from_row(r) for r in sorted(taken.all(), key=lambda row: row.id)]
+        rows = list((await conn.execute(statements.pick, params)).all())
+        if not rows:
+            return []
+        ids = [row.id for row in rows]
+        result = await conn.execute(statements.take, {**params, "ids": ids})
+        if result.rowcount != len(ids):
+            # Not expected (this transaction holds the rows' locks), but never hand out a
+            # row that another claimer took: keep only those taken here.
+            mine = set(
+                (
+                    await conn.execute(
+                        sa.select(t.step_run.c.id).where(
+                            t.step_run.c.id.in_(ids), t.step_run.c.token == token
+                        )
                     )
-                    rows = [row for row in rows if row.id in mine]
-                # The rows were read before the update gave them our token.
-                return [dataclasses.replace(Claim.from_row(r), token=token) for r in rows]
-        return [Claim.from_row(r) for r in rows]
+                ).scalars()
+            )
+            rows = [row for row in rows if row.id in mine]
+        # The rows were read before the update gave them our token.
+        return [dataclasses.replace(Claim.from_row(r), token=token) for r in rows]
 
     @retry_transient
     async def heartbeat(
@@ -1462,6 +1485,17 @@ class SqlTx:
     async def end_steps(self, ends: Sequence[StepEnd]) -> set[int]:
         if not ends:
             return set()
+        if len(ends) == 1:
+            # One row: its conditional UPDATE locks it and says whether it was ours.
+            (end,) = ends
+            ended = await self.end_step(
+                end.claim_id,
+                token=end.token,
+                status=end.status,
+                result=end.result,
+                error=end.error,
+            )
+            return {end.claim_id} if ended else set()
         # Read under lock what end_step's WHERE would check, then end what is ours in one
         # UPDATE per distinct outcome (most steps of a batch end alike) and the rest in
         # one executemany: a group commit of n steps is a few statements, not n.
@@ -1540,6 +1574,17 @@ class SqlTx:
             _ACTIVE_CLAIMS.where(t.step_run.c.worker == worker, t.step_run.c.token == token)
         )
         return sorted((Claim.from_row(r) for r in rows), key=lambda claim: claim.id)
+
+    async def claim_ready(self, take: Taker) -> list[Claim]:
+        return await self.db._take_ready(
+            self.conn,
+            worker=take.worker,
+            limit=take.budget,
+            run_id=take.run_id,
+            hosts=None if take.hosts is None else [h for h in take.hosts if h is not None],
+            lease=take.lease,
+            token=take.token,
+        )
 
     async def set_pid(self, step_run_id: int, pid: int, *, token: str | None) -> bool:
         updated = await self.conn.execute(
