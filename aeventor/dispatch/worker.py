@@ -949,6 +949,11 @@ class Worker:
         release recorded yet), and look for the work that makes ready."""
         if not self._may_reap():
             return
+        if self.scope.run_id is not None:
+            # A run whose program takes no slots has nothing waiting for any.
+            graph = await self._graph_for_run(self.scope.run_id)
+            if not graph.slots:
+                return
         if await self.store.admit_waiting(run_id=self.scope.run_id):
             self._maybe_work = True
             self._wake.set()
