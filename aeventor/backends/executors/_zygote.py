@@ -6,19 +6,28 @@ with the executor's import path and the environment its steps inherit (their own
 aside). It imports the step runner, then serves its *control socket* (a Unix socket pair
 with the executor), one JSON line each way:
 
-* ``{"id": N, "spec": ..., "env": ..., "channel": bool, "preload": bool,
-  "preload_limit": SECONDS}``
-  with the descriptors ``[log, lifeline]`` (and the step's channel) attached
-  (``SCM_RIGHTS``). The zygote imports the step's callable, once per zygote (``preload``;
-  with the step's environment set while it imports, and what the import prints copied to
-  the step's log), forks, answers ``{"id": N, "pid": PID}``, and closes its copies of the
-  descriptors. Should the import fail, the child imports it again and fails as a fresh
-  process would (the same error in the same log).
+* ``{"id": N, "spec": ..., "env": ..., "log": PATH, "channel": bool, "gate": bool,
+  "preload": bool, "preload_limit": SECONDS}``
+  with the descriptors ``[lifeline]`` (then the step's channel, then its gate, as flagged)
+  attached (``SCM_RIGHTS``). The zygote opens the step's log (``PATH``, for appending),
+  imports the step's callable, once per zygote (``preload``; with the step's environment
+  set while it imports, and what the import prints copied to the step's log), forks,
+  answers ``{"id": N, "pid": PID}``, and closes its copies of the descriptors. Should the
+  import fail, the child imports it again and fails as a fresh process would (the same
+  error in the same log). A *gated* child sets up its session, descriptors, environment
+  and lifeline, then waits for :data:`GATE_OPEN` on its gate before it runs the step; at
+  end-of-file it exits with :data:`GATE_CLOSED` having run nothing of it (the executor
+  holds the step back until the worker recorded its start: see
+  :attr:`aeventor.dispatch.executor.StepLaunch.fence`).
 * ``{"doom": PID}``: the executor is terminating that child; once it is reaped, the zygote
   SIGKILLs the rest of its process group before it reports the end (the executor does too,
   a moment later).
-* ``{"id": N, "exit": CODE}`` once it reaped the child (``CODE`` as
-  :attr:`subprocess.Popen.returncode`: negative for a signal).
+* ``{"id": N, "exit": CODE, "result": TEXT}`` once it reaped the child (``CODE`` as
+  :attr:`subprocess.Popen.returncode`: negative for a signal). ``TEXT`` is what the child
+  wrote to its result file (``spec["result_path"]``), which the zygote then removed; it is
+  left out when there is no such file, or one larger than :data:`RESULT_INLINE` (the
+  executor reads that one itself). Reading it here saves the executor a trip through a
+  thread per step.
 * ``{"id": N, "retire": REASON, "preload": bool}``, without forking: the import left
   threads running (forking a threaded process may deadlock the child; ``preload`` false:
   never preload this step again), or took longer than ``preload_limit`` (it would hold up
@@ -59,11 +68,19 @@ from typing import IO, Any, NoReturn
 
 from . import _lifeline, runner
 
-#: Most descriptors one request carries: log, lifeline, channel.
+#: Most descriptors one request carries: lifeline, channel, gate.
 MAX_FDS = 3
+#: The largest result file the zygote reads and sends with a child's end (a larger one is
+#: left for the executor to read).
+RESULT_INLINE = 1 << 16
 #: The variable that names a local process step's channel (as aeventor.context.CHANNEL_ENV,
 #: not imported: the zygote stays lean).
 CHANNEL_ENV = "EVENTOR_CHANNEL_FD"
+
+#: What the executor writes to a gated child's gate to have it run its step.
+GATE_OPEN = b"\1"
+#: The exit status of a gated child told not to run its step.
+GATE_CLOSED = 75
 
 _PR_SET_PDEATHSIG = 1
 #: inspect.CO_COROUTINE
@@ -126,7 +143,7 @@ class Zygote:
         self.sys_path = sys_path
         self.buffer = b""
         self.fds: list[int] = []  # received, not yet claimed by a request
-        self.children: dict[int, int] = {}  # pid -> request id
+        self.children: dict[int, tuple[int, str]] = {}  # pid -> request id, result file
         self.loaded: dict[tuple[str, str | None], _Loaded] = {}
         self.environ = dict(os.environ)
         self.retired: tuple[str, bool] | None = None
@@ -175,7 +192,7 @@ class Zygote:
             if "doom" in request:
                 self.doomed.add(int(request["doom"]))
                 continue
-            count = 3 if request.get("channel") else 2
+            count = 1 + bool(request.get("channel")) + bool(request.get("gate"))
             if len(self.fds) < count:
                 self._fatal(f"request {request.get('id')} came without its descriptors")
             mine, self.fds = self.fds[:count], self.fds[count:]
@@ -202,9 +219,14 @@ class Zygote:
                     os.killpg(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            rid = self.children.pop(pid, None)
-            if rid is not None:
-                self._send({"id": rid, "exit": os.waitstatus_to_exitcode(status)})
+            child = self.children.pop(pid, None)
+            if child is not None:
+                rid, result_path = child
+                message: dict[str, Any] = {"id": rid, "exit": os.waitstatus_to_exitcode(status)}
+                result = _take_result(result_path)
+                if result is not None:
+                    message["result"] = result
+                self._send(message)
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -219,10 +241,24 @@ class Zygote:
     # -- one step run -------------------------------------------------------------------
 
     def _run(self, request: dict[str, Any], fds: list[int]) -> None:
-        rid, spec = request["id"], request["spec"]
+        rid = request["id"]
         if self.retired is not None:
             self._send({"id": rid, "retire": self.retired[0], "preload": self.retired[1]})
             return
+        # The log is opened here rather than by the executor: blocking is fine in this
+        # process, and the executor saves a round trip through a thread per step.
+        try:
+            log_fd = _open_log(request["log"])
+        except OSError as exc:
+            self._send({"id": rid, "error": f"cannot open the step's log: {exc}"})
+            return
+        try:
+            self._fork(request, [log_fd, *fds])
+        finally:
+            _close(log_fd)
+
+    def _fork(self, request: dict[str, Any], fds: list[int]) -> None:
+        rid, spec = request["id"], request["spec"]
         loaded = None
         if request.get("preload"):
             key = (spec["target"], spec.get("main_path"))
@@ -261,7 +297,7 @@ class Zygote:
             return
         if pid == 0:
             self._child(request, fds, loaded)
-        self.children[pid] = rid
+        self.children[pid] = (rid, spec["result_path"])
         self._send({"id": rid, "pid": pid})
 
     def _retire(self, rid: int, reason: str, preload: bool) -> None:
@@ -354,7 +390,7 @@ class Zygote:
             for fd in (self.wake_r, self.wake_w, *self.fds):
                 _close(fd)
             self.sock.close()
-            log_fd, lifeline = fds[0], fds[1]
+            log_fd, lifeline, *rest = fds
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
             os.close(log_fd)
@@ -363,8 +399,10 @@ class Zygote:
             os.close(devnull)
             env = dict(request["env"])
             if request.get("channel"):
-                os.set_inheritable(fds[2], True)
-                env[CHANNEL_ENV] = str(fds[2])
+                channel = rest.pop(0)
+                os.set_inheritable(channel, True)
+                env[CHANNEL_ENV] = str(channel)
+            gate = rest.pop(0) if request.get("gate") else None
             _set_environ(env)
             # Not waiting for the double fork's intermediate process saves a scheduling
             # round trip; it is reaped once the step's function returned.
@@ -379,7 +417,12 @@ class Zygote:
                         sys.path.insert(0, script_dir)
                     if loaded.main_module is not None:
                         sys.modules[runner.MAIN_MODULE] = loaded.main_module
-            code = runner.run_spec(spec, func)
+            if gate is not None and not _pass_gate(gate):
+                # Not ours to run (its claim was taken, or its start not recorded): nothing
+                # of the step ran; the executor knows why.
+                code = GATE_CLOSED
+            else:
+                code = runner.run_spec(spec, func)
             try:
                 os.waitpid(intermediate, os.WNOHANG)
             except ChildProcessError:  # the step reaped it (os.wait())
@@ -398,6 +441,47 @@ class Zygote:
                 pass
             _flush()
             os._exit(code)
+
+
+def _pass_gate(gate: int) -> bool:
+    """Wait for the executor's word: :data:`GATE_OPEN` to run the step, end-of-file not to."""
+    try:
+        word = os.read(gate, 1)
+    except OSError:
+        word = b""
+    finally:
+        _close(gate)
+    return word == GATE_OPEN
+
+
+def _open_log(path: str) -> int:
+    """The step's log, opened for appending (its directory made), close-on-exec."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+
+
+def _take_result(path: str) -> str | None:
+    """The result file a child wrote, removed, if it is there, small and UTF-8; otherwise
+    None and the file left for the executor to read."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(RESULT_INLINE + 1)
+    except OSError:
+        return None
+    if len(data) > RESULT_INLINE:
+        return None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return None
+    try:
+        os.unlink(path)
+    except OSError:
+        return None
+    return text
 
 
 def _is_async(func: Any) -> bool:

@@ -30,16 +30,19 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...context import CHANNEL_ENV, EnvPolicy, bind_step, process_env
 from ...dispatch.executor import ExecResult, StepLaunch
 from ...dispatch.logs import step_log_capture, write_step_log
 from ...exceptions import ExecutorError
 from ...utils import describe_exception
-from . import _lifeline
+from . import _lifeline, _zygote
 from ._channel import Fire, serve_channel
 from ._warm import WarmPool
+
+if TYPE_CHECKING:
+    from ...program.model import StepDef
 
 __all__ = (
     "ExecResult",
@@ -118,6 +121,12 @@ class LocalExecutor:
         tmpdir, self._tmpdir = self._tmpdir, None
         if tmpdir is not None:
             await asyncio.to_thread(shutil.rmtree, tmpdir, True)
+
+    def fences(self, step: StepDef) -> bool:
+        """Whether :meth:`run` calls ``launch.fence`` for ``step`` (see
+        :attr:`StepLaunch.fence <aeventor.dispatch.executor.StepLaunch.fence>`): a warm
+        function step, while there is a warm pool."""
+        return step.executor == "warm" and step.target is not None and self._warm is not None
 
     async def run(self, launch: StepLaunch) -> ExecResult:
         """Run the step to its end; cancellation terminates it and propagates."""
@@ -199,37 +208,56 @@ class LocalExecutor:
 
     async def _run_warm(self, launch: StepLaunch, pool: WarmPool) -> ExecResult:
         """A function step forked by the warm pool: what :meth:`_spawn` does for a fresh
-        runner (log, lifeline, channel, session, termination), a fork instead of a start."""
+        runner (log, lifeline, channel, session, termination), a fork instead of a start.
+
+        With ``launch.fence`` the child is *gated*: forked, its session and lifeline set
+        up, it waits until the fence (the worker's one transaction that checks the claim is
+        still its own and records the pid) says whether it runs the step at all.
+        """
         tmpdir = await self._ensure_tmpdir()
         result_path = os.path.join(tmpdir, f"{launch.claim.id}-{launch.claim.attempt}.json")
         spec = build_spec(launch, result_path=result_path, sys_path=self.sys_path)
         env = process_env(launch.env, self.env_policy)
-        log_file = await _open_log_file(launch.log_path)
-        lifeline = lifeline_w = -1
+        # The zygote opens the log: a relative path must not depend on its working directory.
+        log_path = str(launch.log_path)
+        if not launch.log_path.is_absolute():
+            log_path = await asyncio.to_thread(os.path.abspath, log_path)
+        lifeline = lifeline_w = gate = gate_w = -1
         ours: socket.socket | None = None
         theirs: socket.socket | None = None
         try:
             lifeline, lifeline_w = os.pipe()
             # Its one byte never waits (nobody else writes to it); non-blocking says so.
             os.set_blocking(lifeline_w, False)
-            fds = [log_file.fileno(), lifeline]
+            fds = [lifeline]
             if launch.on_trigger is not None:
                 ours, theirs = socket.socketpair()
                 fds.append(theirs.fileno())
+            if launch.fence is not None:
+                gate, gate_w = os.pipe()
+                os.set_blocking(gate_w, False)  # as the lifeline's: one byte, never waits
+                fds.append(gate)
             child = await pool.start(
-                spec=spec, env=env, fds=fds, channel=theirs is not None, grace=TERMINATE_GRACE
+                spec=spec,
+                env=env,
+                log_path=log_path,
+                fds=fds,
+                channel=theirs is not None,
+                gate=gate >= 0,
+                grace=TERMINATE_GRACE,
             )
         except BaseException:
-            if lifeline_w >= 0:
-                os.close(lifeline_w)
+            for fd in (lifeline_w, gate_w):
+                if fd >= 0:
+                    os.close(fd)
             if ours is not None:
                 ours.close()
             raise
         finally:
             # The zygote has its copies (and the child its own): close ours without awaiting.
-            log_file.close()
-            if lifeline >= 0:
-                os.close(lifeline)
+            for fd in (lifeline, gate):
+                if fd >= 0:
+                    os.close(fd)
             if theirs is not None:
                 theirs.close()
         serving = (
@@ -239,15 +267,35 @@ class LocalExecutor:
                 _serve_socket(ours, launch.on_trigger), name=f"aeventor channel {launch.step.name}"
             )
         )
+        run = True
         try:
-            await launch.on_started(child.pid)
+            if launch.fence is None:
+                await launch.on_started(child.pid)
+            else:
+                run = await launch.fence(child.pid)
+                if run:
+                    # (A child that died meanwhile left nobody to read it.)
+                    with contextlib.suppress(OSError):
+                        os.write(gate_w, _zygote.GATE_OPEN)
+                # Closed either way: end-of-file without the byte sends the child away.
+                os.close(gate_w)
+                gate_w = -1
             returncode = await child.wait()
         except BaseException:
             await child.terminate(TERMINATE_GRACE)
             raise
         finally:
+            if gate_w >= 0:
+                os.close(gate_w)
             # (Reaped by its zygote when it has a return code.)
             await _after_step(child.returncode is not None, lifeline_w, serving, ours)
+        if not run:
+            return ExecResult(
+                ok=False, error=f"step {launch.step.name!r} was not started: fenced out"
+            )
+        if child.result is not None:
+            return decode_result(launch, child.result, returncode)
+        # None written (it crashed), or too large for its zygote to send.
         raw = await asyncio.to_thread(_read_result, result_path)
         return decode_result(launch, raw, returncode)
 
