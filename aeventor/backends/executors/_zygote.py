@@ -417,12 +417,13 @@ class Zygote:
                         sys.path.insert(0, script_dir)
                     if loaded.main_module is not None:
                         sys.modules[runner.MAIN_MODULE] = loaded.main_module
+            runner.prepare(spec)
             if gate is not None and not _pass_gate(gate):
                 # Not ours to run (its claim was taken, or its start not recorded): nothing
                 # of the step ran; the executor knows why.
                 code = GATE_CLOSED
             else:
-                code = runner.run_spec(spec, func)
+                code = runner.run_prepared(spec, func)
             try:
                 os.waitpid(intermediate, os.WNOHANG)
             except ChildProcessError:  # the step reaped it (os.wait())
@@ -507,8 +508,14 @@ def _ignore(signum: int, frame: object) -> None:
 
 
 def _set_environ(env: dict[str, str]) -> None:
-    os.environ.clear()
-    os.environ.update(env)
+    """Make ``os.environ`` exactly ``env``. Only what differs is changed (each change is an
+    unsetenv or putenv): a step's environment is mostly the zygote's own."""
+    environ = os.environ
+    for key in [key for key in environ if key not in env]:
+        del environ[key]
+    for key, value in env.items():
+        if environ.get(key) != value:
+            environ[key] = value
 
 
 def _flush() -> None:

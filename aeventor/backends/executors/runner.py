@@ -198,9 +198,20 @@ def run_spec(spec: dict[str, Any], func: Any = None) -> int:
         func: the step's callable, already loaded (by the warm pool's zygote, see
             :mod:`._zygote`); None: it is loaded here, by path.
     """
+    prepare(spec)
+    return run_prepared(spec, func)
+
+
+def prepare(spec: dict[str, Any]) -> None:
+    """What :func:`run_spec` sets up before it runs the step: ``sys.argv`` and logging
+    (nothing of the step's own code runs here)."""
     if spec.get("main_path") and spec.get("argv"):
         sys.argv = list(spec["argv"])
     _setup_logging(bool(spec.get("deterministic_logs")), int(spec.get("log_level", logging.INFO)))
+
+
+def run_prepared(spec: dict[str, Any], func: Any = None) -> int:
+    """:func:`run_spec` once :func:`prepare` ran."""
     outcome = _execute(spec, func)
     if not outcome["ok"]:
         print(outcome["error"], file=sys.stderr)  # noqa: T201 - the step's log is stderr
