@@ -263,9 +263,7 @@ class LocalExecutor:
         serving = (
             None
             if ours is None or launch.on_trigger is None
-            else asyncio.create_task(
-                _serve_socket(ours, launch.on_trigger), name=f"aeventor channel {launch.step.name}"
-            )
+            else _Channel(ours, launch.on_trigger, name=f"aeventor channel {launch.step.name}")
         )
         run = True
         try:
@@ -288,7 +286,7 @@ class LocalExecutor:
             if gate_w >= 0:
                 os.close(gate_w)
             # (Reaped by its zygote when it has a return code.)
-            await _after_step(child.returncode is not None, lifeline_w, serving, ours)
+            await _after_step(child.returncode is not None, lifeline_w, serving)
         if not run:
             return ExecResult(
                 ok=False, error=f"step {launch.step.name!r} was not started: fenced out"
@@ -363,9 +361,7 @@ class LocalExecutor:
         serving = (
             None
             if ours is None or launch.on_trigger is None
-            else asyncio.create_task(
-                _serve_socket(ours, launch.on_trigger), name=f"aeventor channel {launch.step.name}"
-            )
+            else _Channel(ours, launch.on_trigger, name=f"aeventor channel {launch.step.name}")
         )
         try:
             if exec_error is not None:
@@ -391,7 +387,7 @@ class LocalExecutor:
             await _terminate(proc)
             raise
         finally:
-            await _after_step(proc.returncode is not None, lifeline_w, serving, ours)
+            await _after_step(proc.returncode is not None, lifeline_w, serving)
 
     async def _start(
         self,
@@ -432,6 +428,49 @@ async def _serve_socket(sock: socket.socket, fire: Fire) -> None:
     """Serve the worker's end of a local step's channel (see :mod:`._channel`)."""
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     await serve_channel(reader, writer, fire)
+
+
+class _Channel:
+    """The worker's end of a local step's channel, served from the step's first message on.
+
+    Most steps fire no event: watching the socket costs a loop reader, where serving it
+    from the start cost a stream and a task per step. End-of-file before any message (the
+    step, and whatever inherited its end, closed it) ends the watch.
+    """
+
+    def __init__(self, sock: socket.socket, fire: Fire, *, name: str) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fire = fire
+        self._name = name
+        self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+        self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _readable(self) -> None:
+        try:
+            first = self._sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return  # (still watched)
+        except OSError:
+            first = b""
+        self._unwatch()
+        if first:
+            self._task = asyncio.create_task(_serve_socket(self._sock, self._fire), name=self._name)
+
+    async def aclose(self) -> None:
+        """Stop serving (the step has ended, or is being terminated) and close the socket."""
+        self._unwatch()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        self._sock.close()  # (already closed with the channel's stream, if it was opened)
 
 
 async def _open_log_file(path: Path) -> Any:
@@ -562,12 +601,7 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-async def _after_step(
-    reaped: bool,
-    lifeline_w: int,
-    serving: asyncio.Task[None] | None,
-    ours: socket.socket | None,
-) -> None:
+async def _after_step(reaped: bool, lifeline_w: int, channel: _Channel | None) -> None:
     """Close what a step's launch opened. A step that ended and was reaped tells its watcher
     first, so that the watcher exits without touching what the step left behind (a step
     cancelled had its group, watcher included, killed)."""
@@ -575,8 +609,5 @@ async def _after_step(
         with contextlib.suppress(OSError):
             os.write(lifeline_w, _lifeline.ENDED)
     os.close(lifeline_w)
-    if serving is not None:
-        serving.cancel()
-        await asyncio.wait([serving])
-    if ours is not None:
-        ours.close()  # (already closed with the channel's stream, unless never opened)
+    if channel is not None:
+        await channel.aclose()
