@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import aeventor as evr
+from aeventor.backends.executors import _zygote, runner
 from aeventor.backends.executors.local import LocalExecutor
 from aeventor.dispatch.claims import Claim
 from aeventor.dispatch.executor import StepLaunch
@@ -472,3 +473,20 @@ async def test_a_sigkilled_worker_takes_its_held_back_warm_step_along(tmp_path: 
     await gone(pid)
     await wait_until(lambda: session_members(pid) == [], what=f"session {pid} to empty")
     assert not await asyncio.to_thread((tmp_path / "ran").exists)
+
+
+async def test_warm_step_results_of_any_size_come_back_whole(tmp_path: Path) -> None:
+    """A small result comes back through the zygote's result pipe, a larger one through
+    the result file (read by the zygote, or, larger still, by the executor): all whole."""
+    sizes = {
+        "pipe": 600,
+        "file": runner.PIPE_RESULT_MAX * 3,
+        "large": _zygote.RESULT_INLINE * 3,
+    }
+    ev = eventor(tmp_path)
+    for name, size in sizes.items():
+        ev.add_step(name, warmfuncs.sized, args=[size])
+        ev.add_assoc("go", name)
+    result = await run(ev)
+    for name, size in sizes.items():
+        assert value(result, name) == warmfuncs.sized(size), name

@@ -75,3 +75,8 @@ def touch(path: str) -> int:
     """Write this process's pid to ``path`` (that the step ran at all); return it."""
     Path(path).write_text(str(os.getpid()))
     return os.getpid()
+
+
+def sized(n: int) -> str:
+    """A result of about ``n`` bytes once encoded (not all ASCII)."""
+    return ("é" * n)[: n // 6]

@@ -23,11 +23,12 @@ with the executor), one JSON line each way:
   SIGKILLs the rest of its process group before it reports the end (the executor does too,
   a moment later).
 * ``{"id": N, "exit": CODE, "result": TEXT}`` once it reaped the child (``CODE`` as
-  :attr:`subprocess.Popen.returncode`: negative for a signal). ``TEXT`` is what the child
-  wrote to its result file (``spec["result_path"]``), which the zygote then removed; it is
-  left out when there is no such file, or one larger than :data:`RESULT_INLINE` (the
-  executor reads that one itself). Reading it here saves the executor a trip through a
-  thread per step.
+  :attr:`subprocess.Popen.returncode`: negative for a signal). ``TEXT`` is the child's
+  outcome: a small one it wrote to its *result pipe* (made by the zygote at each fork;
+  a file's creation costs more than the rest of a short step's end), else what it wrote to
+  its result file (``spec["result_path"]``), which the zygote then removed; it is left out
+  when there is neither, or a file larger than :data:`RESULT_INLINE` (the executor reads
+  that one itself). Reading it here saves the executor a trip through a thread per step.
 * ``{"id": N, "retire": REASON, "preload": bool}``, without forking: the import left
   threads running (forking a threaded process may deadlock the child; ``preload`` false:
   never preload this step again), or took longer than ``preload_limit`` (it would hold up
@@ -143,7 +144,8 @@ class Zygote:
         self.sys_path = sys_path
         self.buffer = b""
         self.fds: list[int] = []  # received, not yet claimed by a request
-        self.children: dict[int, tuple[int, str]] = {}  # pid -> request id, result file
+        # pid -> request id, result file, read end of its result pipe
+        self.children: dict[int, tuple[int, str, int]] = {}
         self.loaded: dict[tuple[str, str | None], _Loaded] = {}
         self.environ = dict(os.environ)
         self.retired: tuple[str, bool] | None = None
@@ -221,9 +223,11 @@ class Zygote:
                     pass
             child = self.children.pop(pid, None)
             if child is not None:
-                rid, result_path = child
+                rid, result_path, result_r = child
                 message: dict[str, Any] = {"id": rid, "exit": os.waitstatus_to_exitcode(status)}
-                result = _take_result(result_path)
+                result = _read_result_pipe(result_r)
+                if result is None:
+                    result = _take_result(result_path)
                 if result is not None:
                     message["result"] = result
                 self._send(message)
@@ -291,13 +295,22 @@ class Zygote:
         # does not touch (and so copy) their pages.
         gc.freeze()
         try:
+            result_r, result_w = os.pipe()
+        except OSError as exc:
+            self._send({"id": rid, "error": f"cannot make a pipe: {exc}"})
+            return
+        try:
             pid = os.fork()
         except OSError as exc:
+            _close(result_r)
+            _close(result_w)
             self._send({"id": rid, "error": f"cannot fork: {exc}"})
             return
         if pid == 0:
-            self._child(request, fds, loaded)
-        self.children[pid] = (rid, spec["result_path"])
+            self._child(request, fds, loaded, result_r, result_w)
+        _close(result_w)
+        os.set_blocking(result_r, False)
+        self.children[pid] = (rid, spec["result_path"], result_r)
         self._send({"id": rid, "pid": pid})
 
     def _retire(self, rid: int, reason: str, preload: bool) -> None:
@@ -380,14 +393,22 @@ class Zygote:
         module = sys.modules.get(spec["target"].partition(":")[0])
         return _Loaded(func, None, getattr(module, "__file__", None))
 
-    def _child(self, request: dict[str, Any], fds: list[int], loaded: _Loaded | None) -> NoReturn:
+    def _child(
+        self,
+        request: dict[str, Any],
+        fds: list[int],
+        loaded: _Loaded | None,
+        result_r: int,
+        result_w: int,
+    ) -> NoReturn:
         code = 1
         try:
             os.setsid()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            for fd in (self.wake_r, self.wake_w, *self.fds):
+            siblings = [read_end for _, _, read_end in self.children.values()]
+            for fd in (self.wake_r, self.wake_w, result_r, *self.fds, *siblings):
                 _close(fd)
             self.sock.close()
             log_fd, lifeline, *rest = fds
@@ -423,7 +444,7 @@ class Zygote:
                 # of the step ran; the executor knows why.
                 code = GATE_CLOSED
             else:
-                code = runner.run_prepared(spec, func)
+                code = runner.run_prepared(spec, func, result_fd=result_w)
             try:
                 os.waitpid(intermediate, os.WNOHANG)
             except ChildProcessError:  # the step reaped it (os.wait())
@@ -462,6 +483,23 @@ def _open_log(path: str) -> int:
     except FileNotFoundError:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+
+
+def _read_result_pipe(fd: int) -> str | None:
+    """What an ended child wrote to its result pipe (one write of at most
+    :data:`.runner.PIPE_RESULT_MAX` bytes: all there once it exited), or None; closes ``fd``."""
+    try:
+        data = os.read(fd, runner.PIPE_RESULT_MAX + 1)
+    except OSError:  # empty (BlockingIOError: a grandchild still holds the write end)
+        data = b""
+    finally:
+        _close(fd)
+    if not data or len(data) > runner.PIPE_RESULT_MAX:
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _take_result(path: str) -> str | None:
