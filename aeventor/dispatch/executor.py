@@ -63,7 +63,13 @@ class StepLaunch:
 
 class Executor(Protocol):
     """Runs step runs to their end. Cancelling :meth:`run` terminates the step (its whole
-    process group) and propagates the cancellation."""
+    process group) and propagates the cancellation.
+
+    An executor may also have a ``fences(step) -> bool`` method: True when its :meth:`run`
+    of ``step`` holds the step's process back until :attr:`StepLaunch.fence` said so (the
+    worker then records the start once, with the real pid, instead of marking it started
+    before the process exists and recording the pid after).
+    """
 
     async def run(self, launch: StepLaunch) -> ExecResult: ...
 
