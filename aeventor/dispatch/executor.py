@@ -52,11 +52,24 @@ class StepLaunch:
     #: ``trigger``): what ``aeventor.current_step().trigger`` reaches, in-loop or from a
     #: process step through its channel.
     on_trigger: Callable[[str, str], Awaitable[None]] | None = None
+    #: Set only for an executor whose ``fences(step)`` said so: the worker has not fenced
+    #: the start (:meth:`Store.launching <aeventor.dispatch.store.Store.launching>`). The
+    #: executor awaits it with the pid once the step's process exists and before any of the
+    #: step's code runs, *instead of* ``on_started``; on False the claim is no longer the
+    #: worker's: the process must end without running the step (what :meth:`Executor.run`
+    #: then returns is ignored).
+    fence: Callable[[int], Awaitable[bool]] | None = None
 
 
 class Executor(Protocol):
     """Runs step runs to their end. Cancelling :meth:`run` terminates the step (its whole
-    process group) and propagates the cancellation."""
+    process group) and propagates the cancellation.
+
+    An executor may also have a ``fences(step) -> bool`` method: True when its :meth:`run`
+    of ``step`` holds the step's process back until :attr:`StepLaunch.fence` said so (the
+    worker then records the start once, with the real pid, instead of marking it started
+    before the process exists and recording the pid after).
+    """
 
     async def run(self, launch: StepLaunch) -> ExecResult: ...
 

@@ -790,6 +790,20 @@ class Worker:
             log_started(pid)
             self.apply(claim.run_id, await self.store.started(graph, claim, pid=pid))
 
+        fenced_out = False
+
+        async def fence(pid: int) -> bool:
+            """The start's one transaction, once the process exists (see below)."""
+            nonlocal fenced_out
+            advance = await self.store.started(graph, claim, pid=pid)
+            if not advance.recorded:
+                fenced_out = True
+                return False
+            bound.info("step.started", pid=pid, host=step.host)
+            log_started(pid)
+            self.apply(claim.run_id, advance)
+            return True
+
         async def fire(event: str, sequence: str) -> None:
             """An event the step fires (in-loop, or from its process over its channel)."""
             if event not in graph.program.events:
@@ -819,10 +833,22 @@ class Worker:
         spawns = step.executor in ("warm", "process", "command") and (
             step.target is not None or step.argv is not None
         )
+        # An executor that can hold a forked process back before it runs any of the step's
+        # code (the warm pool) fences the start itself, in one transaction instead of two:
+        # ``started`` records the real pid while the claim is still ours (the same check as
+        # ``launching``), and the process runs the step only once that committed. Until
+        # then the row has no pid, so a worker that dies meanwhile has its claim requeued:
+        # right, as nothing of the step ran (its held-back process dies with the worker,
+        # through its lifeline). Killing a step never needs the recorded pid: the worker
+        # terminates what it runs, and its lifeline what a dead worker ran.
+        fences = getattr(executor, "fences", None)
+        fenced_by_executor = spawns and fences is not None and bool(fences(step))
         if not spawns:
             bound.info("step.started", host=step.host)
             log_started()
             self.apply(claim.run_id, await self.store.started(graph, claim))
+        elif fenced_by_executor:
+            pass
         elif not await self.store.launching(claim):
             # Fencing at the start: only while the claim is still ours does the store mark
             # it started (before the process exists), so a reaper records it lost instead
@@ -846,13 +872,18 @@ class Worker:
             func=self.funcs.get(claim.step) if step.executor == "inloop" else None,
             context=context,
             on_trigger=fire,
+            fence=fence if fenced_by_executor else None,
         )
         try:
             if step.timeout is None:
-                return await executor.run(launch)
-            async with asyncio.timeout(step.timeout) as limit:
-                return await executor.run(launch)
+                result = await executor.run(launch)
+            else:
+                async with asyncio.timeout(step.timeout) as limit:
+                    result = await executor.run(launch)
+            return None if fenced_out else result
         except ExecutorError as exc:
+            if fenced_out:
+                return None
             return ExecResult(ok=False, error=await describe_exception(exc))
         except TimeoutError:
             if step.timeout is None or not limit.expired():

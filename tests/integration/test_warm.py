@@ -15,9 +15,15 @@ from typing import Any
 import pytest
 
 import aeventor as evr
+from aeventor.backends.executors import _zygote, runner
+from aeventor.backends.executors.local import LocalExecutor
+from aeventor.dispatch.claims import Claim
+from aeventor.dispatch.executor import StepLaunch
+from aeventor.program.model import StepDef
 
 from ..waiting import pid_alive, session_members, wait_until
 from . import stepfuncs, warmfuncs
+from .test_steps import PROJECT_ROOT, with_project_on_path
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -364,3 +370,123 @@ async def test_the_executors_warm_pool_size(tmp_path: Path, warm: int) -> None:
         assert 1 <= len(parents) <= warm
     else:
         assert parents == {os.getpid()}
+
+
+def _launch(tmp_path: Path, i: int, marker: Path, fence: Any) -> StepLaunch:
+    async def started(pid: int) -> None:
+        raise AssertionError("a fenced launch reports its pid to its fence")
+
+    step = StepDef(
+        name="touch", executor="warm", target=f"{warmfuncs.__name__}:touch", args=(str(marker),)
+    )
+    return StepLaunch(
+        claim=Claim(id=i, run_id="run-1", step="touch", sequence=str(i), recovery=0, attempt=1),
+        step=step,
+        program="prog",
+        env={"EVENTOR_LOGGER_NAME": "prog.step"},
+        log_path=tmp_path / f"touch.{i}.log",
+        deterministic_logs=True,
+        on_started=started,
+        fence=fence,
+    )
+
+
+async def test_a_warm_step_runs_only_once_its_fence_let_it(tmp_path: Path) -> None:
+    """The worker records a warm step's start (its real pid) while its process is held
+    back; fenced out, the process ends having run nothing of the step."""
+    executor = LocalExecutor()
+    markers = [tmp_path / "out.0", tmp_path / "in.1"]
+    fenced: list[int] = []
+
+    async def fence(pid: int) -> bool:
+        # The process exists, and has run nothing of the step yet.
+        assert pid_alive(pid)
+        assert not await asyncio.to_thread(markers[len(fenced)].exists)
+        fenced.append(pid)
+        return len(fenced) == 2
+
+    try:
+        assert executor.fences(_launch(tmp_path, 0, markers[0], fence).step)
+        await executor.run(_launch(tmp_path, 0, markers[0], fence))
+        await gone(fenced[0])
+        result = await executor.run(_launch(tmp_path, 1, markers[1], fence))
+    finally:
+        await executor.aclose()
+    assert not await asyncio.to_thread(markers[0].exists)
+    # The pid the fence recorded is the step's own.
+    assert result.ok and result.value == fenced[1]
+
+
+GATED_CONTROLLER = """\
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[3])
+from tests.integration import test_warm
+
+from aeventor.backends.executors.local import LocalExecutor
+
+
+async def main(workdir):
+    executor = LocalExecutor()
+
+    async def fence(pid):
+        tmp = workdir / "pid.tmp"
+        tmp.write_text(str(pid))
+        os.replace(tmp, workdir / "pid")
+        await asyncio.Event().wait()  # the worker's start never commits: it dies first
+
+    await executor.run(test_warm._launch(workdir, 0, workdir / "ran", fence))
+
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+async def test_a_sigkilled_worker_takes_its_held_back_warm_step_along(tmp_path: Path) -> None:
+    """A worker that dies while its warm step's start is being recorded leaves the step run
+    without a pid (a reaper requeues it): its held-back process must go without running it."""
+    script = tmp_path / "controller.py"
+    await asyncio.to_thread(script.write_text, GATED_CONTROLLER)
+    controller = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        str(tmp_path),
+        "unused",
+        str(PROJECT_ROOT),
+        cwd=tmp_path,
+        env=with_project_on_path(),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    pid_file = tmp_path / "pid"
+    try:
+        await wait_until(
+            lambda: asyncio.to_thread(pid_file.exists), what="the held-back step's pid"
+        )
+        pid = int(await asyncio.to_thread(pid_file.read_text))
+        await wait_until(lambda: len(session_members(pid)) >= 2, what="its lifeline's watcher")
+    finally:
+        controller.kill()
+        await controller.wait()
+    await gone(pid)
+    await wait_until(lambda: session_members(pid) == [], what=f"session {pid} to empty")
+    assert not await asyncio.to_thread((tmp_path / "ran").exists)
+
+
+async def test_warm_step_results_of_any_size_come_back_whole(tmp_path: Path) -> None:
+    """A small result comes back through the zygote's result pipe, a larger one through
+    the result file (read by the zygote, or, larger still, by the executor): all whole."""
+    sizes = {
+        "pipe": 600,
+        "file": runner.PIPE_RESULT_MAX * 3,
+        "large": _zygote.RESULT_INLINE * 3,
+    }
+    ev = eventor(tmp_path)
+    for name, size in sizes.items():
+        ev.add_step(name, warmfuncs.sized, args=[size])
+        ev.add_assoc("go", name)
+    result = await run(ev)
+    for name, size in sizes.items():
+        assert value(result, name) == warmfuncs.sized(size), name

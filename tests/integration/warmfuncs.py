@@ -69,3 +69,14 @@ def report_and_wait(report: str, release: str) -> str:
             raise TimeoutError(f"{release} did not appear within {DEADLINE} s")
         time.sleep(0.01)
     return "released"
+
+
+def touch(path: str) -> int:
+    """Write this process's pid to ``path`` (that the step ran at all); return it."""
+    Path(path).write_text(str(os.getpid()))
+    return os.getpid()
+
+
+def sized(n: int) -> str:
+    """A result of about ``n`` bytes once encoded (not all ASCII)."""
+    return ("é" * n)[: n // 6]

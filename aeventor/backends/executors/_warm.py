@@ -4,9 +4,10 @@ A :class:`WarmPool` belongs to one :class:`~aeventor.backends.executors.local.Lo
 (a standalone run's, or an agent's). It starts its zygotes lazily (or on
 :meth:`WarmPool.prestart`), each a ``python -I`` process in a session of its own, and talks to
 each over a Unix socket pair read by a loop callback (no task per zygote). A step run is
-one request: the step's spec, environment and working directory as a JSON line, its log
-file, lifeline and channel as descriptors (``SCM_RIGHTS``); the answer is the child's pid,
-then, once the zygote reaped it, its exit status. The step's process group is signalled
+one request: the step's spec, environment, working directory and log file's path as a
+JSON line, its lifeline, channel and gate as descriptors (``SCM_RIGHTS``); the answer is the
+child's pid, then, once the zygote reaped it, its exit status and (read by the zygote) its
+result. The step's process group is signalled
 from here, as for a fresh process: the child leads its own session.
 
 A zygote that dies (killed, or crashed) fails the step runs it still had running with an
@@ -70,7 +71,7 @@ class _Zygote:
         self.fatal: str | None = None
         self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.starts: dict[int, asyncio.Future[int]] = {}
-        self.exits: dict[int, asyncio.Future[int]] = {}
+        self.exits: dict[int, asyncio.Future[tuple[int, str | None]]] = {}
         self.send_lock = asyncio.Lock()
         self._buffer = b""
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
@@ -119,7 +120,8 @@ class _Zygote:
         if "exit" in message:
             done = self.exits.pop(rid, None)
             if done is not None and not done.done():
-                done.set_result(int(message["exit"]))
+                result = message.get("result")
+                done.set_result((int(message["exit"]), None if result is None else str(result)))
             return
         start = self.starts.pop(rid, None)
         if start is None or start.done():
@@ -146,7 +148,11 @@ class _Zygote:
         self.sock.close()
         why = f": {self.fatal}" if self.fatal else ""
         error = ExecutorError(f"the warm pool's zygote (pid {self.pid}) exited{why}")
-        waiting = [self.ready, *self.starts.values(), *self.exits.values()]
+        waiting: list[asyncio.Future[Any]] = [
+            self.ready,
+            *self.starts.values(),
+            *self.exits.values(),
+        ]
         self.starts.clear()
         self.exits.clear()
         for future in waiting:
@@ -172,11 +178,12 @@ class _Zygote:
 
     async def request(
         self, rid: int, data: bytes, fds: Sequence[int]
-    ) -> tuple[asyncio.Future[int], asyncio.Future[int]]:
-        """Send a request; its start (the pid) and its exit (the status) to await."""
+    ) -> tuple[asyncio.Future[int], asyncio.Future[tuple[int, str | None]]]:
+        """Send a request; its start (the pid) and its exit (the status, and the result
+        file's text if the zygote read it) to await."""
         loop = asyncio.get_running_loop()
         start: asyncio.Future[int] = loop.create_future()
-        exit_: asyncio.Future[int] = loop.create_future()
+        exit_: asyncio.Future[tuple[int, str | None]] = loop.create_future()
         async with self.send_lock:
             if not self.alive:
                 raise _Gone(f"the warm pool's zygote (pid {self.pid}) exited")
@@ -241,9 +248,14 @@ def _set_once(future: asyncio.Future[None]) -> None:
 class WarmChild:
     """A step run's process, forked by a zygote: its pid (and process group), its end."""
 
-    def __init__(self, pid: int, exit_: asyncio.Future[int], zygote: _Zygote) -> None:
+    def __init__(
+        self, pid: int, exit_: asyncio.Future[tuple[int, str | None]], zygote: _Zygote
+    ) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        #: What it wrote to its result file, once it ended, if its zygote read it (and
+        #: removed the file): None if it left none, or a large one.
+        self.result: str | None = None
         self._exit = exit_
         self._zygote = zygote
 
@@ -254,7 +266,7 @@ class WarmChild:
             ExecutorError: its zygote died first (its process group is killed).
         """
         try:
-            code = await asyncio.shield(self._exit)
+            code, self.result = await asyncio.shield(self._exit)
         except ExecutorError as exc:
             self._killpg(signal.SIGKILL)
             raise ExecutorError(
@@ -286,7 +298,7 @@ class WarmChild:
             except ExecutorError:
                 pass
         if self._exit.done() and self._exit.exception() is None:
-            self.returncode = self._exit.result()
+            self.returncode = self._exit.result()[0]
         # Grandchildren may outlive the leader; the group id is still theirs.
         self._killpg(signal.SIGKILL)
 
@@ -405,16 +417,22 @@ class WarmPool:
         *,
         spec: Mapping[str, Any],
         env: Mapping[str, str],
+        log_path: str,
         fds: Sequence[int],
         channel: bool,
+        gate: bool,
         grace: float,
     ) -> WarmChild:
         """Fork the step run ``spec`` describes; return once its pid is known.
 
         Args:
             env: its whole environment (the channel's variable aside).
-            fds: its log file, its lifeline's read end, and (``channel``) its channel; the
-                zygote gets copies: the caller closes these.
+            log_path: its log file (an absolute path), which the zygote opens for appending.
+            fds: its lifeline's read end, (``channel``) its channel, and (``gate``) the read
+                end of its gate: a gated child waits, its session and lifeline set up, for
+                one byte (:data:`._zygote.GATE_OPEN`) on it to run the step, and exits
+                with :data:`._zygote.GATE_CLOSED` at end-of-file. The zygote gets copies:
+                the caller closes these.
             grace: how long a cancelled start waits for the child to exist (to end it).
 
         Raises:
@@ -430,7 +448,9 @@ class WarmPool:
                         "id": rid,
                         "spec": spec,
                         "env": env,
+                        "log": log_path,
                         "channel": channel,
+                        "gate": gate,
                         "preload": key not in self._no_preload,
                         "preload_limit": PRELOAD_LIMIT,
                     }
@@ -460,7 +480,7 @@ class WarmPool:
         self,
         zygote: _Zygote,
         started: asyncio.Future[int],
-        exited: asyncio.Future[int],
+        exited: asyncio.Future[tuple[int, str | None]],
         grace: float,
     ) -> None:
         """A cancelled start: the zygote forks the child anyway; end it once it exists.

@@ -6,19 +6,29 @@ with the executor's import path and the environment its steps inherit (their own
 aside). It imports the step runner, then serves its *control socket* (a Unix socket pair
 with the executor), one JSON line each way:
 
-* ``{"id": N, "spec": ..., "env": ..., "channel": bool, "preload": bool,
-  "preload_limit": SECONDS}``
-  with the descriptors ``[log, lifeline]`` (and the step's channel) attached
-  (``SCM_RIGHTS``). The zygote imports the step's callable, once per zygote (``preload``;
-  with the step's environment set while it imports, and what the import prints copied to
-  the step's log), forks, answers ``{"id": N, "pid": PID}``, and closes its copies of the
-  descriptors. Should the import fail, the child imports it again and fails as a fresh
-  process would (the same error in the same log).
+* ``{"id": N, "spec": ..., "env": ..., "log": PATH, "channel": bool, "gate": bool,
+  "preload": bool, "preload_limit": SECONDS}``
+  with the descriptors ``[lifeline]`` (then the step's channel, then its gate, as flagged)
+  attached (``SCM_RIGHTS``). The zygote opens the step's log (``PATH``, for appending),
+  imports the step's callable, once per zygote (``preload``; with the step's environment
+  set while it imports, and what the import prints copied to the step's log), forks,
+  answers ``{"id": N, "pid": PID}``, and closes its copies of the descriptors. Should the
+  import fail, the child imports it again and fails as a fresh process would (the same
+  error in the same log). A *gated* child sets up its session, descriptors, environment
+  and lifeline, then waits for :data:`GATE_OPEN` on its gate before it runs the step; at
+  end-of-file it exits with :data:`GATE_CLOSED` having run nothing of it (the executor
+  holds the step back until the worker recorded its start: see
+  :attr:`aeventor.dispatch.executor.StepLaunch.fence`).
 * ``{"doom": PID}``: the executor is terminating that child; once it is reaped, the zygote
   SIGKILLs the rest of its process group before it reports the end (the executor does too,
   a moment later).
-* ``{"id": N, "exit": CODE}`` once it reaped the child (``CODE`` as
-  :attr:`subprocess.Popen.returncode`: negative for a signal).
+* ``{"id": N, "exit": CODE, "result": TEXT}`` once it reaped the child (``CODE`` as
+  :attr:`subprocess.Popen.returncode`: negative for a signal). ``TEXT`` is the child's
+  outcome: a small one it wrote to its *result pipe* (made by the zygote at each fork;
+  a file's creation costs more than the rest of a short step's end), else what it wrote to
+  its result file (``spec["result_path"]``), which the zygote then removed; it is left out
+  when there is neither, or a file larger than :data:`RESULT_INLINE` (the executor reads
+  that one itself). Reading it here saves the executor a trip through a thread per step.
 * ``{"id": N, "retire": REASON, "preload": bool}``, without forking: the import left
   threads running (forking a threaded process may deadlock the child; ``preload`` false:
   never preload this step again), or took longer than ``preload_limit`` (it would hold up
@@ -59,11 +69,19 @@ from typing import IO, Any, NoReturn
 
 from . import _lifeline, runner
 
-#: Most descriptors one request carries: log, lifeline, channel.
+#: Most descriptors one request carries: lifeline, channel, gate.
 MAX_FDS = 3
+#: The largest result file the zygote reads and sends with a child's end (a larger one is
+#: left for the executor to read).
+RESULT_INLINE = 1 << 16
 #: The variable that names a local process step's channel (as aeventor.context.CHANNEL_ENV,
 #: not imported: the zygote stays lean).
 CHANNEL_ENV = "EVENTOR_CHANNEL_FD"
+
+#: What the executor writes to a gated child's gate to have it run its step.
+GATE_OPEN = b"\1"
+#: The exit status of a gated child told not to run its step.
+GATE_CLOSED = 75
 
 _PR_SET_PDEATHSIG = 1
 #: inspect.CO_COROUTINE
@@ -126,7 +144,8 @@ class Zygote:
         self.sys_path = sys_path
         self.buffer = b""
         self.fds: list[int] = []  # received, not yet claimed by a request
-        self.children: dict[int, int] = {}  # pid -> request id
+        # pid -> request id, result file, read end of its result pipe
+        self.children: dict[int, tuple[int, str, int]] = {}
         self.loaded: dict[tuple[str, str | None], _Loaded] = {}
         self.environ = dict(os.environ)
         self.retired: tuple[str, bool] | None = None
@@ -175,7 +194,7 @@ class Zygote:
             if "doom" in request:
                 self.doomed.add(int(request["doom"]))
                 continue
-            count = 3 if request.get("channel") else 2
+            count = 1 + bool(request.get("channel")) + bool(request.get("gate"))
             if len(self.fds) < count:
                 self._fatal(f"request {request.get('id')} came without its descriptors")
             mine, self.fds = self.fds[:count], self.fds[count:]
@@ -202,9 +221,16 @@ class Zygote:
                     os.killpg(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            rid = self.children.pop(pid, None)
-            if rid is not None:
-                self._send({"id": rid, "exit": os.waitstatus_to_exitcode(status)})
+            child = self.children.pop(pid, None)
+            if child is not None:
+                rid, result_path, result_r = child
+                message: dict[str, Any] = {"id": rid, "exit": os.waitstatus_to_exitcode(status)}
+                result = _read_result_pipe(result_r)
+                if result is None:
+                    result = _take_result(result_path)
+                if result is not None:
+                    message["result"] = result
+                self._send(message)
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
@@ -219,10 +245,24 @@ class Zygote:
     # -- one step run -------------------------------------------------------------------
 
     def _run(self, request: dict[str, Any], fds: list[int]) -> None:
-        rid, spec = request["id"], request["spec"]
+        rid = request["id"]
         if self.retired is not None:
             self._send({"id": rid, "retire": self.retired[0], "preload": self.retired[1]})
             return
+        # The log is opened here rather than by the executor: blocking is fine in this
+        # process, and the executor saves a round trip through a thread per step.
+        try:
+            log_fd = _open_log(request["log"])
+        except OSError as exc:
+            self._send({"id": rid, "error": f"cannot open the step's log: {exc}"})
+            return
+        try:
+            self._fork(request, [log_fd, *fds])
+        finally:
+            _close(log_fd)
+
+    def _fork(self, request: dict[str, Any], fds: list[int]) -> None:
+        rid, spec = request["id"], request["spec"]
         loaded = None
         if request.get("preload"):
             key = (spec["target"], spec.get("main_path"))
@@ -255,13 +295,22 @@ class Zygote:
         # does not touch (and so copy) their pages.
         gc.freeze()
         try:
+            result_r, result_w = os.pipe()
+        except OSError as exc:
+            self._send({"id": rid, "error": f"cannot make a pipe: {exc}"})
+            return
+        try:
             pid = os.fork()
         except OSError as exc:
+            _close(result_r)
+            _close(result_w)
             self._send({"id": rid, "error": f"cannot fork: {exc}"})
             return
         if pid == 0:
-            self._child(request, fds, loaded)
-        self.children[pid] = rid
+            self._child(request, fds, loaded, result_r, result_w)
+        _close(result_w)
+        os.set_blocking(result_r, False)
+        self.children[pid] = (rid, spec["result_path"], result_r)
         self._send({"id": rid, "pid": pid})
 
     def _retire(self, rid: int, reason: str, preload: bool) -> None:
@@ -344,17 +393,25 @@ class Zygote:
         module = sys.modules.get(spec["target"].partition(":")[0])
         return _Loaded(func, None, getattr(module, "__file__", None))
 
-    def _child(self, request: dict[str, Any], fds: list[int], loaded: _Loaded | None) -> NoReturn:
+    def _child(
+        self,
+        request: dict[str, Any],
+        fds: list[int],
+        loaded: _Loaded | None,
+        result_r: int,
+        result_w: int,
+    ) -> NoReturn:
         code = 1
         try:
             os.setsid()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            for fd in (self.wake_r, self.wake_w, *self.fds):
+            siblings = [read_end for _, _, read_end in self.children.values()]
+            for fd in (self.wake_r, self.wake_w, result_r, *self.fds, *siblings):
                 _close(fd)
             self.sock.close()
-            log_fd, lifeline = fds[0], fds[1]
+            log_fd, lifeline, *rest = fds
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
             os.close(log_fd)
@@ -363,8 +420,10 @@ class Zygote:
             os.close(devnull)
             env = dict(request["env"])
             if request.get("channel"):
-                os.set_inheritable(fds[2], True)
-                env[CHANNEL_ENV] = str(fds[2])
+                channel = rest.pop(0)
+                os.set_inheritable(channel, True)
+                env[CHANNEL_ENV] = str(channel)
+            gate = rest.pop(0) if request.get("gate") else None
             _set_environ(env)
             # Not waiting for the double fork's intermediate process saves a scheduling
             # round trip; it is reaped once the step's function returned.
@@ -379,7 +438,13 @@ class Zygote:
                         sys.path.insert(0, script_dir)
                     if loaded.main_module is not None:
                         sys.modules[runner.MAIN_MODULE] = loaded.main_module
-            code = runner.run_spec(spec, func)
+            runner.prepare(spec)
+            if gate is not None and not _pass_gate(gate):
+                # Not ours to run (its claim was taken, or its start not recorded): nothing
+                # of the step ran; the executor knows why.
+                code = GATE_CLOSED
+            else:
+                code = runner.run_prepared(spec, func, result_fd=result_w)
             try:
                 os.waitpid(intermediate, os.WNOHANG)
             except ChildProcessError:  # the step reaped it (os.wait())
@@ -398,6 +463,64 @@ class Zygote:
                 pass
             _flush()
             os._exit(code)
+
+
+def _pass_gate(gate: int) -> bool:
+    """Wait for the executor's word: :data:`GATE_OPEN` to run the step, end-of-file not to."""
+    try:
+        word = os.read(gate, 1)
+    except OSError:
+        word = b""
+    finally:
+        _close(gate)
+    return word == GATE_OPEN
+
+
+def _open_log(path: str) -> int:
+    """The step's log, opened for appending (its directory made), close-on-exec."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+
+
+def _read_result_pipe(fd: int) -> str | None:
+    """What an ended child wrote to its result pipe (one write of at most
+    :data:`.runner.PIPE_RESULT_MAX` bytes: all there once it exited), or None; closes ``fd``."""
+    try:
+        data = os.read(fd, runner.PIPE_RESULT_MAX + 1)
+    except OSError:  # empty (BlockingIOError: a grandchild still holds the write end)
+        data = b""
+    finally:
+        _close(fd)
+    if not data or len(data) > runner.PIPE_RESULT_MAX:
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _take_result(path: str) -> str | None:
+    """The result file a child wrote, removed, if it is there, small and UTF-8; otherwise
+    None and the file left for the executor to read."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(RESULT_INLINE + 1)
+    except OSError:
+        return None
+    if len(data) > RESULT_INLINE:
+        return None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return None
+    try:
+        os.unlink(path)
+    except OSError:
+        return None
+    return text
 
 
 def _is_async(func: Any) -> bool:
@@ -423,8 +546,14 @@ def _ignore(signum: int, frame: object) -> None:
 
 
 def _set_environ(env: dict[str, str]) -> None:
-    os.environ.clear()
-    os.environ.update(env)
+    """Make ``os.environ`` exactly ``env``. Only what differs is changed (each change is an
+    unsetenv or putenv): a step's environment is mostly the zygote's own."""
+    environ = os.environ
+    for key in [key for key in environ if key not in env]:
+        del environ[key]
+    for key, value in env.items():
+        if environ.get(key) != value:
+            environ[key] = value
 
 
 def _flush() -> None:

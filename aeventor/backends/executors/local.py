@@ -30,16 +30,19 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...context import CHANNEL_ENV, EnvPolicy, bind_step, process_env
 from ...dispatch.executor import ExecResult, StepLaunch
 from ...dispatch.logs import step_log_capture, write_step_log
 from ...exceptions import ExecutorError
 from ...utils import describe_exception
-from . import _lifeline
+from . import _lifeline, _zygote
 from ._channel import Fire, serve_channel
 from ._warm import WarmPool
+
+if TYPE_CHECKING:
+    from ...program.model import StepDef
 
 __all__ = (
     "ExecResult",
@@ -118,6 +121,12 @@ class LocalExecutor:
         tmpdir, self._tmpdir = self._tmpdir, None
         if tmpdir is not None:
             await asyncio.to_thread(shutil.rmtree, tmpdir, True)
+
+    def fences(self, step: StepDef) -> bool:
+        """Whether :meth:`run` calls ``launch.fence`` for ``step`` (see
+        :attr:`StepLaunch.fence <aeventor.dispatch.executor.StepLaunch.fence>`): a warm
+        function step, while there is a warm pool."""
+        return step.executor == "warm" and step.target is not None and self._warm is not None
 
     async def run(self, launch: StepLaunch) -> ExecResult:
         """Run the step to its end; cancellation terminates it and propagates."""
@@ -199,55 +208,92 @@ class LocalExecutor:
 
     async def _run_warm(self, launch: StepLaunch, pool: WarmPool) -> ExecResult:
         """A function step forked by the warm pool: what :meth:`_spawn` does for a fresh
-        runner (log, lifeline, channel, session, termination), a fork instead of a start."""
+        runner (log, lifeline, channel, session, termination), a fork instead of a start.
+
+        With ``launch.fence`` the child is *gated*: forked, its session and lifeline set
+        up, it waits until the fence (the worker's one transaction that checks the claim is
+        still its own and records the pid) says whether it runs the step at all.
+        """
         tmpdir = await self._ensure_tmpdir()
         result_path = os.path.join(tmpdir, f"{launch.claim.id}-{launch.claim.attempt}.json")
         spec = build_spec(launch, result_path=result_path, sys_path=self.sys_path)
         env = process_env(launch.env, self.env_policy)
-        log_file = await _open_log_file(launch.log_path)
-        lifeline = lifeline_w = -1
+        # The zygote opens the log: a relative path must not depend on its working directory.
+        log_path = str(launch.log_path)
+        if not launch.log_path.is_absolute():
+            log_path = await asyncio.to_thread(os.path.abspath, log_path)
+        lifeline = lifeline_w = gate = gate_w = -1
         ours: socket.socket | None = None
         theirs: socket.socket | None = None
         try:
             lifeline, lifeline_w = os.pipe()
             # Its one byte never waits (nobody else writes to it); non-blocking says so.
             os.set_blocking(lifeline_w, False)
-            fds = [log_file.fileno(), lifeline]
+            fds = [lifeline]
             if launch.on_trigger is not None:
                 ours, theirs = socket.socketpair()
                 fds.append(theirs.fileno())
+            if launch.fence is not None:
+                gate, gate_w = os.pipe()
+                os.set_blocking(gate_w, False)  # as the lifeline's: one byte, never waits
+                fds.append(gate)
             child = await pool.start(
-                spec=spec, env=env, fds=fds, channel=theirs is not None, grace=TERMINATE_GRACE
+                spec=spec,
+                env=env,
+                log_path=log_path,
+                fds=fds,
+                channel=theirs is not None,
+                gate=gate >= 0,
+                grace=TERMINATE_GRACE,
             )
         except BaseException:
-            if lifeline_w >= 0:
-                os.close(lifeline_w)
+            for fd in (lifeline_w, gate_w):
+                if fd >= 0:
+                    os.close(fd)
             if ours is not None:
                 ours.close()
             raise
         finally:
             # The zygote has its copies (and the child its own): close ours without awaiting.
-            log_file.close()
-            if lifeline >= 0:
-                os.close(lifeline)
+            for fd in (lifeline, gate):
+                if fd >= 0:
+                    os.close(fd)
             if theirs is not None:
                 theirs.close()
         serving = (
             None
             if ours is None or launch.on_trigger is None
-            else asyncio.create_task(
-                _serve_socket(ours, launch.on_trigger), name=f"aeventor channel {launch.step.name}"
-            )
+            else _Channel(ours, launch.on_trigger, name=f"aeventor channel {launch.step.name}")
         )
+        run = True
         try:
-            await launch.on_started(child.pid)
+            if launch.fence is None:
+                await launch.on_started(child.pid)
+            else:
+                run = await launch.fence(child.pid)
+                if run:
+                    # (A child that died meanwhile left nobody to read it.)
+                    with contextlib.suppress(OSError):
+                        os.write(gate_w, _zygote.GATE_OPEN)
+                # Closed either way: end-of-file without the byte sends the child away.
+                os.close(gate_w)
+                gate_w = -1
             returncode = await child.wait()
         except BaseException:
             await child.terminate(TERMINATE_GRACE)
             raise
         finally:
+            if gate_w >= 0:
+                os.close(gate_w)
             # (Reaped by its zygote when it has a return code.)
-            await _after_step(child.returncode is not None, lifeline_w, serving, ours)
+            await _after_step(child.returncode is not None, lifeline_w, serving)
+        if not run:
+            return ExecResult(
+                ok=False, error=f"step {launch.step.name!r} was not started: fenced out"
+            )
+        if child.result is not None:
+            return decode_result(launch, child.result, returncode)
+        # None written (it crashed), or too large for its zygote to send.
         raw = await asyncio.to_thread(_read_result, result_path)
         return decode_result(launch, raw, returncode)
 
@@ -315,9 +361,7 @@ class LocalExecutor:
         serving = (
             None
             if ours is None or launch.on_trigger is None
-            else asyncio.create_task(
-                _serve_socket(ours, launch.on_trigger), name=f"aeventor channel {launch.step.name}"
-            )
+            else _Channel(ours, launch.on_trigger, name=f"aeventor channel {launch.step.name}")
         )
         try:
             if exec_error is not None:
@@ -343,7 +387,7 @@ class LocalExecutor:
             await _terminate(proc)
             raise
         finally:
-            await _after_step(proc.returncode is not None, lifeline_w, serving, ours)
+            await _after_step(proc.returncode is not None, lifeline_w, serving)
 
     async def _start(
         self,
@@ -384,6 +428,49 @@ async def _serve_socket(sock: socket.socket, fire: Fire) -> None:
     """Serve the worker's end of a local step's channel (see :mod:`._channel`)."""
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     await serve_channel(reader, writer, fire)
+
+
+class _Channel:
+    """The worker's end of a local step's channel, served from the step's first message on.
+
+    Most steps fire no event: watching the socket costs a loop reader, where serving it
+    from the start cost a stream and a task per step. End-of-file before any message (the
+    step, and whatever inherited its end, closed it) ends the watch.
+    """
+
+    def __init__(self, sock: socket.socket, fire: Fire, *, name: str) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fire = fire
+        self._name = name
+        self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+        self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self._sock.fileno())
+
+    def _readable(self) -> None:
+        try:
+            first = self._sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return  # (still watched)
+        except OSError:
+            first = b""
+        self._unwatch()
+        if first:
+            self._task = asyncio.create_task(_serve_socket(self._sock, self._fire), name=self._name)
+
+    async def aclose(self) -> None:
+        """Stop serving (the step has ended, or is being terminated) and close the socket."""
+        self._unwatch()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])
+        self._sock.close()  # (already closed with the channel's stream, if it was opened)
 
 
 async def _open_log_file(path: Path) -> Any:
@@ -514,12 +601,7 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-async def _after_step(
-    reaped: bool,
-    lifeline_w: int,
-    serving: asyncio.Task[None] | None,
-    ours: socket.socket | None,
-) -> None:
+async def _after_step(reaped: bool, lifeline_w: int, channel: _Channel | None) -> None:
     """Close what a step's launch opened. A step that ended and was reaped tells its watcher
     first, so that the watcher exits without touching what the step left behind (a step
     cancelled had its group, watcher included, killed)."""
@@ -527,8 +609,5 @@ async def _after_step(
         with contextlib.suppress(OSError):
             os.write(lifeline_w, _lifeline.ENDED)
     os.close(lifeline_w)
-    if serving is not None:
-        serving.cancel()
-        await asyncio.wait([serving])
-    if ours is not None:
-        ours.close()  # (already closed with the channel's stream, unless never opened)
+    if channel is not None:
+        await channel.aclose()
