@@ -810,6 +810,18 @@ class MemoryTx:
         row.ended, row.lease_until = self.clock(), None
         return True
 
+    async def end_step_locking_run(
+        self,
+        run_id: str,
+        claim_id: int,
+        *,
+        token: str | None,
+        status: StepStatus,
+        result: str | None,
+        error: str | None,
+    ) -> RunLock | None:
+        return None  # two calls, as stores without UPDATE ... FROM ... RETURNING
+
     async def requeue_step(
         self, claim_id: int, *, token: str | None, only_if_lapsed: bool = False
     ) -> bool:

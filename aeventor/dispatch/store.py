@@ -125,6 +125,20 @@ class StoreTx(Protocol):
         taken from the claimer, already ended), or if ``only_if_lapsed`` and its lease holds
         on the server's clock."""
 
+    async def end_step_locking_run(
+        self,
+        run_id: str,
+        claim_id: int,
+        *,
+        token: str | None,
+        status: StepStatus,
+        result: str | None,
+        error: str | None,
+    ) -> RunLock | None:
+        """:meth:`lock_run` then :meth:`end_step`, in one statement where the store can:
+        the run as locked when it ended the step run. None when it did not end it, or
+        cannot do both at once (then the caller does both, as usual)."""
+
     async def requeue_step(
         self, claim_id: int, *, token: str | None, only_if_lapsed: bool = False
     ) -> bool:

@@ -183,7 +183,18 @@ async def complete(
     whether the caller has ended the step run already (:meth:`StoreTx.end_steps`).
     """
     outcome = graph.step_outcome(claim.step, status)
-    run = await tx.lock_run(claim.run_id)
+    locked = None
+    if ended is None and not only_if_lapsed:
+        locked = await tx.end_step_locking_run(
+            claim.run_id,
+            claim.id,
+            token=claim.token,
+            status=status,
+            result=_encoded(result),
+            error=error,
+        )
+        ended = True if locked is not None else None
+    run = locked or await tx.lock_run(claim.run_id)
     if ended is None:
         ended = await tx.end_step(
             claim.id,

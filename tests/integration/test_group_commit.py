@@ -129,3 +129,21 @@ async def test_a_batch_fills_the_room_it_frees_with_ready_step_runs(store_url: s
         assert [c.step for c in last] == ["s5"]
         done = await db.complete_many([Completion(graph, c, S) for c in [*taken, *last]])
         assert all(a.recorded for a in done) and done[-1].run_status is RunStatus.success
+
+
+async def test_one_outcome_ends_its_step_run_and_reads_its_run_in_one_go(store_url: str) -> None:
+    """Postgres ends a step run and locks its run in one UPDATE ... FROM; an outcome that is
+    no longer the claimer's (cancelled meanwhile) is refused all the same."""
+    graph = fan_out("a", "b")
+    async with open_store(store_url, program="batch") as db:
+        program_id = await db.register_program(graph.program)
+        run_id, _ = await db.create_run(graph, program_id=program_id, triggers=[("go", "0")])
+        claims = {c.step: c for c in await db.claim(worker="w", limit=5, run_id=run_id)}
+        await db.cancel_step(graph, run_id, "b", "0", reason="test")
+        refused = await db.complete(graph, claims["b"], status=S, result=7)
+        assert not refused.recorded and refused.run_status is RunStatus.running
+        done = await db.complete(graph, claims["a"], status=S, result=8)
+        assert done.recorded and done.run_status is RunStatus.failure  # b was cancelled
+        steps = {s.step: s for s in (await db.load_result(run_id)).steps}
+        assert (steps["a"].status, steps["a"].result) == (S, 8)
+        assert steps["b"].status is StepStatus.cancelled and steps["b"].result is None

@@ -261,6 +261,37 @@ _END_STEP_LOCKED = (
     .values(**_END_VALUES)
 )
 
+#: end_step and lock_run in one statement (Postgres): the run's row is locked in the
+#: subquery, before the step run's (UPDATE ... FROM locks its target as it updates it, after
+#: the join), the order every transaction keeps.
+_LOCKED_RUN = (
+    sa.select(
+        t.run.c.id,
+        t.run.c.status,
+        t.run.c.stopped,
+        t.run.c.recovery,
+        t.run.c.mode,
+        t.run.c.replay,
+        t.run.c.controller,
+    )
+    .where(t.run.c.id == sa.bindparam("lock_run"))
+    .with_for_update()
+    .subquery("locked_run")
+)
+_END_STEP_LOCKING_RUN = (
+    t.step_run.update()
+    .where(*_HELD, t.step_run.c.run_id == _LOCKED_RUN.c.id)
+    .values(**_END_VALUES)
+    .returning(
+        _LOCKED_RUN.c.status,
+        _LOCKED_RUN.c.stopped,
+        _LOCKED_RUN.c.recovery,
+        _LOCKED_RUN.c.mode,
+        _LOCKED_RUN.c.replay,
+        _LOCKED_RUN.c.controller,
+    )
+)
+
 # Active step runs as claims (the reaper's and a stopping worker's reads).
 #: The columns of a claim, in :class:`Claim`'s order.
 _CLAIM_COLUMNS = (
@@ -351,6 +382,9 @@ class Database(Store):
     #: Whether :meth:`server_now` is the server's clock in SQL (not a value of this
     #: process's, as sqlite's is): then statements that use it can be built once and reused.
     clock_in_sql = False
+    #: Whether one UPDATE ... FROM ... RETURNING can end a step run and lock its run row,
+    #: in that order (:meth:`SqlTx.end_step_locking_run`).
+    ends_locking_run = False
 
     #: Seconds a store operation keeps retrying while the server is unreachable.
     reconnect_deadline: float = 120.0
@@ -1549,6 +1583,44 @@ class SqlTx:
             },
         )
         return bool(updated.rowcount == 1)
+
+    async def end_step_locking_run(
+        self,
+        run_id: str,
+        claim_id: int,
+        *,
+        token: str | None,
+        status: StepStatus,
+        result: str | None,
+        error: str | None,
+    ) -> RunLock | None:
+        if not self.db.ends_locking_run or run_id in self._locked:
+            return None
+        row = (
+            await self.conn.execute(
+                _END_STEP_LOCKING_RUN,
+                {
+                    "lock_run": run_id,
+                    "claim_id": claim_id,
+                    "held_token": token,
+                    "new_status": status.value,
+                    "new_result": result,
+                    "new_error": error,
+                    "now": t.utcnow(),
+                },
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        self._locked[run_id] = locked = RunLock(
+            RunStatus(row.status),
+            bool(row.stopped),
+            int(row.recovery),
+            row.mode,
+            row.replay,
+            row.controller,
+        )
+        return locked
 
     async def requeue_step(
         self, claim_id: int, *, token: str | None, only_if_lapsed: bool = False

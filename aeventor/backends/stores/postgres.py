@@ -72,6 +72,7 @@ class PostgresDatabase(Database):
     clock_in_sql = True
 
     fires_on_insert = True
+    ends_locking_run = True
 
     def __init__(
         self,
