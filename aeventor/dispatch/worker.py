@@ -76,6 +76,9 @@ log = get_logger("aeventor.worker")
 
 #: Claim batch size when concurrency is unlimited.
 _UNLIMITED = 64
+#: With unlimited concurrency, the most ended step runs whose outcomes may wait to be
+#: recorded before the claim loop claims more (see :meth:`Worker._free`).
+RECORD_BACKLOG = 512
 #: Seconds between looks at a run when none of its steps runs here.
 IDLE_POLL = 1.0
 #: Seconds after a retry's due time (on this process's clock) its worker looks for it.
@@ -237,6 +240,8 @@ class Worker:
         self._outcomes: list[tuple[transactions.Completion, asyncio.Future[Advance]]] = []
         self._outcomes_queued = asyncio.Event()
         self._committer = False
+        #: Step tasks that ended their step and wait for its outcome to be recorded.
+        self._recording = 0
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.scope}>"
@@ -378,8 +383,16 @@ class Worker:
         )
 
     def _free(self) -> int:
+        """How many step runs the claim loop may claim now.
+
+        Without a concurrency limit, a wide fan-out is claimed faster than the outcomes of
+        its steps are recorded: every claimed step's task (its frame, context, logger) would
+        stay alive until its outcome commits, thousands at once. The claim loop waits
+        instead while :data:`RECORD_BACKLOG` outcomes wait to be recorded: the step runs it
+        leaves ready start as soon as the store catches up, and no running step waits.
+        """
         if self.config.concurrency is None:
-            return _UNLIMITED
+            return 0 if self._recording >= RECORD_BACKLOG else _UNLIMITED
         return self.config.concurrency - self.running
 
     @property
@@ -631,17 +644,23 @@ class Worker:
             self._claims.pop(claim.id, None)
             self._revoked.discard(claim.id)
             self._wake.set()
-            await asyncio.shield(self._forget_run_log(claim.run_id))
+            run_log = self._forget_run_log(claim.run_id)
+            if run_log is not None:
+                await asyncio.shield(run_log.flush())
 
     async def _record(self, outcome: transactions.Completion) -> Advance:
         """Record a step run's end through the committer; its advance."""
         future: asyncio.Future[Advance] = asyncio.get_running_loop().create_future()
         self._outcomes.append((outcome, future))
         self._outcomes_queued.set()
-        if not self._committer:
-            # The committer has stopped (the worker is closing): commit ourselves.
-            await self._commit(self._take_outcomes())
-        return await future
+        self._recording += 1
+        try:
+            if not self._committer:
+                # The committer has stopped (the worker is closing): commit ourselves.
+                await self._commit(self._take_outcomes())
+            return await future
+        finally:
+            self._recording -= 1
 
     def _take_outcomes(self) -> list[tuple[transactions.Completion, asyncio.Future[Advance]]]:
         self._outcomes_queued.clear()
@@ -712,14 +731,13 @@ class Worker:
             raise Refused(f"step {claim.step!r} is not in program {graph.program.name!r}")
         return graph
 
-    async def _forget_run_log(self, run_id: str) -> None:
+    def _forget_run_log(self, run_id: str) -> RunLog | None:
         """An agent serves runs for ever: keep a run's program log only while it has step
-        runs here (a run-scoped worker keeps its one log until it closes)."""
+        runs here (a run-scoped worker keeps its one log until it closes). The log let go
+        of, for the caller to flush (a step's end never creates a task for nothing)."""
         if run_id == self.scope.run_id or any(c.run_id == run_id for c in self._claims.values()):
-            return
-        run_log = self._run_logs.pop(run_id, None)
-        if run_log is not None:
-            await run_log.flush()
+            return None
+        return self._run_logs.pop(run_id, None)
 
     async def _record_abandoned(self, graph: Graph, claim: Claim, bound: Any) -> None:
         if claim.id in self._revoked:
