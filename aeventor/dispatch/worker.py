@@ -76,8 +76,8 @@ log = get_logger("aeventor.worker")
 
 #: Claim batch size when concurrency is unlimited.
 _UNLIMITED = 64
-#: With unlimited concurrency, the most ended step runs whose outcomes may wait to be
-#: recorded before the claim loop claims more (see :meth:`Worker._free`).
+#: With unlimited concurrency, the most step runs claimed and not yet begun, or ended and
+#: not yet recorded, before the claim loop claims more (see :meth:`Worker._free`).
 RECORD_BACKLOG = 512
 #: Seconds between looks at a run when none of its steps runs here.
 IDLE_POLL = 1.0
@@ -242,6 +242,8 @@ class Worker:
         self._committer = False
         #: Step tasks that ended their step and wait for its outcome to be recorded.
         self._recording = 0
+        #: The step runs whose tasks have not begun yet.
+        self._unbegun: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.scope}>"
@@ -385,15 +387,22 @@ class Worker:
     def _free(self) -> int:
         """How many step runs the claim loop may claim now.
 
-        Without a concurrency limit, a wide fan-out is claimed faster than the outcomes of
-        its steps are recorded: every claimed step's task (its frame, context, logger) would
-        stay alive until its outcome commits, thousands at once. The claim loop waits
-        instead while :data:`RECORD_BACKLOG` outcomes wait to be recorded: the step runs it
-        leaves ready start as soon as the store catches up, and no running step waits.
+        Without a concurrency limit, a wide fan-out is claimed faster than its step tasks
+        begin, and than the outcomes of its steps are recorded: every claimed step's task
+        (its frame, context, logger) would stay alive until its outcome commits, thousands
+        at once. The claim loop claims no more than :data:`RECORD_BACKLOG` such step runs
+        instead: the step runs it leaves ready begin as soon as the loop and the store
+        catch up, and the running steps are never counted (nor ever wait).
         """
         if self.config.concurrency is None:
-            return 0 if self._recording >= RECORD_BACKLOG else _UNLIMITED
+            return max(min(_UNLIMITED, RECORD_BACKLOG - self._backlog), 0)
         return self.config.concurrency - self.running
+
+    @property
+    def _backlog(self) -> int:
+        """Step runs claimed whose tasks have not begun, and ended whose outcomes are not
+        yet recorded."""
+        return len(self._unbegun) + self._recording
 
     @property
     def _serves(self) -> bool:
@@ -547,12 +556,14 @@ class Worker:
             self._pending.append(claim)
             return
         self._claims[claim.id] = claim
+        self._unbegun.add(claim.id)
         self._tasks[claim.id] = self._tg.create_task(
             self._execute(claim), name=f"aeventor step {claim.step}[{claim.sequence}]"
         )
 
     async def _execute(self, claim: Claim) -> None:
         """Execute one claim and record its outcome with everything it causes."""
+        self._unbegun.discard(claim.id)
         bound = self.log.bind(run_id=claim.run_id, step=claim.step, sequence=claim.sequence)
         graph: Graph | None = None
         try:
@@ -644,9 +655,9 @@ class Worker:
             self._claims.pop(claim.id, None)
             self._revoked.discard(claim.id)
             self._wake.set()
-            run_log = self._forget_run_log(claim.run_id)
-            if run_log is not None:
-                await asyncio.shield(run_log.flush())
+            forgotten = self._forget_run_log(claim.run_id)
+            if forgotten is not None:
+                await asyncio.shield(forgotten.flush())
 
     async def _record(self, outcome: transactions.Completion) -> Advance:
         """Record a step run's end through the committer; its advance."""
@@ -903,6 +914,8 @@ class Worker:
         if task is None or step_run_id in self._revoked:
             return
         self._revoked.add(step_run_id)
+        # Cancelled before it began, its task never runs a line of its own.
+        self._unbegun.discard(step_run_id)
         if status is StepStatus.cancelled:
             self.log.info("step.cancelled", step_run_id=step_run_id)
         else:

@@ -599,11 +599,7 @@ def _step_json(s: StepDef) -> dict[str, Any]:
         **({} if s.recovery == "rerun" else {"recovery": s.recovery}),
         **({} if s.timeout is None else {"timeout": s.timeout}),
         **({} if s.retry is None else {"retry": s.retry.to_json()}),
-        **(
-            {}
-            if s.stop_on_exception is None
-            else {"stop_on_exception": s.stop_on_exception}
-        ),
+        **({} if s.stop_on_exception is None else {"stop_on_exception": s.stop_on_exception}),
         **({"pass_logger": True} if s.pass_logger else {}),
         **({"acquires": [list(a) for a in s.acquires]} if s.acquires else {}),
         **({} if s.releases is None else {"releases": [list(r) for r in s.releases]}),
