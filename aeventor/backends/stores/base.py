@@ -924,9 +924,9 @@ class Database(Store):
     async def load_result(self, run_id: str) -> RunResult:
         """The run and every step run it made, in creation order.
 
-        The step runs are read by one statement a batch at a time, and the text they
-        repeat (run id, worker, host, sequence) is shared: a run of many steps is held as
-        its :class:`StepRun` objects, never also as all its rows.
+        The step runs are read by one statement a batch at a time, and the values they
+        repeat (run id, worker, host, sequence, instants) are shared: a run of many steps is
+        held as its :class:`StepRun` objects, never also as all its rows.
         """
         steps: list[StepRun] = []
         shared: dict[Any, Any] = {}
@@ -955,9 +955,10 @@ class Database(Store):
                         pid=r.pid,
                         result=None if r.result is None else json.loads(r.result),
                         error=r.error,
-                        created=r.created,
-                        started=r.started,
-                        ended=r.ended,
+                        # Rows written by one transaction share its instants.
+                        created=share(r.created, r.created),
+                        started=share(r.started, r.started),
+                        ended=share(r.ended, r.ended),
                     )
                 )
         return dataclasses.replace(_run_summary(run), steps=steps)
