@@ -77,8 +77,9 @@ log = get_logger("aeventor.worker")
 #: Claim batch size when concurrency is unlimited.
 _UNLIMITED = 64
 #: With unlimited concurrency, the most step runs claimed and not yet begun, or ended and
-#: not yet recorded, before the claim loop claims more (see :meth:`Worker._free`).
-RECORD_BACKLOG = 512
+#: not yet recorded, before the claim loop claims more (see :meth:`Worker._free`). Smaller
+#: bounds make smaller group commits: 512 made a 5,000-step AND fan-out ~40% slower.
+RECORD_BACKLOG = 1024
 #: Seconds between looks at a run when none of its steps runs here.
 IDLE_POLL = 1.0
 #: Seconds after a retry's due time (on this process's clock) its worker looks for it.
