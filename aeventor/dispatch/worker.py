@@ -265,7 +265,8 @@ class Worker:
         if self._stopping:
             return None
         free = (
-            _UNLIMITED
+            # The claim loop's bound (see _free); the outcomes being recorded leave it.
+            min(_UNLIMITED, RECORD_BACKLOG - self._backlog + freeing)
             if self.config.concurrency is None
             else self.config.concurrency - self.running + freeing
         )
