@@ -265,8 +265,7 @@ class Worker:
         if self._stopping:
             return None
         free = (
-            # The claim loop's bound (see _free); the outcomes being recorded leave it.
-            min(_UNLIMITED, RECORD_BACKLOG - self._backlog + freeing)
+            _UNLIMITED
             if self.config.concurrency is None
             else self.config.concurrency - self.running + freeing
         )
