@@ -401,7 +401,8 @@ class Store(abc.ABC):
     def value_size(self, text: str) -> int:
         """The bytes ``text`` takes against :attr:`max_value_bytes`: its UTF-8 length here;
         a store that escapes values into the statement's text counts the escapes too."""
-        return len(text.encode())
+        # ASCII (a program's canonical definition always is): one byte a character, no copy.
+        return len(text) if text.isascii() else len(text.encode())
 
     def describe_limit(self) -> str:
         """What sets :attr:`max_value_bytes`, for error messages."""

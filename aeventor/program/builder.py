@@ -10,6 +10,7 @@ hosts of) the :class:`ProgramDef` once per change, not once per access.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -398,6 +399,9 @@ class ProgramBuilder:
                     "'process' step)"
                 )
             target, main_path, importable = callable_target(func, step=name)
+            # Many steps often run one function: one copy of its path for all of them.
+            target = sys.intern(target)
+            main_path = None if main_path is None else sys.intern(main_path)
             if not importable:
                 if executor in PROCESS_EXECUTORS:
                     raise ProgramDefinitionError(

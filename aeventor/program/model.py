@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -378,45 +379,17 @@ class ProgramDef:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready, canonical form (sorted), from which :meth:`version` is hashed."""
+        plain: dict[str, Any] = _plain(self._json_fields())
+        return plain
+
+    def _json_fields(self) -> dict[str, Any]:
+        """:meth:`to_json` with its long lists left as :class:`_Each` (made one item at a
+        time)."""
         return {
             "name": self.name,
             "stop_on_exception": self.stop_on_exception,
-            "events": [
-                {"name": e.name, "expr": None if e.expr is None else _expr.to_json(e.expr)}
-                for e in sorted(self.events.values(), key=lambda e: e.name)
-            ],
-            "steps": [
-                {
-                    "name": s.name,
-                    "executor": s.executor,
-                    "target": s.target,
-                    "main_path": s.main_path,
-                    "argv": None if s.argv is None else list(s.argv),
-                    "args": list(s.args),
-                    "kwargs": dict(s.kwargs),
-                    "triggers": {k.value: list(v) for k, v in sorted(s.triggers.items())},
-                    "host": s.host,
-                    "sequence_arg_name": s.sequence_arg_name,
-                    "local_only": s.local_only,
-                    "group": s.group,
-                    "env": dict(sorted(s.env.items())),
-                    # Only when not the default: programs defined before it keep their version.
-                    **({} if s.recovery == "rerun" else {"recovery": s.recovery}),
-                    **({} if s.timeout is None else {"timeout": s.timeout}),
-                    **({} if s.retry is None else {"retry": s.retry.to_json()}),
-                    **(
-                        {}
-                        if s.stop_on_exception is None
-                        else {"stop_on_exception": s.stop_on_exception}
-                    ),
-                    **({"pass_logger": True} if s.pass_logger else {}),
-                    **({"acquires": [list(a) for a in s.acquires]} if s.acquires else {}),
-                    **({} if s.releases is None else {"releases": [list(r) for r in s.releases]}),
-                    **({} if s.max_concurrent is None else {"max_concurrent": s.max_concurrent}),
-                    **({"priority": s.priority} if s.priority else {}),
-                }
-                for s in sorted(self.steps.values(), key=lambda s: s.name)
-            ],
+            "events": _Each(_event_json, sorted(self.events.values(), key=lambda e: e.name)),
+            "steps": _Each(_step_json, sorted(self.steps.values(), key=lambda s: s.name)),
             "groups": [
                 {
                     "name": g.name,
@@ -427,7 +400,7 @@ class ProgramDef:
                 }
                 for g in sorted(self.groups.values(), key=lambda g: g.name)
             ],
-            "assocs": {k: [list(t) for t in v] for k, v in sorted(self.assocs.items())},
+            "assocs": {k: _Each(list, v) for k, v in sorted(self.assocs.items())},
             # Only when there are some: programs defined before delays keep their version.
             **(
                 {"delays": {k: [list(t) for t in v] for k, v in sorted(self.delays.items())}}
@@ -520,7 +493,12 @@ class ProgramDef:
         )
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        """``json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))``, built one
+        step (event, association) at a time: the definition of a program of many steps is
+        never held whole as a tree of dicts and lists, only as its text's pieces."""
+        pieces: list[str] = []
+        _canonical(self._json_fields(), pieces)
+        return "".join(pieces)
 
     @property
     def version(self) -> str:
@@ -531,7 +509,103 @@ class ProgramDef:
 def version_of(canonical_json: str) -> str:
     """The version of the program whose :meth:`ProgramDef.canonical_json` this is (for a
     caller that needs both, without building the JSON twice)."""
-    return hashlib.sha256(canonical_json.encode()).hexdigest()[:32]
+    digest = hashlib.sha256()
+    # Encoded a slice at a time: a large definition is not copied whole.
+    for start in range(0, len(canonical_json), _HASH_SLICE):
+        digest.update(canonical_json[start : start + _HASH_SLICE].encode())
+    return digest.hexdigest()[:32]
+
+
+#: Characters of a definition encoded at a time to hash it.
+_HASH_SLICE = 1 << 16
+#: Items of a long list of a definition (steps, events) encoded to JSON at a time.
+_ITEMS_PER_ENCODE = 256
+
+#: The encoder of :meth:`ProgramDef.canonical_json` (``json.dumps``'s other defaults).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
+class _Each:
+    """A JSON list of ``make(item)`` for each item, made as it is encoded."""
+
+    __slots__ = ("items", "make")
+
+    def __init__(self, make: Callable[[Any], Any], items: Iterable[Any]) -> None:
+        self.make = make
+        self.items = items
+
+    def __iter__(self) -> Iterator[Any]:
+        return map(self.make, self.items)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every :class:`_Each` (in it, or in its dicts) made a list."""
+    if isinstance(value, _Each):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _canonical(value: Any, pieces: list[str]) -> None:
+    """Append to ``pieces`` the text ``_CANONICAL`` makes of ``_plain(value)``, encoding
+    (and letting go of) the items of each :class:`_Each` (plain JSON values) a few hundred
+    at a time."""
+    if isinstance(value, _Each):
+        items = iter(value)
+        pieces.append("[")
+        first = True
+        while chunk := list(itertools.islice(items, _ITEMS_PER_ENCODE)):
+            if not first:
+                pieces.append(",")
+            first = False
+            pieces.append(_CANONICAL.encode(chunk)[1:-1])  # the items, without [ ]
+        pieces.append("]")
+    elif isinstance(value, dict) and any(isinstance(item, _Each) for item in value.values()):
+        pieces.append("{")
+        for index, key in enumerate(sorted(value)):
+            if index:
+                pieces.append(",")
+            pieces.append(_CANONICAL.encode(key))
+            pieces.append(":")
+            _canonical(value[key], pieces)
+        pieces.append("}")
+    else:
+        pieces.append(_CANONICAL.encode(value))
+
+
+def _event_json(e: EventDef) -> dict[str, Any]:
+    """One event of :meth:`ProgramDef.to_json`."""
+    return {"name": e.name, "expr": None if e.expr is None else _expr.to_json(e.expr)}
+
+
+def _step_json(s: StepDef) -> dict[str, Any]:
+    """One step of :meth:`ProgramDef.to_json`."""
+    return {
+        "name": s.name,
+        "executor": s.executor,
+        "target": s.target,
+        "main_path": s.main_path,
+        "argv": None if s.argv is None else list(s.argv),
+        "args": list(s.args),
+        "kwargs": dict(s.kwargs),
+        "triggers": {k.value: list(v) for k, v in sorted(s.triggers.items())},
+        "host": s.host,
+        "sequence_arg_name": s.sequence_arg_name,
+        "local_only": s.local_only,
+        "group": s.group,
+        "env": dict(sorted(s.env.items())),
+        # Only when not the default: programs defined before it keep their version.
+        **({} if s.recovery == "rerun" else {"recovery": s.recovery}),
+        **({} if s.timeout is None else {"timeout": s.timeout}),
+        **({} if s.retry is None else {"retry": s.retry.to_json()}),
+        **({} if s.stop_on_exception is None else {"stop_on_exception": s.stop_on_exception}),
+        **({"pass_logger": True} if s.pass_logger else {}),
+        **({"acquires": [list(a) for a in s.acquires]} if s.acquires else {}),
+        **({} if s.releases is None else {"releases": [list(r) for r in s.releases]}),
+        **({} if s.max_concurrent is None else {"max_concurrent": s.max_concurrent}),
+        **({"priority": s.priority} if s.priority else {}),
+    }
 
 
 def _json_problem(value: Any, path: str) -> str | None:

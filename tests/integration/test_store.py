@@ -355,3 +355,36 @@ async def test_leases_and_fencing_on_the_servers_clock(store_url: str) -> None:
             worker="x", hostname="h", pid=1, hosts=[], lease=lease, held={e.id: e.token}
         )
         assert await db.lapsed_leases(run_id=run2) == []
+
+
+async def noop() -> None:
+    """An in-loop step that does nothing."""
+
+
+async def test_a_wide_fan_out_is_inserted_and_read_back_in_batches_whole_and_in_order(
+    store_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Step runs are inserted ROWS_PER_INSERT per statement and read back ROWS_PER_FETCH at
+    a time: every one of them, in creation order, with its outcome."""
+    from aeventor.backends.stores import base
+
+    monkeypatch.setattr(base, "ROWS_PER_INSERT", 7)
+    monkeypatch.setattr(base, "ROWS_PER_FETCH", 5)
+    ev = evr.Eventor(name="wide", store=store_url, log_dir=tmp_path)
+    go = ev.add_event("go")
+    for i in range(23):
+        ev.add_step(f"s{i}", func=noop)
+        ev.add_assoc(go, f"s{i}")
+    ev.trigger_event(go, 1)
+    result = await ev.run()
+
+    assert result.ok
+    assert [s.id for s in result.steps] == sorted(s.id for s in result.steps)
+    assert sorted(s.step for s in result.steps) == sorted(f"s{i}" for i in range(23))
+    assert all(
+        (s.status, s.run_id, s.sequence) == (evr.StepStatus.success, result.run_id, "1")
+        for s in result.steps
+    )
+    async with open_store(store_url, program="inspector") as db:
+        again = await db.load_result(result.run_id)
+    assert again.steps == result.steps

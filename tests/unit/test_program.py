@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import traceback
@@ -105,6 +106,22 @@ def test_an_empty_program_round_trips() -> None:
     restored = ProgramDef.from_json(json.loads(json.dumps(program.to_json())))
     assert restored == program
     assert restored.stop_on_exception is False
+
+
+def test_canonical_json_is_the_sorted_compact_dump_of_to_json() -> None:
+    """canonical_json is built a few hundred steps at a time: the same text as dumping the
+    whole to_json(), for a program with every kind of field and for a wide one."""
+    wide = new_eventor()
+    wide.add_event("gö")
+    for i in range(700):
+        wide.add_event(f"e{i}")
+        wide.add_step(f"s{i}", triggers={S.success: (f"e{i}",)})
+        wide.add_assoc("gö" if i == 0 else f"e{i - 1}", f"s{i}")
+    wide.add_assoc("gö", *(f"s{i}" for i in range(1, 700, 3)))
+    for program in (full_eventor().program, wide.program, new_eventor().program):
+        dumped = json.dumps(program.to_json(), sort_keys=True, separators=(",", ":"))
+        assert program.canonical_json() == dumped
+        assert program.version == hashlib.sha256(dumped.encode()).hexdigest()[:32]
 
 
 def test_version_is_a_stable_hex_digest() -> None:

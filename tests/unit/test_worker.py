@@ -643,6 +643,48 @@ async def test_concurrency_limits_a_fan_out(store: InMemoryStore, tmp_path: Path
     assert len(result.steps) == 6
 
 
+async def test_without_a_limit_claiming_waits_while_outcomes_wait_to_be_recorded(
+    store: InMemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fan-out claimed faster than its step tasks begin and its outcomes are recorded is
+    claimed RECORD_BACKLOG step runs ahead at most (not thousands of step tasks), and goes on
+    once the store catches up: every step runs once."""
+    from aeventor.dispatch import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "RECORD_BACKLOG", 4)
+    monkeypatch.setattr(worker_module, "_UNLIMITED", 2)  # the claim batch
+    graph = fan_out(20)
+    fake = FakeExecutor(outcome=succeed)
+    worker = make_worker(store, graph, fake, tmp_path, run_id="fan")
+    run_id = await new_run(store, graph, worker, run_id="fan")
+    held = asyncio.Event()
+
+    def gated(real: Callable[..., Any]) -> Callable[..., Any]:
+        async def wait_then(*args: Any, **kwargs: Any) -> Any:
+            await held.wait()
+            return await real(*args, **kwargs)
+
+        return wait_then
+
+    monkeypatch.setattr(store, "complete", gated(store.complete))
+    monkeypatch.setattr(store, "complete_many", gated(store.complete_many))
+    async with running(worker):
+        await fake.wait_for(lambda: len(fake.results) >= 4, deadline=DEADLINE)
+        for _ in range(100):  # let the claim loop go as far as it would
+            await asyncio.sleep(0)
+        # Four outcomes wait, and nothing more was claimed.
+        assert len(fake.launches) == 4
+        assert [s.status for s in (await store.load_result(run_id)).steps].count(
+            StepStatus.active
+        ) == 4
+        held.set()
+
+    result = await store.load_result(run_id)
+    assert result.ok
+    assert sorted(s.step for s in result.steps) == sorted(f"s{i}" for i in range(20))
+    assert len(fake.launches) == 20
+
+
 # -- trust ------------------------------------------------------------------------------------
 
 

@@ -175,6 +175,11 @@ RECONNECT_MAX_DELAY = 2.0
 POOL = {"pool_size": 4, "max_overflow": 0, "pool_timeout": 180}
 #: Seconds a statement may run before the server cancels it, unless the store sets its own.
 DEFAULT_STATEMENT_TIMEOUT = 60.0
+#: Rows fetched at a time by a read of a run's every step run (:meth:`Database.load_result`).
+ROWS_PER_FETCH = 1000
+#: Most new step runs inserted by one statement (SQLAlchemy's default page of
+#: "insertmanyvalues"): a wide fan-out is not held whole as parameters.
+ROWS_PER_INSERT = 1000
 
 #: What a driver error means for the caller (see :meth:`Database._classify`):
 #: ``auth`` the login was refused; ``disconnect`` the connection is gone; ``transient`` a
@@ -196,6 +201,29 @@ _LOCK_RUN = (
     )
     .where(t.run.c.id == sa.bindparam("run_id"))
     .with_for_update()
+)
+#: What a :class:`StepRun` holds of a step run's row.
+_STEP_RUNS = sa.select(
+    *(
+        t.step_run.c[name]
+        for name in (
+            "id",
+            "run_id",
+            "step",
+            "sequence",
+            "recovery",
+            "attempt",
+            "status",
+            "host",
+            "worker",
+            "pid",
+            "result",
+            "error",
+            "created",
+            "started",
+            "ended",
+        )
+    )
 )
 _FIRED = sa.select(t.trigger.c.event).where(
     t.trigger.c.run_id == sa.bindparam("run_id"),
@@ -672,14 +700,17 @@ class Database(Store):
                 too_large, size=self.value_size(definition), limit=self.max_value_bytes
             )
         async with self.transaction() as conn:
+            # Values bound at execution, not in the statement: SQLAlchemy's statement cache
+            # keeps a statement's own values (a large definition would stay in memory).
             await conn.execute(
-                self._insert_ignore(t.program).values(
-                    name=program.name,
-                    version=version,
-                    definition=definition,
-                    created=t.utcnow(),
-                    signature=signature,
-                )
+                self._insert_ignore(t.program),
+                {
+                    "name": program.name,
+                    "version": version,
+                    "definition": definition,
+                    "created": t.utcnow(),
+                    "signature": signature,
+                },
             )
             if signature is not None:
                 await conn.execute(
@@ -1024,38 +1055,45 @@ class Database(Store):
 
     @retry_transient
     async def load_result(self, run_id: str) -> RunResult:
-        """The run and every step run it made, in creation order."""
+        """The run and every step run it made, in creation order.
+
+        The step runs are read by one statement a batch at a time, and the values they
+        repeat (run id, worker, host, sequence, instants) are shared: a run of many steps is
+        held as its :class:`StepRun` objects, never also as all its rows.
+        """
+        steps: list[StepRun] = []
+        shared: dict[Any, Any] = {}
+        share = shared.setdefault
         async with self.reading() as conn:
             run = (await conn.execute(sa.select(t.run).where(t.run.c.id == run_id))).one_or_none()
             if run is None:
                 raise NoResult(f"no run {run_id!r} in {self!r}")
-            rows = (
-                await conn.execute(
-                    sa.select(t.step_run)
-                    .where(t.step_run.c.run_id == run_id)
-                    .order_by(t.step_run.c.id)
-                )
-            ).all()
-        steps = [
-            StepRun(
-                id=r.id,
-                run_id=r.run_id,
-                step=r.step,
-                sequence=r.sequence,
-                recovery=r.recovery,
-                attempt=r.attempt,
-                status=StepStatus(r.status),
-                host=r.host,
-                worker=r.worker,
-                pid=r.pid,
-                result=None if r.result is None else json.loads(r.result),
-                error=r.error,
-                created=r.created,
-                started=r.started,
-                ended=r.ended,
+            rows = await conn.stream(
+                _STEP_RUNS.where(t.step_run.c.run_id == run_id)
+                .order_by(t.step_run.c.id)
+                .execution_options(yield_per=ROWS_PER_FETCH)
             )
-            for r in rows
-        ]
+            async for r in rows:
+                steps.append(
+                    StepRun(
+                        id=r.id,
+                        run_id=share(r.run_id, r.run_id),
+                        step=r.step,
+                        sequence=share(r.sequence, r.sequence),
+                        recovery=r.recovery,
+                        attempt=r.attempt,
+                        status=StepStatus(r.status),
+                        host=share(r.host, r.host),
+                        worker=share(r.worker, r.worker),
+                        pid=r.pid,
+                        result=None if r.result is None else json.loads(r.result),
+                        error=r.error,
+                        # Rows written by one transaction share its instants.
+                        created=share(r.created, r.created),
+                        started=share(r.started, r.started),
+                        ended=share(r.ended, r.ended),
+                    )
+                )
         return dataclasses.replace(_run_summary(run), steps=steps)
 
     @retry_transient
@@ -1762,9 +1800,14 @@ class SqlTx:
 
     async def add_step_runs(self, rows: Sequence[NewStepRun]) -> None:
         now = t.utcnow()
-        now_rows = [_step_row(r, now) for r in rows if r.delay is None]
-        if now_rows:
-            await self.conn.execute(self.db._insert_ignore(t.step_run), now_rows)
+        # A few hundred rows per statement: a wide fan-out's step runs are never all held
+        # at once as parameter dicts (ours, then the driver's compiled ones).
+        now_rows = [r for r in rows if r.delay is None]
+        for start in range(0, len(now_rows), ROWS_PER_INSERT):
+            await self.conn.execute(
+                self.db._insert_ignore(t.step_run),
+                [_step_row(r, now) for r in now_rows[start : start + ROWS_PER_INSERT]],
+            )
         for row in rows:
             if row.delay is not None:
                 # Due on the server's clock, as leases are.
