@@ -4,8 +4,10 @@ outcome, a refused one changes nothing, and a join fires once its last operand i
 
 from __future__ import annotations
 
+import pytest
+
 import aeventor as evr
-from aeventor.backends.stores import open_store
+from aeventor.backends.stores import base, open_store
 from aeventor.dispatch import Graph
 from aeventor.dispatch.claims import Taker
 from aeventor.dispatch.transactions import Completion
@@ -63,7 +65,13 @@ async def test_each_step_run_of_a_batch_gets_its_own_outcome(store_url: str) -> 
         assert not {"d_done", "e_done", "all_done"} & fired
 
 
-async def test_a_join_fires_in_the_batch_that_records_its_last_operand(store_url: str) -> None:
+@pytest.mark.parametrize("in_limit", [200, 5], ids=["read-by-name", "read-whole-sequence"])
+async def test_a_join_fires_in_the_batch_that_records_its_last_operand(
+    store_url: str, in_limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its operands' state is read by name, or (more than FIRED_IN_LIMIT of them) as all the
+    sequence fired: the same answer."""
+    monkeypatch.setattr(base, "FIRED_IN_LIMIT", in_limit)
     steps = [f"s{i}" for i in range(30)]
     graph = fan_out(*steps, then="join")
     async with open_store(store_url, program="batch") as db:

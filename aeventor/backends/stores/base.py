@@ -231,6 +231,14 @@ _FIRED = sa.select(t.trigger.c.event).where(
     t.trigger.c.recovery == sa.bindparam("recovery"),
     t.trigger.c.event.in_(sa.bindparam("events", expanding=True)),
 )
+#: Every event a sequence fired (a join of more than FIRED_IN_LIMIT unknown events).
+_FIRED_ALL = sa.select(t.trigger.c.event).where(
+    t.trigger.c.run_id == sa.bindparam("run_id"),
+    t.trigger.c.sequence == sa.bindparam("sequence"),
+    t.trigger.c.recovery == sa.bindparam("recovery"),
+)
+#: Above this many events whose state a transaction needs, it reads all the sequence fired.
+FIRED_IN_LIMIT = 200
 # Whether a run has anything left to do: one row is enough (a count would read every
 # pending row of a large fan-out at each of its completions).
 _PENDING = (
@@ -1460,6 +1468,8 @@ class _Facts:
     groups: set[frozenset[str]] = dataclasses.field(default_factory=set)
     #: The fired events whose rows it wrote already (:meth:`SqlTx.fire_new`).
     written: set[str] = dataclasses.field(default_factory=set)
+    #: Whether it read every event the sequence fired (then ``fired`` is all there is).
+    whole: bool = False
 
 
 class _Flushing:
@@ -1717,24 +1727,27 @@ class SqlTx:
         facts = self._facts.get((run_id, sequence, recovery))
         if facts is None:
             facts = self._facts[(run_id, sequence, recovery)] = _Facts()
+        if facts.whole:
+            return facts.fired
         unknown: set[str] = set()
         for group in groups:
             if group not in facts.groups:
                 facts.groups.add(frozenset(group))
                 unknown |= group - facts.known
-        if unknown:
+        if not unknown:
+            return facts.fired
+        key = {"run_id": run_id, "sequence": sequence, "recovery": recovery}
+        if len(unknown) > FIRED_IN_LIMIT:
+            # A join of many events: every event the sequence fired, in one plain read,
+            # rather than a statement with thousands of parameters (one prepared statement
+            # per size, each planned anew). Then nothing about the sequence is unknown.
+            rows = await self._conn.execute(_FIRED_ALL, key)
+            facts.whole = True
+        else:
             # Deferred trigger rows are known already: none of them is asked for here.
-            rows = await self._conn.execute(
-                _FIRED,
-                {
-                    "run_id": run_id,
-                    "sequence": sequence,
-                    "recovery": recovery,
-                    "events": sorted(unknown),
-                },
-            )
-            facts.fired.update(r.event for r in rows)
-            facts.known |= unknown
+            rows = await self._conn.execute(_FIRED, {**key, "events": sorted(unknown)})
+        facts.fired.update(r.event for r in rows)
+        facts.known |= unknown
         return facts.fired
 
     async def fire_new(
