@@ -13,22 +13,10 @@ from aeventor.dispatch.claims import Taker
 from aeventor.dispatch.transactions import Completion
 from aeventor.program.model import RunStatus, StepStatus
 
+from ..unit.test_group_commit import fan_out
+
 S, F = StepStatus.success, StepStatus.failure
 Eventor = evr.Eventor  # imported here, not in the event loop
-
-
-def fan_out(*steps: str, then: str | None = None) -> Graph:
-    ev = Eventor(name="batch", store=":memory:")
-    ev.add_event("go")
-    ev.add_event("all_done", tuple(f"{s}_done" for s in steps) if then else None)
-    for step in steps:
-        ev.add_event(f"{step}_done")
-        ev.add_step(step, triggers={S: (f"{step}_done",)})
-        ev.add_assoc("go", step)
-    if then:
-        ev.add_step(then)
-        ev.add_assoc("all_done", then)
-    return Graph(ev.program)
 
 
 async def test_each_step_run_of_a_batch_gets_its_own_outcome(store_url: str) -> None:

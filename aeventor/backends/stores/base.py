@@ -190,17 +190,17 @@ ErrorKind = Literal["auth", "disconnect", "transient", "timeout", "too_large"]
 
 # Hot-path statements, built once: SQLAlchemy then only binds values (its compiled cache
 # makes building them per call pay off little; constructing them is most of the cost).
+#: The run row as a transaction locks it, in :class:`RunLock`'s order.
+_RUN_LOCK_COLUMNS = (
+    t.run.c.status,
+    t.run.c.stopped,
+    t.run.c.recovery,
+    t.run.c.mode,
+    t.run.c.replay,
+    t.run.c.controller,
+)
 _LOCK_RUN = (
-    sa.select(
-        t.run.c.status,
-        t.run.c.stopped,
-        t.run.c.recovery,
-        t.run.c.mode,
-        t.run.c.replay,
-        t.run.c.controller,
-    )
-    .where(t.run.c.id == sa.bindparam("run_id"))
-    .with_for_update()
+    sa.select(*_RUN_LOCK_COLUMNS).where(t.run.c.id == sa.bindparam("run_id")).with_for_update()
 )
 #: What a :class:`StepRun` holds of a step run's row.
 _STEP_RUNS = sa.select(
@@ -301,15 +301,7 @@ _END_STEP_LOCKED = (
 #: subquery, before the step run's (UPDATE ... FROM locks its target as it updates it, after
 #: the join), the order every transaction keeps.
 _LOCKED_RUN = (
-    sa.select(
-        t.run.c.id,
-        t.run.c.status,
-        t.run.c.stopped,
-        t.run.c.recovery,
-        t.run.c.mode,
-        t.run.c.replay,
-        t.run.c.controller,
-    )
+    sa.select(t.run.c.id, *_RUN_LOCK_COLUMNS)
     .where(t.run.c.id == sa.bindparam("lock_run"))
     .with_for_update()
     .subquery("locked_run")
@@ -318,14 +310,7 @@ _END_STEP_LOCKING_RUN = (
     t.step_run.update()
     .where(*_HELD, t.step_run.c.run_id == _LOCKED_RUN.c.id)
     .values(**_END_VALUES)
-    .returning(
-        _LOCKED_RUN.c.status,
-        _LOCKED_RUN.c.stopped,
-        _LOCKED_RUN.c.recovery,
-        _LOCKED_RUN.c.mode,
-        _LOCKED_RUN.c.replay,
-        _LOCKED_RUN.c.controller,
-    )
+    .returning(*(_LOCKED_RUN.c[column.name] for column in _RUN_LOCK_COLUMNS))
 )
 
 # Active step runs as claims (the reaper's and a stopping worker's reads).
@@ -1525,14 +1510,7 @@ class SqlTx:
         row = (await self.conn.execute(_LOCK_RUN, {"run_id": run_id})).one_or_none()
         if row is None:
             raise NoResult(f"no run {run_id!r} in {self.db!r}")
-        self._locked[run_id] = locked = RunLock(
-            RunStatus(row.status),
-            bool(row.stopped),
-            int(row.recovery),
-            row.mode,
-            row.replay,
-            row.controller,
-        )
+        self._locked[run_id] = locked = _run_lock(row)
         return locked
 
     async def insert_run(
@@ -1660,14 +1638,7 @@ class SqlTx:
         ).one_or_none()
         if row is None:
             return None
-        self._locked[run_id] = locked = RunLock(
-            RunStatus(row.status),
-            bool(row.stopped),
-            int(row.recovery),
-            row.mode,
-            row.replay,
-            row.controller,
-        )
+        self._locked[run_id] = locked = _run_lock(row)
         return locked
 
     async def requeue_step(
@@ -2256,6 +2227,18 @@ def _worker_alive(now: sa.ColumnElement[datetime]) -> sa.Exists:
             agent.c.lease_until >= now,
         )
         .correlate(t.step_run)
+    )
+
+
+def _run_lock(row: Any) -> RunLock:
+    """A row of :data:`_RUN_LOCK_COLUMNS` as a :class:`RunLock`."""
+    return RunLock(
+        RunStatus(row.status),
+        bool(row.stopped),
+        int(row.recovery),
+        row.mode,
+        row.replay,
+        row.controller,
     )
 
 
