@@ -183,9 +183,10 @@ async def complete(
     whether the caller has ended the step run already (:meth:`StoreTx.end_steps`).
     """
     outcome = graph.step_outcome(claim.step, status)
-    locked = None
+    run = None
     if ended is None and not only_if_lapsed:
-        locked = await tx.end_step_locking_run(
+        # Where the store can, one statement locks the run and ends the step run.
+        run = await tx.end_step_locking_run(
             claim.run_id,
             claim.id,
             token=claim.token,
@@ -193,8 +194,10 @@ async def complete(
             result=_encoded(result),
             error=error,
         )
-        ended = True if locked is not None else None
-    run = locked or await tx.lock_run(claim.run_id)
+        if run is not None:
+            ended = True
+    if run is None:
+        run = await tx.lock_run(claim.run_id)
     if ended is None:
         ended = await tx.end_step(
             claim.id,

@@ -877,9 +877,7 @@ class Worker:
             bound.info("step.started", host=step.host)
             log_started()
             self.apply(claim.run_id, await self.store.started(graph, claim))
-        elif fenced_by_executor:
-            pass
-        elif not await self.store.launching(claim):
+        elif not fenced_by_executor and not await self.store.launching(claim):
             # Fencing at the start: only while the claim is still ours does the store mark
             # it started (before the process exists), so a reaper records it lost instead
             # of requeueing it, and a worker whose claim was taken never starts it.

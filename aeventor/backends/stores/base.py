@@ -27,6 +27,7 @@ from collections.abc import (
     Callable,
     Collection,
     Coroutine,
+    Hashable,
     Iterable,
     Iterator,
     Mapping,
@@ -36,7 +37,7 @@ from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
@@ -428,9 +429,8 @@ class Database(Store):
         )
         self.notifier = Notifier()
         self._engine: AsyncEngine | None = None
-        #: Statements built once per kind of caller (see :meth:`_claim_statements`).
-        self._claim_cache: dict[tuple[bool, bool, timedelta], _ClaimStatements] = {}
-        self._insert_claimed_cache: dict[timedelta, Any] = {}
+        #: Hot-path statements built once per kind of caller (see :meth:`_reused`).
+        self._reused_statements: dict[Hashable, Any] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url.render_as_string(hide_password=True)}>"
@@ -777,15 +777,30 @@ class Database(Store):
             worker=worker, limit=limit, run_id=run_id, hosts=hosts, lease=lease, token=new_token()
         )
 
+    def _reused(self, key: Hashable, build: Callable[[], _T], *, clock: bool = False) -> _T:
+        """The statement ``build`` makes, built once per ``key`` (SQLAlchemy then finds its
+        compiled form from the statement object, not by walking a new one). One that reads
+        :meth:`server_now` (``clock``) is reused only where that is SQL, not a value."""
+        if clock and not self.clock_in_sql:
+            return build()
+        statement = self._reused_statements.get(key)
+        if statement is None:
+            statement = self._reused_statements[key] = build()
+        return cast(_T, statement)
+
     def _claim_statements(
         self, dialect: sa.Dialect, *, by_run: bool, by_hosts: bool, lease: timedelta
     ) -> _ClaimStatements:
-        """The claim's statements for one kind of claimer, built once (SQLAlchemy then
-        finds their compiled form from the statement objects, not by walking new ones)."""
-        key = (by_run, by_hosts, lease)
-        cached = self._claim_cache.get(key) if self.clock_in_sql else None
-        if cached is not None:
-            return cached
+        """The claim's statements for one kind of claimer."""
+        return self._reused(
+            ("claim", by_run, by_hosts, lease),
+            lambda: self._build_claim(dialect, by_run=by_run, by_hosts=by_hosts, lease=lease),
+            clock=True,
+        )
+
+    def _build_claim(
+        self, dialect: sa.Dialect, *, by_run: bool, by_hosts: bool, lease: timedelta
+    ) -> _ClaimStatements:
         step_run = t.step_run
         # Inline, not a bound parameter: a prepared statement's generic plan could not use
         # the partial index on status = 'ready' (a full scan at a million rows).
@@ -830,17 +845,13 @@ class Database(Store):
                 else step_run.c.id.in_(picked)
             )
             update = step_run.update().where(chosen, is_ready).values(take)
-            statements = _ClaimStatements(pick, update.returning(*_CLAIM_COLUMNS))
-        else:
-            # MariaDB/MySQL: no UPDATE ... RETURNING, and no LIMIT in an IN subquery. Lock
-            # the candidates (pick), then take them all in one UPDATE.
-            update = step_run.update().where(
-                step_run.c.id.in_(sa.bindparam("ids", expanding=True)), is_ready
-            )
-            statements = _ClaimStatements(pick, update.values(take))
-        if self.clock_in_sql:
-            self._claim_cache[key] = statements
-        return statements
+            return _ClaimStatements(pick, update.returning(*_CLAIM_COLUMNS))
+        # MariaDB/MySQL: no UPDATE ... RETURNING, and no LIMIT in an IN subquery. Lock the
+        # candidates (pick), then take them all in one UPDATE.
+        update = step_run.update().where(
+            step_run.c.id.in_(sa.bindparam("ids", expanding=True)), is_ready
+        )
+        return _ClaimStatements(pick, update.values(take))
 
     @retry_transient
     async def _claim_ready(
@@ -1559,14 +1570,7 @@ class SqlTx:
         # Read under lock what end_step's WHERE would check, then end what is ours in one
         # UPDATE per distinct outcome (most steps of a batch end alike) and the rest in
         # one executemany: a group commit of n steps is a few statements, not n.
-        lock = (
-            sa.select(t.step_run.c.id, t.step_run.c.status, t.step_run.c.token)
-            .where(t.step_run.c.id.in_(sorted({end.claim_id for end in ends})))
-            .order_by(t.step_run.c.id)
-        )
-        if self.conn.dialect.name != "sqlite":  # its write lock covers them
-            lock = lock.with_for_update()
-        state = {int(row.id): (row.status, row.token) for row in await self.conn.execute(lock)}
+        state = await _lock_step_runs(self.conn, {end.claim_id for end in ends}, read=True)
         active = StepStatus.active.value
         held = [end for end in ends if state.get(end.claim_id) == (active, end.token)]
         alike: dict[tuple[str, str | None, str | None], list[int]] = {}
@@ -1695,9 +1699,7 @@ class SqlTx:
         # run's lock, which this transaction took before asking. A group commit's
         # completions then read an AND of many events once, not once each; and a group
         # read before (the same set object: Graph.fact_groups shares them) costs a lookup.
-        facts = self._facts.get((run_id, sequence, recovery))
-        if facts is None:
-            facts = self._facts[(run_id, sequence, recovery)] = _Facts()
+        facts = self._facts_of(run_id, sequence, recovery)
         if facts.whole:
             return facts.fired
         unknown: set[str] = set()
@@ -1726,25 +1728,17 @@ class SqlTx:
     ) -> AbstractSet[str] | None:
         if not self.db.fires_on_insert:
             return None
-        facts = self._facts.get((run_id, sequence, recovery))
-        if facts is None:
-            facts = self._facts[(run_id, sequence, recovery)] = _Facts()
+        facts = self._facts_of(run_id, sequence, recovery)
         before = {e for e in events if e in facts.fired}
         new = [e for e in dict.fromkeys(events) if e not in facts.fired]
         if new:
             now = t.utcnow()
             rows = await self.conn.execute(
-                self.db._insert_ignore(t.trigger).returning(t.trigger.c.event),
-                [
-                    {
-                        "run_id": run_id,
-                        "event": e,
-                        "sequence": sequence,
-                        "recovery": recovery,
-                        "created": now,
-                    }
-                    for e in new
-                ],
+                self.db._reused(
+                    "fire new",
+                    lambda: self.db._insert_ignore(t.trigger).returning(t.trigger.c.event),
+                ),
+                _trigger_rows(run_id, sequence, recovery, new, now),
             )
             # A row that was there already did not come back: that event had fired.
             before.update(set(new) - {row.event for row in rows})
@@ -1758,29 +1752,29 @@ class SqlTx:
     ) -> None:
         # What fired is known to this transaction at once (fired() answers from it); the
         # rows are written before its next statement, or at commit.
-        facts = self._facts.get((run_id, sequence, recovery))
-        if facts is None:
-            facts = self._facts[(run_id, sequence, recovery)] = _Facts()
+        facts = self._facts_of(run_id, sequence, recovery)
         facts.known.update(events)
         facts.fired.update(events)
         now = t.utcnow()
         self._triggers.extend(
-            {
-                "run_id": run_id,
-                "event": e,
-                "sequence": sequence,
-                "recovery": recovery,
-                "created": now,
-            }
-            for e in events
-            if e not in facts.written
+            _trigger_rows(
+                run_id, sequence, recovery, [e for e in events if e not in facts.written], now
+            )
         )
 
     async def flush(self) -> None:
         """Write the deferred rows (the store calls it before commit)."""
         if self._triggers:
             rows, self._triggers = self._triggers, []
-            await self._conn.execute(self.db._insert_ignore(t.trigger), rows)
+            insert = self.db._reused("add triggers", lambda: self.db._insert_ignore(t.trigger))
+            await self._conn.execute(insert, rows)
+
+    def _facts_of(self, run_id: str, sequence: str, recovery: int) -> _Facts:
+        """What this transaction knows of the events fired in a run's sequence."""
+        facts = self._facts.get((run_id, sequence, recovery))
+        if facts is None:
+            facts = self._facts[(run_id, sequence, recovery)] = _Facts()
+        return facts
 
     async def add_step_runs(self, rows: Sequence[NewStepRun]) -> None:
         now = t.utcnow()
@@ -1990,15 +1984,15 @@ class SqlTx:
         ]
         for row in values:
             del row["lease_until"]  # set by the statement, on the server's clock
-        statement = self.db._insert_claimed_cache.get(lease)
-        if statement is None:
-            statement = (
+        statement = self.db._reused(
+            ("insert claimed", lease),
+            lambda: (
                 self.db._insert_claimed(t.step_run)
                 .values(lease_until=self.db.server_now_plus(lease))
                 .returning(*_CLAIM_COLUMNS)
-            )
-            if self.db.clock_in_sql:
-                self.db._insert_claimed_cache[lease] = statement
+            ),
+            clock=True,
+        )
         inserted = await self.conn.execute(statement, values)
         return [Claim.from_row(r) for r in inserted.all()]
 
@@ -2230,6 +2224,16 @@ def _worker_alive(now: sa.ColumnElement[datetime]) -> sa.Exists:
     )
 
 
+def _trigger_rows(
+    run_id: str, sequence: str, recovery: int, events: Iterable[str], now: datetime
+) -> list[dict[str, Any]]:
+    """The trigger rows of ``events`` fired in a run's sequence."""
+    return [
+        {"run_id": run_id, "event": e, "sequence": sequence, "recovery": recovery, "created": now}
+        for e in events
+    ]
+
+
 def _run_lock(row: Any) -> RunLock:
     """A row of :data:`_RUN_LOCK_COLUMNS` as a :class:`RunLock`."""
     return RunLock(
@@ -2242,15 +2246,21 @@ def _run_lock(row: Any) -> RunLock:
     )
 
 
-async def _lock_step_runs(conn: AsyncConnection, ids: Sequence[int]) -> None:
-    """Lock step runs in the order of ``ids`` (sqlite: its write lock covers them)."""
-    if ids and conn.dialect.name != "sqlite":
-        await conn.execute(
-            sa.select(t.step_run.c.id)
-            .where(t.step_run.c.id.in_(list(ids)))
-            .order_by(t.step_run.c.id)
-            .with_for_update()
-        )
+async def _lock_step_runs(
+    conn: AsyncConnection | _Flushing, ids: Collection[int], *, read: bool = False
+) -> dict[int, tuple[str, str | None]]:
+    """Lock step runs in id order (sqlite: its write lock covers them); with ``read``, their
+    status and token by id (read on sqlite too)."""
+    locks = conn.dialect.name != "sqlite"
+    if not ids or not (locks or read):
+        return {}
+    statement = (
+        sa.select(t.step_run.c.id, t.step_run.c.status, t.step_run.c.token)
+        .where(t.step_run.c.id.in_(sorted(ids)))
+        .order_by(t.step_run.c.id)
+    )
+    rows = await conn.execute(statement.with_for_update() if locks else statement)
+    return {int(row.id): (row.status, row.token) for row in rows}
 
 
 def _waiters(rows: Iterable[Any], locked: set[str]) -> list[Waiter]:
